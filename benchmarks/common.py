@@ -1,0 +1,92 @@
+"""Timing and bookkeeping shared by the benchmark files."""
+
+import json
+import os
+import platform
+import time
+
+import torch
+
+ROWS: list[dict] = []  # every measured row of this session, turned into the summary at the end
+_PEAK: dict = {}
+
+
+def env_info():
+    import triton
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return dict(card=card, torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%d"), python=platform.python_version())  # fmt: skip
+
+
+def matmul_peak_tflops(dtype):
+    """The card's measured dense matmul rate (8192^3 through cuBLAS, median of 10): the MFU denominator."""
+    if not torch.cuda.is_available():
+        return None
+    if dtype not in _PEAK:
+        n = 8192
+        a = torch.randn(n, n, device="cuda", dtype=dtype)
+        b = torch.randn(n, n, device="cuda", dtype=dtype)
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(10):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            a @ b
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        _PEAK[dtype] = 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
+    return _PEAK[dtype]
+
+
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(benchmark, fn, *, device, opts, group, row, items=None, item_name="img", flops=None, peak_dtype=None,
+            warmup=None):  # fmt: skip
+    """Time fn() (one call = one step) and record a row: median ms, items/s, TFLOP/s, MFU, peak memory."""
+
+    def timed():
+        fn()
+        sync(device)
+
+    for _ in range(opts["warmup"] if warmup is None else warmup):
+        timed()  # compile, autotune, cudnn/cublas heuristics: all before the clock starts
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.group = group
+    benchmark.pedantic(timed, rounds=opts["rounds"], iterations=1, warmup_rounds=1)
+    median_s = benchmark.stats.stats.median
+    info = dict(group=group, row=row, median_ms=median_s * 1e3, **env_info())
+    if items:
+        info[f"{item_name}_per_s"] = items / median_s
+        info["items_per_s"] = items / median_s
+        info["item_name"] = item_name
+    if flops:
+        info["tflops"] = flops / median_s / 1e12
+        peak = matmul_peak_tflops(peak_dtype) if peak_dtype is not None else None
+        if peak:
+            info["mfu"] = info["tflops"] / peak
+            info["peak_tflops_measured"] = peak
+    if device.type == "cuda":
+        info["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    benchmark.extra_info.update(info)
+    ROWS.append(info)
+    stream = os.environ.get("FASTVIT_BENCH_ROWS")
+    if stream:  # one JSON line per row as it is measured: a run cut short by a time limit keeps what it measured
+        with open(stream, "a") as f:
+            f.write(json.dumps(info) + "\n")
+    return info
+
+
+def need_cuda(device, what="this row"):
+    import pytest
+
+    if device.type != "cuda":
+        pytest.skip(f"{what} needs a CUDA GPU (the Triton interpreter is for correctness, not speed)")

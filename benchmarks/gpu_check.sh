@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On a CUDA machine, in one call: the GPU tests, then the benchmark suite, the compact speedup table printed last.
+# Sized for about 8 minutes on an H100. Stages run in priority order, each with its own time limit, and every
+# benchmark row is streamed to $OUT_DIR/rows.jsonl as it is measured, so a cut-short run still reports what it saw.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+OUT_DIR=${OUT:-benchmarks/results}
+mkdir -p "$OUT_DIR"
+export FASTVIT_BENCH_ROWS="$OUT_DIR/rows.jsonl" FASTVIT_BENCH_OUT="$OUT_DIR"
+: > "$FASTVIT_BENCH_ROWS"
+ROUNDS=${ROUNDS:-15}
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv || true
+
+XDIST=""
+$PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+echo "=== GPU tests (first config of each kernel, no autotuning)"
+FASTVIT_AUTOTUNE=0 timeout "${TEST_LIMIT:-200}" $PY -m pytest -q tests $XDIST -p no:cacheprovider --maxfail=30 2>&1 \
+  | tee "$OUT_DIR/tests.log" | tail -40
+
+bench() {  # bench LIMIT PYTEST-ARGS...
+  local limit=$1; shift
+  timeout "$limit" $PY -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --bench-rounds "$ROUNDS" \
+    --bench-warmup 3 "$@" 2>&1 | tail -3
+}
+echo "=== benchmarks"
+bench 100 benchmarks/test_kernels.py
+bench 150 benchmarks/test_e2e.py -k "cifar10 and bf16 and not compile"
+bench 150 benchmarks/test_e2e.py -k "cifar10 and bf16 and compile"
+bench 60 benchmarks/test_e2e.py -k "vitb16"
+bench 60 benchmarks/test_e2e.py -k "cifar10 and fp32"
+echo "=== speedups (median of $ROUNDS rounds, same run)"
+$PY benchmarks/summary.py "$FASTVIT_BENCH_ROWS" "$OUT_DIR"

@@ -1,0 +1,79 @@
+"""Turn the session's rows into a markdown table of speedups and a bar chart of throughput."""
+
+from collections import defaultdict
+
+BASELINES = ("eager-sdpa", "eager-math", "eager")  # speedups are against these, when the group has them
+
+
+def _groups(rows):
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["group"]].append(r)
+    return groups
+
+
+def speedup_table(rows):
+    lines = ["| group | row | median ms | items/s | TFLOP/s | MFU | peak GiB | vs eager-sdpa | vs eager-math/eager |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for group, rs in _groups(rows).items():
+        base = {r["row"]: r["median_ms"] for r in rs}
+        for r in sorted(rs, key=lambda r: r["median_ms"]):
+            def vs(name):
+                return f"{base[name] / r['median_ms']:.2f}x" if name in base else "-"
+
+            lines.append(
+                f"| {group} | {r['row']} | {r['median_ms']:.3f} | {r.get('items_per_s', 0):,.0f} "
+                f"| {r.get('tflops', float('nan')):.1f} | {100 * r['mfu']:.0f}% | {r.get('peak_mem_gib', 0):.2f} "
+                f"| {vs('eager-sdpa')} | {vs('eager-math') if 'eager-math' in base else vs('eager')} |"
+                if "mfu" in r else
+                f"| {group} | {r['row']} | {r['median_ms']:.3f} | {r.get('items_per_s', 0):,.0f} | - | - "
+                f"| {r.get('peak_mem_gib', 0):.2f} | {vs('eager-sdpa')} "
+                f"| {vs('eager-math') if 'eager-math' in base else vs('eager')} |"
+            )  # fmt: skip
+    return "\n".join(lines)
+
+
+def _plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(rows)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 1.2 + 0.42 * len(rows) + 0.6 * len(groups)), squeeze=False)
+    for ax, (group, rs) in zip(axes[:, 0], groups.items()):
+        rs = sorted(rs, key=lambda r: r.get("items_per_s", 1e3 / r["median_ms"]))
+        vals = [r.get("items_per_s", 1e3 / r["median_ms"]) for r in rs]
+        colors = ["tab:orange" if r["row"].startswith("ours") else "tab:gray" for r in rs]
+        ax.barh([r["row"] for r in rs], vals, color=colors)
+        unit = rs[0].get("item_name", "call")
+        ax.set_title(f"{group}  ({unit}/s, higher is better)", fontsize=9, loc="left")
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_summary(rows, info, out_dir):
+    table = speedup_table(rows)
+    head = (f"card: {info['card']} | torch {info['torch']} | triton {info['triton']} | {info['date']}\n"
+            f"command: {info['command']}\n")  # fmt: skip
+    (out_dir / "results.md").write_text(head + "\n" + table + "\n")
+    _plot(rows, out_dir / "results.png")
+    return head + table
+
+
+if __name__ == "__main__":
+    # python benchmarks/summary.py ROWS.jsonl OUT_DIR: the table and chart from rows streamed by FASTVIT_BENCH_ROWS
+    import json
+    import sys
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]
+    if rows:
+        first = rows[0]
+        info = dict(card=first["card"], torch=first["torch"], triton=first["triton"], date=first["date"],
+                    command=" ".join(sys.argv))  # fmt: skip
+        out = Path(sys.argv[2])
+        out.mkdir(parents=True, exist_ok=True)
+        print(write_summary(rows, info, out))

@@ -1,0 +1,125 @@
+"""End to end: a training step (forward, cross-entropy, backward, fused AdamW) and inference, same weights and inputs
+for every row of a group. Groups: (workload, mode, precision)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from common import measure, need_cuda
+
+from fastvit_kernels import vit_base_patch16_224, vit_cifar10
+
+# workload -> (preset, batch for train, batch for inference); reduced sizes run the eager rows on a CPU
+WORKLOADS = {
+    "cifar10": (vit_cifar10, {}, 512, 512),
+    "vitb16-224": (vit_base_patch16_224, {}, 64, 128),
+}
+CPU_WORKLOADS = {"cifar10": (vit_cifar10, dict(depth=2, dim=192, heads=3, mlp_dim=768), 16, 32)}
+ROWS = ["ours", "ours+cudagraph", "eager-math", "eager-sdpa", "timm", "compile", "compile-reduce-overhead"]
+FP32_ROWS = {"ours", "ours+cudagraph", "eager-math", "eager-sdpa"}  # the compile rows cost minutes: bf16 only
+_BASE = {}
+
+
+def _base_model(name, device):
+    key = (name, device.type)
+    if key not in _BASE:
+        table = WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
+        preset, overrides, train_b, infer_b = table[name]
+        torch.manual_seed(0)
+        _BASE[key] = (preset(**overrides).to(device), train_b, infer_b)
+    return _BASE[key]
+
+
+def _timm_model(ours):
+    timm = pytest.importorskip("timm")
+    blk = ours.blocks[0]
+    m = timm.models.vision_transformer.VisionTransformer(
+        img_size=ours.patch_embed.img_size, patch_size=ours.patch_embed.patch_size, num_classes=ours.num_classes,
+        embed_dim=ours.embed_dim, depth=len(ours.blocks), num_heads=blk.attn.num_heads,
+        mlp_ratio=blk.mlp.fc1.out_features / ours.embed_dim,
+    )  # fmt: skip
+    m.load_state_dict(ours.state_dict())
+    return m.to(next(ours.parameters()).device)
+
+
+def _make_model(row, base):
+    if row == "timm":
+        return _timm_model(base)
+    m = copy.deepcopy(base)
+    if row.startswith("ours"):
+        return m.set_backend("triton")
+    m.set_backend("torch", attn_impl="math" if row == "eager-math" else "sdpa")
+    if row == "compile":
+        return torch.compile(m)
+    if row == "compile-reduce-overhead":
+        return torch.compile(m, mode="reduce-overhead")
+    return m
+
+
+def _cuda_graphed(step):
+    """Capture one step in a CUDA graph after warm-up on a side stream (autotuning happens there, not in capture)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("mode", ["infer", "train"])
+@pytest.mark.parametrize("row", ROWS)
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_e2e(benchmark, bench_opts, device, workload, mode, precision, row):
+    if device.type == "cpu":
+        if workload not in CPU_WORKLOADS or precision != "fp32" or row not in ("eager-math", "eager-sdpa"):
+            pytest.skip("without CUDA only the eager rows run, at reduced size, in fp32")
+    else:
+        if precision == "fp32" and row not in FP32_ROWS:
+            pytest.skip("compile rows are measured in bf16 only (each costs minutes of compilation)")
+        if workload != "cifar10" and (precision != "bf16" or row in ("compile", "compile-reduce-overhead")):
+            pytest.skip("ViT-B/16 shows the kernels are not tuned to one shape: bf16, no compile rows")
+    if row.startswith("ours"):
+        need_cuda(device)
+    base, train_b, infer_b = _base_model(workload, device)
+    batch = train_b if mode == "train" else infer_b
+    model = _make_model(row, base)
+    graphed = row.endswith("+cudagraph")
+    torch.manual_seed(1)
+    h, w = base.patch_embed.img_size
+    x = torch.randn(batch, 3, h, w, device=device)
+    y = torch.randint(0, base.num_classes, (batch,), device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=not graphed)
+    torch.backends.cuda.matmul.allow_tf32 = precision == "fp32"  # fp32 rows: TF32 matmuls for every row alike
+    torch.set_float32_matmul_precision("high" if precision == "fp32" else "highest")
+    flops = base.flops_per_image() * batch * (3 if mode == "train" else 1)
+
+    if mode == "train":
+        model.train()
+        fused = device.type == "cuda"
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, capturable=graphed)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with amp:
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+    else:
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), amp:
+                model(x)
+
+    fn = _cuda_graphed(step) if graphed else step
+    warmup = bench_opts["warmup"] + (5 if row.startswith("compile") else 0)  # compile: warm until compiled
+    measure(benchmark, fn, device=device, opts=bench_opts, group=f"{workload}/{mode}/{precision}", row=row,
+            items=batch, flops=flops, peak_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+            warmup=warmup)  # fmt: skip
+    torch.set_float32_matmul_precision("highest")

@@ -1,0 +1,130 @@
+"""Per kernel, at the model's real shapes, bf16: forward and forward+backward against eager and the strongest peers."""
+
+import pytest
+import torch
+from common import measure, need_cuda
+
+from fastvit_kernels import ops
+
+ATTN_SHAPES = {"cifar10-N65": (512, 6, 65, 64), "vitb16-N197": (128, 12, 197, 64), "N257": (64, 16, 257, 64)}
+MLP_SHAPES = {"cifar10": (512 * 65, 384, 1536), "vitb16": (128 * 197, 768, 3072)}
+PATCH_SHAPES = {"cifar10": (512, 32, 4, 384), "vitb16": (128, 224, 16, 768)}
+DT = torch.bfloat16
+
+
+def _sdpa_backend(name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION}[name]  # fmt: skip
+    return sdpa_kernel(backend)
+
+
+def _run(fn, inputs, mode):
+    """One call: forward, or forward + backward of a fixed random cotangent (grads reset so nothing accumulates)."""
+    if mode == "fwd":
+
+        def step():
+            with torch.no_grad():
+                fn(*inputs)
+
+        return step
+    g = {}
+
+    def step():
+        for t in inputs:
+            t.grad = None
+        out = fn(*inputs)
+        if "g" not in g:
+            g["g"] = torch.randn_like(out)
+        out.backward(g["g"])
+
+    return step
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("row", ["ours", "eager-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn"])
+@pytest.mark.parametrize("shape", list(ATTN_SHAPES))
+def test_attention(benchmark, bench_opts, device, shape, row, mode):
+    need_cuda(device, "kernel benchmarks")
+    B, H, N, d = ATTN_SHAPES[shape]
+    qkv = torch.randn(B, N, 3 * H * d, device=device, dtype=DT, requires_grad=True)
+    if row == "ours":
+        fn = lambda t: ops.attention(t, H)  # noqa: E731
+    elif row == "eager-math":
+        fn = lambda t: ops.attention_ref(t, H, impl="math")  # noqa: E731
+    else:
+
+        def fn(t, ctx=row.split("-")[1]):
+            with _sdpa_backend(ctx):
+                return ops.attention_ref(t, H, impl="sdpa")
+
+        try:
+            fn(qkv).sum().backward()
+        except RuntimeError as e:
+            pytest.skip(f"{row} not available here: {str(e).splitlines()[0][:120]}")
+    flops = 4 * B * H * N * N * d * (3.5 if mode == "fwd+bwd" else 1)  # bwd: 5 N^2 d GEMMs vs 2 (recompute incl.)
+    measure(benchmark, _run(fn, [qkv], mode), device=device, opts=bench_opts, group=f"attention/{shape}/{mode}",
+            row=row, items=B, flops=flops, peak_dtype=DT)  # fmt: skip
+
+
+def _mlp_eager(x, nw, nb, w1, b1, w2, b2):
+    return ops.layernorm_mlp_ref(x, nw, nb, w1, b1, w2, b2)
+
+
+_compiled_mlp = None
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("row", ["ours", "eager", "compile"])
+@pytest.mark.parametrize("shape", list(MLP_SHAPES))
+def test_layernorm_mlp(benchmark, bench_opts, device, shape, row, mode):
+    global _compiled_mlp
+    need_cuda(device, "kernel benchmarks")
+    R, D, Hd = MLP_SHAPES[shape]
+
+    def p(*s, base=0.0):
+        return (base + 0.02 * torch.randn(*s, device=device, dtype=DT)).requires_grad_()
+
+    inputs = [torch.randn(R, D, device=device, dtype=DT, requires_grad=True), p(D, base=1.0), p(D), p(Hd, D), p(Hd),
+              p(D, Hd), p(D)]  # fmt: skip
+    if row == "ours":
+        fn = ops.layernorm_mlp
+    elif row == "eager":
+        fn = _mlp_eager
+    else:
+        _compiled_mlp = _compiled_mlp or torch.compile(_mlp_eager)
+        fn = _compiled_mlp
+    flops = 2 * 2 * R * D * Hd * (3 if mode == "fwd+bwd" else 1)
+    measure(benchmark, _run(fn, inputs, mode), device=device, opts=bench_opts, group=f"layernorm_mlp/{shape}/{mode}",
+            row=row, items=R, item_name="tok", flops=flops, peak_dtype=DT, warmup=bench_opts["warmup"] + 3)  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("row", ["ours", "eager"])
+@pytest.mark.parametrize("shape", list(PATCH_SHAPES))
+def test_patch_embed(benchmark, bench_opts, device, shape, row, mode):
+    need_cuda(device, "kernel benchmarks")
+    B, S, p, D = PATCH_SHAPES[shape]
+    T = (S // p) ** 2 + 1
+    inputs = [torch.randn(B, 3, S, S, device=device, dtype=DT),
+              (0.02 * torch.randn(D, 3, p, p, device=device, dtype=DT)).requires_grad_(),
+              torch.zeros(D, device=device, dtype=DT, requires_grad=True),
+              torch.zeros(1, 1, D, device=device, dtype=DT, requires_grad=True),
+              (0.02 * torch.randn(1, T, D, device=device, dtype=DT)).requires_grad_()]  # fmt: skip
+    fn = ops.patch_embed if row == "ours" else ops.patch_embed_ref
+    flops = 2 * B * (T - 1) * 3 * p * p * D * (2 if mode == "fwd+bwd" else 1)  # bwd: the weight gradient only
+    measure(benchmark, _run(fn, inputs, mode), device=device, opts=bench_opts, group=f"patch_embed/{shape}/{mode}",
+            row=row, items=B, flops=flops, peak_dtype=DT)  # fmt: skip
+
+
+def test_cpu_eager_mlp_reference(benchmark, bench_opts, device):
+    """Without a GPU the suite still measures something real: the eager reference of the fused MLP, small."""
+    if device.type == "cuda":
+        pytest.skip("CPU-only row")
+    x = torch.randn(2048, 96, requires_grad=True)
+    params = [torch.ones(96, requires_grad=True), torch.zeros(96, requires_grad=True),
+              (0.02 * torch.randn(384, 96)).requires_grad_(), torch.zeros(384, requires_grad=True),
+              (0.02 * torch.randn(96, 384)).requires_grad_(), torch.zeros(96, requires_grad=True)]  # fmt: skip
+    measure(benchmark, _run(_mlp_eager, [x] + params, "fwd+bwd"), device=device, opts=bench_opts,
+            group="layernorm_mlp/cpu-small/fwd+bwd", row="eager", items=2048, item_name="tok")  # fmt: skip

@@ -1,0 +1,249 @@
+"""The Vision Transformer: the ViT paper's architecture with timm's module names and state_dict keys.
+
+Every module keeps its eager PyTorch path (backend='torch', the reference) next to its Triton path; which one runs is
+decided by fastvit_kernels.backend from the module's `backend` attribute, so a test can flip the same weights.
+On the Triton path a block is four of our kernels: layernorm_linear -> attention -> linear_residual -> layernorm_mlp.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .backend import check_attn_impl, check_backend, default_backend, use_triton
+
+
+def _pair(v, name):
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return tuple(v)
+    raise TypeError(f"{name} must be an int or an (h, w) pair of ints, got {v!r}")
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens [B, P, D] with a strided Conv2d (timm's PatchEmbed)."""
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.img_size = _pair(img_size, "image_size")
+        self.patch_size = _pair(patch_size, "patch_size")
+        if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
+            raise ValueError(f"image size {self.img_size} is not divisible by the patch size {self.patch_size}")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, P, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, head_dim, qkv_bias=True, dropout=0.0, attn_impl="sdpa"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.attn_impl = check_attn_impl(attn_impl)
+        inner = num_heads * head_dim
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)  # packed [q | k | v], heads contiguous in each
+        self.attn_drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        """Eager path: returns proj(attention(x)) without the residual, as timm's Attention does."""
+        B, N, _ = x.shape
+        qkv = self.qkv(x)
+        if self.attn_impl == "sdpa":
+            q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            p = self.attn_drop.p if self.training else 0.0
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale).transpose(1, 2)
+            o = o.reshape(B, N, -1)
+        else:
+            q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))  # (B, H, N, N)
+            o = (attn @ v).transpose(1, 2).reshape(B, N, -1)
+        return self.proj_drop(self.proj(o))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden, dropout=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact erf, as in the paper and timm
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, head_dim, mlp_dim, qkv_bias=True, dropout=0.0, eps=1e-6, attn_impl="sdpa"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, head_dim, qkv_bias, dropout, attn_impl)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, mlp_dim, dropout)
+        self.backend = default_backend()
+
+    def forward(self, x):
+        if use_triton(self.backend, x.device):
+            return self.forward_triton(x)
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+    def forward_triton(self, x):
+        attn, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
+        if self.training and attn.attn_drop.p > 0:
+            raise NotImplementedError(
+                "dropout inside the blocks is not fused into the Triton kernels: train with dropout=0 "
+                "(emb_dropout is supported) or use backend='torch'"
+            )
+        qkv = ops.layernorm_linear(x, n1.weight, n1.bias, attn.qkv.weight, attn.qkv.bias, n1.eps)  # (B, N, 3*inner)
+        o = ops.attention(qkv, attn.num_heads, attn.scale)  # (B, N, inner)
+        x = ops.linear_residual(o, attn.proj.weight, attn.proj.bias, x)
+        return ops.layernorm_mlp(x, n2.weight, n2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+                                 n2.eps)  # fmt: skip
+
+
+class ViT(nn.Module):
+    """Vision Transformer (Dosovitskiy et al.), with timm's submodule names, so timm checkpoints load as they are.
+
+    Takes the keyword arguments of vit_pytorch.ViT. pool='mean' averages the patch tokens (timm's 'avg', which
+    leaves out the class token) and uses `fc_norm`, as timm does.
+    """
+
+    def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, pool="cls", channels=3,
+                 dim_head=None, dropout=0.0, emb_dropout=0.0, qkv_bias=True, eps=1e-6, backend=None,
+                 attn_impl="sdpa"):  # fmt: skip
+        super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        if dim_head is None:
+            if dim % heads:
+                raise ValueError(f"dim {dim} is not divisible by heads {heads} (or pass dim_head)")
+            dim_head = dim // heads
+        self.num_classes = num_classes
+        self.pool = pool
+        self.channels = channels
+        self.embed_dim = dim
+        self.patch_embed = PatchEmbed(image_size, patch_size, channels, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, dim))
+        self.pos_drop = nn.Dropout(emb_dropout)
+        self.blocks = nn.Sequential(
+            *[Block(dim, heads, dim_head, mlp_dim, qkv_bias, dropout, eps, attn_impl) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(dim, eps=eps) if pool == "cls" else nn.Identity()
+        self.fc_norm = nn.LayerNorm(dim, eps=eps) if pool == "mean" else nn.Identity()
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+        self.set_backend(default_backend() if backend is None else backend, attn_impl)
+
+    def _init_weights(self):
+        # timm's default ('') init: truncated normal(0.02) for pos_embed and every Linear, tiny normal for cls_token
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def set_backend(self, backend: str, attn_impl: str | None = None) -> "ViT":
+        """Switch every module to `backend` ('auto', 'triton', 'torch'); attn_impl ('math'|'sdpa') for 'torch'."""
+        self.backend = check_backend(backend)
+        for blk in self.blocks:
+            blk.backend = self.backend
+            if attn_impl is not None:
+                blk.attn.attn_impl = check_attn_impl(attn_impl)
+        return self
+
+    def _check_images(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"images have dtype {x.dtype}; expected float32, float16 or bfloat16 (normalise first)")
+        if x.dim() != 4:
+            raise ValueError(f"images must be [B, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.channels:
+            raise ValueError(f"images have {x.shape[1]} channels; this model expects {self.channels}")
+        if tuple(x.shape[2:]) != self.patch_embed.img_size:
+            raise ValueError(f"images are {x.shape[2]}x{x.shape[3]}; this model expects "
+                             f"{self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]}")  # fmt: skip
+
+    def _tokens(self, x, triton_path):
+        self._check_images(x)
+        pe = self.patch_embed
+        if triton_path:
+            x = ops.patch_embed(x, pe.proj.weight, pe.proj.bias, self.cls_token, self.pos_embed)  # (B, 1+P, D)
+        else:
+            x = pe(x)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + self.pos_embed
+        return self.blocks(self.pos_drop(x))
+
+    def forward_features(self, x):
+        """Tokens after the last block and the final norm: [B, 1 + P, D] (timm's forward_features)."""
+        return self.norm(self._tokens(x, use_triton(self.backend, x.device)))
+
+    def forward_head(self, x):
+        x = x[:, 1:].mean(dim=1) if self.pool == "mean" else x[:, 0]
+        return self.head(self.fc_norm(x))
+
+    def forward(self, x):
+        triton_path = use_triton(self.backend, x.device)
+        x = self._tokens(x, triton_path)
+        if triton_path and self.pool == "cls" and isinstance(self.head, nn.Linear):
+            # LayerNorm is per token, so only the class token needs it: norm + head as one fused kernel
+            n = self.norm
+            return ops.layernorm_linear(x[:, 0], n.weight, n.bias, self.head.weight, self.head.bias, n.eps)
+        return self.forward_head(self.norm(x))
+
+    @property
+    def num_patches(self):
+        return self.patch_embed.num_patches
+
+    def flops_per_image(self) -> float:
+        """Forward matmul FLOPs per image (2 per multiply-add), for TFLOP/s and MFU in the benchmarks."""
+        D, T = self.embed_dim, self.num_patches + 1
+        blk = self.blocks[0]
+        inner = blk.attn.num_heads * blk.attn.head_dim
+        hidden = blk.mlp.fc1.out_features
+        k = self.patch_embed.proj.weight[0].numel()
+        per_block = 2 * T * (D * 3 * inner + inner * D + 2 * D * hidden) + 2 * 2 * T * T * inner
+        return 2 * self.num_patches * k * D + len(self.blocks) * per_block + 2 * D * max(self.num_classes, 0)
+
+
+def _preset(defaults, overrides):
+    cfg = dict(defaults)
+    cfg.update(overrides)
+    return ViT(**cfg)
+
+
+def vit_cifar10(**overrides) -> ViT:
+    """The benchmark configuration: 32x32 images, 4x4 patches (65 tokens), dim 384, depth 12, 6 heads."""
+    return _preset(dict(image_size=32, patch_size=4, num_classes=10, dim=384, depth=12, heads=6, mlp_dim=1536),
+                   overrides)  # fmt: skip
+
+
+def vit_tiny_patch16_224(**overrides) -> ViT:
+    return _preset(dict(image_size=224, patch_size=16, num_classes=1000, dim=192, depth=12, heads=3, mlp_dim=768),
+                   overrides)  # fmt: skip
+
+
+def vit_small_patch16_224(**overrides) -> ViT:
+    return _preset(dict(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, mlp_dim=1536),
+                   overrides)  # fmt: skip
+
+
+def vit_base_patch16_224(**overrides) -> ViT:
+    return _preset(dict(image_size=224, patch_size=16, num_classes=1000, dim=768, depth=12, heads=12, mlp_dim=3072),
+                   overrides)  # fmt: skip
+
+
+PRESETS = {f.__name__: f for f in (vit_cifar10, vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224)}

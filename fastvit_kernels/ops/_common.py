@@ -1,0 +1,123 @@
+"""Helpers shared by the op files: input checks, the compute dtype under autocast, and kernel launch.
+
+Kept small on purpose: each op file reads top to bottom on its own, and only what every op needs lives here.
+"""
+
+import os
+
+import torch
+import triton
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the CPU interpreter.
+
+    The interpreter is chosen when a kernel is decorated (at import), from TRITON_INTERPRET: we ask the same knob
+    Triton asked, so the answer matches the kernels actually defined in this process.
+    """
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # older triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_tensor(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; the Triton kernels support float32, float16 and bfloat16")
+    if not t.is_cuda and not interpreting():
+        raise RuntimeError(
+            f"{name} is on {t.device}, but the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 set before "
+            "triton is imported, to run them on the CPU under the interpreter); use backend='torch' instead"
+        )
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: the autocast dtype when autocast is on for t's device, else t's own dtype.
+
+    This is eager autocast's rule for linear/conv/matmul; the ops follow it so that switching backend never changes
+    which precision a GEMM uses.
+    """
+    dev = t.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return t.dtype
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for fp32 operands: tf32 only when PyTorch itself would use it for this matmul."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def autotuned(kernel, configs, key, prune=None):
+    """The autotuned launcher of `kernel` on a GPU; under the interpreter (or FASTVIT_AUTOTUNE=0) its first config.
+
+    The interpreter runs each config at interpreter speed, so tuning there would only cost time. FASTVIT_AUTOTUNE=0
+    makes GPU test runs fast and deterministic in what they launch; benchmarks keep tuning on.
+    """
+    if interpreting() or os.environ.get("FASTVIT_AUTOTUNE", "1") == "0":
+        return _FirstConfig(kernel, configs, prune)
+    kwargs = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
+    return triton.autotune(configs=configs, key=key, **kwargs)(kernel)
+
+
+class _FirstConfig:
+    """Launch `kernel` with the first (pruned) config, with the same call syntax as an autotuned kernel."""
+
+    def __init__(self, kernel, configs, prune):
+        self.kernel, self.configs, self.prune = kernel, configs, prune
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            configs = self.configs
+            if self.prune is not None:
+                named = dict(zip(self.kernel.arg_names, args))
+                named.update(kwargs)
+                configs = self.prune(configs, named)
+            cfg = configs[0]
+            meta = dict(kwargs, **cfg.kwargs)
+            g = grid(meta) if callable(grid) else grid
+            extra = {} if interpreting() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            return self.kernel[g](*args, **kwargs, **cfg.kwargs, **extra)
+
+        return launch
+
+
+def _patch_interpreter_bf16_dot() -> None:
+    """Make the CPU interpreter's tl.dot correct for bfloat16 operands.
+
+    The interpreter stores bf16 as uint16 bit patterns and its create_dot multiplies those integers (seen with
+    triton 3.8: a 16x16 bf16 dot came out near 1e10). We widen bf16 operands to fp32 first: bf16 products are exact
+    in fp32, which is what the GPU's tensor cores compute too. Only the interpreter is touched.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "_fastvit_bf16", False):
+        return
+    original = builder.create_dot
+
+    def widen(h):
+        if h.dtype != tl.bfloat16:
+            return h
+        data = interpreter._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
+
+    def create_dot(self, a, b, d, *args, **kwargs):
+        return original(self, widen(a), widen(b), d, *args, **kwargs)
+
+    create_dot._fastvit_bf16 = True
+    builder.create_dot = create_dot
+
+
+if interpreting():
+    _patch_interpreter_bf16_dot()

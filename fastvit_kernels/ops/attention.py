@@ -1,0 +1,300 @@
+"""Fused multi-head attention, forward and backward, straight from the packed qkv projection.
+
+qkv is [B, N, 3*D] laid out as timm's qkv Linear writes it: [B, N, 3, H, d] (q | k | v, heads contiguous inside
+each). The kernels read q, k and v through strides (no permute, no .contiguous()), write the output as
+[B, N, H, d] = [B, N, D] so the projection GEMM reads it as is, and write the gradient into one packed dqkv.
+
+Non-causal, any sequence length: every tile masks rows and columns past N, so N = 65 or 197 needs no padding copy.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotuned, check_tensor, compute_dtype, dot_precision
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register file with a 64-row tile
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    QKV, O, LSE,
+    stride_qb, stride_qn, stride_ob, stride_on,
+    N, H, D, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM  # head dims such as 80 or 96 run in a power-of-two tile, masked
+    q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
+    k_base = q_base + D
+    v_base = q_base + 2 * D
+
+    mask_m = offs_m < N
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    # Online softmax in base 2: the scale and log2(e) are folded into one multiply, exp2 is the fast instruction.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # accumulate in fp32 whatever the input dtype
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n
+        mask_kv = (cols[:, None] < N) & mask_d[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        s = tl.where(cols[None, :] < N, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one real column
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    o_ptrs = O + b.to(tl.int64) * stride_ob + offs_m[:, None] * stride_on + h * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    # the row max and log2 of the row sum, kept apart: P = exp2((s - m) - log2(l)) in the backward. Folding them
+    # into one log-sum-exp loses the low bits of s - m when logits are in the thousands.
+    tl.store(LSE + pid_bh * 2 * N + offs_m, m_i, mask=mask_m)
+    tl.store(LSE + pid_bh * 2 * N + N + offs_m, tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    QKV, DO, LSE, DELTA, DQKV,
+    stride_qb, stride_qn, stride_dob, stride_don, stride_gb, stride_gn,
+    N, H, D, qk_scale_log2, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # One program owns a block of keys/values and sweeps all query blocks: dK and dV accumulate in registers and
+    # are written once, no atomics. Non-causal: every query block contributes, none is skipped.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_n = offs_n < N
+    q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
+    do_base = DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM
+    mask_kv = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(q_base + D + offs_n[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+    v = tl.load(q_base + 2 * D + offs_n[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < N
+        mask_q = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :], mask=mask_q, other=0.0)
+        m = tl.load(LSE + pid_bh * 2 * N + rows, mask=mask_m, other=0.0)
+        log_l = tl.load(LSE + pid_bh * 2 * N + N + rows, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + pid_bh * N + rows, mask=mask_m, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        p = tl.exp2((s - m[:, None]) - log_l[:, None])
+        # padded rows and columns must contribute exactly zero (exp2(0 - 0) would be 1)
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    g_base = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_n[:, None] * stride_gn + offs_d[None, :]
+    tl.store(g_base + D, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=mask_kv)
+    tl.store(g_base + 2 * D, dv.to(DQKV.dtype.element_ty), mask=mask_kv)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    QKV, DO, LSE, DELTA, DQKV,
+    stride_qb, stride_qn, stride_dob, stride_don, stride_gb, stride_gn,
+    N, H, D, qk_scale_log2, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # One program owns a block of queries and sweeps all keys twice: first for delta_i = rowsum(P * dP), then for
+    # dQ. Flash attention takes delta = rowsum(dO * O) instead, with O rounded to bf16: when the softmax saturates
+    # (logits in the thousands) that rounding swamps the true, tiny gradient. This pass costs two small GEMMs per
+    # key block and keeps the gradient as exact as eager's. delta is written for the dK/dV kernel, which runs next.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_m = offs_m < N
+    mask_q = mask_m[:, None] & mask_d[None, :]
+    q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM + offs_m[:, None] * stride_don + offs_d[None, :], mask=mask_q, other=0.0)
+    m = tl.load(LSE + pid_bh * 2 * N + offs_m, mask=mask_m, other=0.0)
+    log_l = tl.load(LSE + pid_bh * 2 * N + N + offs_m, mask=mask_m, other=0.0)
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < N
+        mask_kv = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+        v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        p = tl.exp2((s - m[:, None]) - log_l[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        delta += tl.sum(p * tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION), 1)
+    tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < N
+        mask_kv = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+        v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        p = tl.exp2((s - m[:, None]) - log_l[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    g_ptrs = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_m[:, None] * stride_gn + offs_d[None, :]
+    tl.store(g_ptrs, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask_q)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# Short sequences are the normal case (65 tokens for CIFAR-10, 197 for ImageNet): small tiles keep N = 65 from
+# paying for a 128 x 128 tile of padding, and the tuner's key holds N so each length picks its own.
+FWD_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(32, 32, 4, 2), _cfg(32, 64, 4, 3), _cfg(64, 32, 4, 3), _cfg(128, 64, 8, 3),
+               _cfg(128, 32, 8, 3), _cfg(16, 32, 4, 2)]  # fmt: skip
+BWD_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(32, 32, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 32, 4, 2), _cfg(16, 32, 4, 2),
+               _cfg(128, 64, 8, 2)]  # fmt: skip
+FALLBACK_CONFIG = _cfg(16, 16, 4, 1)  # fits any head dim <= 256 in fp32 on sm_80 and sm_90
+SMEM_BUDGET = 160 * 1024  # under sm_80's 164 KB and sm_90's 228 KB per block
+
+
+def _smem_estimate(cfg, block_d, elem):
+    # pipelined K/V (or Q/dO) tiles per stage plus the resident tile; checked against the compiler's own numbers
+    # by tests/test_compile_targets.py
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    return (cfg.num_stages * 2 * max(bm, bn) + min(bm, bn)) * block_d * elem
+
+
+def _prune(configs, named_args, **kwargs):
+    # fp32 with big head dims: the tiles outgrow shared memory, so only the smaller ones stay
+    block_d = named_args["BLOCK_D"]
+    elem = named_args["QKV"].element_size()
+    kept = [c for c in configs if _smem_estimate(c, block_d, elem) <= SMEM_BUDGET]
+    return kept or [FALLBACK_CONFIG]
+
+
+_KEY = ["N", "HEAD_DIM", "DOT_PRECISION"]
+_fwd = autotuned(_attention_fwd_kernel, FWD_CONFIGS, _KEY, _prune)
+_bwd_dkdv = autotuned(_attention_bwd_dkdv_kernel, BWD_CONFIGS, _KEY, _prune)
+_bwd_dq = autotuned(_attention_bwd_dq_kernel, BWD_CONFIGS, _KEY, _prune)
+
+
+def _check_qkv(qkv: torch.Tensor, num_heads: int) -> int:
+    check_tensor(qkv, "qkv")
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be [B, N, 3*D], got shape {tuple(qkv.shape)}")
+    if qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv's last dimension {qkv.shape[-1]} is not 3 * num_heads ({num_heads}) * head_dim")
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {head_dim} is not supported (at most {MAX_HEAD_DIM})")
+    return head_dim
+
+
+def attention_fwd(qkv, num_heads, scale):
+    B, N, three_d = qkv.shape
+    D = three_d // 3
+    d = D // num_heads
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()  # the kernels need unit stride along the feature dim; B and N strides are free
+    o = torch.empty((B, N, D), device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty((B * num_heads, 2, N), device=qkv.device, dtype=torch.float32)  # (row max, log2 row sum)
+    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs every dim >= 16
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), B * num_heads)
+
+    _fwd[grid](
+        qkv, o, lse, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1),
+        N, num_heads, D, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot_precision(qkv.dtype),
+    )  # fmt: skip
+    return o, lse, qkv
+
+
+def attention_bwd(do, qkv, lse, num_heads, scale):
+    B, N, three_d = qkv.shape
+    D = three_d // 3
+    d = D // num_heads
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    block_d = max(16, triton.next_power_of_2(d))
+    delta = torch.empty((B * num_heads, N), device=qkv.device, dtype=torch.float32)  # written by the dQ kernel
+    dqkv = torch.empty((B, N, three_d), device=qkv.device, dtype=qkv.dtype)
+    args = (qkv, do, lse, delta, dqkv, qkv.stride(0), qkv.stride(1), do.stride(0), do.stride(1),
+            dqkv.stride(0), dqkv.stride(1), N, num_heads, D, scale * LOG2E, scale)  # fmt: skip
+    meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot_precision(qkv.dtype))
+    _bwd_dq[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * num_heads)](*args, **meta)  # first: it writes delta
+    _bwd_dkdv[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * num_heads)](*args, **meta)
+    return dqkv
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, num_heads, scale):
+        o, lse, qkv = attention_fwd(qkv, num_heads, scale)
+        ctx.save_for_backward(qkv, lse)
+        ctx.num_heads, ctx.scale = num_heads, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, lse = ctx.saved_tensors
+        return attention_bwd(do, qkv, lse, ctx.num_heads, ctx.scale), None, None
+
+
+def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v per head, from packed qkv [B, N, 3*D]; returns [B, N, D] (heads concatenated).
+
+    Under autocast qkv is cast to the autocast dtype first, as eager autocast does for attention.
+    """
+    head_dim = _check_qkv(qkv, num_heads)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    qkv = qkv.to(compute_dtype(qkv))
+    return AttentionFunction.apply(qkv, num_heads, scale)
+
+
+def attention_ref(qkv: torch.Tensor, num_heads: int, scale: float | None = None, impl: str = "math") -> torch.Tensor:
+    """Eager PyTorch attention from packed qkv: explicit softmax(QK^T)V ('math') or F.scaled_dot_product_attention."""
+    B, N, three_d = qkv.shape
+    d = three_d // (3 * num_heads)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q, k, v = qkv.reshape(B, N, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
+    if impl == "sdpa":
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    elif impl == "math":
+        attn = (q @ k.transpose(-2, -1)) * scale
+        o = attn.softmax(dim=-1) @ v
+    else:
+        raise ValueError(f"unknown attention impl {impl!r}: expected 'math' or 'sdpa'")
+    return o.transpose(1, 2).reshape(B, N, num_heads * d)  # (B, N, D)

@@ -1,0 +1,480 @@
+"""Fused LayerNorm + linear layers: the MLP half of a block, and the same machinery for the attention half.
+
+  layernorm_mlp(x, ...)    = x + fc2(gelu(fc1(layer_norm(x))))
+  layernorm_linear(x, ...) = linear(layer_norm(x))          (norm1 -> qkv)
+  linear_residual(x, ...)  = residual + linear(x)           (attention proj + residual)
+
+Three kernels do the work:
+  _fused_linear_fwd_kernel  C = epilogue(prologue(A) @ B). Prologue: LayerNorm (row statistics computed in the
+                            kernel, the normalised tile never written to memory). Epilogue: bias, exact-erf GELU
+                            (optionally keeping the pre-activation for the backward), GELU' times the product (the
+                            backward's d(pre-activation)), residual add.
+  _linear_dw_kernel         dW = G^T @ prologue(X) and db = colsum(G) in the same pass; the prologue recomputes
+                            the normalised input from x, mean and rstd for the weight gradients that need it.
+                            Split over rows so that a weight of a few hundred tiles still fills the GPU.
+  _layernorm_bwd_kernel     LayerNorm's input gradient, the residual gradient added in the same pass, and per-program
+                            partial sums of the LayerNorm weight/bias gradients (no separate reduction kernel over
+                            the activations: eager's weight-gradient reduction is 12% of a ViT training step).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotuned, check_tensor, compute_dtype, dot_precision
+
+RSQRT2 = tl.constexpr(0.7071067811865476)  # globals read inside @triton.jit must be constexpr
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _fused_linear_fwd_kernel(
+    A, B, C, BIAS, RES, PRE, LN_W, LN_B, MEAN, RSTD,
+    M, N, K, eps,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn,
+    HAS_LN: tl.constexpr, STORE_STATS: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr,
+    STORE_PRE: tl.constexpr, GELU_GRAD: tl.constexpr, HAS_RES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row blocks share the B columns while they sit in L2
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+
+    if HAS_LN:
+        # Row statistics in fp32, two passes (mean, then centred squares) to avoid E[x^2] - E[x]^2 cancellation.
+        # The rows are this program's own A tile, re-read from L2: cheaper than another launch and a stats tensor.
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask = mask_m[:, None] & ((k0 + offs_k)[None, :] < K)
+            row_sum += tl.sum(tl.load(a_ptrs + k0 * stride_ak, mask=mask, other=0.0).to(tl.float32), 1)
+        mean = row_sum / K
+        row_var = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask = mask_m[:, None] & ((k0 + offs_k)[None, :] < K)
+            a = tl.load(a_ptrs + k0 * stride_ak, mask=mask, other=0.0).to(tl.float32)
+            centred = tl.where(mask, a - mean[:, None], 0.0)
+            row_var += tl.sum(centred * centred, 1)
+        rstd = 1.0 / tl.sqrt(row_var / K + eps)
+        if STORE_STATS:
+            if pid_n == 0:
+                tl.store(MEAN + offs_m, mean, mask=mask_m)
+                tl.store(RSTD + offs_m, rstd, mask=mask_m)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_LN:
+            w = tl.load(LN_W + k0 + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            bb = tl.load(LN_B + k0 + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * w[None, :] + bb[None, :]
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        # A is cast to the weight's dtype: the compute dtype (autocast's, or the parameters')
+        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    pre_ptrs = PRE + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :] * stride_pn
+    if ACT_GELU:
+        if STORE_PRE:
+            tl.store(pre_ptrs, acc.to(PRE.dtype.element_ty), mask=mask)
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * RSQRT2))  # exact erf GELU, on the fp32 accumulator
+    if GELU_GRAD:
+        # backward of GELU fused into the GEMM that produces dGELU: d(pre) = dGELU * (Phi(pre) + pre * phi(pre))
+        pre = tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(pre * RSQRT2))
+        pdf = tl.exp(-0.5 * pre * pre) * INV_SQRT_2PI
+        acc = acc * (cdf + pre * pdf)
+    if HAS_RES:
+        res_ptrs = RES + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :] * stride_rn
+        acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+    c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _linear_dw_kernel(
+    G, X, DW, DB, MEAN, RSTD, LN_W, LN_B,
+    R, NF, KF, rows_per_split,
+    stride_gr, stride_gf, stride_xr, stride_xk, stride_dws, stride_dwn, stride_dbs,
+    HAS_LN: tl.constexpr, HAS_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # dW[NF, KF] = G^T[NF, R] @ X'[R, KF] over this program's slice of rows, X' = LayerNorm(X) when HAS_LN.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output features
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input features
+    offs_k = tl.arange(0, BLOCK_K)  # rows (tokens): the reduction dimension
+    mask_m = offs_m < NF
+    mask_n = offs_n < KF
+    r_start = pid_s * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, R)
+    if HAS_LN:
+        w = tl.load(LN_W + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        bb = tl.load(LN_B + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_K):
+        rows = r0 + offs_k
+        mask_r = rows < r_end
+        g = tl.load(G + rows[None, :].to(tl.int64) * stride_gr + offs_m[:, None] * stride_gf,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # fmt: skip
+        x = tl.load(X + rows[:, None].to(tl.int64) * stride_xr + offs_n[None, :] * stride_xk,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # fmt: skip
+        if HAS_LN:
+            # recompute the normalised input here instead of having saved it in the forward
+            mean = tl.load(MEAN + rows, mask=mask_r, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=mask_r, other=0.0)
+            x = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * w[None, :] + bb[None, :]
+        acc = tl.dot(g, x.to(g.dtype), acc, input_precision=DOT_PRECISION)
+        if HAS_DBIAS:
+            db += tl.sum(g.to(tl.float32), 1)
+    dw_ptrs = DW + pid_s * stride_dws + offs_m[:, None] * stride_dwn + offs_n[None, :]
+    tl.store(dw_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+    if HAS_DBIAS:
+        if pid_n == 0:
+            tl.store(DB + pid_s * stride_dbs + offs_m, db, mask=mask_m)
+
+
+@triton.jit
+def _layernorm_bwd_kernel(
+    DY, X, MEAN, RSTD, W, DRES, DX, DW_PART, DB_PART,
+    M, D, rows_per_program, stride_dym, stride_xm, stride_rm, stride_dxm,
+    HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # BLOCK_D >= D: a whole row sits in registers (D <= 8192), so the two row reductions need no second pass.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask_d = cols < D
+    w = tl.load(W + cols, mask=mask_d, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        mask_r = rows < row_end
+        mask = mask_r[:, None] & mask_d[None, :]
+        rows64 = rows[:, None].to(tl.int64)
+        dy = tl.load(DY + rows64 * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=mask_r, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=mask_r, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = w[None, :] * dy
+        c1 = tl.sum(xhat * wdy, 1) / D
+        c2 = tl.sum(wdy, 1) / D
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DRES:
+            dx += tl.load(DRES + rows64 * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows64 * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw_acc += tl.sum(dy * xhat, 0)
+        db_acc += tl.sum(dy, 0)
+    tl.store(DW_PART + pid * D + cols, dw_acc, mask=mask_d)
+    tl.store(DB_PART + pid * D + cols, db_acc, mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _gemm_cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+FWD_CONFIGS = [_gemm_cfg(128, 128, 64, 8, 3), _gemm_cfg(128, 64, 64, 4, 4), _gemm_cfg(64, 128, 64, 4, 4),
+               _gemm_cfg(128, 256, 64, 8, 3), _gemm_cfg(64, 64, 64, 4, 4), _gemm_cfg(128, 128, 32, 4, 4)]  # fmt: skip
+DW_CONFIGS = [_gemm_cfg(128, 128, 64, 8, 3), _gemm_cfg(128, 64, 64, 4, 4), _gemm_cfg(64, 128, 64, 4, 4),
+              _gemm_cfg(64, 64, 64, 4, 4)]  # fmt: skip
+GROUP_M = 8
+DW_ROWS_ALIGN = 256  # rows per split is a multiple of every BLOCK_K, so splits never share a tile
+LN_BWD_BLOCK_M = 8
+MAX_LN_DIM = 8192  # _layernorm_bwd_kernel keeps a whole row in registers
+
+_FLAGS = ["HAS_LN", "HAS_BIAS", "ACT_GELU", "STORE_PRE", "GELU_GRAD", "HAS_RES", "DOT_PRECISION"]
+_fused_fwd = autotuned(_fused_linear_fwd_kernel, FWD_CONFIGS, ["M", "N", "K"] + _FLAGS)
+_linear_dw = autotuned(_linear_dw_kernel, DW_CONFIGS, ["R", "NF", "KF", "HAS_LN", "HAS_DBIAS", "DOT_PRECISION"])
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few splits still exercise the split-row path
+
+
+def fused_linear(a, weight_t, bias=None, *, ln=None, gelu=False, store_pre=False, gelu_grad_pre=None,
+                 residual=None, out_dtype=None):  # fmt: skip
+    """C = epilogue(prologue(a) @ weight_t). weight_t is [K, N] (a transposed view of an nn.Linear weight is fine).
+
+    ln=(weight, bias, eps) applies LayerNorm to a's rows first and also returns (mean, rstd).
+    Returns (c, pre, mean, rstd); pre is the pre-GELU activation when store_pre, else None.
+    """
+    M, K = a.shape
+    N = weight_t.shape[1]
+    dev = a.device
+    c = torch.empty((M, N), device=dev, dtype=out_dtype or weight_t.dtype)
+    pre = torch.empty((M, N), device=dev, dtype=weight_t.dtype) if store_pre else None
+    mean = rstd = None
+    if ln is not None:
+        mean = torch.empty(M, device=dev, dtype=torch.float32)
+        rstd = torch.empty(M, device=dev, dtype=torch.float32)
+    pre_t = pre if pre is not None else gelu_grad_pre
+    dummy = c  # unused pointer arguments (their flags are off) point at the output
+    ln_w, ln_b, eps = ln if ln is not None else (dummy, dummy, 0.0)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _fused_fwd[grid](
+        a, weight_t, c,
+        bias if bias is not None else dummy,
+        residual if residual is not None else dummy,
+        pre_t if pre_t is not None else dummy,
+        ln_w, ln_b,
+        mean if mean is not None else dummy,
+        rstd if rstd is not None else dummy,
+        M, N, K, eps,
+        a.stride(0), a.stride(1), weight_t.stride(0), weight_t.stride(1), c.stride(0), c.stride(1),
+        residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
+        pre_t.stride(0) if pre_t is not None else 0, pre_t.stride(1) if pre_t is not None else 0,
+        HAS_LN=ln is not None, STORE_STATS=ln is not None, HAS_BIAS=bias is not None, ACT_GELU=gelu,
+        STORE_PRE=store_pre, GELU_GRAD=gelu_grad_pre is not None, HAS_RES=residual is not None,
+        DOT_PRECISION=dot_precision(weight_t.dtype), GROUP_M=GROUP_M,
+    )  # fmt: skip
+    return c, pre, mean, rstd
+
+
+def linear_weight_grad(g, x, *, ln=None, mean=None, rstd=None, need_bias=True):
+    """(dW, db) for y = x' @ W^T + b with dL/dy = g [R, NF], x [R, KF]; x' = LayerNorm(x) when ln=(w, b).
+
+    Returns fp32 sums (callers cast to the parameter dtype). The rows are split so that at least ~2 waves of
+    programs run: a [384, 1536] weight is only 36 tiles of 128 x 128, far fewer than an H100's 132 SMs.
+    """
+    R, NF = g.shape
+    KF = x.shape[1]
+    tiles = triton.cdiv(NF, 128) * triton.cdiv(KF, 128)
+    splits = max(1, min(triton.cdiv(2 * _num_sms(g.device), tiles), triton.cdiv(R, 4 * DW_ROWS_ALIGN)))
+    rows_per_split = triton.cdiv(triton.cdiv(R, splits), DW_ROWS_ALIGN) * DW_ROWS_ALIGN
+    splits = triton.cdiv(R, rows_per_split)
+    dw = torch.empty((splits, NF, KF), device=g.device, dtype=torch.float32)
+    db = torch.empty((splits, NF), device=g.device, dtype=torch.float32) if need_bias else dw
+    ln_w, ln_b = ln if ln is not None else (dw, dw)
+
+    def grid(meta):
+        return (triton.cdiv(NF, meta["BLOCK_M"]), triton.cdiv(KF, meta["BLOCK_N"]), splits)
+
+    _linear_dw[grid](
+        g, x, dw, db,
+        mean if mean is not None else dw, rstd if rstd is not None else dw, ln_w, ln_b,
+        R, NF, KF, rows_per_split,
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), db.stride(0),
+        HAS_LN=ln is not None, HAS_DBIAS=need_bias, DOT_PRECISION=dot_precision(g.dtype),
+    )  # fmt: skip
+    return dw.sum(0), (db.sum(0) if need_bias else None)
+
+
+def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
+    """(dx, dweight, dbias) of LayerNorm, dx += dres in the same pass. dweight/dbias come back in fp32."""
+    M, D = x.shape
+    programs = min(triton.cdiv(M, LN_BWD_BLOCK_M), 4 * _num_sms(x.device))
+    rows_per_program = triton.cdiv(triton.cdiv(M, programs), LN_BWD_BLOCK_M) * LN_BWD_BLOCK_M
+    programs = triton.cdiv(M, rows_per_program)
+    dx = torch.empty_like(x)
+    dw_part = torch.empty((programs, D), device=x.device, dtype=torch.float32)
+    db_part = torch.empty_like(dw_part)
+    _layernorm_bwd_kernel[(programs,)](
+        dy, x, mean, rstd, weight, dres if dres is not None else dy, dx, dw_part, db_part,
+        M, D, rows_per_program, dy.stride(0), x.stride(0), dres.stride(0) if dres is not None else 0, dx.stride(0),
+        HAS_DRES=dres is not None, BLOCK_M=LN_BWD_BLOCK_M, BLOCK_D=triton.next_power_of_2(D),
+    )  # fmt: skip
+    return dx, dw_part.sum(0), db_part.sum(0)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [rows, D] without a copy when the layout allows; otherwise one copy (non-viewable strides)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd Functions. Inputs arrive already in the compute dtype (the public wrappers apply autocast's casts), except
+# x / residual, which stay in the residual stream's dtype (fp32 under autocast, as in eager).
+# ----------------------------------------------------------------------------------------------------------------
+class LayerNormMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_w, norm_b, w1, b1, w2, b2, eps, training):
+        shape = x.shape
+        x2 = _rows(x)
+        # the pre-activation is kept only when a backward can follow (inference writes just the GELU output)
+        h, pre, mean, rstd = fused_linear(x2, w1.t(), b1, ln=(norm_w, norm_b, eps), gelu=True, store_pre=training)
+        out_dtype = torch.promote_types(x.dtype, w2.dtype)
+        out, _, _, _ = fused_linear(h, w2.t(), b2, residual=x2, out_dtype=out_dtype)
+        ctx.save_for_backward(x2, norm_w, norm_b, w1, w2, h, pre, mean, rstd)
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, norm_w, norm_b, w1, w2, h, pre, mean, rstd = ctx.saved_tensors
+        shape = dout.shape
+        dy = _rows(dout)
+        dy_c = dy.to(w2.dtype)  # the GEMMs run in the compute dtype, as eager autocast's backward does
+        dw2, db2 = linear_weight_grad(dy_c, h, need_bias=ctx.has_b2)
+        # d(pre-activation) = (dy @ W2) * GELU'(pre): GELU's derivative in the GEMM epilogue
+        dpre, _, _, _ = fused_linear(dy_c, w2, gelu_grad_pre=pre)
+        dw1, db1 = linear_weight_grad(dpre, x2, ln=(norm_w, norm_b), mean=mean, rstd=rstd, need_bias=ctx.has_b1)
+        dxn = torch.matmul(dpre, w1)  # plain GEMM, nothing to fuse: the LayerNorm backward needs whole rows
+        dx, dnw, dnb = layernorm_bwd(dxn, x2, mean, rstd, norm_w, dres=dy)
+        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+        return (dx.view(shape[:-1] + (dx.shape[-1],)), cast(dnw, norm_w), cast(dnb, norm_b), cast(dw1, w1),
+                cast(db1, w1), cast(dw2, w2), cast(db2, w2), None, None)  # fmt: skip
+
+
+class LayerNormLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_w, norm_b, w, b, eps):
+        shape = x.shape
+        x2 = _rows(x)
+        out, _, mean, rstd = fused_linear(x2, w.t(), b, ln=(norm_w, norm_b, eps))
+        ctx.save_for_backward(x2, norm_w, norm_b, w, mean, rstd)
+        ctx.has_b = b is not None
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, norm_w, norm_b, w, mean, rstd = ctx.saved_tensors
+        shape = dout.shape
+        dy = _rows(dout).to(w.dtype)
+        dw, db = linear_weight_grad(dy, x2, ln=(norm_w, norm_b), mean=mean, rstd=rstd, need_bias=ctx.has_b)
+        dxn = torch.matmul(dy, w)  # plain GEMM, nothing to fuse: the LayerNorm backward needs whole rows
+        dx, dnw, dnb = layernorm_bwd(dxn, x2, mean, rstd, norm_w)
+        return (dx.view(shape[:-1] + (dx.shape[-1],)), dnw.to(norm_w.dtype), dnb.to(norm_b.dtype), dw.to(w.dtype),
+                None if db is None else db.to(w.dtype), None)  # fmt: skip
+
+
+class LinearResidualFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, residual):
+        shape = residual.shape
+        x2, r2 = _rows(x), _rows(residual)
+        out, _, _, _ = fused_linear(x2, w.t(), b, residual=r2, out_dtype=torch.promote_types(residual.dtype, w.dtype))
+        ctx.save_for_backward(x2, w)
+        ctx.has_b = b is not None
+        ctx.x_shape = x.shape
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, w = ctx.saved_tensors
+        dy = _rows(dout).to(w.dtype)
+        dw, db = linear_weight_grad(dy, x2, need_bias=ctx.has_b)
+        dx = torch.matmul(dy, w)  # plain GEMM, nothing to fuse
+        return (dx.view(ctx.x_shape), dw.to(w.dtype), None if db is None else db.to(w.dtype), dout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------------------------
+def _check_linear(x, weight, bias, name):
+    check_tensor(x, "x")
+    check_tensor(weight, f"{name} weight")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{name} weight has shape {tuple(weight.shape)}; expected [out, {x.shape[-1]}] for x {tuple(x.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{name} bias has shape {tuple(bias.shape)}; expected ({weight.shape[0]},)")
+
+
+def _check_norm(x, norm_weight, norm_bias):
+    D = x.shape[-1]
+    for t, n in ((norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
+        check_tensor(t, n)
+        if t.shape != (D,):
+            raise ValueError(f"{n} has shape {tuple(t.shape)}; expected ({D},) for x {tuple(x.shape)}")
+    if D > MAX_LN_DIM:
+        raise ValueError(f"LayerNorm over {D} features is not supported (at most {MAX_LN_DIM})")
+
+
+def _check_same_dtype(x, weight):
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:
+        raise TypeError(f"input is {x.dtype} but the weights are {weight.dtype}: cast one, or run under autocast")
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-6):
+    """x + fc2(gelu(fc1(layer_norm(x)))), exact-erf GELU. Under autocast the GEMMs run in the autocast dtype,
+    LayerNorm statistics in fp32, and the output keeps the residual stream's dtype, as in eager autocast."""
+    _check_norm(x, norm_weight, norm_bias)
+    _check_linear(x, fc1_weight, fc1_bias, "fc1")
+    check_tensor(fc2_weight, "fc2 weight")
+    if fc2_weight.shape != (x.shape[-1], fc1_weight.shape[0]):
+        raise ValueError(f"fc2 weight has shape {tuple(fc2_weight.shape)}; expected {(x.shape[-1], fc1_weight.shape[0])}")
+    if fc2_bias is not None and fc2_bias.shape != (x.shape[-1],):
+        raise ValueError(f"fc2 bias has shape {tuple(fc2_bias.shape)}; expected ({x.shape[-1]},)")
+    _check_same_dtype(x, fc1_weight)
+    cdt = compute_dtype(fc1_weight)
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    )
+    return LayerNormMLPFunction.apply(x, norm_weight, norm_bias, fc1_weight.to(cdt), _cast(fc1_bias, cdt),
+                                      fc2_weight.to(cdt), _cast(fc2_bias, cdt), eps, training)  # fmt: skip
+
+
+def layernorm_linear(x, norm_weight, norm_bias, weight, bias, eps=1e-6):
+    """linear(layer_norm(x)): norm1 -> qkv with the LayerNorm applied in the GEMM's prologue."""
+    _check_norm(x, norm_weight, norm_bias)
+    _check_linear(x, weight, bias, "linear")
+    _check_same_dtype(x, weight)
+    cdt = compute_dtype(weight)
+    return LayerNormLinearFunction.apply(x, norm_weight, norm_bias, weight.to(cdt), _cast(bias, cdt), eps)
+
+
+def linear_residual(x, weight, bias, residual):
+    """residual + linear(x): the attention projection with its bias and the residual add in the GEMM epilogue."""
+    _check_linear(x, weight, bias, "linear")
+    check_tensor(residual, "residual")
+    if residual.shape[:-1] != x.shape[:-1] or residual.shape[-1] != weight.shape[0]:
+        raise ValueError(f"residual has shape {tuple(residual.shape)}; expected {tuple(x.shape[:-1]) + (weight.shape[0],)}")
+    _check_same_dtype(x, weight)
+    _check_same_dtype(residual, weight)
+    cdt = compute_dtype(weight)
+    return LinearResidualFunction.apply(x.to(cdt), weight.to(cdt), _cast(bias, cdt), residual)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------------------------------------
+def layernorm_mlp_ref(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-6):
+    F = torch.nn.functional
+    h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+    return x + F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+
+
+def layernorm_linear_ref(x, norm_weight, norm_bias, weight, bias, eps=1e-6):
+    F = torch.nn.functional
+    return F.linear(F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps), weight, bias)
+
+
+def linear_residual_ref(x, weight, bias, residual):
+    return residual + torch.nn.functional.linear(x, weight, bias)

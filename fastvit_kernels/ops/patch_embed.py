@@ -1,0 +1,294 @@
+"""Patch embedding in one launch: im2col inside the GEMM, bias, position embedding and the CLS row.
+
+tokens[b, 0]     = cls_token + pos_embed[0]                          (when there is a class token)
+tokens[b, 1 + p] = patch(b, p) . W^T + bias + pos_embed[1 + p]
+
+The A operand is gathered straight from the image through its four strides (NCHW, channels-last or any view): no
+unfold, no permuted copy. The weight is the Conv2d weight [D, C, ph, pw] read as [D, C*ph*pw], so column k of a
+patch is (c, i, j) = (k // (ph*pw), (k // pw) % ph, k % pw), the order Conv2d flattens its weight in.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotuned, check_tensor, compute_dtype, dot_precision
+
+
+@triton.jit
+def _patch_offsets(rows, P, GW, stride_ib, stride_ih, stride_iw, PH: tl.constexpr, PW: tl.constexpr):
+    # image offset of each patch's top-left pixel: row m = b * P + gy * GW + gx
+    b = rows // P
+    p = rows % P
+    return b.to(tl.int64) * stride_ib + (p // GW) * PH * stride_ih + (p % GW) * PW * stride_iw
+
+
+@triton.jit
+def _pixel_offsets(ks, stride_ic, stride_ih, stride_iw, PH: tl.constexpr, PW: tl.constexpr):
+    # offset of pixel k = (c, i, j) inside a patch
+    return (ks // (PH * PW)) * stride_ic + ((ks // PW) % PH) * stride_ih + (ks % PW) * stride_iw
+
+
+@triton.jit
+def _patch_embed_fwd_kernel(
+    IMG, W, BIAS, POS, CLS, OUT,
+    B, P, GW, K, N,
+    stride_ib, stride_ic, stride_ih, stride_iw, stride_wn, stride_wk, stride_pt, stride_ob, stride_ot,
+    PH: tl.constexpr, PW: tl.constexpr, HAS_CLS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    M = B * P
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    offs_bn = tl.arange(0, BLOCK_N)
+    if pid < num_pid_m * num_pid_n:
+        group = GROUP_M * num_pid_n
+        first_m = (pid // group) * GROUP_M
+        group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % group_m
+        pid_n = (pid % group) // group_m
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + offs_bn
+        mask_m = rows < M
+        mask_n = offs_n < N
+        row_off = _patch_offsets(rows, P, GW, stride_ib, stride_ih, stride_iw, PH, PW)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask_k = ks < K
+            col_off = _pixel_offsets(ks, stride_ic, stride_ih, stride_iw, PH, PW)
+            a = tl.load(IMG + row_off[:, None] + col_off[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(W + ks[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # fmt: skip
+            acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)  # image cast to the compute dtype
+        b = rows // P
+        t = rows % P + HAS_CLS
+        mask = mask_m[:, None] & mask_n[None, :]
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(POS + t[:, None] * stride_pt + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        out_ptrs = OUT + b[:, None].to(tl.int64) * stride_ob + t[:, None] * stride_ot + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        if HAS_CLS:
+            # the programs past the GEMM's write row 0 of BLOCK_M images each: cls_token + pos_embed[0]
+            cid = pid - num_pid_m * num_pid_n
+            bs = (cid // num_pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = (cid % num_pid_n) * BLOCK_N + offs_bn
+            mask_n = offs_n < N
+            row0 = tl.load(CLS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            row0 += tl.load(POS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            out_ptrs = OUT + bs[:, None].to(tl.int64) * stride_ob + offs_n[None, :]
+            val = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32) + row0[None, :]
+            tl.store(out_ptrs, val.to(OUT.dtype.element_ty), mask=(bs[:, None] < B) & mask_n[None, :])
+
+
+@triton.jit
+def _patch_embed_bwd_dw_kernel(
+    G, IMG, DW,
+    B, P, GW, K, N, rows_per_split,
+    stride_gb, stride_gp, stride_ib, stride_ic, stride_ih, stride_iw, stride_dws,
+    PH: tl.constexpr, PW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # dW[N, K] = dTokens^T[N, rows] @ patches[rows, K], the patches gathered from the image again (im2col in the load)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # embedding dim
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # pixel within a patch
+    mask_m = offs_m < N
+    mask_n = offs_n < K
+    col_off = _pixel_offsets(offs_n, stride_ic, stride_ih, stride_iw, PH, PW)
+    r_start = pid_s * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, B * P)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        mask_r = rows < r_end
+        g_off = (rows // P).to(tl.int64) * stride_gb + (rows % P) * stride_gp
+        g = tl.load(G + g_off[None, :] + offs_m[:, None], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        row_off = _patch_offsets(rows, P, GW, stride_ib, stride_ih, stride_iw, PH, PW)
+        a = tl.load(IMG + row_off[:, None] + col_off[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(g, a.to(g.dtype), acc, input_precision=DOT_PRECISION)
+    tl.store(DW + pid_s * stride_dws + offs_m[:, None] * K + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _patch_embed_bwd_dx_kernel(
+    G, W, DIMG,
+    B, P, GW, K, N,
+    stride_gb, stride_gp, stride_wn, stride_wk, stride_ib, stride_ic, stride_ih, stride_iw,
+    PH: tl.constexpr, PW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # dPatches[rows, K] = dTokens[rows, N] @ W[N, K], scattered straight into the image: patches do not overlap,
+    # so every pixel is written exactly once (no atomics, no zero-fill).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rows < B * P
+    mask_k = ks < K
+    g_off = (rows // P).to(tl.int64) * stride_gb + (rows % P) * stride_gp
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        ns = n0 + tl.arange(0, BLOCK_K)
+        mask_r = ns < N
+        g = tl.load(G + g_off[:, None] + ns[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        w = tl.load(W + ns[:, None] * stride_wn + ks[None, :] * stride_wk, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
+    row_off = _patch_offsets(rows, P, GW, stride_ib, stride_ih, stride_iw, PH, PW)
+    col_off = _pixel_offsets(ks, stride_ic, stride_ih, stride_iw, PH, PW)
+    tl.store(DIMG + row_off[:, None] + col_off[None, :], acc.to(DIMG.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# K = C * ph * pw is 48 for CIFAR-10 (3 x 4 x 4) and 768 for /16 patches: BLOCK_K 32/64 covers both without
+# padding a 48-wide K to 128.
+FWD_CONFIGS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 128, 32, 4, 3), _cfg(64, 64, 64, 4, 3),
+               _cfg(128, 128, 32, 8, 3), _cfg(128, 256, 64, 8, 3)]  # fmt: skip
+BWD_CONFIGS = [_cfg(64, 64, 64, 4, 3), _cfg(128, 64, 64, 4, 3), _cfg(64, 128, 64, 4, 3), _cfg(128, 128, 64, 8, 3)]
+GROUP_M = 8
+DW_ROWS_ALIGN = 256
+
+_fwd = autotuned(_patch_embed_fwd_kernel, FWD_CONFIGS, ["B", "P", "K", "N", "PH", "PW", "HAS_CLS", "DOT_PRECISION"])
+_bwd_dw = autotuned(_patch_embed_bwd_dw_kernel, BWD_CONFIGS, ["B", "P", "K", "N", "PH", "PW", "DOT_PRECISION"])
+_bwd_dx = autotuned(_patch_embed_bwd_dx_kernel, BWD_CONFIGS, ["B", "P", "K", "N", "PH", "PW", "DOT_PRECISION"])
+
+
+def _geometry(images, weight):
+    B, C, H, Wd = images.shape
+    D, _, ph, pw = weight.shape
+    return B, C, H, Wd, D, ph, pw, (H // ph) * (Wd // pw), Wd // pw
+
+
+def patch_embed_fwd(images, weight, bias, cls_token, pos_embed, out_dtype):
+    B, C, H, Wd, D, ph, pw, P, GW = _geometry(images, weight)
+    has_cls = cls_token is not None
+    K = C * ph * pw
+    out = torch.empty((B, P + has_cls, D), device=images.device, dtype=out_dtype)
+    w2 = weight.reshape(D, K)
+    pos = pos_embed.reshape(P + has_cls, D)
+
+    def grid(meta):
+        n_tiles = triton.cdiv(D, meta["BLOCK_N"])
+        cls_tiles = triton.cdiv(B, meta["BLOCK_M"]) * n_tiles if has_cls else 0
+        return (triton.cdiv(B * P, meta["BLOCK_M"]) * n_tiles + cls_tiles,)
+
+    _fwd[grid](
+        images, w2, bias, pos, cls_token.reshape(D) if has_cls else bias, out,
+        B, P, GW, K, D,
+        images.stride(0), images.stride(1), images.stride(2), images.stride(3), w2.stride(0), w2.stride(1),
+        pos.stride(0), out.stride(0), out.stride(1),
+        PH=ph, PW=pw, HAS_CLS=has_cls, DOT_PRECISION=dot_precision(w2.dtype), GROUP_M=GROUP_M,
+    )  # fmt: skip
+    return out
+
+
+def _num_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def patch_embed_bwd_weight(g, images, weight):
+    """dW [D, C, ph, pw] in fp32 from g = dTokens for the patch rows, a [B, P, D] view."""
+    B, C, H, Wd, D, ph, pw, P, GW = _geometry(images, weight)
+    K = C * ph * pw
+    R = B * P
+    tiles = triton.cdiv(D, 64) * triton.cdiv(K, 64)
+    splits = max(1, min(triton.cdiv(2 * _num_sms(g.device), tiles), triton.cdiv(R, 4 * DW_ROWS_ALIGN)))
+    rows_per_split = triton.cdiv(triton.cdiv(R, splits), DW_ROWS_ALIGN) * DW_ROWS_ALIGN
+    splits = triton.cdiv(R, rows_per_split)
+    dw = torch.empty((splits, D, K), device=g.device, dtype=torch.float32)
+    _bwd_dw[lambda m: (triton.cdiv(D, m["BLOCK_M"]), triton.cdiv(K, m["BLOCK_N"]), splits)](
+        g, images, dw, B, P, GW, K, D, rows_per_split,
+        g.stride(0), g.stride(1), images.stride(0), images.stride(1), images.stride(2), images.stride(3), dw.stride(0),
+        PH=ph, PW=pw, DOT_PRECISION=dot_precision(g.dtype),
+    )  # fmt: skip
+    return dw.sum(0).view(D, C, ph, pw)
+
+
+def patch_embed_bwd_images(g, weight, images):
+    B, C, H, Wd, D, ph, pw, P, GW = _geometry(images, weight)
+    K = C * ph * pw
+    w2 = weight.reshape(D, K)
+    dimg = torch.empty((B, C, H, Wd), device=g.device, dtype=images.dtype)
+    _bwd_dx[lambda m: (triton.cdiv(B * P, m["BLOCK_M"]), triton.cdiv(K, m["BLOCK_N"]))](
+        g, w2, dimg, B, P, GW, K, D,
+        g.stride(0), g.stride(1), w2.stride(0), w2.stride(1),
+        dimg.stride(0), dimg.stride(1), dimg.stride(2), dimg.stride(3),
+        PH=ph, PW=pw, DOT_PRECISION=dot_precision(g.dtype),
+    )  # fmt: skip
+    return dimg
+
+
+class PatchEmbedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, images, weight, bias, cls_token, pos_embed, out_dtype):
+        out = patch_embed_fwd(images, weight, bias, cls_token, pos_embed, out_dtype)
+        ctx.save_for_backward(images, weight)
+        ctx.has_cls = cls_token is not None
+        ctx.dtypes = (bias.dtype, None if cls_token is None else cls_token.dtype, pos_embed.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        images, weight = ctx.saved_tensors
+        bias_dt, cls_dt, pos_dt = ctx.dtypes
+        c = int(ctx.has_cls)
+        dpos = dout.sum(0, dtype=torch.float32)  # (T, D): the batch reduction pos_embed, cls and bias all need
+        dbias = dpos[c:].sum(0).to(bias_dt)
+        dcls = dpos[0].view(1, 1, -1).to(cls_dt) if ctx.has_cls else None
+        g = dout[:, c:]  # (B, P, D) view, rows read through strides
+        if g.dtype != weight.dtype or g.stride(-1) != 1:
+            g = g.to(weight.dtype, memory_format=torch.contiguous_format)  # the GEMMs run in the compute dtype
+        dw = patch_embed_bwd_weight(g, images, weight).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dimg = patch_embed_bwd_images(g, weight, images) if ctx.needs_input_grad[0] else None
+        return dimg, dw, dbias, dcls, dpos.unsqueeze(0).to(pos_dt), None
+
+
+def patch_embed(images, weight, bias, cls_token, pos_embed):
+    """Tokens [B, T, D] = conv2d(images, weight, bias, stride=patch) as rows, with the CLS row first and pos_embed added.
+
+    cls_token [1, 1, D] or None (then T = P); pos_embed [1, T, D]. Under autocast the GEMM runs in the autocast dtype
+    and the tokens come out in the promoted dtype of that and pos_embed (fp32 with fp32 parameters), as in eager.
+    """
+    check_tensor(images, "images")
+    check_tensor(weight, "patch weight")
+    if images.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"images must be [B, C, H, W] and weight [D, C, ph, pw]; got {tuple(images.shape)} and "
+                         f"{tuple(weight.shape)}")  # fmt: skip
+    B, C, H, Wd = images.shape
+    D, wc, ph, pw = weight.shape
+    if C != wc:
+        raise ValueError(f"images have {C} channels but the patch projection expects {wc}")
+    if H % ph or Wd % pw:
+        raise ValueError(f"image size {H}x{Wd} is not divisible by the patch size {ph}x{pw}")
+    T = (H // ph) * (Wd // pw) + (cls_token is not None)
+    if bias is None or bias.shape != (D,):
+        raise ValueError(f"bias must have shape ({D},)")
+    if cls_token is not None and cls_token.numel() != D:
+        raise ValueError(f"cls_token has shape {tuple(cls_token.shape)}; expected (1, 1, {D})")
+    if pos_embed.shape[-2:] != (T, D) or pos_embed.numel() != T * D:
+        raise ValueError(f"pos_embed has shape {tuple(pos_embed.shape)}; expected (1, {T}, {D}) for {H}x{Wd} images "
+                         f"with {ph}x{pw} patches")  # fmt: skip
+    if not torch.is_autocast_enabled(images.device.type) and images.dtype != weight.dtype:
+        raise TypeError(f"images are {images.dtype} but the weight is {weight.dtype}: cast one, or run under autocast")
+    cdt = compute_dtype(weight)
+    out_dtype = torch.promote_types(cdt, pos_embed.dtype)
+    return PatchEmbedFunction.apply(images, weight.to(cdt), bias.to(cdt), cls_token, pos_embed, out_dtype)
+
+
+def patch_embed_ref(images, weight, bias, cls_token, pos_embed):
+    """Eager: conv2d + flatten + transpose + cat + add."""
+    x = torch.nn.functional.conv2d(images, weight, bias, stride=weight.shape[-2:])
+    x = x.flatten(2).transpose(1, 2)  # (B, P, D)
+    if cls_token is not None:
+        x = torch.cat([cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+    return x + pos_embed

@@ -1,0 +1,144 @@
+"""Compile every kernel in every configuration it may launch for sm_90 (and sm_80), without a GPU.
+
+Run as a script (the test does it in a subprocess without TRITON_INTERPRET): prints one JSON line per compile with
+the shared memory it needs and whether its PTX uses wgmma. The interpreter accepts what the GPU compiler rejects
+(tl.dot dims < 16, non-power-of-two blocks, too much shared memory); this catches those here.
+"""
+
+import json
+from types import SimpleNamespace
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+FLOAT_ARGS = {"eps", "qk_scale_log2", "sm_scale"}
+TT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+def _variants():
+    """(kernel name, module, pointer dtypes, constexprs, num_warps, num_stages) for every launch configuration."""
+    import importlib
+
+    # by path: fastvit_kernels.ops re-exports functions with the same names as these modules
+    at = importlib.import_module("fastvit_kernels.ops.attention")
+    lm = importlib.import_module("fastvit_kernels.ops.layernorm_mlp")
+    pe = importlib.import_module("fastvit_kernels.ops.patch_embed")
+
+    out = []
+
+    def add(kernel, configs, ptrs, consts_list, prune=None, full=True):
+        """Every config for the first constexpr set (when full); the others with the first and the largest config
+        (shared memory grows with the tile, so those two bound the rest)."""
+        largest = max(configs, key=lambda c: c.num_stages * sum(v for k, v in c.kwargs.items() if k != "BLOCK_K")
+                      * c.kwargs.get("BLOCK_K", 64))  # fmt: skip
+        for i, consts in enumerate(consts_list):
+            chosen = configs if (i == 0 and full) else [configs[0], largest]
+            if prune:  # what the launcher would keep for this dtype and head dim
+                elem = SimpleNamespace(element_size=lambda: 4 if ptrs.get("QKV") == "fp32" else 2)
+                chosen = list({id(c): c for c in prune(chosen, dict(consts, QKV=elem))}.values())
+            for cfg in chosen:
+                out.append((kernel.__name__, kernel.__module__, ptrs, {**consts, **cfg.kwargs}, cfg.num_warps,
+                                cfg.num_stages))  # fmt: skip
+
+    for dt in ("bf16", "fp16", "fp32"):
+        prec = "ieee"
+        heads = [dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), DOT_PRECISION=prec)
+                 for d in (64, 256, 16, 32, 80, 128)]  # fmt: skip
+        if dt == "fp16":
+            heads = heads[:1]
+        io = {"QKV": dt, "O": dt, "DO": dt, "DQKV": dt, "LSE": "fp32", "DELTA": "fp32"}
+        full = dt != "fp16"
+        add(at._attention_fwd_kernel, at.FWD_CONFIGS, io, heads, at._prune, full)
+        add(at._attention_bwd_dkdv_kernel, at.BWD_CONFIGS, io, heads, at._prune, full)
+        add(at._attention_bwd_dq_kernel, at.BWD_CONFIGS, io, heads, at._prune, full)
+
+    # fused linear: (A, residual/output) in the residual stream's dtype, weights in the compute dtype
+    streams = [("bf16", "bf16"), ("fp32", "bf16"), ("fp32", "fp32"), ("fp16", "fp16")]
+    flag_sets = [
+        dict(HAS_LN=True, STORE_STATS=True, HAS_BIAS=True, ACT_GELU=True, STORE_PRE=True, GELU_GRAD=False, HAS_RES=False),
+        dict(HAS_LN=True, STORE_STATS=True, HAS_BIAS=True, ACT_GELU=True, STORE_PRE=False, GELU_GRAD=False, HAS_RES=False),
+        dict(HAS_LN=True, STORE_STATS=True, HAS_BIAS=True, ACT_GELU=False, STORE_PRE=False, GELU_GRAD=False, HAS_RES=False),
+        dict(HAS_LN=False, STORE_STATS=False, HAS_BIAS=True, ACT_GELU=False, STORE_PRE=False, GELU_GRAD=False, HAS_RES=True),
+        dict(HAS_LN=False, STORE_STATS=False, HAS_BIAS=False, ACT_GELU=False, STORE_PRE=False, GELU_GRAD=True, HAS_RES=False),
+    ]  # fmt: skip
+    for stream, w in streams:
+        f32 = "fp32"
+        ptrs = {"A": stream, "B": w, "C": stream, "BIAS": w, "RES": stream, "PRE": w, "LN_W": f32, "LN_B": f32,
+                "MEAN": f32, "RSTD": f32}  # fmt: skip
+        flags = flag_sets if stream != "fp16" else flag_sets[:1]
+        full = stream != "fp16" and w != "fp32"  # fp32-only GEMMs: first and largest tiles (ieee dots, no wgmma)
+        add(lm._fused_linear_fwd_kernel, lm.FWD_CONFIGS, ptrs,
+            [dict(f, DOT_PRECISION="ieee", GROUP_M=lm.GROUP_M) for f in flags], full=full)  # fmt: skip
+        dw_ptrs = {"G": w, "X": stream, "DW": f32, "DB": f32, "MEAN": f32, "RSTD": f32, "LN_W": f32, "LN_B": f32}
+        add(lm._linear_dw_kernel, lm.DW_CONFIGS, dw_ptrs,
+            [dict(HAS_LN=ln, HAS_DBIAS=True, DOT_PRECISION="ieee") for ln in (True, False)], full=full)  # fmt: skip
+        ln_ptrs = {"DY": w, "X": stream, "MEAN": f32, "RSTD": f32, "W": f32, "DRES": stream, "DX": stream,
+                   "DW_PART": f32, "DB_PART": f32}  # fmt: skip
+        for block_d in (128, 1024, 8192) if full else (1024,):
+            out.append((lm._layernorm_bwd_kernel.__name__, lm.__name__, ln_ptrs,
+                        dict(HAS_DRES=True, BLOCK_M=lm.LN_BWD_BLOCK_M, BLOCK_D=block_d), 4, 3))  # fmt: skip
+        pe_ptrs = {"IMG": stream, "W": w, "BIAS": w, "POS": f32 if stream == "fp32" else w, "CLS": stream,
+                   "OUT": stream, "G": w, "DW": f32, "DIMG": stream}  # fmt: skip
+        patches = (4, 16) if full else (4,)
+        add(pe._patch_embed_fwd_kernel, pe.FWD_CONFIGS, pe_ptrs,
+            [dict(PH=ph, PW=ph, HAS_CLS=True, DOT_PRECISION="ieee", GROUP_M=pe.GROUP_M) for ph in patches], full=full)
+        add(pe._patch_embed_bwd_dw_kernel, pe.BWD_CONFIGS, pe_ptrs,
+            [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches], full=full)  # fmt: skip
+        add(pe._patch_embed_bwd_dx_kernel, pe.BWD_CONFIGS, pe_ptrs,
+            [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches], full=full)  # fmt: skip
+    return out
+
+
+def _compile(job):
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name, module, ptrs, consts, warps, stages, cap = job
+    kernel = getattr(importlib.import_module(module), name)
+    sig = {}
+    for a in kernel.arg_names:
+        if a in consts:
+            sig[a] = "constexpr"
+        elif a in FLOAT_ARGS:
+            sig[a] = "fp32"
+        elif a in ptrs:
+            sig[a] = TT[ptrs[a]]
+        else:
+            sig[a] = "i32"
+    try:
+        c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", cap, 32),
+                           options=dict(num_warps=warps, num_stages=stages))  # fmt: skip
+        res = dict(ok=True, shared=c.metadata.shared, wgmma="wgmma" in c.asm["ptx"])
+    except Exception as e:  # noqa: BLE001 - reported per configuration
+        res = dict(ok=False, error=f"{type(e).__name__}: {str(e)[-400:]}")
+    return dict(kernel=name, cap=cap, ptrs=ptrs, consts=consts, warps=warps, stages=stages, **res)
+
+
+def _on_sm80(variant):
+    """sm_80 (A100, 164 KB of shared memory) gets the bf16 and fp32 variants with the most shared memory per config:
+    the rest compiles to the same tiles."""
+    name, _, ptrs, consts, _, _ = variant
+    if "fp16" in ptrs.values():
+        return False
+    if "HEAD_DIM" in consts:
+        return consts["HEAD_DIM"] in (64, 256)
+    if "ACT_GELU" in consts:
+        return consts["ACT_GELU"] and consts["STORE_PRE"]
+    return True
+
+
+def jobs(caps):
+    variants = _variants()
+    return [v + (cap,) for cap in caps for v in variants if cap >= 90 or _on_sm80(v)]
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compile for the GPU, not the interpreter"
+    caps = [int(c) for c in sys.argv[1:]] or [90, 80]
+    todo = jobs(caps)
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for r in pool.map(_compile, todo, chunksize=4):
+            print(json.dumps(r), flush=True)

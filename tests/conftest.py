@@ -1,0 +1,37 @@
+"""Test harness: the Triton interpreter on machines without CUDA, fresh seeds, and the shared error rule."""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    # must happen before triton is imported: Triton picks the interpreter when a kernel is decorated
+    assert "triton" not in sys.modules, "triton was imported before conftest could set TRITON_INTERPRET"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Fresh inputs every run; FASTVIT_TEST_SEED=<n> replays a run (the header prints the one in use).
+BASE_SEED = int(os.environ.get("FASTVIT_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"fastvit_kernels: device={DEVICE}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, " \
+           f"FASTVIT_TEST_SEED={BASE_SEED}"  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def seed(request):
+    s = (BASE_SEED + zlib.crc32(request.node.nodeid.encode())) % (2**31)
+    torch.manual_seed(s)
+    return s
+
+
+@pytest.fixture
+def device():
+    return DEVICE

@@ -1,0 +1,57 @@
+"""The one error rule every kernel test uses.
+
+    err(ours, fp64 ref) <= 2 * err(torch in the same low precision, fp64 ref) + atol
+
+with err the relative L2 error ||a - ref|| / ||ref||, plus a guard on the worst element (4x torch's worst + atol of
+the reference's scale) so a few wrong rows cannot hide in a large norm. NaN or inf never passes.
+"""
+
+import torch
+
+ATOL = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_matches(ours, lowp, ref, dtype, name="output"):
+    assert ours is not None, f"{name}: no gradient computed"
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(ours).all(), f"{name}: NaN or inf in our result"
+    atol = ATOL[dtype]
+    e_ours, e_torch = rel_err(ours, ref), rel_err(lowp, ref)
+    assert e_ours <= 2 * e_torch + atol, (
+        f"{name}: relative error {e_ours:.3e} > 2 * torch's {e_torch:.3e} + {atol:g} ({dtype})"
+    )
+    d_ours = (ours.double() - ref.double()).abs()
+    worst, scale = d_ours.max().item(), ref.double().abs().max().item()
+    bound = 4 * (lowp.double() - ref.double()).abs().max().item() + atol * max(scale, 1e-30)
+    idx = tuple(int(i) for i in torch.unravel_index(d_ours.argmax(), d_ours.shape))
+    assert worst <= bound, f"{name}: worst element error {worst:.3e} at {idx} > {bound:.3e} ({dtype})"
+
+
+def check_op(op, ref, inputs, dtype, kwargs=None, grad_scale=1.0):
+    """Run `op` on inputs in `dtype`, `ref` on the same inputs in `dtype` and in fp64; compare the output and the
+    gradient of every input that requires grad (inputs: tensors or None; non-float args go through kwargs)."""
+    kwargs = kwargs or {}
+
+    def run(fn, cast):
+        xs = [None if t is None else cast(t).detach().requires_grad_(t.requires_grad) for t in inputs]
+        out = fn(*xs, **kwargs)
+        g = grad_out.to(out.dtype)
+        out.backward(g)
+        return out, [None if (x is None or not x.requires_grad) else x.grad for x in xs]
+
+    with torch.no_grad():
+        probe = ref(*[None if t is None else t.double() for t in inputs], **kwargs)
+    grad_out = torch.randn(probe.shape, dtype=torch.float64, device=probe.device) * grad_scale
+    out_ref, g_ref = run(ref, lambda t: t.double())
+    out_low, g_low = run(ref, lambda t: t.to(dtype))
+    out, g = run(op, lambda t: t.to(dtype))
+    assert_matches(out, out_low, out_ref, dtype, "output")
+    for i, (a, b, c) in enumerate(zip(g, g_low, g_ref)):
+        if c is not None:
+            assert_matches(a, b, c, dtype, f"grad of input {i}")
+    return out

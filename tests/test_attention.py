@@ -1,0 +1,66 @@
+import pytest
+import torch
+from helpers import check_op
+
+from fastvit_kernels.ops import _common, attention, attention_ref
+
+# (B, N, H, d): odd lengths, the model's 65 and 197, head dims that are not powers of two, batch 1, one token
+SHAPES = [(2, 65, 2, 64), (1, 17, 3, 80), (1, 1, 1, 16), (2, 33, 2, 96), (1, 197, 1, 32), (1, 5, 2, 128)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-N{}-H{}-d{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_attention_matches_reference(shape, dtype, device):
+    if dtype != torch.float32 and shape[1] > 100 and device == "cpu":
+        pytest.skip("long sequences run in fp32 only under the interpreter (time)")
+    B, N, H, d = shape
+    qkv = torch.randn(B, N, 3 * H * d, device=device, requires_grad=True)
+    check_op(lambda t: attention(t, H), lambda t: attention_ref(t, H), [qkv], dtype)
+
+
+def test_attention_non_contiguous_qkv(device):
+    # qkv as a slice of a larger projection (row stride 400, batch stride 7 * 400): read through strides, no copy
+    B, N, H, d = 2, 7, 2, 32
+    big = torch.randn(B, N + 3, 400, device=device, requires_grad=True)
+
+    def op(fn):
+        return lambda t: fn(t[:, 2 : 2 + N, 10 : 10 + 3 * H * d], H)
+
+    check_op(op(attention), op(attention_ref), [big], torch.float32)
+
+
+def test_attention_custom_scale_and_sdpa_reference(device):
+    qkv = torch.randn(2, 9, 3 * 2 * 16, device=device, requires_grad=True)
+    check_op(lambda t: attention(t, 2, scale=0.3), lambda t: attention_ref(t, 2, scale=0.3, impl="sdpa"), [qkv],
+             torch.float32)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_large_logits_are_stable(dtype, device):
+    # logits in the thousands: a naive exp overflows; the online softmax must stay finite and right
+    qkv = (torch.randn(1, 40, 3 * 64, device=device) * 30).requires_grad_()
+    check_op(lambda t: attention(t, 1), lambda t: attention_ref(t, 1), [qkv], dtype)
+
+
+def test_attention_under_autocast_matches_eager_autocast(device):
+    qkv = torch.randn(2, 11, 3 * 2 * 32, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        ours = attention(qkv, 2)
+        eager = attention_ref(qkv.to(torch.bfloat16), 2, impl="sdpa")
+    assert ours.dtype == eager.dtype == torch.bfloat16
+    ref = attention_ref(qkv.double(), 2)
+    assert (ours.double() - ref).norm() <= 2 * (eager.double() - ref).norm() + 1e-3 * ref.norm()
+
+
+def test_attention_rejects_bad_input(device, monkeypatch):
+    with pytest.raises(ValueError, match="head dim 272"):
+        attention(torch.randn(1, 4, 3 * 272, device=device), 1)
+    with pytest.raises(ValueError, match="not 3 \\* num_heads"):
+        attention(torch.randn(1, 4, 100, device=device), 3)
+    with pytest.raises(ValueError, match="\\[B, N, 3\\*D\\]"):
+        attention(torch.randn(4, 96, device=device), 1)
+    with pytest.raises(TypeError, match="float64"):
+        attention(torch.randn(1, 4, 96, device=device, dtype=torch.float64), 1)
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        attention(torch.randn(1, 4, 96), 1)

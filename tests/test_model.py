@@ -1,0 +1,142 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import assert_matches
+
+from fastvit_kernels import ViT, vit_base_patch16_224, vit_cifar10, vit_small_patch16_224, vit_tiny_patch16_224
+
+timm = pytest.importorskip("timm")
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+TINY = dict(image_size=8, patch_size=4, num_classes=5, dim=32, depth=2, heads=2, mlp_dim=64)
+
+
+def _timm_twin(pool="cls", **kw):
+    cfg = dict(TINY, **kw)
+    return VisionTransformer(img_size=cfg["image_size"], patch_size=cfg["patch_size"], num_classes=cfg["num_classes"],
+                             embed_dim=cfg["dim"], depth=cfg["depth"], num_heads=cfg["heads"],
+                             mlp_ratio=cfg["mlp_dim"] / cfg["dim"], global_pool="token" if pool == "cls" else "avg",
+                             qkv_bias=cfg.get("qkv_bias", True))  # fmt: skip
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_state_dict_is_timms_and_logits_match(pool):
+    ours = ViT(**TINY, pool=pool, backend="torch")
+    theirs = _timm_twin(pool)
+    ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
+    assert {k: tuple(v.shape) for k, v in ours_sd.items()} == {k: tuple(v.shape) for k, v in theirs_sd.items()}
+    theirs.load_state_dict(ours_sd)
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_weights_load_into_ours_unchanged():
+    theirs = _timm_twin(qkv_bias=False)
+    ours = ViT(**TINY, qkv_bias=False, backend="torch")
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("attn_impl", ["math", "sdpa"])
+def test_triton_and_torch_backends_agree_on_logits_and_gradients(pool, attn_impl, device):
+    model = ViT(**TINY, pool=pool, attn_impl=attn_impl).to(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    results = {}
+    for backend in ("triton", "torch"):
+        model.set_backend(backend)
+        model.zero_grad()
+        logits = model(x)
+        logits.square().sum().backward()
+        results[backend] = (logits, {n: p.grad.clone() for n, p in model.named_parameters()})
+    ref = model.double().set_backend("torch")
+    model.zero_grad()
+    logits64 = ref(x.double())
+    logits64.square().sum().backward()
+    assert_matches(results["triton"][0], results["torch"][0], logits64, torch.float32, "logits")
+    for name, p in ref.named_parameters():
+        assert_matches(results["triton"][1][name], results["torch"][1][name], p.grad, torch.float32, name)
+
+
+def test_non_square_images_and_dim_head(device):
+    model = ViT(image_size=(8, 12), patch_size=4, num_classes=3, dim=24, depth=1, heads=2, mlp_dim=40,
+                dim_head=16).to(device)  # fmt: skip
+    x = torch.randn(2, 3, 8, 12, device=device)
+    out_triton = model.set_backend("triton")(x)
+    out_torch = model.set_backend("torch")(x)
+    assert out_triton.shape == (2, 3)
+    torch.testing.assert_close(out_triton, out_torch, rtol=1e-4, atol=1e-5)
+
+
+def test_presets_have_the_advertised_shapes():
+    with torch.device("meta"):
+        m = vit_cifar10()
+        assert m.num_patches == 64 and m.pos_embed.shape == (1, 65, 384) and len(m.blocks) == 12
+        assert m.blocks[0].attn.num_heads == 6 and m.blocks[0].mlp.fc1.out_features == 1536
+        assert vit_cifar10(depth=2).blocks.__len__() == 2
+        for fn, dim, heads in [(vit_tiny_patch16_224, 192, 3), (vit_small_patch16_224, 384, 6),
+                               (vit_base_patch16_224, 768, 12)]:  # fmt: skip
+            m = fn()
+            assert m.pos_embed.shape == (1, 197, dim) and m.blocks[0].attn.num_heads == heads
+            assert m.head.out_features == 1000
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        ViT(**dict(TINY, image_size=10))
+    with pytest.raises(ValueError, match="not divisible by heads"):
+        ViT(**dict(TINY, dim=30, heads=4))
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        ViT(**TINY, backend="cuda")
+    with pytest.raises(ValueError, match="attn_impl"):
+        ViT(**TINY, attn_impl="flash")
+    with pytest.raises(ValueError, match="pool"):
+        ViT(**TINY, pool="max")
+    with pytest.raises(TypeError, match="image_size"):
+        ViT(**dict(TINY, image_size=8.0))
+    model = ViT(**TINY)
+    with pytest.raises(ValueError, match="expects 8x8"):
+        model(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="1 channels; this model expects 3"):
+        model(torch.randn(1, 1, 8, 8))
+    with pytest.raises(TypeError, match="uint8"):
+        model(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="float64"):  # the kernels: fp32/fp16/bf16 (fp64 runs on backend='torch')
+        model.set_backend("triton")(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        model(torch.randn(3, 8, 8))
+    with pytest.raises(ValueError, match="unknown backend"):
+        model.set_backend("fast")
+
+
+def test_dropout_in_blocks_is_refused_on_the_triton_path_not_silently_dropped(device):
+    model = ViT(**TINY, dropout=0.1, backend="triton").to(device).train()
+    with pytest.raises(NotImplementedError, match="dropout"):
+        model(torch.randn(1, 3, 8, 8, device=device))
+    model.eval()(torch.randn(1, 3, 8, 8, device=device))  # no dropout at eval: fine
+
+
+def test_reduced_precision_parameters_run_on_both_backends(device):
+    model = ViT(**TINY).to(device=device, dtype=torch.bfloat16)
+    x = torch.randn(2, 3, 8, 8, device=device, dtype=torch.bfloat16)
+    a = model.set_backend("triton")(x)
+    b = model.set_backend("torch")(x)
+    assert a.dtype == b.dtype == torch.bfloat16
+    ref = model.double()(x.double())
+    assert_matches(a, b, ref, torch.bfloat16, "bf16 logits")
+
+
+def test_env_var_sets_the_default_backend():
+    code = "from fastvit_kernels import ViT; m = ViT(image_size=8, patch_size=4, num_classes=2, dim=16, depth=1, " \
+           "heads=2, mlp_dim=16); print(m.backend, m.blocks[0].backend)"  # fmt: skip
+    env = dict(os.environ, FASTVIT_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["torch", "torch"]
+    env["FASTVIT_BACKEND"] = "bogus"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "FASTVIT_BACKEND='bogus'" in bad.stderr
