@@ -46,7 +46,7 @@ def _variants():
                  for d in (64, 256, 16, 32, 80, 128)]  # fmt: skip
         if dt == "fp16":
             heads = heads[:1]
-        io = {"QKV": dt, "O": dt, "DO": dt, "DQKV": dt, "LSE": "fp32", "DELTA": "fp32"}
+        io = {"QKV": dt, "O": dt, "DO": dt, "DQKV": dt, "LSE": "fp32", "LOGL_BWD": "fp32", "DELTA": "fp32"}
         full = dt != "fp16"
         add(at._attention_fwd_kernel, at.FWD_CONFIGS, io, heads, at._prune, full)
         add(at._attention_bwd_dkdv_kernel, at.BWD_CONFIGS, io, heads, at._prune, full)

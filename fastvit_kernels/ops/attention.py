@@ -69,7 +69,7 @@ def _attention_fwd_kernel(
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    QKV, DO, LSE, DELTA, DQKV,
+    QKV, DO, LSE, LOGL_BWD, DELTA, DQKV,
     stride_qb, stride_qn, stride_dob, stride_don, stride_gb, stride_gn,
     N, H, D, qk_scale_log2, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -100,7 +100,7 @@ def _attention_bwd_dkdv_kernel(
         q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
         do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :], mask=mask_q, other=0.0)
         m = tl.load(LSE + pid_bh * 2 * N + rows, mask=mask_m, other=0.0)
-        log_l = tl.load(LSE + pid_bh * 2 * N + N + rows, mask=mask_m, other=0.0)
+        log_l = tl.load(LOGL_BWD + pid_bh * N + rows, mask=mask_m, other=0.0)  # renormalised by the dQ kernel
         delta = tl.load(DELTA + pid_bh * N + rows, mask=mask_m, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         p = tl.exp2((s - m[:, None]) - log_l[:, None])
@@ -117,7 +117,7 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    QKV, DO, LSE, DELTA, DQKV,
+    QKV, DO, LSE, LOGL_BWD, DELTA, DQKV,
     stride_qb, stride_qn, stride_dob, stride_don, stride_gb, stride_gn,
     N, H, D, qk_scale_log2, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -143,6 +143,7 @@ def _attention_bwd_dq_kernel(
     m = tl.load(LSE + pid_bh * 2 * N + offs_m, mask=mask_m, other=0.0)
     log_l = tl.load(LSE + pid_bh * 2 * N + N + offs_m, mask=mask_m, other=0.0)
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_b = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < N
@@ -153,7 +154,15 @@ def _attention_bwd_dq_kernel(
         p = tl.exp2((s - m[:, None]) - log_l[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
         delta += tl.sum(p * tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION), 1)
+        l_b += tl.sum(p, 1)
+    # Renormalise with this kernel's own row sum: the compiler may contract s * c - m into one FMA here but not in
+    # the forward, and with logits in the thousands that last-bit difference leaves sum(P) != 1 and a saturated
+    # row's gradient visibly non-zero. Dividing by l_b makes P sum to one in the backward's own arithmetic.
+    l_b = tl.where(mask_m, l_b, 1.0)
+    delta = delta / l_b
+    log_l = log_l + tl.log2(l_b)
     tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
+    tl.store(LOGL_BWD + pid_bh * N + offs_m, log_l, mask=mask_m)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n
@@ -197,7 +206,8 @@ def _smem_estimate(cfg, block_d, elem):
 
 def _prune(configs, named_args, **kwargs):
     # fp32 with big head dims: the tiles outgrow shared memory, so only the smaller ones stay
-    block_d = named_args["BLOCK_D"]
+    # triton passes the launch's keyword arguments (BLOCK_D here) apart from the positional ones
+    block_d = kwargs["BLOCK_D"] if "BLOCK_D" in kwargs else named_args["BLOCK_D"]
     elem = named_args["QKV"].element_size()
     kept = [c for c in configs if _smem_estimate(c, block_d, elem) <= SMEM_BUDGET]
     return kept or [FALLBACK_CONFIG]
@@ -249,9 +259,11 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
     if do.stride(-1) != 1:
         do = do.contiguous()
     block_d = max(16, triton.next_power_of_2(d))
-    delta = torch.empty((B * num_heads, N), device=qkv.device, dtype=torch.float32)  # written by the dQ kernel
+    # written by the dQ kernel, read by the dK/dV kernel
+    delta = torch.empty((B * num_heads, N), device=qkv.device, dtype=torch.float32)
+    log_l_bwd = torch.empty_like(delta)
     dqkv = torch.empty((B, N, three_d), device=qkv.device, dtype=qkv.dtype)
-    args = (qkv, do, lse, delta, dqkv, qkv.stride(0), qkv.stride(1), do.stride(0), do.stride(1),
+    args = (qkv, do, lse, log_l_bwd, delta, dqkv, qkv.stride(0), qkv.stride(1), do.stride(0), do.stride(1),
             dqkv.stride(0), dqkv.stride(1), N, num_heads, D, scale * LOG2E, scale)  # fmt: skip
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot_precision(qkv.dtype))
     _bwd_dq[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * num_heads)](*args, **meta)  # first: it writes delta
