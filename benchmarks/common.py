@@ -41,8 +41,6 @@ def matmul_peak_tflops(dtype):
     return _PEAK[dtype]
 
 
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()

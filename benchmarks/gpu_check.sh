@@ -20,16 +20,17 @@ echo "=== GPU tests (first config of each kernel, no autotuning)"
 FASTVIT_AUTOTUNE=0 timeout "${TEST_LIMIT:-100}" $PY -m pytest -q tests $XDIST -p no:cacheprovider --maxfail=30 2>&1 \
   | tee "$OUT_DIR/tests.log" | tail -40
 
-bench() {  # bench LIMIT PYTEST-ARGS...
+bench() {  # bench LIMIT PYTEST-ARGS...   (LIMIT 0 skips the stage)
   local limit=$1; shift
+  [ "$limit" -gt 0 ] || return 0
   timeout "$limit" $PY -m pytest --benchmark-only -q -p no:cacheprovider --bench-rounds "$ROUNDS" \
     --bench-warmup 3 "$@" 2>&1 | tee -a "$OUT_DIR/bench.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -8
 }
 echo "=== benchmarks"
-bench 60 benchmarks/test_kernels.py -k "ours or flash or cudnn or eager"
+bench 90 benchmarks/test_kernels.py -k "ours or flash or cudnn or eager"
 bench 75 benchmarks/test_e2e.py -k "cifar10 and bf16 and not compile"
 bench 110 benchmarks/test_e2e.py -k "cifar10 and bf16 and compile"
 bench 40 benchmarks/test_e2e.py -k "vitb16 and (ours or sdpa)"
-bench "${FP32_LIMIT:-0}" benchmarks/test_e2e.py -k "cifar10 and fp32"
+bench "${FP32_LIMIT:-60}" benchmarks/test_e2e.py -k "cifar10 and fp32"
 echo "=== speedups (median of $ROUNDS rounds, same run)"
 $PY benchmarks/summary.py "$FASTVIT_BENCH_ROWS" "$OUT_DIR"

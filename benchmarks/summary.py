@@ -2,8 +2,6 @@
 
 from collections import defaultdict
 
-BASELINES = ("eager-sdpa", "eager-math", "eager")  # speedups are against these, when the group has them
-
 
 def _groups(rows):
     groups = defaultdict(list)
@@ -12,24 +10,25 @@ def _groups(rows):
     return groups
 
 
+def _ratio(base, name, ms):
+    return f"{base[name] / ms:.2f}x" if name in base else "-"
+
+
 def speedup_table(rows):
+    """One line per row, fastest first within each group; speedups against the group's eager rows."""
     lines = ["| group | row | median ms | items/s | TFLOP/s | MFU | peak GiB | vs eager-sdpa | vs eager-math/eager |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for group, rs in _groups(rows).items():
         base = {r["row"]: r["median_ms"] for r in rs}
+        plain_eager = "eager-math" if "eager-math" in base else "eager"
         for r in sorted(rs, key=lambda r: r["median_ms"]):
-            def vs(name):
-                return f"{base[name] / r['median_ms']:.2f}x" if name in base else "-"
-
+            ms = r["median_ms"]
+            tflops = f"{r['tflops']:.1f}" if "tflops" in r else "-"
+            mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else "-"
             lines.append(
-                f"| {group} | {r['row']} | {r['median_ms']:.3f} | {r.get('items_per_s', 0):,.0f} "
-                f"| {r.get('tflops', float('nan')):.1f} | {100 * r['mfu']:.0f}% | {r.get('peak_mem_gib', 0):.2f} "
-                f"| {vs('eager-sdpa')} | {vs('eager-math') if 'eager-math' in base else vs('eager')} |"
-                if "mfu" in r else
-                f"| {group} | {r['row']} | {r['median_ms']:.3f} | {r.get('items_per_s', 0):,.0f} | - | - "
-                f"| {r.get('peak_mem_gib', 0):.2f} | {vs('eager-sdpa')} "
-                f"| {vs('eager-math') if 'eager-math' in base else vs('eager')} |"
-            )  # fmt: skip
+                f"| {group} | {r['row']} | {ms:.3f} | {r.get('items_per_s', 0):,.0f} | {tflops} | {mfu} "
+                f"| {r.get('peak_mem_gib', 0):.2f} | {_ratio(base, 'eager-sdpa', ms)} | {_ratio(base, plain_eager, ms)} |"
+            )
     return "\n".join(lines)
 
 

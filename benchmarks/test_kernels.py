@@ -54,9 +54,10 @@ def test_attention(benchmark, bench_opts, device, shape, row, mode):
     elif row == "eager-math":
         fn = lambda t: ops.attention_ref(t, H, impl="math")  # noqa: E731
     else:
+        sdpa_name = row.split("-")[1]
 
-        def fn(t, ctx=row.split("-")[1]):
-            with _sdpa_backend(ctx):
+        def fn(t):
+            with _sdpa_backend(sdpa_name):
                 return ops.attention_ref(t, H, impl="sdpa")
 
         try:

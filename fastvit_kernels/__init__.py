@@ -1,8 +1,8 @@
 """fastvit_kernels: a Vision Transformer whose hot paths are fused Triton kernels.
 
-    from fastvit_kernels import ViT
-    model = ViT(image_size=32, patch_size=4, num_classes=10, dim=384, depth=12, heads=6, mlp_dim=1536).cuda()
-    logits = model(images)            # Triton kernels on CUDA; model.set_backend("torch") for eager PyTorch
+from fastvit_kernels import ViT
+model = ViT(image_size=32, patch_size=4, num_classes=10, dim=384, depth=12, heads=6, mlp_dim=1536).cuda()
+logits = model(images)            # Triton kernels on CUDA; model.set_backend("torch") for eager PyTorch
 """
 
 from . import ops

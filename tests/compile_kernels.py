@@ -6,10 +6,11 @@ the shared memory it needs and whether its PTX uses wgmma. The interpreter accep
 """
 
 import json
-from types import SimpleNamespace
 import os
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
+from types import SimpleNamespace
 
 FLOAT_ARGS = {"eps", "qk_scale_log2", "sm_scale"}
 TT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -80,8 +81,13 @@ def _variants():
         pe_ptrs = {"IMG": stream, "W": w, "BIAS": w, "POS": f32 if stream == "fp32" else w, "CLS": stream,
                    "OUT": stream, "G": w, "DW": f32, "DIMG": stream}  # fmt: skip
         patches = (4, 16) if full else (4,)
-        add(pe._patch_embed_fwd_kernel, pe.FWD_CONFIGS, pe_ptrs,
-            [dict(PH=ph, PW=ph, HAS_CLS=True, DOT_PRECISION="ieee", GROUP_M=pe.GROUP_M) for ph in patches], full=full)
+        add(
+            pe._patch_embed_fwd_kernel,
+            pe.FWD_CONFIGS,
+            pe_ptrs,
+            [dict(PH=ph, PW=ph, HAS_CLS=True, DOT_PRECISION="ieee", GROUP_M=pe.GROUP_M) for ph in patches],
+            full=full,
+        )
         add(pe._patch_embed_bwd_dw_kernel, pe.BWD_CONFIGS, pe_ptrs,
             [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches], full=full)  # fmt: skip
         add(pe._patch_embed_bwd_dx_kernel, pe.BWD_CONFIGS, pe_ptrs,
@@ -108,12 +114,14 @@ def _compile(job):
             sig[a] = TT[ptrs[a]]
         else:
             sig[a] = "i32"
+    start = time.perf_counter()
     try:
         c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", cap, 32),
                            options=dict(num_warps=warps, num_stages=stages))  # fmt: skip
         res = dict(ok=True, shared=c.metadata.shared, wgmma="wgmma" in c.asm["ptx"])
     except Exception as e:  # noqa: BLE001 - reported per configuration
         res = dict(ok=False, error=f"{type(e).__name__}: {str(e)[-400:]}")
+    res["seconds"] = round(time.perf_counter() - start, 2)
     return dict(kernel=name, cap=cap, ptrs=ptrs, consts=consts, warps=warps, stages=stages, **res)
 
 

@@ -21,7 +21,7 @@ MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register file with a 64-ro
 
 @triton.jit
 def _attention_fwd_kernel(
-    QKV, O, LSE,
+    QKV, OUT, LSE,
     stride_qb, stride_qn, stride_ob, stride_on,
     N, H, D, qk_scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -40,7 +40,9 @@ def _attention_fwd_kernel(
     v_base = q_base + 2 * D
 
     mask_m = offs_m < N
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0
+    )
     # Online softmax in base 2: the scale and log2(e) are folded into one multiply, exp2 is the fast instruction.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -59,8 +61,8 @@ def _attention_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
-    o_ptrs = O + b.to(tl.int64) * stride_ob + offs_m[:, None] * stride_on + h * HEAD_DIM + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    o_ptrs = OUT + b.to(tl.int64) * stride_ob + offs_m[:, None] * stride_on + h * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     # the row max and log2 of the row sum, kept apart: P = exp2((s - m) - log2(l)) in the backward. Folding them
     # into one log-sum-exp loses the low bits of s - m when logits are in the thousands.
     tl.store(LSE + pid_bh * 2 * N + offs_m, m_i, mask=mask_m)
@@ -139,7 +141,11 @@ def _attention_bwd_dq_kernel(
     mask_q = mask_m[:, None] & mask_d[None, :]
     q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
     q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM + offs_m[:, None] * stride_don + offs_d[None, :], mask=mask_q, other=0.0)
+    do = tl.load(
+        DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM + offs_m[:, None] * stride_don + offs_d[None, :],
+        mask=mask_q,
+        other=0.0,
+    )
     m = tl.load(LSE + pid_bh * 2 * N + offs_m, mask=mask_m, other=0.0)
     log_l = tl.load(LSE + pid_bh * 2 * N + N + offs_m, mask=mask_m, other=0.0)
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)

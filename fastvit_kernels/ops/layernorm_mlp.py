@@ -397,7 +397,9 @@ def _check_linear(x, weight, bias, name):
     check_tensor(x, "x")
     check_tensor(weight, f"{name} weight")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"{name} weight has shape {tuple(weight.shape)}; expected [out, {x.shape[-1]}] for x {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} weight has shape {tuple(weight.shape)}; expected [out, {x.shape[-1]}] for x {tuple(x.shape)}"
+        )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"{name} bias has shape {tuple(bias.shape)}; expected ({weight.shape[0]},)")
 
@@ -428,7 +430,9 @@ def layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, f
     _check_linear(x, fc1_weight, fc1_bias, "fc1")
     check_tensor(fc2_weight, "fc2 weight")
     if fc2_weight.shape != (x.shape[-1], fc1_weight.shape[0]):
-        raise ValueError(f"fc2 weight has shape {tuple(fc2_weight.shape)}; expected {(x.shape[-1], fc1_weight.shape[0])}")
+        raise ValueError(
+            f"fc2 weight has shape {tuple(fc2_weight.shape)}; expected {(x.shape[-1], fc1_weight.shape[0])}"
+        )
     if fc2_bias is not None and fc2_bias.shape != (x.shape[-1],):
         raise ValueError(f"fc2 bias has shape {tuple(fc2_bias.shape)}; expected ({x.shape[-1]},)")
     _check_same_dtype(x, fc1_weight)
@@ -455,7 +459,9 @@ def linear_residual(x, weight, bias, residual):
     _check_linear(x, weight, bias, "linear")
     check_tensor(residual, "residual")
     if residual.shape[:-1] != x.shape[:-1] or residual.shape[-1] != weight.shape[0]:
-        raise ValueError(f"residual has shape {tuple(residual.shape)}; expected {tuple(x.shape[:-1]) + (weight.shape[0],)}")
+        raise ValueError(
+            f"residual has shape {tuple(residual.shape)}; expected {tuple(x.shape[:-1]) + (weight.shape[0],)}"
+        )
     _check_same_dtype(x, weight)
     _check_same_dtype(residual, weight)
     cdt = compute_dtype(weight)

@@ -111,7 +111,9 @@ def _patch_embed_bwd_dw_kernel(
         row_off = _patch_offsets(rows, P, GW, stride_ib, stride_ih, stride_iw, PH, PW)
         a = tl.load(IMG + row_off[:, None] + col_off[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(g, a.to(g.dtype), acc, input_precision=DOT_PRECISION)
-    tl.store(DW + pid_s * stride_dws + offs_m[:, None] * K + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(
+        DW + pid_s * stride_dws + offs_m[:, None] * K + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :]
+    )
 
 
 @triton.jit
@@ -136,11 +138,17 @@ def _patch_embed_bwd_dx_kernel(
         ns = n0 + tl.arange(0, BLOCK_K)
         mask_r = ns < N
         g = tl.load(G + g_off[:, None] + ns[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        w = tl.load(W + ns[:, None] * stride_wn + ks[None, :] * stride_wk, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(
+            W + ns[:, None] * stride_wn + ks[None, :] * stride_wk, mask=mask_r[:, None] & mask_k[None, :], other=0.0
+        )
         acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
     row_off = _patch_offsets(rows, P, GW, stride_ib, stride_ih, stride_iw, PH, PW)
     col_off = _pixel_offsets(ks, stride_ic, stride_ih, stride_iw, PH, PW)
-    tl.store(DIMG + row_off[:, None] + col_off[None, :], acc.to(DIMG.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+    tl.store(
+        DIMG + row_off[:, None] + col_off[None, :],
+        acc.to(DIMG.dtype.element_ty),
+        mask=mask_m[:, None] & mask_k[None, :],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
