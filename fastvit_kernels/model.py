@@ -204,6 +204,56 @@ class ViT(nn.Module):
             return ops.layernorm_linear(x[:, 0], n.weight, n.bias, self.head.weight, self.head.bias, n.eps)
         return self.forward_head(self.norm(x))
 
+    # -- weights in and out (fastvit_kernels.interop) ----------------------------------------------------------------
+    @classmethod
+    def from_timm(cls, model_or_state_dict, *, heads=None, image_size=None, strict=True, **kwargs) -> "ViT":
+        """A ViT with a timm VisionTransformer's configuration and weights. `heads` is read off a timm model; pass it
+        with a bare state_dict. `image_size` other than the checkpoint's resamples pos_embed (bicubic, CLS kept).
+        The load's missing/unexpected keys are in `.load_report`."""
+        from . import interop
+
+        if heads is None and hasattr(model_or_state_dict, "blocks"):
+            heads = model_or_state_dict.blocks[0].attn.num_heads
+        return cls._from_timm_layout(interop._state_dict(model_or_state_dict), heads, image_size, strict, kwargs)
+
+    @classmethod
+    def from_torchvision(cls, model_or_state_dict, *, heads=None, image_size=None, strict=True, **kwargs) -> "ViT":
+        """A ViT from a torchvision VisionTransformer (conv_proj, encoder.layers.encoder_layer_i, heads.head)."""
+        from . import interop
+
+        if heads is None and hasattr(model_or_state_dict, "encoder"):
+            heads = model_or_state_dict.encoder.layers[0].self_attention.num_heads
+        sd = interop.torchvision_to_timm(interop._state_dict(model_or_state_dict))
+        return cls._from_timm_layout(sd, heads, image_size, strict, kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, *, heads, image_size=None, strict=True, **kwargs) -> "ViT":
+        """A ViT from a checkpoint file of either layout (.pth/.pt, or .safetensors with safetensors installed)."""
+        from . import interop
+
+        sd = interop.read_checkpoint(path)
+        if interop.detect_layout(sd) == "torchvision":
+            sd = interop.torchvision_to_timm(sd)
+        return cls._from_timm_layout(sd, heads, image_size, strict, kwargs)
+
+    @classmethod
+    def _from_timm_layout(cls, sd, heads, image_size, strict, kwargs):
+        from . import interop
+
+        interop._check_timm_layout(sd)
+        if heads is None:
+            raise ValueError("the number of heads cannot be read off the weights: pass heads=")
+        cfg = interop.config_from_timm_state_dict(sd, image_size)
+        cfg.update(kwargs)
+        model = cls(heads=heads, **cfg)
+        model.load_report = interop.load_timm_layout(model, sd, strict=strict)
+        return model
+
+    def to_timm_state_dict(self) -> dict:
+        from .interop import to_timm_state_dict
+
+        return to_timm_state_dict(self)
+
     @property
     def num_patches(self):
         return self.patch_embed.num_patches

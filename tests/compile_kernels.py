@@ -47,8 +47,10 @@ def _variants():
                  for d in (64, 256, 16, 32, 80, 128)]  # fmt: skip
         if dt == "fp16":
             heads = heads[:1]
-        io = {"QKV": dt, "O": dt, "DO": dt, "DQKV": dt, "LSE": "fp32", "LOGL_BWD": "fp32", "DELTA": "fp32"}
-        full = dt != "fp16"
+        if dt == "fp32":  # fp32 attention (ieee dots) compiles slowly: the smallest and largest head dims bound it
+            heads = heads[:2]
+        io = {"QKV": dt, "OUT": dt, "DO": dt, "DQKV": dt, "LSE": "fp32", "LOGL_BWD": "fp32", "DELTA": "fp32"}
+        full = dt == "bf16"  # every config in bf16; fp16/fp32 with the first and the largest
         add(at._attention_fwd_kernel, at.FWD_CONFIGS, io, heads, at._prune, full)
         add(at._attention_bwd_dkdv_kernel, at.BWD_CONFIGS, io, heads, at._prune, full)
         add(at._attention_bwd_dq_kernel, at.BWD_CONFIGS, io, heads, at._prune, full)
@@ -56,17 +58,18 @@ def _variants():
     # fused linear: (A, residual/output) in the residual stream's dtype, weights in the compute dtype
     streams = [("bf16", "bf16"), ("fp32", "bf16"), ("fp32", "fp32"), ("fp16", "fp16")]
     flag_sets = [
-        dict(HAS_LN=True, STORE_STATS=True, HAS_BIAS=True, ACT_GELU=True, STORE_PRE=True, GELU_GRAD=False, HAS_RES=False),
-        dict(HAS_LN=True, STORE_STATS=True, HAS_BIAS=True, ACT_GELU=True, STORE_PRE=False, GELU_GRAD=False, HAS_RES=False),
-        dict(HAS_LN=True, STORE_STATS=True, HAS_BIAS=True, ACT_GELU=False, STORE_PRE=False, GELU_GRAD=False, HAS_RES=False),
-        dict(HAS_LN=False, STORE_STATS=False, HAS_BIAS=True, ACT_GELU=False, STORE_PRE=False, GELU_GRAD=False, HAS_RES=True),
-        dict(HAS_LN=False, STORE_STATS=False, HAS_BIAS=False, ACT_GELU=False, STORE_PRE=False, GELU_GRAD=True, HAS_RES=False),
+        dict(HAS_LN=True, HAS_BIAS=True, ACT_GELU=True, STORE_PRE=True, GELU_GRAD=False, HAS_RES=False),
+        dict(HAS_LN=True, HAS_BIAS=True, ACT_GELU=True, STORE_PRE=False, GELU_GRAD=False, HAS_RES=False),
+        dict(HAS_LN=True, HAS_BIAS=True, ACT_GELU=False, STORE_PRE=False, GELU_GRAD=False, HAS_RES=False),
+        dict(HAS_LN=False, HAS_BIAS=True, ACT_GELU=False, STORE_PRE=False, GELU_GRAD=False, HAS_RES=True),
+        dict(HAS_LN=False, HAS_BIAS=False, ACT_GELU=False, STORE_PRE=False, GELU_GRAD=True, HAS_RES=False),
     ]  # fmt: skip
     for stream, w in streams:
         f32 = "fp32"
         ptrs = {"A": stream, "B": w, "C": stream, "BIAS": w, "RES": stream, "PRE": w, "LN_W": f32, "LN_B": f32,
                 "MEAN": f32, "RSTD": f32}  # fmt: skip
-        flags = flag_sets if stream != "fp16" else flag_sets[:1]
+        # fp16, and fp32 weights (ieee dots compile slowly): the heaviest prologue and epilogue only
+        flags = flag_sets if stream != "fp16" and w != "fp32" else flag_sets[:1] + flag_sets[-1:]
         full = stream != "fp16" and w != "fp32"  # fp32-only GEMMs: first and largest tiles (ieee dots, no wgmma)
         add(lm._fused_linear_fwd_kernel, lm.FWD_CONFIGS, ptrs,
             [dict(f, DOT_PRECISION="ieee", GROUP_M=lm.GROUP_M) for f in flags], full=full)  # fmt: skip
@@ -75,7 +78,10 @@ def _variants():
             [dict(HAS_LN=ln, HAS_DBIAS=True, DOT_PRECISION="ieee") for ln in (True, False)], full=full)  # fmt: skip
         ln_ptrs = {"DY": w, "X": stream, "MEAN": f32, "RSTD": f32, "W": f32, "DRES": stream, "DX": stream,
                    "DW_PART": f32, "DB_PART": f32}  # fmt: skip
-        for block_d in (128, 1024, 8192) if full else (1024,):
+        for block_d in (128, 1024, 8192) if (full and stream == "fp32") else (1024,):
+            block_m = max(1, min(16, lm.STATS_ELEMS // block_d))
+            out.append((lm._layernorm_stats_kernel.__name__, lm.__name__, {"X": stream, "MEAN": f32, "RSTD": f32},
+                        dict(BLOCK_M=block_m, BLOCK_D=block_d), 4 if block_d <= 2048 else 8, 3))  # fmt: skip
             out.append((lm._layernorm_bwd_kernel.__name__, lm.__name__, ln_ptrs,
                         dict(HAS_DRES=True, BLOCK_M=lm.LN_BWD_BLOCK_M, BLOCK_D=block_d), 4, 3))  # fmt: skip
         pe_ptrs = {"IMG": stream, "W": w, "BIAS": w, "POS": f32 if stream == "fp32" else w, "CLS": stream,
@@ -129,7 +135,9 @@ def _on_sm80(variant):
     """sm_80 (A100, 164 KB of shared memory) gets the bf16 and fp32 variants with the most shared memory per config:
     the rest compiles to the same tiles."""
     name, _, ptrs, consts, _, _ = variant
-    if "fp16" in ptrs.values():
+    if "fp16" in ptrs.values() or ("A" in ptrs and ptrs["A"] == ptrs["B"] == "bf16"):
+        return False  # bf16 GEMMs with a bf16 stream use the tiles of the fp32-stream ones, which are checked
+    if consts.get("BLOCK_D", 0) > 1024 and "HEAD_DIM" not in consts:
         return False
     if "HEAD_DIM" in consts:
         return consts["HEAD_DIM"] in (64, 256)

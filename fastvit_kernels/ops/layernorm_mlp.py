@@ -28,11 +28,29 @@ INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
+def _layernorm_stats_kernel(X, MEAN, RSTD, M, D, stride_xm, eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Row mean and 1/std in fp32, from the row held in registers: two passes over registers (mean, then centred
+    # squares) avoid E[x^2] - E[x]^2 cancellation at no memory cost. One read of x; the GEMM prologues then load two
+    # floats per row. (Computing them inside each GEMM program instead serialised two extra passes over K before its
+    # main loop, in every one of the N / BLOCK_N programs sharing those rows.)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    mask_r = rows < M
+    mask = mask_r[:, None] & (cols[None, :] < D)
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / D
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / D + eps)
+    tl.store(MEAN + rows, mean, mask=mask_r)
+    tl.store(RSTD + rows, rstd, mask=mask_r)
+
+
+@triton.jit
 def _fused_linear_fwd_kernel(
     A, B, C, BIAS, RES, PRE, LN_W, LN_B, MEAN, RSTD,
-    M, N, K, eps,
+    M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn,
-    HAS_LN: tl.constexpr, STORE_STATS: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr,
+    HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr,
     STORE_PRE: tl.constexpr, GELU_GRAD: tl.constexpr, HAS_RES: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -55,24 +73,8 @@ def _fused_linear_fwd_kernel(
     b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
     if HAS_LN:
-        # Row statistics in fp32, two passes (mean, then centred squares) to avoid E[x^2] - E[x]^2 cancellation.
-        # The rows are this program's own A tile, re-read from L2: cheaper than another launch and a stats tensor.
-        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask = mask_m[:, None] & ((k0 + offs_k)[None, :] < K)
-            row_sum += tl.sum(tl.load(a_ptrs + k0 * stride_ak, mask=mask, other=0.0).to(tl.float32), 1)
-        mean = row_sum / K
-        row_var = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask = mask_m[:, None] & ((k0 + offs_k)[None, :] < K)
-            a = tl.load(a_ptrs + k0 * stride_ak, mask=mask, other=0.0).to(tl.float32)
-            centred = tl.where(mask, a - mean[:, None], 0.0)
-            row_var += tl.sum(centred * centred, 1)
-        rstd = 1.0 / tl.sqrt(row_var / K + eps)
-        if STORE_STATS:
-            if pid_n == 0:
-                tl.store(MEAN + offs_m, mean, mask=mask_m)
-                tl.store(RSTD + offs_m, rstd, mask=mask_m)
+        mean = tl.load(MEAN + offs_m, mask=mask_m, other=0.0)
+        rstd = tl.load(RSTD + offs_m, mask=mask_m, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -207,7 +209,8 @@ DW_CONFIGS = [_gemm_cfg(128, 128, 64, 8, 3), _gemm_cfg(128, 64, 64, 4, 4), _gemm
 GROUP_M = 8
 DW_ROWS_ALIGN = 256  # rows per split is a multiple of every BLOCK_K, so splits never share a tile
 LN_BWD_BLOCK_M = 8
-MAX_LN_DIM = 8192  # _layernorm_bwd_kernel keeps a whole row in registers
+MAX_LN_DIM = 8192  # _layernorm_bwd_kernel and _layernorm_stats_kernel keep a whole row in registers
+STATS_ELEMS = 4096  # elements per stats program: 16 rows of D = 256, 4 of D = 1024
 
 _FLAGS = ["HAS_LN", "HAS_BIAS", "ACT_GELU", "STORE_PRE", "GELU_GRAD", "HAS_RES", "DOT_PRECISION"]
 _fused_fwd = autotuned(_fused_linear_fwd_kernel, FWD_CONFIGS, ["M", "N", "K"] + _FLAGS)
@@ -224,7 +227,7 @@ def fused_linear(a, weight_t, bias=None, *, ln=None, gelu=False, store_pre=False
                  residual=None, out_dtype=None):  # fmt: skip
     """C = epilogue(prologue(a) @ weight_t). weight_t is [K, N] (a transposed view of an nn.Linear weight is fine).
 
-    ln=(weight, bias, eps) applies LayerNorm to a's rows first and also returns (mean, rstd).
+    ln=(weight, bias, eps) normalises a's rows in the prologue (statistics from one pass over a) and returns them.
     Returns (c, pre, mean, rstd); pre is the pre-GELU activation when store_pre, else None.
     """
     M, K = a.shape
@@ -234,11 +237,10 @@ def fused_linear(a, weight_t, bias=None, *, ln=None, gelu=False, store_pre=False
     pre = torch.empty((M, N), device=dev, dtype=weight_t.dtype) if store_pre else None
     mean = rstd = None
     if ln is not None:
-        mean = torch.empty(M, device=dev, dtype=torch.float32)
-        rstd = torch.empty(M, device=dev, dtype=torch.float32)
+        mean, rstd = layernorm_stats(a, ln[2])
     pre_t = pre if pre is not None else gelu_grad_pre
     dummy = c  # unused pointer arguments (their flags are off) point at the output
-    ln_w, ln_b, eps = ln if ln is not None else (dummy, dummy, 0.0)
+    ln_w, ln_b = ln[:2] if ln is not None else (dummy, dummy)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -251,15 +253,28 @@ def fused_linear(a, weight_t, bias=None, *, ln=None, gelu=False, store_pre=False
         ln_w, ln_b,
         mean if mean is not None else dummy,
         rstd if rstd is not None else dummy,
-        M, N, K, eps,
+        M, N, K,
         a.stride(0), a.stride(1), weight_t.stride(0), weight_t.stride(1), c.stride(0), c.stride(1),
         residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
         pre_t.stride(0) if pre_t is not None else 0, pre_t.stride(1) if pre_t is not None else 0,
-        HAS_LN=ln is not None, STORE_STATS=ln is not None, HAS_BIAS=bias is not None, ACT_GELU=gelu,
+        HAS_LN=ln is not None, HAS_BIAS=bias is not None, ACT_GELU=gelu,
         STORE_PRE=store_pre, GELU_GRAD=gelu_grad_pre is not None, HAS_RES=residual is not None,
         DOT_PRECISION=dot_precision(weight_t.dtype), GROUP_M=GROUP_M,
     )  # fmt: skip
     return c, pre, mean, rstd
+
+
+def layernorm_stats(x, eps):
+    """(mean, rstd) of each row of x [M, D], fp32."""
+    M, D = x.shape
+    mean = torch.empty(M, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    block_d = triton.next_power_of_2(D)
+    block_m = max(1, min(16, STATS_ELEMS // block_d))
+    _layernorm_stats_kernel[(triton.cdiv(M, block_m),)](
+        x, mean, rstd, M, D, x.stride(0), eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4 if block_d <= 2048 else 8
+    )
+    return mean, rstd
 
 
 def linear_weight_grad(g, x, *, ln=None, mean=None, rstd=None, need_bias=True):

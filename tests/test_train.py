@@ -1,0 +1,134 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cifar_fixture import write_cifar10
+
+from fastvit_kernels.data import DatasetError, DeviceLoader, load_cifar10
+from fastvit_kernels.train import evaluate_checkpoint, train
+
+TINY = ["--model-arg", "depth=1", "--model-arg", "dim=32", "--model-arg", "heads=2", "--model-arg", "mlp_dim=64",
+        "--model-arg", "patch_size=8"]  # fmt: skip
+ROOT = Path(__file__).parent.parent
+
+
+def _args(data, out, *extra):
+    return ["--data-dir", str(data), "--out-dir", str(out), "--batch-size", "20", "--lr", "3e-3", "--amp", "off",
+            "--warmup-epochs", "0.5", "--backend", "torch", "--no-progress", *TINY, *extra]  # fmt: skip
+
+
+def test_loads_the_official_format(tmp_path):
+    write_cifar10(tmp_path, per_batch=7, test=5)
+    x, y = load_cifar10(tmp_path, train=True)
+    assert x.shape == (35, 3, 32, 32) and x.dtype == torch.uint8 and y.shape == (35,)
+    assert load_cifar10(tmp_path, train=False)[0].shape == (5, 3, 32, 32)
+
+
+def test_missing_and_corrupt_data_give_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="CIFAR-10 not found: looked for the folder .*--download"):
+        load_cifar10(tmp_path / "nowhere", train=True)
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:500])  # truncated mid-pickle
+    with pytest.raises(DatasetError, match="data_batch_3 is not a readable CIFAR-10 batch"):
+        load_cifar10(tmp_path, train=True)
+    batch.unlink()
+    with pytest.raises(DatasetError, match="data_batch_3 is missing"):
+        load_cifar10(tmp_path, train=True)
+    # and the CLI turns it into one line, not a traceback
+    with pytest.raises(SystemExit, match="error: CIFAR-10 is incomplete"):
+        train(_args(tmp_path, tmp_path / "out", "--epochs", "1"))
+
+
+def test_augmentation_is_deterministic_per_batch_and_flips_and_crops(tmp_path):
+    write_cifar10(tmp_path)
+    x, y = load_cifar10(tmp_path, train=True)
+    a = DeviceLoader(x, y, 10, "cpu", train=True, seed=3)
+    b = DeviceLoader(x, y, 10, "cpu", train=True, seed=3)
+    xa, ya = next(iter(a))
+    xb, yb = next(iter(b))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb) and xa.shape == (10, 3, 32, 32)
+    plain = DeviceLoader(x, y, 10, "cpu", train=False)
+    assert not torch.equal(xa, next(iter(plain))[0])  # augmented differs from the plain pass
+    up = DeviceLoader(x, y, 4, "cpu", train=False, image_size=48)
+    assert next(iter(up))[0].shape == (4, 3, 48, 48)
+
+
+def test_one_epoch_writes_checkpoint_log_and_plot_then_eval_reads_it(tmp_path, capsys):
+    write_cifar10(tmp_path)
+    out = tmp_path / "run"
+    assert train(_args(tmp_path, out, "--epochs", "1")) == 0
+    for name in ("last.pt", "best.pt", "log.jsonl", "curves.png"):
+        assert (out / name).is_file(), name
+    row = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert {"train_loss", "train_acc", "test_acc", "lr", "img_per_s", "data_s", "step_s"} <= set(row)
+    assert "done: 1 epochs" in capsys.readouterr().out
+    assert evaluate_checkpoint([str(out / "last.pt"), "--data-dir", str(tmp_path), "--backend", "torch",
+                                "--amp", "off"]) == 0  # fmt: skip
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def _interrupt_at(monkeypatch, epoch, batch):
+    """Ctrl-C when the training loader is asked for (epoch, batch)."""
+    import fastvit_kernels.train as tr
+
+    real = tr.DeviceLoader.batch
+
+    def batch_or_interrupt(self, order, i):
+        if self.train and (self.epoch, i) == (epoch, batch):
+            raise KeyboardInterrupt
+        return real(self, order, i)
+
+    monkeypatch.setattr(tr.DeviceLoader, "batch", batch_or_interrupt)
+    return lambda: monkeypatch.setattr(tr.DeviceLoader, "batch", real)
+
+
+@pytest.mark.parametrize("where", [(1, 0), (0, 2)], ids=["at-an-epoch-boundary", "mid-epoch"])
+def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, monkeypatch, where):
+    write_cifar10(tmp_path)
+    train(_args(tmp_path, tmp_path / "straight", "--epochs", "2"))
+    restore = _interrupt_at(monkeypatch, *where)
+    assert train(_args(tmp_path, tmp_path / "split", "--epochs", "2")) == 130
+    ckpt = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["batch"]) == where
+    restore()
+    assert train(_args(tmp_path, tmp_path / "split", "--epochs", "2", "--resume")) == 0
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+    assert [r["train_loss"] for r in a["log"]] == [r["train_loss"] for r in b["log"]]
+
+
+def test_two_process_gloo_run_under_torchrun(tmp_path):
+    write_cifar10(tmp_path)
+    out = tmp_path / "ddp"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "fastvit_kernels.train", *_args(tmp_path, out, "--epochs", "1", "--device", "cpu")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = (out / "log.jsonl").read_text().splitlines()
+    assert len(rows) == 1  # only rank 0 writes
+    assert "epoch 1:" in proc.stdout
+
+
+def test_triton_and_torch_backends_follow_the_same_loss_curve_and_learn(tmp_path):
+    write_cifar10(tmp_path, per_batch=40, test=20)
+    logs = {}
+    for backend in ("torch", "triton"):
+        out = tmp_path / backend
+        args = _args(tmp_path, out, "--epochs", "4", "--max-train-batches", "3", "--label-smoothing", "0")
+        args[args.index("--lr") + 1] = "1e-2"
+        args[args.index("--backend") + 1] = backend
+        assert train(args) == 0
+        logs[backend] = [json.loads(r)["train_loss"] for r in (out / "log.jsonl").read_text().splitlines()]
+    torch.testing.assert_close(logs["triton"], logs["torch"], rtol=2e-3, atol=0)
+    chance = torch.log(torch.tensor(10.0)).item()
+    assert logs["triton"][-1] < 0.6 * chance, logs
