@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 # one colour per class, far apart in RGB: learnable in a handful of steps whatever the crop
 PALETTE = np.array([[230, 25, 25], [25, 230, 25], [25, 25, 230], [230, 230, 25], [230, 25, 230], [25, 230, 230],
                     [128, 128, 128], [250, 250, 250], [0, 0, 0], [128, 30, 200]], dtype=np.int16)  # fmt: skip
