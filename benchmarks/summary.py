@@ -10,6 +10,16 @@ def _groups(rows):
     return groups
 
 
+def add_speedups(rows):
+    """speedup_vs_<row> = that row's median / this row's median, for each eager row of the same group."""
+    for rs in _groups(rows).values():
+        base = {r["row"]: r["median_ms"] for r in rs}
+        for r in rs:
+            for name in ("eager-sdpa", "eager-math", "eager"):
+                if name in base:
+                    r[f"speedup_vs_{name}"] = base[name] / r["median_ms"]
+
+
 def _ratio(base, name, ms):
     return f"{base[name] / ms:.2f}x" if name in base else "-"
 
