@@ -11,18 +11,23 @@ import triton
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter.
-
-    The interpreter is chosen when a kernel is decorated (at import), from TRITON_INTERPRET: we ask the same knob
-    Triton asked, so the answer matches the kernels actually defined in this process.
-    """
+def _read_interpret_knob() -> bool:
     try:
         from triton import knobs
 
         return bool(knobs.runtime.interpret)
     except (ImportError, AttributeError):  # older triton without knobs
         return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Read once, at import: Triton chose interpreter or compiler when our kernels were decorated (also at import), from
+# the same knob, so this matches the kernels defined in this process, and torch.compile can trace a plain constant.
+_INTERPRETING = _read_interpret_knob()
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the CPU interpreter."""
+    return _INTERPRETING
 
 
 def check_tensor(t: torch.Tensor, name: str) -> None:

@@ -262,6 +262,8 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
     B, N, three_d = qkv.shape
     D = three_d // 3
     d = D // num_heads
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
     if do.stride(-1) != 1:
         do = do.contiguous()
     block_d = max(16, triton.next_power_of_2(d))
@@ -277,18 +279,45 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
     return dqkv
 
 
-class AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv, num_heads, scale):
-        o, lse, qkv = attention_fwd(qkv, num_heads, scale)
-        ctx.save_for_backward(qkv, lse)
-        ctx.num_heads, ctx.scale = num_heads, scale
-        return o
+# ----------------------------------------------------------------------------------------------------------------
+# Custom ops (torch.library): opaque to torch.compile, so a compiled model traces through them with no graph break,
+# with fake implementations for shape propagation and the backward registered as autograd formula.
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastvit::attention_fwd", mutates_args=())
+def _attention_fwd_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    o, lse, _ = attention_fwd(qkv, num_heads, scale)
+    return o, lse
 
-    @staticmethod
-    def backward(ctx, do):
-        qkv, lse = ctx.saved_tensors
-        return attention_bwd(do, qkv, lse, ctx.num_heads, ctx.scale), None, None
+
+@_attention_fwd_op.register_fake
+def _(qkv, num_heads, scale):
+    B, N, three_d = qkv.shape
+    return qkv.new_empty((B, N, three_d // 3)), qkv.new_empty((B * num_heads, 2, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvit::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    do: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float
+) -> torch.Tensor:
+    return attention_bwd(do, qkv, lse, num_heads, scale)
+
+
+@_attention_bwd_op.register_fake
+def _(do, qkv, lse, num_heads, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _attention_setup(ctx, inputs, output):
+    qkv, ctx.num_heads, ctx.scale = inputs
+    ctx.save_for_backward(qkv, output[1])
+
+
+def _attention_backward(ctx, do, dlse):
+    qkv, lse = ctx.saved_tensors
+    return _attention_bwd_op(do, qkv, lse, ctx.num_heads, ctx.scale), None, None
+
+
+_attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
 def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
@@ -299,7 +328,7 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
     head_dim = _check_qkv(qkv, num_heads)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     qkv = qkv.to(compute_dtype(qkv))
-    return AttentionFunction.apply(qkv, num_heads, scale)
+    return _attention_fwd_op(qkv, num_heads, scale)[0]
 
 
 def attention_ref(qkv: torch.Tensor, num_heads: int, scale: float | None = None, impl: str = "math") -> torch.Tensor:

@@ -330,79 +330,159 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# autograd Functions. Inputs arrive already in the compute dtype (the public wrappers apply autocast's casts), except
+# Custom ops (torch.library) and their autograd formulas. Opaque to torch.compile (no graph break, fake
+# implementations give shapes); inputs arrive in the compute dtype (the public wrappers apply autocast's casts), except
 # x / residual, which stay in the residual stream's dtype (fp32 under autocast, as in eager).
 # ----------------------------------------------------------------------------------------------------------------
-class LayerNormMLPFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, norm_w, norm_b, w1, b1, w2, b2, eps, training):
-        shape = x.shape
-        x2 = _rows(x)
-        # the pre-activation is kept only when a backward can follow (inference writes just the GELU output)
-        h, pre, mean, rstd = fused_linear(x2, w1.t(), b1, ln=(norm_w, norm_b, eps), gelu=True, store_pre=training)
-        out_dtype = torch.promote_types(x.dtype, w2.dtype)
-        out, _, _, _ = fused_linear(h, w2.t(), b2, residual=x2, out_dtype=out_dtype)
-        ctx.save_for_backward(x2, norm_w, norm_b, w1, w2, h, pre, mean, rstd)
-        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-        return out.view(*shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dout):
-        x2, norm_w, norm_b, w1, w2, h, pre, mean, rstd = ctx.saved_tensors
-        shape = dout.shape
-        dy = _rows(dout)
-        dy_c = dy.to(w2.dtype)  # the GEMMs run in the compute dtype, as eager autocast's backward does
-        dw2, db2 = linear_weight_grad(dy_c, h, need_bias=ctx.has_b2)
-        # d(pre-activation) = (dy @ W2) * GELU'(pre): GELU's derivative in the GEMM epilogue
-        dpre, _, _, _ = fused_linear(dy_c, w2, gelu_grad_pre=pre)
-        dw1, db1 = linear_weight_grad(dpre, x2, ln=(norm_w, norm_b), mean=mean, rstd=rstd, need_bias=ctx.has_b1)
-        dxn = torch.matmul(dpre, w1)  # plain GEMM, nothing to fuse: the LayerNorm backward needs whole rows
-        dx, dnw, dnb = layernorm_bwd(dxn, x2, mean, rstd, norm_w, dres=dy)
-        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
-        return (dx.view(shape[:-1] + (dx.shape[-1],)), cast(dnw, norm_w), cast(dnb, norm_b), cast(dw1, w1),
-                cast(db1, w1), cast(dw2, w2), cast(db2, w2), None, None)  # fmt: skip
+Tensor = torch.Tensor
+NO_BIAS = 0  # a bias gradient that does not exist comes back from an op as an empty tensor (ops cannot return None)
 
 
-class LayerNormLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, norm_w, norm_b, w, b, eps):
-        shape = x.shape
-        x2 = _rows(x)
-        out, _, mean, rstd = fused_linear(x2, w.t(), b, ln=(norm_w, norm_b, eps))
-        ctx.save_for_backward(x2, norm_w, norm_b, w, mean, rstd)
-        ctx.has_b = b is not None
-        return out.view(*shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dout):
-        x2, norm_w, norm_b, w, mean, rstd = ctx.saved_tensors
-        shape = dout.shape
-        dy = _rows(dout).to(w.dtype)
-        dw, db = linear_weight_grad(dy, x2, ln=(norm_w, norm_b), mean=mean, rstd=rstd, need_bias=ctx.has_b)
-        dxn = torch.matmul(dy, w)  # plain GEMM, nothing to fuse: the LayerNorm backward needs whole rows
-        dx, dnw, dnb = layernorm_bwd(dxn, x2, mean, rstd, norm_w)
-        return (dx.view(shape[:-1] + (dx.shape[-1],)), dnw.to(norm_w.dtype), dnb.to(norm_b.dtype), dw.to(w.dtype),
-                None if db is None else db.to(w.dtype), None)  # fmt: skip
+def _grad_or_none(t):
+    return t if t.numel() else None
 
 
-class LinearResidualFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b, residual):
-        shape = residual.shape
-        x2, r2 = _rows(x), _rows(residual)
-        out, _, _, _ = fused_linear(x2, w.t(), b, residual=r2, out_dtype=torch.promote_types(residual.dtype, w.dtype))
-        ctx.save_for_backward(x2, w)
-        ctx.has_b = b is not None
-        ctx.x_shape = x.shape
-        return out.view(*shape[:-1], out.shape[-1])
+@torch.library.custom_op("fastvit::layernorm_mlp_fwd", mutates_args=())
+def _layernorm_mlp_fwd(x: Tensor, norm_w: Tensor, norm_b: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
+                       b2: Tensor | None, eps: float, training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    x2 = _rows(x)
+    # the pre-activation is kept only when a backward can follow (inference writes just the GELU output)
+    h, pre, mean, rstd = fused_linear(x2, w1.t(), b1, ln=(norm_w, norm_b, eps), gelu=True, store_pre=training)
+    out, _, _, _ = fused_linear(h, w2.t(), b2, residual=x2, out_dtype=torch.promote_types(x.dtype, w2.dtype))
+    return out.view(x.shape), h, pre if training else h.new_empty(0), mean, rstd
 
-    @staticmethod
-    def backward(ctx, dout):
-        x2, w = ctx.saved_tensors
-        dy = _rows(dout).to(w.dtype)
-        dw, db = linear_weight_grad(dy, x2, need_bias=ctx.has_b)
-        dx = torch.matmul(dy, w)  # plain GEMM, nothing to fuse
-        return (dx.view(ctx.x_shape), dw.to(w.dtype), None if db is None else db.to(w.dtype), dout)
+
+@_layernorm_mlp_fwd.register_fake
+def _(x, norm_w, norm_b, w1, b1, w2, b2, eps, training):
+    M = x.numel() // x.shape[-1]
+    h = x.new_empty((M, w1.shape[0]), dtype=w1.dtype)
+    stats = x.new_empty(M, dtype=torch.float32)
+    out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, w2.dtype))
+    return out, h, torch.empty_like(h) if training else h.new_empty(0), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastvit::layernorm_mlp_bwd", mutates_args=())
+def _layernorm_mlp_bwd(dout: Tensor, x: Tensor, norm_w: Tensor, norm_b: Tensor, w1: Tensor, w2: Tensor, h: Tensor,
+                       pre: Tensor, mean: Tensor, rstd: Tensor, has_b1: bool, has_b2: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    x2, dy = _rows(x), _rows(dout)
+    dy_c = dy.to(w2.dtype)  # the GEMMs run in the compute dtype, as eager autocast's backward does
+    dw2, db2 = linear_weight_grad(dy_c, h, need_bias=has_b2)
+    # d(pre-activation) = (dy @ W2) * GELU'(pre): GELU's derivative in the GEMM epilogue
+    dpre, _, _, _ = fused_linear(dy_c, w2, gelu_grad_pre=pre)
+    dw1, db1 = linear_weight_grad(dpre, x2, ln=(norm_w, norm_b), mean=mean, rstd=rstd, need_bias=has_b1)
+    dxn = torch.matmul(dpre, w1)  # plain GEMM, nothing to fuse: the LayerNorm backward needs whole rows
+    dx, dnw, dnb = layernorm_bwd(dxn, x2, mean, rstd, norm_w, dres=dy)
+    no_bias = w1.new_empty(NO_BIAS)
+    return (dx.view(x.shape), dnw.to(norm_w.dtype), dnb.to(norm_b.dtype), dw1.to(w1.dtype),
+            db1.to(w1.dtype) if has_b1 else no_bias, dw2.to(w2.dtype), db2.to(w2.dtype) if has_b2 else no_bias.clone())  # fmt: skip
+
+
+@_layernorm_mlp_bwd.register_fake
+def _(dout, x, norm_w, norm_b, w1, w2, h, pre, mean, rstd, has_b1, has_b2):
+    return (torch.empty_like(x), torch.empty_like(norm_w), torch.empty_like(norm_b), torch.empty_like(w1),
+            w1.new_empty(w1.shape[0] if has_b1 else NO_BIAS), torch.empty_like(w2),
+            w2.new_empty(w2.shape[0] if has_b2 else NO_BIAS))  # fmt: skip
+
+
+def _layernorm_mlp_setup(ctx, inputs, output):
+    x, norm_w, norm_b, w1, b1, w2, b2, _, _ = inputs
+    _, h, pre, mean, rstd = output
+    ctx.save_for_backward(x, norm_w, norm_b, w1, w2, h, pre, mean, rstd)
+    ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+
+
+def _layernorm_mlp_backward(ctx, dout, *unused):
+    grads = _layernorm_mlp_bwd(dout, *ctx.saved_tensors, ctx.has_b1, ctx.has_b2)
+    dx, dnw, dnb, dw1, db1, dw2, db2 = grads
+    return dx, dnw, dnb, dw1, _grad_or_none(db1), dw2, _grad_or_none(db2), None, None
+
+
+_layernorm_mlp_fwd.register_autograd(_layernorm_mlp_backward, setup_context=_layernorm_mlp_setup)
+
+
+@torch.library.custom_op("fastvit::layernorm_linear_fwd", mutates_args=())
+def _layernorm_linear_fwd(x: Tensor, norm_w: Tensor, norm_b: Tensor, w: Tensor, b: Tensor | None, eps: float
+                          ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    out, _, mean, rstd = fused_linear(_rows(x), w.t(), b, ln=(norm_w, norm_b, eps))
+    return out.view(*x.shape[:-1], w.shape[0]), mean, rstd
+
+
+@_layernorm_linear_fwd.register_fake
+def _(x, norm_w, norm_b, w, b, eps):
+    stats = x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=w.dtype), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastvit::layernorm_linear_bwd", mutates_args=())
+def _layernorm_linear_bwd(dout: Tensor, x: Tensor, norm_w: Tensor, norm_b: Tensor, w: Tensor, mean: Tensor,
+                          rstd: Tensor, has_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    x2 = _rows(x)
+    dy = _rows(dout).to(w.dtype)
+    dw, db = linear_weight_grad(dy, x2, ln=(norm_w, norm_b), mean=mean, rstd=rstd, need_bias=has_b)
+    dxn = torch.matmul(dy, w)  # plain GEMM, nothing to fuse: the LayerNorm backward needs whole rows
+    dx, dnw, dnb = layernorm_bwd(dxn, x2, mean, rstd, norm_w)
+    return (dx.view(x.shape), dnw.to(norm_w.dtype), dnb.to(norm_b.dtype), dw.to(w.dtype),
+            db.to(w.dtype) if has_b else w.new_empty(NO_BIAS))  # fmt: skip
+
+
+@_layernorm_linear_bwd.register_fake
+def _(dout, x, norm_w, norm_b, w, mean, rstd, has_b):
+    return (torch.empty_like(x), torch.empty_like(norm_w), torch.empty_like(norm_b), torch.empty_like(w),
+            w.new_empty(w.shape[0] if has_b else NO_BIAS))  # fmt: skip
+
+
+def _layernorm_linear_setup(ctx, inputs, output):
+    x, norm_w, norm_b, w, b, _ = inputs
+    ctx.save_for_backward(x, norm_w, norm_b, w, output[1], output[2])
+    ctx.has_b = b is not None
+
+
+def _layernorm_linear_backward(ctx, dout, *unused):
+    dx, dnw, dnb, dw, db = _layernorm_linear_bwd(dout, *ctx.saved_tensors, ctx.has_b)
+    return dx, dnw, dnb, dw, _grad_or_none(db), None
+
+
+_layernorm_linear_fwd.register_autograd(_layernorm_linear_backward, setup_context=_layernorm_linear_setup)
+
+
+@torch.library.custom_op("fastvit::linear_residual_fwd", mutates_args=())
+def _linear_residual_fwd(x: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
+    out_dtype = torch.promote_types(residual.dtype, w.dtype)
+    out, _, _, _ = fused_linear(_rows(x), w.t(), b, residual=_rows(residual), out_dtype=out_dtype)
+    return out.view(residual.shape)
+
+
+@_linear_residual_fwd.register_fake
+def _(x, w, b, residual):
+    return residual.new_empty(residual.shape, dtype=torch.promote_types(residual.dtype, w.dtype))
+
+
+@torch.library.custom_op("fastvit::linear_residual_bwd", mutates_args=())
+def _linear_residual_bwd(dout: Tensor, x: Tensor, w: Tensor, has_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dy = _rows(dout).to(w.dtype)
+    dw, db = linear_weight_grad(dy, _rows(x), need_bias=has_b)
+    dx = torch.matmul(dy, w)  # plain GEMM, nothing to fuse
+    return dx.view(x.shape), dw.to(w.dtype), db.to(w.dtype) if has_b else w.new_empty(NO_BIAS)
+
+
+@_linear_residual_bwd.register_fake
+def _(dout, x, w, has_b):
+    return torch.empty_like(x), torch.empty_like(w), w.new_empty(w.shape[0] if has_b else NO_BIAS)
+
+
+def _linear_residual_setup(ctx, inputs, output):
+    x, w, b, _ = inputs
+    ctx.save_for_backward(x, w)
+    ctx.has_b = b is not None
+
+
+def _linear_residual_backward(ctx, dout):
+    dx, dw, db = _linear_residual_bwd(dout, *ctx.saved_tensors, ctx.has_b)
+    return dx, dw, _grad_or_none(db), dout
+
+
+_linear_residual_fwd.register_autograd(_linear_residual_backward, setup_context=_linear_residual_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -456,8 +536,8 @@ def layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, f
         t is not None and t.requires_grad
         for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     )
-    return LayerNormMLPFunction.apply(x, norm_weight, norm_bias, fc1_weight.to(cdt), _cast(fc1_bias, cdt),
-                                      fc2_weight.to(cdt), _cast(fc2_bias, cdt), eps, training)  # fmt: skip
+    return _layernorm_mlp_fwd(x, norm_weight, norm_bias, fc1_weight.to(cdt), _cast(fc1_bias, cdt),
+                              fc2_weight.to(cdt), _cast(fc2_bias, cdt), eps, training)[0]  # fmt: skip
 
 
 def layernorm_linear(x, norm_weight, norm_bias, weight, bias, eps=1e-6):
@@ -466,7 +546,7 @@ def layernorm_linear(x, norm_weight, norm_bias, weight, bias, eps=1e-6):
     _check_linear(x, weight, bias, "linear")
     _check_same_dtype(x, weight)
     cdt = compute_dtype(weight)
-    return LayerNormLinearFunction.apply(x, norm_weight, norm_bias, weight.to(cdt), _cast(bias, cdt), eps)
+    return _layernorm_linear_fwd(x, norm_weight, norm_bias, weight.to(cdt), _cast(bias, cdt), eps)[0]
 
 
 def linear_residual(x, weight, bias, residual):
@@ -480,7 +560,7 @@ def linear_residual(x, weight, bias, residual):
     _check_same_dtype(x, weight)
     _check_same_dtype(residual, weight)
     cdt = compute_dtype(weight)
-    return LinearResidualFunction.apply(x.to(cdt), weight.to(cdt), _cast(bias, cdt), residual)
+    return _linear_residual_fwd(x.to(cdt), weight.to(cdt), _cast(bias, cdt), residual)
 
 
 # ----------------------------------------------------------------------------------------------------------------

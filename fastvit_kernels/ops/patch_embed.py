@@ -206,6 +206,7 @@ def _num_sms(device):
 
 def patch_embed_bwd_weight(g, images, weight):
     """dW [D, C, ph, pw] in fp32 from g = dTokens for the patch rows, a [B, P, D] view."""
+    g = g if g.stride(-1) == 1 else g.contiguous()  # rows through strides, features at unit stride
     B, C, H, Wd, D, ph, pw, P, GW = _geometry(images, weight)
     K = C * ph * pw
     R = B * P
@@ -223,6 +224,7 @@ def patch_embed_bwd_weight(g, images, weight):
 
 
 def patch_embed_bwd_images(g, weight, images):
+    g = g if g.stride(-1) == 1 else g.contiguous()
     B, C, H, Wd, D, ph, pw, P, GW = _geometry(images, weight)
     K = C * ph * pw
     w2 = weight.reshape(D, K)
@@ -236,29 +238,67 @@ def patch_embed_bwd_images(g, weight, images):
     return dimg
 
 
-class PatchEmbedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, images, weight, bias, cls_token, pos_embed, out_dtype):
-        out = patch_embed_fwd(images, weight, bias, cls_token, pos_embed, out_dtype)
-        ctx.save_for_backward(images, weight)
-        ctx.has_cls = cls_token is not None
-        ctx.dtypes = (bias.dtype, None if cls_token is None else cls_token.dtype, pos_embed.dtype)
-        return out
+# ----------------------------------------------------------------------------------------------------------------
+# Custom ops (torch.library) and the autograd formula: opaque to torch.compile, no graph break.
+# ----------------------------------------------------------------------------------------------------------------
+Tensor = torch.Tensor
 
-    @staticmethod
-    def backward(ctx, dout):
-        images, weight = ctx.saved_tensors
-        bias_dt, cls_dt, pos_dt = ctx.dtypes
-        c = int(ctx.has_cls)
-        dpos = dout.sum(0, dtype=torch.float32)  # (T, D): the batch reduction pos_embed, cls and bias all need
-        dbias = dpos[c:].sum(0).to(bias_dt)
-        dcls = dpos[0].view(1, 1, -1).to(cls_dt) if ctx.has_cls else None
-        g = dout[:, c:]  # (B, P, D) view, rows read through strides
-        if g.dtype != weight.dtype or g.stride(-1) != 1:
-            g = g.to(weight.dtype, memory_format=torch.contiguous_format)  # the GEMMs run in the compute dtype
-        dw = patch_embed_bwd_weight(g, images, weight).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        dimg = patch_embed_bwd_images(g, weight, images) if ctx.needs_input_grad[0] else None
-        return dimg, dw, dbias, dcls, dpos.unsqueeze(0).to(pos_dt), None
+
+@torch.library.custom_op("fastvit::patch_embed_fwd", mutates_args=())
+def _patch_embed_fwd(images: Tensor, weight: Tensor, bias: Tensor, cls_token: Tensor | None, pos_embed: Tensor,
+                     out_dtype: torch.dtype) -> Tensor:  # fmt: skip
+    return patch_embed_fwd(images, weight, bias, cls_token, pos_embed, out_dtype)
+
+
+@_patch_embed_fwd.register_fake
+def _(images, weight, bias, cls_token, pos_embed, out_dtype):
+    B, _, H, W = images.shape
+    D, _, ph, pw = weight.shape
+    return images.new_empty((B, (H // ph) * (W // pw) + (cls_token is not None), D), dtype=out_dtype)
+
+
+@torch.library.custom_op("fastvit::patch_embed_bwd_weight", mutates_args=())
+def _patch_embed_bwd_weight(g: Tensor, images: Tensor, weight: Tensor) -> Tensor:
+    return patch_embed_bwd_weight(g, images, weight).to(weight.dtype)
+
+
+@_patch_embed_bwd_weight.register_fake
+def _(g, images, weight):
+    return torch.empty_like(weight)
+
+
+@torch.library.custom_op("fastvit::patch_embed_bwd_images", mutates_args=())
+def _patch_embed_bwd_images(g: Tensor, weight: Tensor, images: Tensor) -> Tensor:
+    return patch_embed_bwd_images(g, weight, images)
+
+
+@_patch_embed_bwd_images.register_fake
+def _(g, weight, images):
+    return images.new_empty(images.shape)
+
+
+def _patch_embed_setup(ctx, inputs, output):
+    images, weight, bias, cls_token, pos_embed, _ = inputs
+    ctx.save_for_backward(images, weight)
+    ctx.has_cls = cls_token is not None
+    ctx.dtypes = (bias.dtype, None if cls_token is None else cls_token.dtype, pos_embed.dtype)
+
+
+def _patch_embed_backward(ctx, dout):
+    images, weight = ctx.saved_tensors
+    bias_dt, cls_dt, pos_dt = ctx.dtypes
+    c = int(ctx.has_cls)
+    dpos = dout.sum(0, dtype=torch.float32)  # (T, D): the batch reduction pos_embed, cls and bias all need
+    dbias = dpos[c:].sum(0).to(bias_dt)
+    dcls = dpos[0].view(1, 1, -1).to(cls_dt) if ctx.has_cls else None
+    # (B, P, D) in the compute dtype, as eager autocast's backward; the kernels read its rows through strides
+    g = dout[:, c:].to(weight.dtype)
+    dw = _patch_embed_bwd_weight(g, images, weight) if ctx.needs_input_grad[1] else None
+    dimg = _patch_embed_bwd_images(g, weight, images) if ctx.needs_input_grad[0] else None
+    return dimg, dw, dbias, dcls, dpos.unsqueeze(0).to(pos_dt), None
+
+
+_patch_embed_fwd.register_autograd(_patch_embed_backward, setup_context=_patch_embed_setup)
 
 
 def patch_embed(images, weight, bias, cls_token, pos_embed):
@@ -290,7 +330,7 @@ def patch_embed(images, weight, bias, cls_token, pos_embed):
         raise TypeError(f"images are {images.dtype} but the weight is {weight.dtype}: cast one, or run under autocast")
     cdt = compute_dtype(weight)
     out_dtype = torch.promote_types(cdt, pos_embed.dtype)
-    return PatchEmbedFunction.apply(images, weight.to(cdt), bias.to(cdt), cls_token, pos_embed, out_dtype)
+    return _patch_embed_fwd(images, weight.to(cdt), bias.to(cdt), cls_token, pos_embed, out_dtype)
 
 
 def patch_embed_ref(images, weight, bias, cls_token, pos_embed):
