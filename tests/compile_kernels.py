@@ -131,24 +131,32 @@ def _compile(job):
     return dict(kernel=name, cap=cap, ptrs=ptrs, consts=consts, warps=warps, stages=stages, **res)
 
 
-def _on_sm80(variant):
-    """sm_80 (A100, 164 KB of shared memory) gets the bf16 and fp32 variants with the most shared memory per config:
-    the rest compiles to the same tiles."""
-    name, _, ptrs, consts, _, _ = variant
-    if "fp16" in ptrs.values() or ("A" in ptrs and ptrs["A"] == ptrs["B"] == "bf16"):
-        return False  # bf16 GEMMs with a bf16 stream use the tiles of the fp32-stream ones, which are checked
-    if consts.get("BLOCK_D", 0) > 1024 and "HEAD_DIM" not in consts:
-        return False
-    if "HEAD_DIM" in consts:
-        return consts["HEAD_DIM"] in (64, 256)
-    if "ACT_GELU" in consts:
-        return consts["ACT_GELU"] and consts["STORE_PRE"]
-    return True
+def _sm80_subset(variants):
+    """sm_80 (A100, 164 KB of shared memory): per kernel, dtypes and flags, the config with the biggest tiles (the
+    most shared memory), and not the bf16-stream GEMMs, whose tiles the fp32-stream ones bound."""
+    best = {}
+    for v in variants:
+        name, _, ptrs, consts, _, stages = v
+        if "fp16" in ptrs.values() or ("A" in ptrs and ptrs["A"] == ptrs["B"] == "bf16"):
+            continue
+        if consts.get("BLOCK_D", 0) > 1024 and "HEAD_DIM" not in consts:
+            continue
+        tiles = {k: c for k, c in consts.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+        key = (name, json.dumps(ptrs, sort_keys=True), json.dumps({k: c for k, c in consts.items() if k not in tiles},
+                                                                    sort_keys=True))  # fmt: skip
+        size = (
+            stages
+            * (tiles.get("BLOCK_M", 1) + tiles.get("BLOCK_N", 1))
+            * tiles.get("BLOCK_K", consts.get("BLOCK_D", 1))
+        )
+        if key not in best or size > best[key][0]:
+            best[key] = (size, v)
+    return [v for _, v in best.values()]
 
 
 def jobs(caps):
     variants = _variants()
-    return [v + (cap,) for cap in caps for v in variants if cap >= 90 or _on_sm80(v)]
+    return [v + (cap,) for cap in caps for v in (variants if cap >= 90 else _sm80_subset(variants))]
 
 
 if __name__ == "__main__":

@@ -61,6 +61,27 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few splits still exercise the split paths
+
+
+SPLIT_ALIGN = 256  # rows per split: a multiple of every BLOCK_K, so two splits never share a tile
+
+
+def split_rows(rows: int, tiles: int, device: torch.device) -> tuple[int, int]:
+    """(splits, rows_per_split) for a weight-gradient GEMM that reduces over `rows` with `tiles` output tiles.
+
+    A [384, 1536] weight is only 36 tiles of 128 x 128, far fewer than an H100's 132 SMs: splitting the reduction
+    over rows gives about two waves of programs, each writing an fp32 partial that one sum adds up. Splits keep at
+    least 4 * SPLIT_ALIGN rows each, so the partials stay small next to the activations.
+    """
+    splits = max(1, min(triton.cdiv(2 * num_sms(device), tiles), triton.cdiv(rows, 4 * SPLIT_ALIGN)))
+    per_split = triton.cdiv(triton.cdiv(rows, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    return triton.cdiv(rows, per_split), per_split
+
+
 def autotuned(kernel, configs, key, prune=None):
     """The autotuned launcher of `kernel` on a GPU; under the interpreter (or FASTVIT_AUTOTUNE=0) its first config.
 

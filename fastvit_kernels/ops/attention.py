@@ -70,6 +70,16 @@ def _attention_fwd_kernel(
 
 
 @triton.jit
+def _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+    # P rebuilt from the saved row statistics. One helper for every recomputation, so the dQ kernel's two passes and
+    # the dK/dV kernel evaluate the very same expression. Padded rows and columns contribute exactly zero
+    # (exp2(0 - 0) would be 1).
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    p = tl.exp2((s - m[:, None]) - log_l[:, None])
+    return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+
+
+@triton.jit
 def _attention_bwd_dkdv_kernel(
     QKV, DO, LSE, LOGL_BWD, DELTA, DQKV,
     stride_qb, stride_qn, stride_dob, stride_don, stride_gb, stride_gn,
@@ -104,10 +114,7 @@ def _attention_bwd_dkdv_kernel(
         m = tl.load(LSE + pid_bh * 2 * N + rows, mask=mask_m, other=0.0)
         log_l = tl.load(LOGL_BWD + pid_bh * N + rows, mask=mask_m, other=0.0)  # renormalised by the dQ kernel
         delta = tl.load(DELTA + pid_bh * N + rows, mask=mask_m, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        p = tl.exp2((s - m[:, None]) - log_l[:, None])
-        # padded rows and columns must contribute exactly zero (exp2(0 - 0) would be 1)
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -156,9 +163,7 @@ def _attention_bwd_dq_kernel(
         mask_kv = mask_n[:, None] & mask_d[None, :]
         k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
         v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        p = tl.exp2((s - m[:, None]) - log_l[:, None])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
         delta += tl.sum(p * tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION), 1)
         l_b += tl.sum(p, 1)
     # Renormalise with this kernel's own row sum: the compiler may contract s * c - m into one FMA here but not in
@@ -176,9 +181,7 @@ def _attention_bwd_dq_kernel(
         mask_kv = mask_n[:, None] & mask_d[None, :]
         k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
         v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        p = tl.exp2((s - m[:, None]) - log_l[:, None])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuned, check_tensor, compute_dtype, dot_precision
+from ._common import autotuned, check_tensor, compute_dtype, dot_precision, num_sms, split_rows
 
 RSQRT2 = tl.constexpr(0.7071067811865476)  # globals read inside @triton.jit must be constexpr
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -207,7 +207,6 @@ FWD_CONFIGS = [_gemm_cfg(128, 128, 64, 8, 3), _gemm_cfg(128, 64, 64, 4, 4), _gem
 DW_CONFIGS = [_gemm_cfg(128, 128, 64, 8, 3), _gemm_cfg(128, 64, 64, 4, 4), _gemm_cfg(64, 128, 64, 4, 4),
               _gemm_cfg(64, 64, 64, 4, 4)]  # fmt: skip
 GROUP_M = 8
-DW_ROWS_ALIGN = 256  # rows per split is a multiple of every BLOCK_K, so splits never share a tile
 LN_BWD_BLOCK_M = 8
 MAX_LN_DIM = 8192  # _layernorm_bwd_kernel and _layernorm_stats_kernel keep a whole row in registers
 STATS_ELEMS = 4096  # elements per stats program: 16 rows of D = 256, 4 of D = 1024
@@ -215,12 +214,6 @@ STATS_ELEMS = 4096  # elements per stats program: 16 rows of D = 256, 4 of D = 1
 _FLAGS = ["HAS_LN", "HAS_BIAS", "ACT_GELU", "STORE_PRE", "GELU_GRAD", "HAS_RES", "DOT_PRECISION"]
 _fused_fwd = autotuned(_fused_linear_fwd_kernel, FWD_CONFIGS, ["M", "N", "K"] + _FLAGS)
 _linear_dw = autotuned(_linear_dw_kernel, DW_CONFIGS, ["R", "NF", "KF", "HAS_LN", "HAS_DBIAS", "DOT_PRECISION"])
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few splits still exercise the split-row path
 
 
 def fused_linear(a, weight_t, bias=None, *, ln=None, gelu=False, store_pre=False, gelu_grad_pre=None,
@@ -280,15 +273,12 @@ def layernorm_stats(x, eps):
 def linear_weight_grad(g, x, *, ln=None, mean=None, rstd=None, need_bias=True):
     """(dW, db) for y = x' @ W^T + b with dL/dy = g [R, NF], x [R, KF]; x' = LayerNorm(x) when ln=(w, b).
 
-    Returns fp32 sums (callers cast to the parameter dtype). The rows are split so that at least ~2 waves of
-    programs run: a [384, 1536] weight is only 36 tiles of 128 x 128, far fewer than an H100's 132 SMs.
+    Returns fp32 sums (callers cast to the parameter dtype); the reduction over rows is split (see split_rows).
     """
     R, NF = g.shape
     KF = x.shape[1]
     tiles = triton.cdiv(NF, 128) * triton.cdiv(KF, 128)
-    splits = max(1, min(triton.cdiv(2 * _num_sms(g.device), tiles), triton.cdiv(R, 4 * DW_ROWS_ALIGN)))
-    rows_per_split = triton.cdiv(triton.cdiv(R, splits), DW_ROWS_ALIGN) * DW_ROWS_ALIGN
-    splits = triton.cdiv(R, rows_per_split)
+    splits, rows_per_split = split_rows(R, tiles, g.device)
     dw = torch.empty((splits, NF, KF), device=g.device, dtype=torch.float32)
     db = torch.empty((splits, NF), device=g.device, dtype=torch.float32) if need_bias else dw
     ln_w, ln_b = ln if ln is not None else (dw, dw)
@@ -309,7 +299,7 @@ def linear_weight_grad(g, x, *, ln=None, mean=None, rstd=None, need_bias=True):
 def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
     """(dx, dweight, dbias) of LayerNorm, dx += dres in the same pass. dweight/dbias come back in fp32."""
     M, D = x.shape
-    programs = min(triton.cdiv(M, LN_BWD_BLOCK_M), 4 * _num_sms(x.device))
+    programs = min(triton.cdiv(M, LN_BWD_BLOCK_M), 4 * num_sms(x.device))
     rows_per_program = triton.cdiv(triton.cdiv(M, programs), LN_BWD_BLOCK_M) * LN_BWD_BLOCK_M
     programs = triton.cdiv(M, rows_per_program)
     dx = torch.empty_like(x)

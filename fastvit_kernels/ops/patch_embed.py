@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuned, check_tensor, compute_dtype, dot_precision
+from ._common import autotuned, check_tensor, compute_dtype, dot_precision, split_rows
 
 
 @triton.jit
@@ -164,7 +164,6 @@ FWD_CONFIGS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 128, 
                _cfg(128, 128, 32, 8, 3), _cfg(128, 256, 64, 8, 3)]  # fmt: skip
 BWD_CONFIGS = [_cfg(64, 64, 64, 4, 3), _cfg(128, 64, 64, 4, 3), _cfg(64, 128, 64, 4, 3), _cfg(128, 128, 64, 8, 3)]
 GROUP_M = 8
-DW_ROWS_ALIGN = 256
 
 _fwd = autotuned(_patch_embed_fwd_kernel, FWD_CONFIGS, ["B", "P", "K", "N", "PH", "PW", "HAS_CLS", "DOT_PRECISION"])
 _bwd_dw = autotuned(_patch_embed_bwd_dw_kernel, BWD_CONFIGS, ["B", "P", "K", "N", "PH", "PW", "DOT_PRECISION"])
@@ -200,10 +199,6 @@ def patch_embed_fwd(images, weight, bias, cls_token, pos_embed, out_dtype):
     return out
 
 
-def _num_sms(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def patch_embed_bwd_weight(g, images, weight):
     """dW [D, C, ph, pw] in fp32 from g = dTokens for the patch rows, a [B, P, D] view."""
     g = g if g.stride(-1) == 1 else g.contiguous()  # rows through strides, features at unit stride
@@ -211,9 +206,7 @@ def patch_embed_bwd_weight(g, images, weight):
     K = C * ph * pw
     R = B * P
     tiles = triton.cdiv(D, 64) * triton.cdiv(K, 64)
-    splits = max(1, min(triton.cdiv(2 * _num_sms(g.device), tiles), triton.cdiv(R, 4 * DW_ROWS_ALIGN)))
-    rows_per_split = triton.cdiv(triton.cdiv(R, splits), DW_ROWS_ALIGN) * DW_ROWS_ALIGN
-    splits = triton.cdiv(R, rows_per_split)
+    splits, rows_per_split = split_rows(R, tiles, g.device)
     dw = torch.empty((splits, D, K), device=g.device, dtype=torch.float32)
     _bwd_dw[lambda m: (triton.cdiv(D, m["BLOCK_M"]), triton.cdiv(K, m["BLOCK_N"]), splits)](
         g, images, dw, B, P, GW, K, D, rows_per_split,
