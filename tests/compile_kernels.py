@@ -16,7 +16,7 @@ FLOAT_ARGS = {"eps", "qk_scale_log2", "sm_scale"}
 TT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
-def _variants():
+def _variants(cap):
     """(kernel name, module, pointer dtypes, constexprs, num_warps, num_stages) for every launch configuration."""
     import importlib
 
@@ -30,13 +30,17 @@ def _variants():
     def add(kernel, configs, ptrs, consts_list, prune=None, full=True):
         """Every config for the first constexpr set (when full); the others with the first and the largest config
         (shared memory grows with the tile, so those two bound the rest)."""
-        largest = max(configs, key=lambda c: c.num_stages * sum(v for k, v in c.kwargs.items() if k != "BLOCK_K")
-                      * c.kwargs.get("BLOCK_K", 64))  # fmt: skip
+
+        def size(c):
+            return c.num_stages * sum(v for k, v in c.kwargs.items() if k != "BLOCK_K") * c.kwargs.get("BLOCK_K", 64)
+
         for i, consts in enumerate(consts_list):
-            chosen = configs if (i == 0 and full) else [configs[0], largest]
-            if prune:  # what the launcher would keep for this dtype and head dim
-                elem = SimpleNamespace(element_size=lambda: 4 if ptrs.get("QKV") == "fp32" else 2)
-                chosen = list({id(c): c for c in prune(chosen, dict(consts, QKV=elem))}.values())
+            kept = configs
+            if prune:  # what the launcher would keep for these dtypes on this target
+                fakes = {n: SimpleNamespace(element_size=lambda dt=dt: 4 if dt == "fp32" else 2, device=f"sm_{cap}")
+                         for n, dt in ptrs.items()}  # fmt: skip
+                kept = prune(configs, dict(consts, **fakes))
+            chosen = kept if (i == 0 and full) else list({id(c): c for c in (kept[0], max(kept, key=size))}.values())
             for cfg in chosen:
                 out.append((kernel.__name__, kernel.__module__, ptrs, {**consts, **cfg.kwargs}, cfg.num_warps,
                                 cfg.num_stages))  # fmt: skip
@@ -72,10 +76,10 @@ def _variants():
         flags = flag_sets if stream != "fp16" and w != "fp32" else flag_sets[:1] + flag_sets[-1:]
         full = stream != "fp16" and w != "fp32"  # fp32-only GEMMs: first and largest tiles (ieee dots, no wgmma)
         add(lm._fused_linear_fwd_kernel, lm.FWD_CONFIGS, ptrs,
-            [dict(f, DOT_PRECISION="ieee", GROUP_M=lm.GROUP_M) for f in flags], full=full)  # fmt: skip
+            [dict(f, DOT_PRECISION="ieee", GROUP_M=lm.GROUP_M) for f in flags], lm._prune_fwd, full)  # fmt: skip
         dw_ptrs = {"G": w, "X": stream, "DW": f32, "DB": f32, "MEAN": f32, "RSTD": f32, "LN_W": f32, "LN_B": f32}
         add(lm._linear_dw_kernel, lm.DW_CONFIGS, dw_ptrs,
-            [dict(HAS_LN=ln, HAS_DBIAS=True, DOT_PRECISION="ieee") for ln in (True, False)], full=full)  # fmt: skip
+            [dict(HAS_LN=ln, HAS_DBIAS=True, DOT_PRECISION="ieee") for ln in (True, False)], lm._prune_dw, full)  # fmt: skip
         ln_ptrs = {"DY": w, "X": stream, "MEAN": f32, "RSTD": f32, "W": f32, "DRES": stream, "DX": stream,
                    "DW_PART": f32, "DB_PART": f32}  # fmt: skip
         for block_d in (128, 1024, 8192) if (full and stream == "fp32") else (1024,):
@@ -92,12 +96,13 @@ def _variants():
             pe.FWD_CONFIGS,
             pe_ptrs,
             [dict(PH=ph, PW=ph, HAS_CLS=True, DOT_PRECISION="ieee", GROUP_M=pe.GROUP_M) for ph in patches],
-            full=full,
+            pe._prune_fwd,
+            full,
         )
         add(pe._patch_embed_bwd_dw_kernel, pe.BWD_CONFIGS, pe_ptrs,
-            [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches], full=full)  # fmt: skip
+            [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches], pe._prune_dw, full)  # fmt: skip
         add(pe._patch_embed_bwd_dx_kernel, pe.BWD_CONFIGS, pe_ptrs,
-            [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches], full=full)  # fmt: skip
+            [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches], pe._prune_dx, full)  # fmt: skip
     return out
 
 
@@ -155,8 +160,7 @@ def _sm80_subset(variants):
 
 
 def jobs(caps):
-    variants = _variants()
-    return [v + (cap,) for cap in caps for v in (variants if cap >= 90 else _sm80_subset(variants))]
+    return [v + (cap,) for cap in caps for v in (_variants(cap) if cap >= 90 else _sm80_subset(_variants(cap)))]
 
 
 if __name__ == "__main__":

@@ -21,7 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuned, check_tensor, compute_dtype, dot_precision, num_sms, split_rows
+from ._common import (
+    autotuned,
+    check_tensor,
+    compute_dtype,
+    dot_precision,
+    num_sms,
+    prune_gemm_configs,
+    split_rows,
+)
 
 RSQRT2 = tl.constexpr(0.7071067811865476)  # globals read inside @triton.jit must be constexpr
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -212,8 +220,12 @@ MAX_LN_DIM = 8192  # _layernorm_bwd_kernel and _layernorm_stats_kernel keep a wh
 STATS_ELEMS = 4096  # elements per stats program: 16 rows of D = 256, 4 of D = 1024
 
 _FLAGS = ["HAS_LN", "HAS_BIAS", "ACT_GELU", "STORE_PRE", "GELU_GRAD", "HAS_RES", "DOT_PRECISION"]
-_fused_fwd = autotuned(_fused_linear_fwd_kernel, FWD_CONFIGS, ["M", "N", "K"] + _FLAGS)
-_linear_dw = autotuned(_linear_dw_kernel, DW_CONFIGS, ["R", "NF", "KF", "HAS_LN", "HAS_DBIAS", "DOT_PRECISION"])
+_prune_fwd = prune_gemm_configs("A", "B")
+_prune_dw = prune_gemm_configs("G", "X")
+_fused_fwd = autotuned(_fused_linear_fwd_kernel, FWD_CONFIGS, ["M", "N", "K"] + _FLAGS, _prune_fwd)
+_linear_dw = autotuned(
+    _linear_dw_kernel, DW_CONFIGS, ["R", "NF", "KF", "HAS_LN", "HAS_DBIAS", "DOT_PRECISION"], _prune_dw
+)
 
 
 def fused_linear(a, weight_t, bias=None, *, ln=None, gelu=False, store_pre=False, gelu_grad_pre=None,

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuned, check_tensor, compute_dtype, dot_precision, split_rows
+from ._common import autotuned, check_tensor, compute_dtype, dot_precision, prune_gemm_configs, split_rows
 
 
 @triton.jit
@@ -165,9 +165,15 @@ FWD_CONFIGS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 128, 
 BWD_CONFIGS = [_cfg(64, 64, 64, 4, 3), _cfg(128, 64, 64, 4, 3), _cfg(64, 128, 64, 4, 3), _cfg(128, 128, 64, 8, 3)]
 GROUP_M = 8
 
-_fwd = autotuned(_patch_embed_fwd_kernel, FWD_CONFIGS, ["B", "P", "K", "N", "PH", "PW", "HAS_CLS", "DOT_PRECISION"])
-_bwd_dw = autotuned(_patch_embed_bwd_dw_kernel, BWD_CONFIGS, ["B", "P", "K", "N", "PH", "PW", "DOT_PRECISION"])
-_bwd_dx = autotuned(_patch_embed_bwd_dx_kernel, BWD_CONFIGS, ["B", "P", "K", "N", "PH", "PW", "DOT_PRECISION"])
+_KEY = ["B", "P", "K", "N", "PH", "PW", "DOT_PRECISION"]
+_prune_fwd, _prune_dw, _prune_dx = (
+    prune_gemm_configs("IMG", "W"),
+    prune_gemm_configs("G", "IMG"),
+    prune_gemm_configs("G", "W"),
+)
+_fwd = autotuned(_patch_embed_fwd_kernel, FWD_CONFIGS, _KEY + ["HAS_CLS"], _prune_fwd)
+_bwd_dw = autotuned(_patch_embed_bwd_dw_kernel, BWD_CONFIGS, _KEY, _prune_dw)
+_bwd_dx = autotuned(_patch_embed_bwd_dx_kernel, BWD_CONFIGS, _KEY, _prune_dx)
 
 
 def _geometry(images, weight):
