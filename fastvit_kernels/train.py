@@ -30,14 +30,15 @@ def build_parser(eval_only=False):
     p = argparse.ArgumentParser(prog="fastvit-eval" if eval_only else "fastvit-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/")
-    p.add_argument("--download", action="store_true", help="fetch CIFAR-10 with torchvision first (needs internet)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast dtype (GPU)")
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
+                   help="autocast dtype (default: bf16 on a GPU, off on a CPU)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     if eval_only:
         p.add_argument("checkpoint", help="a checkpoint written by fastvit-train (last.pt / best.pt)")
         return p
+    p.add_argument("--download", action="store_true", help="fetch CIFAR-10 with torchvision first (needs internet)")
     p.add_argument("--preset", default="vit_cifar10", choices=sorted(PRESETS))
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset argument, e.g. --model-arg depth=6 (repeatable)")  # fmt: skip
@@ -136,6 +137,7 @@ def evaluate(model, loader, amp, device, world):
 
 
 def _autocast(device, amp):
+    amp = amp or ("bf16" if device.type == "cuda" else "off")
     if amp == "off":
         return torch.autocast(device.type, enabled=False)
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
