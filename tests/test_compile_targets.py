@@ -36,3 +36,6 @@ def test_every_kernel_config_compiles_for_sm90_and_sm80():
                 and set(r["ptrs"].values()) <= {"bf16", "fp32"} and r["ptrs"].get("B", r["ptrs"].get("W")) == "bf16"
                 and r["ptrs"].get("G", "bf16") == "bf16" and not r["wgmma"]]  # fmt: skip
     assert not no_wgmma, "\n".join(f"{r['kernel']} {r['consts']} {r['ptrs']}" for r in no_wgmma[:5])
+    # and their loads must be software-pipelined (asynchronous copies into shared memory), or each K step waits
+    serial = [r for r in results if r["kernel"] in GEMM_KERNELS and r["stages"] > 1 and not r["pipelined"]]
+    assert not serial, "\n".join(f"{r['kernel']} sm_{r['cap']} {r['consts']} {r['ptrs']}" for r in serial[:5])
