@@ -27,10 +27,10 @@ bench() {  # bench LIMIT PYTEST-ARGS...   (LIMIT 0 skips the stage)
     --bench-warmup 3 "$@" 2>&1 | tee -a "$OUT_DIR/bench.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -8
 }
 echo "=== benchmarks"
-bench 90 benchmarks/test_kernels.py -k "ours or flash or cudnn or eager"
+bench 120 benchmarks/test_kernels.py -k "ours or flash or cudnn or eager or compile"
 bench 75 benchmarks/test_e2e.py -k "cifar10 and bf16 and not compile"
 bench 110 benchmarks/test_e2e.py -k "cifar10 and bf16 and compile"
 bench 40 benchmarks/test_e2e.py -k "vitb16 and (ours or sdpa)"
-bench "${FP32_LIMIT:-60}" benchmarks/test_e2e.py -k "cifar10 and fp32"
+bench "${FP32_LIMIT:-40}" benchmarks/test_e2e.py -k "cifar10 and fp32"
 echo "=== speedups (median of $ROUNDS rounds, same run)"
 $PY benchmarks/summary.py "$FASTVIT_BENCH_ROWS" "$OUT_DIR"
