@@ -14,13 +14,16 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .data import DatasetError, DeviceLoader, download_cifar10, load_cifar10
 from .model import PRESETS
@@ -110,6 +113,37 @@ def save_checkpoint(path: Path, state: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class GracefulStop:
+    """First Ctrl-C: finish the batch in flight, save, exit (the resume is then exact). A second Ctrl-C stops at once.
+
+    Under DDP every rank gets the signal, possibly during different batches, so the decision is taken together
+    (a max all-reduce of the flag after each batch) and every rank stops after the same batch.
+    """
+
+    def __init__(self, device, world):
+        self.requested, self.device, self.world, self._old = False, device, world, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this batch, then saving (Ctrl-C again to stop at once)", flush=True)
+
+    def should_stop(self) -> bool:
+        if self.world == 1:
+            return self.requested
+        return _all_sum([float(self.requested)], self.device, self.world)[0] > 0
 
 
 def lr_at(step, args, steps_per_epoch):
@@ -242,69 +276,72 @@ def train(argv=None):
                     model_args=model_args, preset=args.preset, rng_cpu=torch.get_rng_state(),
                     rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)  # fmt: skip
 
-    from tqdm import tqdm
-
-    epoch, i, sums = start_epoch, start_batch, partial
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            model.train()
-            train_loader.epoch = epoch
-            order = train_loader._indices()
-            first = start_batch if epoch == start_epoch else 0
-            sums = partial if (epoch == start_epoch and partial) else dict(loss=0.0, correct=0.0, count=0.0,
-                                                                           data_s=0.0, step_s=0.0)  # fmt: skip
-            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                       disable=args.no_progress or not main_rank, dynamic_ncols=True)  # fmt: skip
-            for i in bar:
-                t0 = time.perf_counter()
-                x, y = train_loader.batch(order, i)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t1 = time.perf_counter()
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(epoch * steps_per_epoch + i, args, steps_per_epoch)
-                with amp:
-                    logits = ddp_model(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sums["loss"] += loss.item() * len(y)  # .item() syncs: step time below is the real GPU time
-                sums["correct"] += (logits.argmax(1) == y).sum().item()
-                sums["count"] += len(y)
-                t2 = time.perf_counter()
-                sums["data_s"] += t1 - t0
-                sums["step_s"] += t2 - t1
-                bar.set_postfix(loss=f"{sums['loss'] / sums['count']:.3f}", acc=f"{sums['correct'] / sums['count']:.3f}",
-                                img_s=f"{sums['count'] / max(sums['step_s'] + sums['data_s'], 1e-9):,.0f}")  # fmt: skip
-            loss_sum, correct, count, data_s, step_s = _all_sum(
-                [sums["loss"], sums["correct"], sums["count"], sums["data_s"], sums["step_s"]], device, world
-            )
-            test_loss, test_acc = evaluate(ddp_model, test_loader, amp, device, world)
-            row = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc=correct / count, test_loss=test_loss,
-                       test_acc=test_acc, lr=opt.param_groups[0]["lr"], img_per_s=count / ((data_s + step_s) / world),
-                       data_s=data_s / world, step_s=step_s / world)  # fmt: skip
-            log_rows.append(row)
-            improved = test_acc > best_acc
-            best_acc = max(best_acc, test_acc)
+    epoch, resume_at, sums = start_epoch, start_batch, partial
+    with GracefulStop(device, world) as stop:
+        try:
+            for epoch in range(start_epoch, args.epochs):
+                model.train()
+                train_loader.epoch = epoch
+                order = train_loader._indices()
+                first = start_batch if epoch == start_epoch else 0
+                sums = partial if (epoch == start_epoch and partial) else dict(loss=0.0, correct=0.0, count=0.0,
+                                                                               data_s=0.0, step_s=0.0)  # fmt: skip
+                bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                           disable=args.no_progress or not main_rank, dynamic_ncols=True)  # fmt: skip
+                for i in bar:
+                    resume_at = i  # until this batch completes, a hard stop resumes at it
+                    t0 = time.perf_counter()
+                    x, y = train_loader.batch(order, i)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    t1 = time.perf_counter()
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at(epoch * steps_per_epoch + i, args, steps_per_epoch)
+                    with amp:
+                        logits = ddp_model(x)
+                        loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    sums["loss"] += loss.item() * len(y)  # .item() syncs: step time below is the real GPU time
+                    sums["correct"] += (logits.argmax(1) == y).sum().item()
+                    sums["count"] += len(y)
+                    t2 = time.perf_counter()
+                    sums["data_s"] += t1 - t0
+                    sums["step_s"] += t2 - t1
+                    bar.set_postfix(loss=f"{sums['loss'] / sums['count']:.3f}", acc=f"{sums['correct'] / sums['count']:.3f}",
+                                    img_s=f"{sums['count'] / max(sums['step_s'] + sums['data_s'], 1e-9):,.0f}")  # fmt: skip
+                    resume_at = i + 1
+                    if stop.should_stop():
+                        raise KeyboardInterrupt
+                loss_sum, correct, count, data_s, step_s = _all_sum(
+                    [sums["loss"], sums["correct"], sums["count"], sums["data_s"], sums["step_s"]], device, world
+                )
+                test_loss, test_acc = evaluate(ddp_model, test_loader, amp, device, world)
+                row = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc=correct / count, test_loss=test_loss,
+                           test_acc=test_acc, lr=opt.param_groups[0]["lr"], img_per_s=count / ((data_s + step_s) / world),
+                           data_s=data_s / world, step_s=step_s / world)  # fmt: skip
+                log_rows.append(row)
+                improved = test_acc > best_acc
+                best_acc = max(best_acc, test_acc)
+                if main_rank:
+                    with open(out / "log.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}% | "
+                          f"test loss {test_loss:.4f} acc {100 * test_acc:.2f}% | {row['img_per_s']:,.0f} img/s "
+                          f"(data {data_s / world:.1f}s, step {step_s / world:.1f}s)", flush=True)  # fmt: skip
+                    save_checkpoint(out / "last.pt", state(epoch + 1, 0, None))
+                    if improved:
+                        save_checkpoint(out / "best.pt", state(epoch + 1, 0, None))
+        except KeyboardInterrupt:
             if main_rank:
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}% | "
-                      f"test loss {test_loss:.4f} acc {100 * test_acc:.2f}% | {row['img_per_s']:,.0f} img/s "
-                      f"(data {data_s / world:.1f}s, step {step_s / world:.1f}s)", flush=True)  # fmt: skip
-                save_checkpoint(out / "last.pt", state(epoch + 1, 0, None))
-                if improved:
-                    save_checkpoint(out / "best.pt", state(epoch + 1, 0, None))
-    except KeyboardInterrupt:
-        if main_rank:
-            # the batch in flight did not finish: resume restarts exactly at it, with the sums of the ones before
-            save_checkpoint(out / "last.pt", state(epoch, i, sums))
-            print(f"\ninterrupted: saved {out / 'last.pt'} at epoch {epoch + 1}, batch {i}; --resume continues there")
-        if world > 1:
-            dist.destroy_process_group()
-        return 130
+                save_checkpoint(out / "last.pt", state(epoch, resume_at, sums))
+                print(f"interrupted: saved {out / 'last.pt'} at epoch {epoch + 1}, batch {resume_at}; --resume continues "
+                      "there", flush=True)  # fmt: skip
+            if world > 1:
+                dist.destroy_process_group()
+            return 130
     if main_rank and log_rows:
         _plot(log_rows, out / "curves.png")
         last = log_rows[-1]

@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,29 +73,38 @@ def test_one_epoch_writes_checkpoint_log_and_plot_then_eval_reads_it(tmp_path, c
     assert "test accuracy" in capsys.readouterr().out
 
 
-def _interrupt_at(monkeypatch, epoch, batch):
-    """Ctrl-C when the training loader is asked for (epoch, batch)."""
+def _interrupt_at(monkeypatch, epoch, batch, hard=False):
+    """Ctrl-C (a real SIGINT to this process) while the training loader prepares (epoch, batch); hard=True sends a
+    second one at once, which stops before that batch runs."""
     import fastvit_kernels.train as tr
 
     real = tr.DeviceLoader.batch
 
-    def batch_or_interrupt(self, order, i):
+    def batch_with_ctrl_c(self, order, i):
         if self.train and (self.epoch, i) == (epoch, batch):
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
+            if hard:
+                os.kill(os.getpid(), signal.SIGINT)
         return real(self, order, i)
 
-    monkeypatch.setattr(tr.DeviceLoader, "batch", batch_or_interrupt)
+    monkeypatch.setattr(tr.DeviceLoader, "batch", batch_with_ctrl_c)
     return lambda: monkeypatch.setattr(tr.DeviceLoader, "batch", real)
 
 
-@pytest.mark.parametrize("where", [(1, 0), (0, 2)], ids=["at-an-epoch-boundary", "mid-epoch"])
-def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, monkeypatch, where):
-    write_cifar10(tmp_path)
+@pytest.mark.parametrize(
+    "where, hard, saved",
+    [((0, 4), False, (0, 5)), ((0, 2), False, (0, 3)), ((1, 1), True, (1, 1))],
+    ids=["at-the-end-of-an-epoch", "mid-epoch", "second-ctrl-c-stops-at-once"],
+)
+def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, monkeypatch, capsys, where, hard, saved):
+    write_cifar10(tmp_path)  # 100 training images: 5 batches of 20 per epoch
     train(_args(tmp_path, tmp_path / "straight", "--epochs", "2"))
-    restore = _interrupt_at(monkeypatch, *where)
+    restore = _interrupt_at(monkeypatch, *where, hard=hard)
     assert train(_args(tmp_path, tmp_path / "split", "--epochs", "2")) == 130
+    assert "Ctrl-C: finishing this batch" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
     ckpt = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
-    assert (ckpt["epoch"], ckpt["batch"]) == where
+    assert (ckpt["epoch"], ckpt["batch"]) == saved
     restore()
     assert train(_args(tmp_path, tmp_path / "split", "--epochs", "2", "--resume")) == 0
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
