@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ._common import autotuned, check_tensor, compute_dtype, dot_precision
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # read inside the kernels: must be constexpr
 MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register file with a 64-row tile
 
 
@@ -23,7 +23,7 @@ MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register file with a 64-ro
 def _attention_fwd_kernel(
     QKV, OUT, LSE,
     stride_qb, stride_qn, stride_ob, stride_on,
-    N, H, D, qk_scale_log2,
+    N, H, D, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -43,7 +43,9 @@ def _attention_fwd_kernel(
     q = tl.load(
         q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0
     )
-    # Online softmax in base 2: the scale and log2(e) are folded into one multiply, exp2 is the fast instruction.
+    # Online softmax with exp2, the fast instruction. log2(e) is applied after the row max is subtracted, not folded
+    # into the scale: with logits in the thousands, rounding s * scale * log2(e) costs ~1e-4 relative in P, while
+    # (s - m) * log2(e) is as exact as eager's softmax.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # accumulate in fp32 whatever the input dtype
@@ -51,11 +53,11 @@ def _attention_fwd_kernel(
         cols = start_n + offs_n
         mask_kv = (cols[:, None] < N) & mask_d[None, :]
         k = tl.load(k_base + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
         s = tl.where(cols[None, :] < N, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one real column
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2((s - m_new[:, None]) * LOG2E)
+        alpha = tl.exp2((m_i - m_new) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -63,19 +65,19 @@ def _attention_fwd_kernel(
     acc = acc / l_i[:, None]
     o_ptrs = OUT + b.to(tl.int64) * stride_ob + offs_m[:, None] * stride_on + h * HEAD_DIM + offs_d[None, :]
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    # the row max and log2 of the row sum, kept apart: P = exp2((s - m) - log2(l)) in the backward. Folding them
-    # into one log-sum-exp loses the low bits of s - m when logits are in the thousands.
+    # the row max (natural units) and log2 of the row sum, kept apart: P = exp2((s - m) * log2(e) - log2(l)) in the
+    # backward. Folding them into one log-sum-exp loses the low bits of s - m when logits are in the thousands.
     tl.store(LSE + pid_bh * 2 * N + offs_m, m_i, mask=mask_m)
     tl.store(LSE + pid_bh * 2 * N + N + offs_m, tl.log2(l_i), mask=mask_m)
 
 
 @triton.jit
-def _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+def _probs(q, k, m, log_l, mask_m, mask_n, sm_scale, DOT_PRECISION: tl.constexpr):
     # P rebuilt from the saved row statistics. One helper for every recomputation, so the dQ kernel's two passes and
     # the dK/dV kernel evaluate the very same expression. Padded rows and columns contribute exactly zero
     # (exp2(0 - 0) would be 1).
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-    p = tl.exp2((s - m[:, None]) - log_l[:, None])
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
+    p = tl.exp2((s - m[:, None]) * LOG2E - log_l[:, None])
     return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
 
 
@@ -83,7 +85,7 @@ def _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION: tl.cons
 def _attention_bwd_dkdv_kernel(
     QKV, DO, LSE, LOGL_BWD, DELTA, DQKV,
     stride_qb, stride_qn, stride_dob, stride_don, stride_gb, stride_gn,
-    N, H, D, qk_scale_log2, sm_scale,
+    N, H, D, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -114,7 +116,7 @@ def _attention_bwd_dkdv_kernel(
         m = tl.load(LSE + pid_bh * 2 * N + rows, mask=mask_m, other=0.0)
         log_l = tl.load(LOGL_BWD + pid_bh * N + rows, mask=mask_m, other=0.0)  # renormalised by the dQ kernel
         delta = tl.load(DELTA + pid_bh * N + rows, mask=mask_m, other=0.0)
-        p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
+        p = _probs(q, k, m, log_l, mask_m, mask_n, sm_scale, DOT_PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -128,7 +130,7 @@ def _attention_bwd_dkdv_kernel(
 def _attention_bwd_dq_kernel(
     QKV, DO, LSE, LOGL_BWD, DELTA, DQKV,
     stride_qb, stride_qn, stride_dob, stride_don, stride_gb, stride_gn,
-    N, H, D, qk_scale_log2, sm_scale,
+    N, H, D, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -163,7 +165,7 @@ def _attention_bwd_dq_kernel(
         mask_kv = mask_n[:, None] & mask_d[None, :]
         k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
         v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
+        p = _probs(q, k, m, log_l, mask_m, mask_n, sm_scale, DOT_PRECISION)
         delta += tl.sum(p * tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION), 1)
         l_b += tl.sum(p, 1)
     # Renormalise with this kernel's own row sum: the compiler may contract s * c - m into one FMA here but not in
@@ -181,7 +183,7 @@ def _attention_bwd_dq_kernel(
         mask_kv = mask_n[:, None] & mask_d[None, :]
         k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
         v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
+        p = _probs(q, k, m, log_l, mask_m, mask_n, sm_scale, DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -255,7 +257,7 @@ def attention_fwd(qkv, num_heads, scale):
 
     _fwd[grid](
         qkv, o, lse, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1),
-        N, num_heads, D, scale * LOG2E,
+        N, num_heads, D, scale,
         HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot_precision(qkv.dtype),
     )  # fmt: skip
     return o, lse, qkv
@@ -275,7 +277,7 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
     log_l_bwd = torch.empty_like(delta)
     dqkv = torch.empty((B, N, three_d), device=qkv.device, dtype=qkv.dtype)
     args = (qkv, do, lse, log_l_bwd, delta, dqkv, qkv.stride(0), qkv.stride(1), do.stride(0), do.stride(1),
-            dqkv.stride(0), dqkv.stride(1), N, num_heads, D, scale * LOG2E, scale)  # fmt: skip
+            dqkv.stride(0), dqkv.stride(1), N, num_heads, D, scale)  # fmt: skip
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot_precision(qkv.dtype))
     _bwd_dq[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * num_heads)](*args, **meta)  # first: it writes delta
     _bwd_dkdv[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * num_heads)](*args, **meta)
