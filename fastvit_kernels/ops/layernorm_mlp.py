@@ -375,9 +375,9 @@ def _layernorm_mlp_bwd(dout: Tensor, x: Tensor, norm_w: Tensor, norm_b: Tensor, 
     dw1, db1 = linear_weight_grad(dpre, x2, ln=(norm_w, norm_b), mean=mean, rstd=rstd, need_bias=has_b1)
     dxn = torch.matmul(dpre, w1)  # plain GEMM, nothing to fuse: the LayerNorm backward needs whole rows
     dx, dnw, dnb = layernorm_bwd(dxn, x2, mean, rstd, norm_w, dres=dy)
-    no_bias = w1.new_empty(NO_BIAS)
     return (dx.view(x.shape), dnw.to(norm_w.dtype), dnb.to(norm_b.dtype), dw1.to(w1.dtype),
-            db1.to(w1.dtype) if has_b1 else no_bias, dw2.to(w2.dtype), db2.to(w2.dtype) if has_b2 else no_bias.clone())  # fmt: skip
+            db1.to(w1.dtype) if has_b1 else w1.new_empty(NO_BIAS), dw2.to(w2.dtype),
+            db2.to(w2.dtype) if has_b2 else w2.new_empty(NO_BIAS))  # fmt: skip
 
 
 @_layernorm_mlp_bwd.register_fake
