@@ -110,7 +110,7 @@ def test_e2e(benchmark, bench_opts, device, workload, mode, precision, row):
     x = torch.randn(batch, 3, h, w, device=device)
     y = torch.randint(0, base.num_classes, (batch,), device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=not graphed)
-    torch.backends.cuda.matmul.allow_tf32 = precision == "fp32"  # fp32 rows: TF32 matmuls for every row alike
+    # fp32 rows: TF32 matmuls for every row alike (cuBLAS, Inductor and our dot_precision all read this one setting)
     torch.set_float32_matmul_precision("high" if precision == "fp32" else "highest")
     flops = base.flops_per_image() * batch * (3 if mode == "train" else 1)
 
