@@ -96,12 +96,13 @@ def _variants(cap):
             [dict(HAS_LN=ln, HAS_DBIAS=True, DOT_PRECISION="ieee") for ln in (True, False)], lm._prune_dw, full)  # fmt: skip
         ln_ptrs = {"DY": w, "X": stream, "MEAN": f32, "RSTD": f32, "W": f32, "DRES": stream, "DX": stream,
                    "DW_PART": f32, "DB_PART": f32}  # fmt: skip
-        for block_d in (128, 1024, 8192) if (full and stream == "fp32") else (1024,):
-            block_m = max(1, min(16, lm.STATS_ELEMS // block_d))
+        for dim in (100, 384, 768, 1024, 8192) if full else (768,):
+            bm, bd, warps = lm.row_kernel_params(dim, **lm.STATS_PARAMS)
             out.append((lm._layernorm_stats_kernel.__name__, lm.__name__, {"X": stream, "MEAN": f32, "RSTD": f32},
-                        dict(BLOCK_M=block_m, BLOCK_D=block_d), 4 if block_d <= 2048 else 8, 3))  # fmt: skip
+                        dict(BLOCK_M=bm, BLOCK_D=bd), warps, 3))  # fmt: skip
+            bm, bd, warps = lm.row_kernel_params(dim, **lm.LN_BWD_PARAMS)
             out.append((lm._layernorm_bwd_kernel.__name__, lm.__name__, ln_ptrs,
-                        dict(HAS_DRES=True, BLOCK_M=lm.LN_BWD_BLOCK_M, BLOCK_D=block_d), 4, 3))  # fmt: skip
+                        dict(HAS_DRES=True, BLOCK_M=bm, BLOCK_D=bd), warps, 3))  # fmt: skip
         pe_ptrs = {"IMG": stream, "W": w, "BIAS": w, "POS": f32 if stream == "fp32" else w, "CLS": stream,
                    "OUT": stream, "G": w, "DW": f32, "DIMG": stream}  # fmt: skip
         patches = (4, 16) if full else (4,)
@@ -118,6 +119,24 @@ def _variants(cap):
         add(pe._patch_embed_bwd_dx_kernel, pe.BWD_CONFIGS, pe_ptrs,
             [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches], pe._prune_dx, full)  # fmt: skip
     return out
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and stack bytes (register spills) of a compiled kernel, read from its cubin with the
+    cuobjdump that ships inside Triton's NVIDIA backend."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    return dict(regs=int(m.group(1)), stack=int(m.group(2))) if m else dict(regs=None, stack=None)
 
 
 def _compile(job):
@@ -152,7 +171,13 @@ def _compile(job):
         src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
         c = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps, num_stages=stages))
         ptx = c.asm["ptx"]
-        res = dict(ok=True, shared=c.metadata.shared, wgmma="wgmma" in ptx, pipelined="cp.async" in ptx)
+        res = dict(
+            ok=True,
+            shared=c.metadata.shared,
+            wgmma="wgmma" in ptx,
+            pipelined="cp.async" in ptx,
+            **_resource_usage(c.asm["cubin"]),
+        )
     except Exception as e:  # noqa: BLE001 - reported per configuration
         res = dict(ok=False, error=f"{type(e).__name__}: {str(e)[-400:]}")
     res["seconds"] = round(time.perf_counter() - start, 2)

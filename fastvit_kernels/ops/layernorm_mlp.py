@@ -210,14 +210,32 @@ def _gemm_cfg(bm, bn, bk, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
+# No tile here spills registers in bf16 on sm_90 (tests/test_compile_targets.py checks it). 128 x 256 x 64 with 8 warps
+# and 128 x 128 x 32 with 4 warps were dropped for that: with the LayerNorm prologue, the residual epilogue or
+# GELU' they hit ptxas's 255-register cap and spilled 50 B to 1.2 KB per thread.
 FWD_CONFIGS = [_gemm_cfg(128, 128, 64, 8, 3), _gemm_cfg(128, 64, 64, 4, 4), _gemm_cfg(64, 128, 64, 4, 4),
-               _gemm_cfg(128, 256, 64, 8, 3), _gemm_cfg(64, 64, 64, 4, 4), _gemm_cfg(128, 128, 32, 4, 4)]  # fmt: skip
+               _gemm_cfg(64, 64, 64, 4, 4)]  # fmt: skip
 DW_CONFIGS = [_gemm_cfg(128, 128, 64, 8, 3), _gemm_cfg(128, 64, 64, 4, 4), _gemm_cfg(64, 128, 64, 4, 4),
               _gemm_cfg(64, 64, 64, 4, 4)]  # fmt: skip
 GROUP_M = 8
-LN_BWD_BLOCK_M = 8
 MAX_LN_DIM = 8192  # _layernorm_bwd_kernel and _layernorm_stats_kernel keep a whole row in registers
-STATS_ELEMS = 4096  # elements per stats program: 16 rows of D = 256, 4 of D = 1024
+
+
+def row_kernel_params(D, elems, max_rows):
+    """(BLOCK_M, BLOCK_D, num_warps) for the row-wise kernels, which hold BLOCK_M whole rows in registers.
+
+    BLOCK_M * BLOCK_D is about `elems`, spread so that each thread holds at most 16 elements per row tensor: the
+    LayerNorm backward keeps five such tensors live, and with a fixed 4 warps it spilled (ptxas: 8192 elements per
+    program at D = 768, 40 B of stack on sm_90; 16 KB at D = 8192).
+    """
+    block_d = triton.next_power_of_2(D)
+    block_m = max(1, min(max_rows, elems // block_d))
+    warps = min(16, max(4, block_m * block_d // (32 * 16)))
+    return block_m, block_d, warps
+
+
+STATS_PARAMS = dict(elems=4096, max_rows=16)  # two live row tensors: 16 rows of D = 256, 4 of D = 1024
+LN_BWD_PARAMS = dict(elems=4096, max_rows=8)
 
 _FLAGS = ["HAS_LN", "HAS_BIAS", "ACT_GELU", "STORE_PRE", "GELU_GRAD", "HAS_RES", "DOT_PRECISION"]
 _prune_fwd = prune_gemm_configs("A", "B")
@@ -274,10 +292,9 @@ def layernorm_stats(x, eps):
     M, D = x.shape
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    block_d = triton.next_power_of_2(D)
-    block_m = max(1, min(16, STATS_ELEMS // block_d))
+    block_m, block_d, warps = row_kernel_params(D, **STATS_PARAMS)
     _layernorm_stats_kernel[(triton.cdiv(M, block_m),)](
-        x, mean, rstd, M, D, x.stride(0), eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4 if block_d <= 2048 else 8
+        x, mean, rstd, M, D, x.stride(0), eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps
     )
     return mean, rstd
 
@@ -311,8 +328,9 @@ def linear_weight_grad(g, x, *, ln=None, mean=None, rstd=None, need_bias=True):
 def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
     """(dx, dweight, dbias) of LayerNorm, dx += dres in the same pass. dweight/dbias come back in fp32."""
     M, D = x.shape
-    programs = min(triton.cdiv(M, LN_BWD_BLOCK_M), 4 * num_sms(x.device))
-    rows_per_program = triton.cdiv(triton.cdiv(M, programs), LN_BWD_BLOCK_M) * LN_BWD_BLOCK_M
+    block_m, block_d, warps = row_kernel_params(D, **LN_BWD_PARAMS)
+    programs = min(triton.cdiv(M, block_m), 4 * num_sms(x.device))
+    rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
     programs = triton.cdiv(M, rows_per_program)
     dx = torch.empty_like(x)
     dw_part = torch.empty((programs, D), device=x.device, dtype=torch.float32)
@@ -320,7 +338,7 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
     _layernorm_bwd_kernel[(programs,)](
         dy, x, mean, rstd, weight, dres if dres is not None else dy, dx, dw_part, db_part,
         M, D, rows_per_program, dy.stride(0), x.stride(0), dres.stride(0) if dres is not None else 0, dx.stride(0),
-        HAS_DRES=dres is not None, BLOCK_M=LN_BWD_BLOCK_M, BLOCK_D=triton.next_power_of_2(D),
+        HAS_DRES=dres is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
     return dx, dw_part.sum(0), db_part.sum(0)
 

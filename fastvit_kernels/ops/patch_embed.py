@@ -160,8 +160,9 @@ def _cfg(bm, bn, bk, warps, stages):
 
 # K = C * ph * pw is 48 for CIFAR-10 (3 x 4 x 4) and 768 for /16 patches: BLOCK_K 32/64 covers both without
 # padding a 48-wide K to 128.
+# (128 x 256 x 64 spilled registers in bf16 on sm_90 and was dropped; tests/test_compile_targets.py checks the rest.)
 FWD_CONFIGS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 128, 32, 4, 3), _cfg(64, 64, 64, 4, 3),
-               _cfg(128, 128, 32, 8, 3), _cfg(128, 256, 64, 8, 3)]  # fmt: skip
+               _cfg(128, 128, 32, 8, 3)]  # fmt: skip
 BWD_CONFIGS = [_cfg(64, 64, 64, 4, 3), _cfg(128, 64, 64, 4, 3), _cfg(64, 128, 64, 4, 3), _cfg(128, 128, 64, 8, 3)]
 GROUP_M = 8
 
