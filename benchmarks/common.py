@@ -47,8 +47,10 @@ def sync(device):
 
 
 def measure(benchmark, fn, *, device, opts, group, row, items=None, item_name="img", flops=None, peak_dtype=None,
-            warmup=None):  # fmt: skip
-    """Time fn() (one call = one step) and record a row: median ms, items/s, TFLOP/s, MFU, peak memory."""
+            warmup=None, describe=None):  # fmt: skip
+    """Time fn() (one call = one step) and record a row: median ms, items/s, TFLOP/s, MFU, peak memory.
+
+    describe() (optional) is called after the timing and its dict joins the row: what an autotuner chose, say."""
 
     def timed():
         fn()
@@ -74,6 +76,8 @@ def measure(benchmark, fn, *, device, opts, group, row, items=None, item_name="i
             info["peak_tflops_measured"] = peak
     if device.type == "cuda":
         info["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if describe is not None:
+        info.update(describe())
     benchmark.extra_info.update(info)
     ROWS.append(benchmark.extra_info)  # the same dict pytest-benchmark saves at the end of the session
     from summary import add_speedups

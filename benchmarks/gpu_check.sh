@@ -28,6 +28,7 @@ bench() {  # bench LIMIT PYTEST-ARGS...   (LIMIT 0 skips the stage)
 }
 echo "=== benchmarks"
 bench 120 benchmarks/test_kernels.py -k "ours or flash or cudnn or eager or compile"
+bench 75 benchmarks/test_gemms.py -k cifar10
 bench 75 benchmarks/test_e2e.py -k "cifar10 and bf16 and not compile"
 bench 110 benchmarks/test_e2e.py -k "cifar10 and bf16 and compile"
 bench 40 benchmarks/test_e2e.py -k "vitb16 and (ours or sdpa)"

@@ -35,8 +35,9 @@ def speedup_table(rows):
             ms = r["median_ms"]
             tflops = f"{r['tflops']:.1f}" if "tflops" in r else "-"
             mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else "-"
+            name = f"{r['row']} [{r['config']}]" if "config" in r else r["row"]
             lines.append(
-                f"| {group} | {r['row']} | {ms:.3f} | {r.get('items_per_s', 0):,.0f} | {tflops} | {mfu} "
+                f"| {group} | {name} | {ms:.3f} | {r.get('items_per_s', 0):,.0f} | {tflops} | {mfu} "
                 f"| {r.get('peak_mem_gib', 0):.2f} | {_ratio(base, 'eager-sdpa', ms)} | {_ratio(base, plain_eager, ms)} |"
             )
     return "\n".join(lines)

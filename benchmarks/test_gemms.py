@@ -1,0 +1,129 @@
+"""Each fused GEMM of a block, alone, at the model's real shapes and dtypes: how far is it from a bare cuBLAS GEMM?
+
+The per-op rows (test_kernels.py) say whether a fused op beats eager; these say where the time goes inside it. Inputs
+are what the model feeds the kernels under bf16 autocast: the residual stream x in fp32, weights and activations in
+bf16. Rows per group:
+  ours        our fused kernel (the autotuner's choice is recorded in the row as `config`)
+  eager       what eager autocast runs for the same math (LayerNorm, linear, GELU, add as separate kernels)
+  cublas      the bare GEMM on ready bf16 operands, nothing fused: a floor for ours, not a peer (it skips work)
+  ln+ours     (LayerNorm GEMMs only) LayerNorm by Inductor writing bf16 rows, then our GEMM with no prologue: the
+              alternative design to the LayerNorm prologue, measured so that the choice rests on numbers
+"""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from common import measure, need_cuda
+
+lm = importlib.import_module("fastvit_kernels.ops.layernorm_mlp")
+
+SHAPES = {"cifar10": (512 * 65, 384, 1536), "vitb16": (128 * 197, 768, 3072)}  # rows, D, hidden
+GEMMS = {  # name -> (N, K) as functions of (D, hidden), and which rows apply
+    "qkv": (lambda d, h: (3 * d, d), ("ours", "eager", "cublas", "ln+ours")),
+    "proj": (lambda d, h: (d, d), ("ours", "eager", "cublas")),
+    "fc1": (lambda d, h: (h, d), ("ours", "eager", "cublas", "ln+ours")),
+    "fc2": (lambda d, h: (d, h), ("ours", "eager", "cublas")),
+    "fc1-dW": (lambda d, h: (h, d), ("ours", "eager", "cublas")),  # weight gradient, LayerNorm recomputed
+    "fc2-dgelu": (lambda d, h: (h, d), ("ours", "eager", "cublas")),  # dy @ W2 with GELU' in the epilogue
+    "fc2-dW": (lambda d, h: (d, h), ("ours", "eager", "cublas")),
+}
+BF16 = torch.bfloat16
+_compiled_ln = None
+
+
+def _layernorm_bf16(x, w, b):
+    global _compiled_ln
+    if _compiled_ln is None:
+        _compiled_ln = torch.compile(lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-6).to(BF16))
+    return _compiled_ln(x, w, b)
+
+
+def _config(kernel):
+    cfg = getattr(kernel, "best_config", None)
+    if cfg is None:
+        return {"config": "first config (FASTVIT_AUTOTUNE=0)"}
+    kw = cfg.kwargs
+    return {"config": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"}
+
+
+def _case(name, row, R, D, Hd, device):
+    """(fn, autotuned kernel or None) for one row of one GEMM."""
+    N, K = GEMMS[name][0](D, Hd)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*s, dtype=BF16, scale=1.0):
+        return (scale * torch.randn(*s, device=device, generator=g)).to(dtype)
+
+    x = rnd(R, D, dtype=torch.float32)  # the residual stream
+    nw, nb = 1.0 + rnd(D, dtype=torch.float32, scale=0.1), rnd(D, dtype=torch.float32, scale=0.1)
+    eps = 1e-6
+    w, b = rnd(N, K, scale=K**-0.5), rnd(N, scale=0.1)
+    xn = F.layer_norm(x, (D,), nw, nb, eps).to(BF16)
+    amp = torch.autocast(device.type, dtype=BF16)
+
+    if name in ("qkv", "fc1"):
+        gelu = name == "fc1"
+        act = F.gelu if gelu else (lambda t: t)
+        fns = {
+            "ours": lambda: lm.fused_linear(x, w.t(), b, ln=(nw, nb, eps), gelu=gelu),
+            "eager": lambda: act(F.linear(F.layer_norm(x, (D,), nw, nb, eps), w, b)),
+            "cublas": lambda: F.linear(xn, w, b),
+            "ln+ours": lambda: lm.fused_linear(_layernorm_bf16(x, nw, nb), w.t(), b, gelu=gelu),
+        }
+        kernel = lm._fused_fwd
+    elif name in ("proj", "fc2"):
+        a = rnd(R, K)
+        fns = {
+            "ours": lambda: lm.fused_linear(a, w.t(), b, residual=x, out_dtype=torch.float32),
+            "eager": lambda: x + F.linear(a, w, b),
+            "cublas": lambda: F.linear(a, w, b),
+        }
+        kernel = lm._fused_fwd
+    elif name == "fc2-dgelu":  # dpre [R, hidden] = (dy [R, D] @ W2 [D, hidden]) * GELU'(pre)
+        w2, dy, pre = rnd(K, N, scale=N**-0.5), rnd(R, K), rnd(R, N)
+        fns = {
+            "ours": lambda: lm.fused_linear(dy, w2, gelu_grad_pre=pre),
+            "eager": lambda: torch.ops.aten.gelu_backward(dy @ w2, pre),
+            "cublas": lambda: dy @ w2,
+        }
+        kernel = lm._fused_fwd
+    else:  # weight gradients: dW [N, K] = G^T [N, R] @ X' [R, K], and the bias gradient colsum(G)
+        gout = rnd(R, N)
+        if name == "fc1-dW":
+            mean, rstd = lm.layernorm_stats(x, eps)
+            fns = {
+                "ours": lambda: lm.linear_weight_grad(gout, x, ln=(nw, nb), mean=mean, rstd=rstd),
+                "eager": lambda: (gout.t() @ xn, gout.sum(0)),
+                "cublas": lambda: gout.t() @ xn,
+            }
+        else:
+            h = rnd(R, K)
+            fns = {
+                "ours": lambda: lm.linear_weight_grad(gout, h),
+                "eager": lambda: (gout.t() @ h, gout.sum(0)),
+                "cublas": lambda: gout.t() @ h,
+            }
+        kernel = lm._linear_dw
+    fn = fns[row]
+
+    def step():
+        with torch.no_grad(), amp:
+            fn()
+
+    return step, 2 * R * N * K, (kernel if row in ("ours", "ln+ours") else None)
+
+
+@pytest.mark.parametrize("row", ["ours", "ln+ours", "eager", "cublas"])
+@pytest.mark.parametrize("gemm", list(GEMMS))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gemm(benchmark, bench_opts, device, shape, gemm, row):
+    need_cuda(device, "GEMM benchmarks")
+    if row not in GEMMS[gemm][1]:
+        pytest.skip(f"{row} does not apply to {gemm}")
+    R, D, Hd = SHAPES[shape]
+    step, flops, kernel = _case(gemm, row, R, D, Hd, device)
+    measure(benchmark, step, device=device, opts=bench_opts, group=f"gemm/{shape}/{gemm}", row=row, items=R,
+            item_name="tok", flops=flops, peak_dtype=BF16, warmup=bench_opts["warmup"] + 2,
+            describe=(lambda: _config(kernel)) if kernel is not None else None)  # fmt: skip
