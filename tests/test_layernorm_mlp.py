@@ -94,3 +94,14 @@ def test_rejects_mismatched_shapes_and_dtypes(device):
         layernorm_mlp(x.half(), nw, nb, w1, b1, w2, b2)
     with pytest.raises(ValueError, match="residual"):
         linear_residual(x, w1, b1, x)
+
+
+def test_rejects_tensors_on_two_devices(device):
+    # a weight left on another device would reach the kernel as a foreign pointer; "meta" stands in for a second GPU
+    x, nw, nb, w1, b1, w2, b2 = _mlp_inputs(4, 32, 64, device)
+    with pytest.raises(RuntimeError, match="fc2_weight on meta"):
+        layernorm_mlp(x, nw, nb, w1, b1, w2.to("meta"), b2)
+    with pytest.raises(RuntimeError, match="bias on meta"):
+        layernorm_linear(x, nw, nb, w1, b1.to("meta"))
+    with pytest.raises(RuntimeError, match="residual on meta"):
+        linear_residual(x, w1[:32], None, x.to("meta"))

@@ -59,3 +59,5 @@ def test_patch_embed_rejects_bad_input(device):
         patch_embed(img, w, b, ct, pos[:, :-1])
     with pytest.raises(TypeError, match="cast one"):
         patch_embed(img.half(), w, b, ct, pos)
+    with pytest.raises(RuntimeError, match="pos_embed on meta"):
+        patch_embed(img, w, b, ct, pos.to("meta"))

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuned, check_tensor, compute_dtype, dot_precision
+from ._common import autotuned, check_tensor, compute_dtype, dot_precision, on_input_device
 
 LOG2E = tl.constexpr(1.4426950408889634)  # read inside the kernels: must be constexpr
 MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register file with a 64-row tile
@@ -289,6 +289,7 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
 # with fake implementations for shape propagation and the backward registered as autograd formula.
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastvit::attention_fwd", mutates_args=())
+@on_input_device
 def _attention_fwd_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     o, lse, _ = attention_fwd(qkv, num_heads, scale)
     return o, lse
@@ -301,6 +302,7 @@ def _(qkv, num_heads, scale):
 
 
 @torch.library.custom_op("fastvit::attention_bwd", mutates_args=())
+@on_input_device
 def _attention_bwd_op(
     do: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float
 ) -> torch.Tensor:

@@ -23,10 +23,12 @@ import triton.language as tl
 
 from ._common import (
     autotuned,
+    check_same_device,
     check_tensor,
     compute_dtype,
     dot_precision,
     num_sms,
+    on_input_device,
     prune_gemm_configs,
     split_rows,
 )
@@ -363,6 +365,7 @@ def _grad_or_none(t):
 
 
 @torch.library.custom_op("fastvit::layernorm_mlp_fwd", mutates_args=())
+@on_input_device
 def _layernorm_mlp_fwd(x: Tensor, norm_w: Tensor, norm_b: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
                        b2: Tensor | None, eps: float, training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     x2 = _rows(x)
@@ -382,6 +385,7 @@ def _(x, norm_w, norm_b, w1, b1, w2, b2, eps, training):
 
 
 @torch.library.custom_op("fastvit::layernorm_mlp_bwd", mutates_args=())
+@on_input_device
 def _layernorm_mlp_bwd(dout: Tensor, x: Tensor, norm_w: Tensor, norm_b: Tensor, w1: Tensor, w2: Tensor, h: Tensor,
                        pre: Tensor, mean: Tensor, rstd: Tensor, has_b1: bool, has_b2: bool
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
@@ -422,6 +426,7 @@ _layernorm_mlp_fwd.register_autograd(_layernorm_mlp_backward, setup_context=_lay
 
 
 @torch.library.custom_op("fastvit::layernorm_linear_fwd", mutates_args=())
+@on_input_device
 def _layernorm_linear_fwd(x: Tensor, norm_w: Tensor, norm_b: Tensor, w: Tensor, b: Tensor | None, eps: float
                           ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     out, _, mean, rstd = fused_linear(_rows(x), w.t(), b, ln=(norm_w, norm_b, eps))
@@ -435,6 +440,7 @@ def _(x, norm_w, norm_b, w, b, eps):
 
 
 @torch.library.custom_op("fastvit::layernorm_linear_bwd", mutates_args=())
+@on_input_device
 def _layernorm_linear_bwd(dout: Tensor, x: Tensor, norm_w: Tensor, norm_b: Tensor, w: Tensor, mean: Tensor,
                           rstd: Tensor, has_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     x2 = _rows(x)
@@ -467,6 +473,7 @@ _layernorm_linear_fwd.register_autograd(_layernorm_linear_backward, setup_contex
 
 
 @torch.library.custom_op("fastvit::linear_residual_fwd", mutates_args=())
+@on_input_device
 def _linear_residual_fwd(x: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
     out_dtype = torch.promote_types(residual.dtype, w.dtype)
     out, _, _, _ = fused_linear(_rows(x), w.t(), b, residual=_rows(residual), out_dtype=out_dtype)
@@ -479,6 +486,7 @@ def _(x, w, b, residual):
 
 
 @torch.library.custom_op("fastvit::linear_residual_bwd", mutates_args=())
+@on_input_device
 def _linear_residual_bwd(dout: Tensor, x: Tensor, w: Tensor, has_b: bool) -> tuple[Tensor, Tensor, Tensor]:
     dy = _rows(dout).to(w.dtype)
     dw, db = linear_weight_grad(dy, _rows(x), need_bias=has_b)
@@ -551,6 +559,8 @@ def layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, f
     if fc2_bias is not None and fc2_bias.shape != (x.shape[-1],):
         raise ValueError(f"fc2 bias has shape {tuple(fc2_bias.shape)}; expected ({x.shape[-1]},)")
     _check_same_dtype(x, fc1_weight)
+    check_same_device(x=x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
+                      fc2_weight=fc2_weight, fc2_bias=fc2_bias)  # fmt: skip
     cdt = compute_dtype(fc1_weight)
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
@@ -565,6 +575,7 @@ def layernorm_linear(x, norm_weight, norm_bias, weight, bias, eps=1e-6):
     _check_norm(x, norm_weight, norm_bias)
     _check_linear(x, weight, bias, "linear")
     _check_same_dtype(x, weight)
+    check_same_device(x=x, norm_weight=norm_weight, norm_bias=norm_bias, weight=weight, bias=bias)
     cdt = compute_dtype(weight)
     return _layernorm_linear_fwd(x, norm_weight, norm_bias, weight.to(cdt), _cast(bias, cdt), eps)[0]
 
@@ -577,6 +588,7 @@ def linear_residual(x, weight, bias, residual):
         raise ValueError(
             f"residual has shape {tuple(residual.shape)}; expected {tuple(x.shape[:-1]) + (weight.shape[0],)}"
         )
+    check_same_device(x=x, weight=weight, bias=bias, residual=residual)
     _check_same_dtype(x, weight)
     _check_same_dtype(residual, weight)
     cdt = compute_dtype(weight)

@@ -12,7 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuned, check_tensor, compute_dtype, dot_precision, prune_gemm_configs, split_rows
+from ._common import (
+    autotuned,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    dot_precision,
+    on_input_device,
+    prune_gemm_configs,
+    split_rows,
+)
 
 
 @triton.jit
@@ -245,6 +254,7 @@ Tensor = torch.Tensor
 
 
 @torch.library.custom_op("fastvit::patch_embed_fwd", mutates_args=())
+@on_input_device
 def _patch_embed_fwd(images: Tensor, weight: Tensor, bias: Tensor, cls_token: Tensor | None, pos_embed: Tensor,
                      out_dtype: torch.dtype) -> Tensor:  # fmt: skip
     return patch_embed_fwd(images, weight, bias, cls_token, pos_embed, out_dtype)
@@ -258,6 +268,7 @@ def _(images, weight, bias, cls_token, pos_embed, out_dtype):
 
 
 @torch.library.custom_op("fastvit::patch_embed_bwd_weight", mutates_args=())
+@on_input_device
 def _patch_embed_bwd_weight(g: Tensor, images: Tensor, weight: Tensor) -> Tensor:
     return patch_embed_bwd_weight(g, images, weight).to(weight.dtype)
 
@@ -268,6 +279,7 @@ def _(g, images, weight):
 
 
 @torch.library.custom_op("fastvit::patch_embed_bwd_images", mutates_args=())
+@on_input_device
 def _patch_embed_bwd_images(g: Tensor, weight: Tensor, images: Tensor) -> Tensor:
     return patch_embed_bwd_images(g, weight, images)
 
@@ -328,6 +340,7 @@ def patch_embed(images, weight, bias, cls_token, pos_embed):
                          f"with {ph}x{pw} patches")  # fmt: skip
     if not torch.is_autocast_enabled(images.device.type) and images.dtype != weight.dtype:
         raise TypeError(f"images are {images.dtype} but the weight is {weight.dtype}: cast one, or run under autocast")
+    check_same_device(images=images, weight=weight, bias=bias, cls_token=cls_token, pos_embed=pos_embed)
     cdt = compute_dtype(weight)
     out_dtype = torch.promote_types(cdt, pos_embed.dtype)
     return _patch_embed_fwd(images, weight.to(cdt), bias.to(cdt), cls_token, pos_embed, out_dtype)

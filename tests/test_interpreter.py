@@ -1,0 +1,51 @@
+"""The CPU interpreter computes bf16 as the GPU does (ops/_common.py patches two defects of triton's interpreter).
+
+Every bf16 kernel test here runs under the interpreter, so these are what make those tests mean the GPU's numbers.
+"""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from fastvit_kernels.ops._common import interpreting
+
+pytestmark = pytest.mark.skipif(not interpreting(), reason="checks the CPU interpreter; a GPU runs the real thing")
+
+
+@triton.jit
+def _cast_kernel(X, Y, Z, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(X + offs, mask=mask)
+    tl.store(Y + offs, x.to(tl.bfloat16), mask=mask)  # an explicit cast
+    tl.store(Z + offs, x, mask=mask)  # the implicit cast of a store into a bf16 tensor
+
+
+@triton.jit
+def _dot_kernel(A, B, C, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    a = tl.load(A + tl.arange(0, M)[:, None] * K + tl.arange(0, K)[None, :])
+    b = tl.load(B + tl.arange(0, K)[:, None] * N + tl.arange(0, N)[None, :])
+    tl.store(C + tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :], tl.dot(a, b))
+
+
+def test_fp32_to_bf16_rounds_to_nearest_even_like_torch():
+    x = torch.randn(4093) * torch.logspace(-30, 30, 4093)
+    # ties (exactly half an ulp, odd and even neighbours), values that carry into the exponent, inf, nan, max float
+    specials = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 - 2**-9 + 2**-24, 2 - 2**-9, float("inf"), -float("inf"),
+                             float("nan"), 3.4028234663852886e38, -0.0])  # fmt: skip
+    x = torch.cat([x, specials])
+    y, z = (torch.empty(x.shape, dtype=torch.bfloat16) for _ in range(2))
+    _cast_kernel[(1,)](x, y, z, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    expected = x.to(torch.bfloat16)
+    for got in (y, z):
+        same = (got.view(torch.int16) == expected.view(torch.int16)) | (got.isnan() & expected.isnan())
+        assert same.all(), f"{(~same).sum().item()} casts differ from torch, e.g. {x[~same][:4].tolist()}"
+
+
+def test_bf16_dot_accumulates_exact_products_in_fp32():
+    a = torch.randn(16, 32).to(torch.bfloat16)
+    b = torch.randn(32, 16).to(torch.bfloat16)
+    c = torch.empty(16, 16)
+    _dot_kernel[(1,)](a, b, c, M=16, N=16, K=32)
+    torch.testing.assert_close(c, a.float() @ b.float(), rtol=1e-6, atol=1e-6)
