@@ -41,9 +41,10 @@ def _variants(cap):
 
     out = []
 
-    def add(kernel, configs, ptrs, consts_list, prune=None, full=True):
-        """Every config for the first constexpr set (when full); the others with the first and the largest config
-        (shared memory grows with the tile, so those two bound the rest)."""
+    def add(kernel, configs, ptrs, consts_list, prune=None, full=True, hot=lambda consts: True):
+        """Every config for each constexpr set on the hot path (when full: registers depend on every flag, so the spill
+        check needs them all); the other sets with the first and the largest config (shared memory grows with the
+        tile, so those two bound the rest)."""
 
         def size(c):
             return c.num_stages * sum(v for k, v in c.kwargs.items() if k != "BLOCK_K") * c.kwargs.get("BLOCK_K", 64)
@@ -54,7 +55,8 @@ def _variants(cap):
                 fakes = {n: SimpleNamespace(element_size=lambda dt=dt: 4 if dt == "fp32" else 2, device=f"sm_{cap}")
                          for n, dt in ptrs.items()}  # fmt: skip
                 kept = prune(configs, dict(consts, **fakes))
-            chosen = kept if (i == 0 and full) else list({id(c): c for c in (kept[0], max(kept, key=size))}.values())
+            every = full and (i == 0 or hot(consts))
+            chosen = kept if every else list({id(c): c for c in (kept[0], max(kept, key=size))}.values())
             for cfg in chosen:
                 out.append((kernel.__name__, kernel.__module__, ptrs, {**consts, **cfg.kwargs}, cfg.num_warps,
                                 cfg.num_stages))  # fmt: skip
@@ -69,9 +71,10 @@ def _variants(cap):
             heads = heads[:2]
         io = {"QKV": dt, "OUT": dt, "DO": dt, "DQKV": dt, "LSE": "fp32", "LOGL_BWD": "fp32", "DELTA": "fp32"}
         full = dt == "bf16"  # every config in bf16; fp16/fp32 with the first and the largest
-        add(at._attention_fwd_kernel, at.FWD_CONFIGS, io, heads, at._prune, full)
-        add(at._attention_bwd_dkdv_kernel, at.BWD_CONFIGS, io, heads, at._prune, full)
-        add(at._attention_bwd_dq_kernel, at.BWD_CONFIGS, io, heads, at._prune, full)
+        vit_heads = lambda c: c["HEAD_DIM"] <= 64  # noqa: E731 - the head dims of the shipped ViTs
+        add(at._attention_fwd_kernel, at.FWD_CONFIGS, io, heads, at._prune, full, vit_heads)
+        add(at._attention_bwd_dkdv_kernel, at.BWD_CONFIGS, io, heads, at._prune, full, vit_heads)
+        add(at._attention_bwd_dq_kernel, at.BWD_CONFIGS, io, heads, at._prune, full, vit_heads)
 
     # fused linear: (A, residual/output) in the residual stream's dtype, weights in the compute dtype
     streams = [("bf16", "bf16"), ("fp32", "bf16"), ("fp32", "fp32"), ("fp16", "fp16")]

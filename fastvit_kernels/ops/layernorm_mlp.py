@@ -215,8 +215,11 @@ def _gemm_cfg(bm, bn, bk, warps, stages):
 # No tile here spills registers in bf16 on sm_90 (tests/test_compile_targets.py checks it). 128 x 256 x 64 with 8 warps
 # and 128 x 128 x 32 with 4 warps were dropped for that: with the LayerNorm prologue, the residual epilogue or
 # GELU' they hit ptxas's 255-register cap and spilled 50 B to 1.2 KB per thread.
+# The 4-warp tiles with 3 stages fit two blocks per SM (<= 255 registers x 128 threads, 58-91 KB of shared memory
+# each, fp32 A included), so one block's prologue and epilogue overlap the other's main loop: with K = 384 (qkv, fc1)
+# a block has only 6 K steps to hide them behind. 128 x 128 x 64 with 8 warps holds the SM alone (172 registers).
 FWD_CONFIGS = [_gemm_cfg(128, 128, 64, 8, 3), _gemm_cfg(128, 64, 64, 4, 4), _gemm_cfg(64, 128, 64, 4, 4),
-               _gemm_cfg(64, 64, 64, 4, 4)]  # fmt: skip
+               _gemm_cfg(64, 64, 64, 4, 4), _gemm_cfg(128, 64, 64, 4, 3), _gemm_cfg(64, 128, 64, 4, 3)]  # fmt: skip
 DW_CONFIGS = [_gemm_cfg(128, 128, 64, 8, 3), _gemm_cfg(128, 64, 64, 4, 4), _gemm_cfg(64, 128, 64, 4, 4),
               _gemm_cfg(64, 64, 64, 4, 4)]  # fmt: skip
 GROUP_M = 8
