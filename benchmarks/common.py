@@ -41,14 +41,30 @@ def matmul_peak_tflops(dtype):
     return _PEAK[dtype]
 
 
+def host_ms(fn, reps=3):
+    """Host time to issue one call of fn while the GPU is kept busy (a ~0.1 s spin kernel queued first), so the host
+    never waits on the GPU: the launch overhead a CUDA graph removes. Median of reps, in ms. A call that
+    synchronises shows up as ~100 ms."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # clock cycles: ~0.1 s at ~2 GHz
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def measure(benchmark, fn, *, device, opts, group, row, items=None, item_name="img", flops=None, peak_dtype=None,
-            warmup=None, describe=None):  # fmt: skip
-    """Time fn() (one call = one step) and record a row: median ms, items/s, TFLOP/s, MFU, peak memory.
+            warmup=None, describe=None, host=False):  # fmt: skip
+    """Time fn() (one call = one step) and record a row: median ms, items/s, TFLOP/s, MFU, peak memory, and with
+    host=True the host's share (host_ms: the time to issue one step while the GPU is busy).
 
     describe() (optional) is called after the timing and its dict joins the row: what an autotuner chose, say."""
 
@@ -76,6 +92,8 @@ def measure(benchmark, fn, *, device, opts, group, row, items=None, item_name="i
             info["peak_tflops_measured"] = peak
     if device.type == "cuda":
         info["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if host and device.type == "cuda":
+        info["host_ms"] = host_ms(fn)
     if describe is not None:
         info.update(describe())
     benchmark.extra_info.update(info)

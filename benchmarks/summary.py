@@ -26,8 +26,8 @@ def _ratio(base, name, ms):
 
 def speedup_table(rows):
     """One line per row, fastest first within each group; speedups against the group's eager rows."""
-    lines = ["| group | row | median ms | items/s | TFLOP/s | MFU | peak GiB | vs eager-sdpa | vs eager-math/eager |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| group | row | median ms | host ms | items/s | TFLOP/s | MFU | peak GiB | vs eager-sdpa | vs eager-math/eager |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for group, rs in _groups(rows).items():
         base = {r["row"]: r["median_ms"] for r in rs}
         plain_eager = "eager-math" if "eager-math" in base else "eager"
@@ -35,9 +35,10 @@ def speedup_table(rows):
             ms = r["median_ms"]
             tflops = f"{r['tflops']:.1f}" if "tflops" in r else "-"
             mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else "-"
+            host = f"{r['host_ms']:.2f}" if "host_ms" in r else "-"
             name = f"{r['row']} [{r['config']}]" if "config" in r else r["row"]
             lines.append(
-                f"| {group} | {name} | {ms:.3f} | {r.get('items_per_s', 0):,.0f} | {tflops} | {mfu} "
+                f"| {group} | {name} | {ms:.3f} | {host} | {r.get('items_per_s', 0):,.0f} | {tflops} | {mfu} "
                 f"| {r.get('peak_mem_gib', 0):.2f} | {_ratio(base, 'eager-sdpa', ms)} | {_ratio(base, plain_eager, ms)} |"
             )
     return "\n".join(lines)

@@ -136,5 +136,5 @@ def test_e2e(benchmark, bench_opts, device, workload, mode, precision, row):
     warmup = bench_opts["warmup"] + (5 if "compile" in row else 0)  # compile: warm until compiled
     measure(benchmark, fn, device=device, opts=bench_opts, group=f"{workload}/{mode}/{precision}", row=row,
             items=batch, flops=flops, peak_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-            warmup=warmup)  # fmt: skip
+            warmup=warmup, host=True)  # fmt: skip
     torch.set_float32_matmul_precision("highest")
