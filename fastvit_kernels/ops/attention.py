@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuned, check_tensor, compute_dtype, dot_precision, on_input_device
+from ._common import autotuned, cdiv, check_tensor, compute_dtype, dot_precision, next_pow2, on_input_device
 
 LOG2E = tl.constexpr(1.4426950408889634)  # read inside the kernels: must be constexpr
 MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register file with a 64-row tile
@@ -255,10 +255,10 @@ def attention_fwd(qkv, num_heads, scale):
         qkv = qkv.contiguous()  # the kernels need unit stride along the feature dim; B and N strides are free
     o = torch.empty((B, N, D), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((B * num_heads, 2, N), device=qkv.device, dtype=torch.float32)  # (row max, log2 row sum)
-    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs every dim >= 16
+    block_d = max(16, next_pow2(d))  # tl.dot needs every dim >= 16
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]) * B * num_heads,)
+        return (cdiv(N, meta["BLOCK_M"]) * B * num_heads,)
 
     _fwd[grid](
         qkv, o, lse, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1),
@@ -276,7 +276,7 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
         qkv = qkv.contiguous()
     if do.stride(-1) != 1:
         do = do.contiguous()
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_pow2(d))
     # written by the dQ kernel, read by the dK/dV kernel
     delta = torch.empty((B * num_heads, N), device=qkv.device, dtype=torch.float32)
     log_l_bwd = torch.empty_like(delta)
@@ -284,8 +284,8 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
     args = (qkv, do, lse, log_l_bwd, delta, dqkv, qkv.stride(0), qkv.stride(1), do.stride(0), do.stride(1),
             dqkv.stride(0), dqkv.stride(1), N, num_heads, D, scale)  # fmt: skip
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot_precision(qkv.dtype))
-    _bwd_dq[lambda m: (triton.cdiv(N, m["BLOCK_M"]) * B * num_heads,)](*args, **meta)  # first: it writes delta
-    _bwd_dkdv[lambda m: (triton.cdiv(N, m["BLOCK_N"]) * B * num_heads,)](*args, **meta)
+    _bwd_dq[lambda m: (cdiv(N, m["BLOCK_M"]) * B * num_heads,)](*args, **meta)  # first: it writes delta
+    _bwd_dkdv[lambda m: (cdiv(N, m["BLOCK_N"]) * B * num_heads,)](*args, **meta)
     return dqkv
 
 

@@ -23,10 +23,12 @@ import triton.language as tl
 
 from ._common import (
     autotuned,
+    cdiv,
     check_same_device,
     check_tensor,
     compute_dtype,
     dot_precision,
+    next_pow2,
     num_sms,
     on_input_device,
     prune_gemm_configs,
@@ -233,7 +235,7 @@ def row_kernel_params(D, elems, max_rows):
     LayerNorm backward keeps five such tensors live, and with a fixed 4 warps it spilled (ptxas: 8192 elements per
     program at D = 768, 40 B of stack on sm_90; 16 KB at D = 8192).
     """
-    block_d = triton.next_power_of_2(D)
+    block_d = next_pow2(D)
     block_m = max(1, min(max_rows, elems // block_d))
     warps = min(16, max(4, block_m * block_d // (32 * 16)))
     return block_m, block_d, warps
@@ -271,7 +273,7 @@ def fused_linear(a, weight_t, bias=None, *, ln=None, gelu=False, store_pre=False
     ln_w, ln_b = ln[:2] if ln is not None else (dummy, dummy)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     _fused_fwd[grid](
         a, weight_t, c,
@@ -298,7 +300,7 @@ def layernorm_stats(x, eps):
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block_m, block_d, warps = row_kernel_params(D, **STATS_PARAMS)
-    _layernorm_stats_kernel[(triton.cdiv(M, block_m),)](
+    _layernorm_stats_kernel[(cdiv(M, block_m),)](
         x, mean, rstd, M, D, x.stride(0), eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps
     )
     return mean, rstd
@@ -311,14 +313,14 @@ def linear_weight_grad(g, x, *, ln=None, mean=None, rstd=None, need_bias=True):
     """
     R, NF = g.shape
     KF = x.shape[1]
-    tiles = triton.cdiv(NF, 128) * triton.cdiv(KF, 128)
+    tiles = cdiv(NF, 128) * cdiv(KF, 128)
     splits, rows_per_split = split_rows(R, tiles, g.device)
     dw = torch.empty((splits, NF, KF), device=g.device, dtype=torch.float32)
     db = torch.empty((splits, NF), device=g.device, dtype=torch.float32) if need_bias else dw
     ln_w, ln_b = ln if ln is not None else (dw, dw)
 
     def grid(meta):
-        return (triton.cdiv(NF, meta["BLOCK_M"]), triton.cdiv(KF, meta["BLOCK_N"]), splits)
+        return (cdiv(NF, meta["BLOCK_M"]), cdiv(KF, meta["BLOCK_N"]), splits)
 
     _linear_dw[grid](
         g, x, dw, db,
@@ -334,9 +336,9 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
     """(dx, dweight, dbias) of LayerNorm, dx += dres in the same pass. dweight/dbias come back in fp32."""
     M, D = x.shape
     block_m, block_d, warps = row_kernel_params(D, **LN_BWD_PARAMS)
-    programs = min(triton.cdiv(M, block_m), 4 * num_sms(x.device))
-    rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
-    programs = triton.cdiv(M, rows_per_program)
+    programs = min(cdiv(M, block_m), 4 * num_sms(x.device))
+    rows_per_program = cdiv(cdiv(M, programs), block_m) * block_m
+    programs = cdiv(M, rows_per_program)
     dx = torch.empty_like(x)
     dw_part = torch.empty((programs, D), device=x.device, dtype=torch.float32)
     db_part = torch.empty_like(dw_part)

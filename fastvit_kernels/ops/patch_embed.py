@@ -14,6 +14,7 @@ import triton.language as tl
 
 from ._common import (
     autotuned,
+    cdiv,
     check_same_device,
     check_tensor,
     compute_dtype,
@@ -201,9 +202,9 @@ def patch_embed_fwd(images, weight, bias, cls_token, pos_embed, out_dtype):
     pos = pos_embed.reshape(P + has_cls, D)
 
     def grid(meta):
-        n_tiles = triton.cdiv(D, meta["BLOCK_N"])
-        cls_tiles = triton.cdiv(B, meta["BLOCK_M"]) * n_tiles if has_cls else 0
-        return (triton.cdiv(B * P, meta["BLOCK_M"]) * n_tiles + cls_tiles,)
+        n_tiles = cdiv(D, meta["BLOCK_N"])
+        cls_tiles = cdiv(B, meta["BLOCK_M"]) * n_tiles if has_cls else 0
+        return (cdiv(B * P, meta["BLOCK_M"]) * n_tiles + cls_tiles,)
 
     _fwd[grid](
         images, w2, bias, pos, cls_token.reshape(D) if has_cls else bias, out,
@@ -221,10 +222,10 @@ def patch_embed_bwd_weight(g, images, weight):
     B, C, H, Wd, D, ph, pw, P, GW = _geometry(images, weight)
     K = C * ph * pw
     R = B * P
-    tiles = triton.cdiv(D, 64) * triton.cdiv(K, 64)
+    tiles = cdiv(D, 64) * cdiv(K, 64)
     splits, rows_per_split = split_rows(R, tiles, g.device)
     dw = torch.empty((splits, D, K), device=g.device, dtype=torch.float32)
-    _bwd_dw[lambda m: (triton.cdiv(D, m["BLOCK_M"]), triton.cdiv(K, m["BLOCK_N"]), splits)](
+    _bwd_dw[lambda m: (cdiv(D, m["BLOCK_M"]), cdiv(K, m["BLOCK_N"]), splits)](
         g, images, dw, B, P, GW, K, D, rows_per_split,
         g.stride(0), g.stride(1), images.stride(0), images.stride(1), images.stride(2), images.stride(3), dw.stride(0),
         PH=ph, PW=pw, DOT_PRECISION=dot_precision(g.dtype),
@@ -238,7 +239,7 @@ def patch_embed_bwd_images(g, weight, images):
     K = C * ph * pw
     w2 = weight.reshape(D, K)
     dimg = torch.empty((B, C, H, Wd), device=g.device, dtype=images.dtype)
-    _bwd_dx[lambda m: (triton.cdiv(B * P, m["BLOCK_M"]), triton.cdiv(K, m["BLOCK_N"]))](
+    _bwd_dx[lambda m: (cdiv(B * P, m["BLOCK_M"]), cdiv(K, m["BLOCK_N"]))](
         g, w2, dimg, B, P, GW, K, D,
         g.stride(0), g.stride(1), w2.stride(0), w2.stride(1),
         dimg.stride(0), dimg.stride(1), dimg.stride(2), dimg.stride(3),
