@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 echo "=== GPU tests (first config of each kernel, no autotuning)"
-FASTVIT_AUTOTUNE=0 timeout "${TEST_LIMIT:-120}" $PY -m pytest -q tests $XDIST -p no:cacheprovider --maxfail=30 2>&1 \
+FASTVIT_AUTOTUNE=0 timeout "${TEST_LIMIT:-110}" $PY -m pytest -q tests $XDIST -p no:cacheprovider --maxfail=30 2>&1 \
   | tee "$OUT_DIR/tests.log" | tail -40
 
 bench() {  # bench LIMIT PYTEST-ARGS...   (LIMIT 0 skips the stage)
@@ -28,11 +28,13 @@ bench() {  # bench LIMIT PYTEST-ARGS...   (LIMIT 0 skips the stage)
     --bench-warmup 3 "$@" 2>&1 | tee -a "$OUT_DIR/bench.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -8
 }
 echo "=== benchmarks"
-bench 100 benchmarks/test_kernels.py -k "ours or flash or cudnn or eager or compile"
-bench 50 benchmarks/test_gemms.py -k cifar10
+bench 95 benchmarks/test_kernels.py -k "ours or flash or cudnn or eager or compile"
+bench 45 benchmarks/test_gemms.py -k cifar10
 bench 60 benchmarks/test_e2e.py -k "cifar10 and bf16 and not compile"
-bench 90 benchmarks/test_e2e.py -k "cifar10 and bf16 and compile"
-bench 30 benchmarks/test_e2e.py -k "vitb16 and (ours or sdpa)"
-bench "${FP32_LIMIT:-30}" benchmarks/test_e2e.py -k "cifar10 and fp32"
+echo "=== GPU time per kernel, one CIFAR-10 step (ours and eager SDPA)"
+timeout 40 $PY benchmarks/profile_step.py "$OUT_DIR" 2>&1 | tee "$OUT_DIR/profile.log" | grep -E "^(###|\| \`)" | head -60
+bench 80 benchmarks/test_e2e.py -k "cifar10 and bf16 and compile"
+bench 25 benchmarks/test_e2e.py -k "vitb16 and (ours or sdpa)"
+bench "${FP32_LIMIT:-25}" benchmarks/test_e2e.py -k "cifar10 and fp32"
 echo "=== speedups (median of $ROUNDS rounds, same run)"
 $PY benchmarks/summary.py "$FASTVIT_BENCH_ROWS" "$OUT_DIR"
