@@ -69,7 +69,7 @@ def _variants(cap):
             heads = heads[:1]
         if dt == "fp32":  # fp32 attention (ieee dots) compiles slowly: the smallest and largest head dims bound it
             heads = heads[:2]
-        io = {"QKV": dt, "OUT": dt, "DO": dt, "DQKV": dt, "LSE": "fp32", "LOGL_BWD": "fp32", "DELTA": "fp32"}
+        io = {"QKV": dt, "OUT": dt, "DO": dt, "DQKV": dt, "LSE": "fp32", "DELTA": "fp32"}
         full = dt == "bf16"  # every config in bf16; fp16/fp32 with the first and the largest
         vit_heads = lambda c: c["HEAD_DIM"] <= 64  # noqa: E731 - the head dims of the shipped ViTs
         add(at._attention_fwd_kernel, at.FWD_CONFIGS, io, heads, at._prune, full, vit_heads)

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ._common import autotuned, cdiv, check_tensor, compute_dtype, dot_precision, next_pow2, on_input_device
 
-LOG2E = tl.constexpr(1.4426950408889634)  # read inside the kernels: must be constexpr
+LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register file with a 64-row tile
 
 
@@ -23,7 +23,7 @@ MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register file with a 64-ro
 def _attention_fwd_kernel(
     QKV, OUT, LSE,
     stride_qb, stride_qn, stride_ob, stride_on,
-    N, H, D, sm_scale,
+    N, H, D, qk_scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -46,9 +46,11 @@ def _attention_fwd_kernel(
     q = tl.load(
         q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0
     )
-    # Online softmax with exp2, the fast instruction. log2(e) is applied after the row max is subtracted, not folded
-    # into the scale: with logits in the thousands, rounding s * scale * log2(e) costs ~1e-4 relative in P, while
-    # (s - m) * log2(e) is as exact as eager's softmax.
+    # Online softmax with exp2, the fast instruction, on the raw scores qk = q.k: the row max is subtracted first and
+    # the scale (times log2(e)) applied after, P = exp2((qk - m) * qk_scale_log2). With logits in the thousands,
+    # scaling first costs ulp(s) ~ 1e-4 relative in P, while qk - m is exact near the max. And no multiply precedes
+    # the subtraction, so no compiler can contract it into an FMA in one kernel and not in another: the backward
+    # recomputes the max element's P as exactly exp2(0 - log2(l)), which keeps sum(P) = 1 in saturated rows.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # accumulate in fp32 whatever the input dtype
@@ -56,11 +58,11 @@ def _attention_fwd_kernel(
         cols = start_n + offs_n
         mask_kv = (cols[:, None] < N) & mask_d[None, :]
         k = tl.load(k_base + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
-        s = tl.where(cols[None, :] < N, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one real column
-        p = tl.exp2((s - m_new[:, None]) * LOG2E)
-        alpha = tl.exp2((m_i - m_new) * LOG2E)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = tl.where(cols[None, :] < N, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds at least one real column
+        p = tl.exp2((qk - m_new[:, None]) * qk_scale_log2)
+        alpha = tl.exp2((m_i - m_new) * qk_scale_log2)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -68,27 +70,27 @@ def _attention_fwd_kernel(
     acc = acc / l_i[:, None]
     o_ptrs = OUT + b.to(tl.int64) * stride_ob + offs_m[:, None] * stride_on + h * HEAD_DIM + offs_d[None, :]
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    # the row max (natural units) and log2 of the row sum, kept apart: P = exp2((s - m) * log2(e) - log2(l)) in the
-    # backward. Folding them into one log-sum-exp loses the low bits of s - m when logits are in the thousands.
+    # the row max of the raw scores and log2 of the row sum, kept apart: P = exp2((qk - m) * qk_scale_log2 - log2(l))
+    # in the backward. Folding them into one log-sum-exp loses the low bits of qk - m when logits are in the thousands.
     tl.store(LSE + pid_bh * 2 * N + offs_m, m_i, mask=mask_m)
     tl.store(LSE + pid_bh * 2 * N + N + offs_m, tl.log2(l_i), mask=mask_m)
 
 
 @triton.jit
-def _probs(q, k, m, log_l, mask_m, mask_n, sm_scale, DOT_PRECISION: tl.constexpr):
-    # P rebuilt from the saved row statistics. One helper for every recomputation, so the dQ kernel's two passes and
-    # the dK/dV kernel evaluate the very same expression. Padded rows and columns contribute exactly zero
-    # (exp2(0 - 0) would be 1).
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
-    p = tl.exp2((s - m[:, None]) * LOG2E - log_l[:, None])
+def _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+    # P rebuilt from the forward's row statistics, as the forward computed it (see there). One helper for every
+    # recomputation, so the dQ kernel's two passes and the dK/dV kernel evaluate the very same expression. Padded rows
+    # and columns contribute exactly zero (exp2(0 - 0) would be 1).
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    p = tl.exp2((qk - m[:, None]) * qk_scale_log2 - log_l[:, None])
     return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
 
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    QKV, DO, LSE, LOGL_BWD, DELTA, DQKV,
+    QKV, DO, LSE, DELTA, DQKV,
     stride_qb, stride_qn, stride_dob, stride_don, stride_gb, stride_gn,
-    N, H, D, sm_scale,
+    N, H, D, sm_scale, qk_scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -118,9 +120,9 @@ def _attention_bwd_dkdv_kernel(
         q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
         do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :], mask=mask_q, other=0.0)
         m = tl.load(LSE + pid_bh * 2 * N + rows, mask=mask_m, other=0.0)
-        log_l = tl.load(LOGL_BWD + pid_bh * N + rows, mask=mask_m, other=0.0)  # renormalised by the dQ kernel
+        log_l = tl.load(LSE + pid_bh * 2 * N + N + rows, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + pid_bh * N + rows, mask=mask_m, other=0.0)
-        p = _probs(q, k, m, log_l, mask_m, mask_n, sm_scale, DOT_PRECISION)
+        p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -132,9 +134,9 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    QKV, DO, LSE, LOGL_BWD, DELTA, DQKV,
+    QKV, DO, LSE, DELTA, DQKV,
     stride_qb, stride_qn, stride_dob, stride_don, stride_gb, stride_gn,
-    N, H, D, sm_scale,
+    N, H, D, sm_scale, qk_scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -142,6 +144,8 @@ def _attention_bwd_dq_kernel(
     # dQ. Flash attention takes delta = rowsum(dO * O) instead, with O rounded to bf16: when the softmax saturates
     # (logits in the thousands) that rounding swamps the true, tiny gradient. This pass costs two small GEMMs per
     # key block and keeps the gradient as exact as eager's. delta is written for the dK/dV kernel, which runs next.
+    # (P is not renormalised by this pass's own row sum: the forward's sum is exact enough, see the forward, and
+    # dividing delta and P by a sum one ulp off 1 made saturated rows' gradients up to 20x worse than eager's.)
     num_m = tl.cdiv(N, BLOCK_M)  # the forward's flat grid
     pid_m = tl.program_id(0) % num_m
     pid_bh = tl.program_id(0) // num_m
@@ -163,24 +167,15 @@ def _attention_bwd_dq_kernel(
     m = tl.load(LSE + pid_bh * 2 * N + offs_m, mask=mask_m, other=0.0)
     log_l = tl.load(LSE + pid_bh * 2 * N + N + offs_m, mask=mask_m, other=0.0)
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-    l_b = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < N
         mask_kv = mask_n[:, None] & mask_d[None, :]
         k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
         v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        p = _probs(q, k, m, log_l, mask_m, mask_n, sm_scale, DOT_PRECISION)
+        p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
         delta += tl.sum(p * tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION), 1)
-        l_b += tl.sum(p, 1)
-    # Renormalise with this kernel's own row sum: the compiler may contract s * c - m into one FMA here but not in
-    # the forward, and with logits in the thousands that last-bit difference leaves sum(P) != 1 and a saturated
-    # row's gradient visibly non-zero. Dividing by l_b makes P sum to one in the backward's own arithmetic.
-    l_b = tl.where(mask_m, l_b, 1.0)
-    delta = delta / l_b
-    log_l = log_l + tl.log2(l_b)
     tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
-    tl.store(LOGL_BWD + pid_bh * N + offs_m, log_l, mask=mask_m)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n
@@ -188,7 +183,7 @@ def _attention_bwd_dq_kernel(
         mask_kv = mask_n[:, None] & mask_d[None, :]
         k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
         v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        p = _probs(q, k, m, log_l, mask_m, mask_n, sm_scale, DOT_PRECISION)
+        p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -262,7 +257,7 @@ def attention_fwd(qkv, num_heads, scale):
 
     _fwd[grid](
         qkv, o, lse, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1),
-        N, num_heads, D, scale,
+        N, num_heads, D, scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot_precision(qkv.dtype),
     )  # fmt: skip
     return o, lse, qkv
@@ -277,12 +272,10 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
     if do.stride(-1) != 1:
         do = do.contiguous()
     block_d = max(16, next_pow2(d))
-    # written by the dQ kernel, read by the dK/dV kernel
-    delta = torch.empty((B * num_heads, N), device=qkv.device, dtype=torch.float32)
-    log_l_bwd = torch.empty_like(delta)
+    delta = torch.empty((B * num_heads, N), device=qkv.device, dtype=torch.float32)  # written by dQ, read by dK/dV
     dqkv = torch.empty((B, N, three_d), device=qkv.device, dtype=qkv.dtype)
-    args = (qkv, do, lse, log_l_bwd, delta, dqkv, qkv.stride(0), qkv.stride(1), do.stride(0), do.stride(1),
-            dqkv.stride(0), dqkv.stride(1), N, num_heads, D, scale)  # fmt: skip
+    args = (qkv, do, lse, delta, dqkv, qkv.stride(0), qkv.stride(1), do.stride(0), do.stride(1),
+            dqkv.stride(0), dqkv.stride(1), N, num_heads, D, scale, scale * LOG2E)  # fmt: skip
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot_precision(qkv.dtype))
     _bwd_dq[lambda m: (cdiv(N, m["BLOCK_M"]) * B * num_heads,)](*args, **meta)  # first: it writes delta
     _bwd_dkdv[lambda m: (cdiv(N, m["BLOCK_N"]) * B * num_heads,)](*args, **meta)
@@ -339,6 +332,8 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
     """
     head_dim = _check_qkv(qkv, num_heads)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not 0.0 < scale < math.inf:  # the kernels subtract the raw scores' max: it is the scaled max for scale > 0
+        raise ValueError(f"scale must be positive and finite, got {scale}")
     qkv = qkv.to(compute_dtype(qkv))
     return _attention_fwd_op(qkv, num_heads, scale)[0]
 
