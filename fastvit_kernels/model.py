@@ -8,6 +8,7 @@ On the Triton path a block is four of our kernels: layernorm_linear -> attention
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .backend import check_attn_impl, check_backend, default_backend, use_triton
@@ -142,6 +143,7 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps) if pool == "cls" else nn.Identity()
         self.fc_norm = nn.LayerNorm(dim, eps=eps) if pool == "mean" else nn.Identity()
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self._init_weights()
         self.set_backend(default_backend() if backend is None else backend, attn_impl)
 
@@ -185,7 +187,12 @@ class ViT(nn.Module):
         else:
             x = pe(x)
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + self.pos_embed
-        return self.blocks(self.pos_drop(x))
+        x = self.pos_drop(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for blk in self.blocks:  # keep each block's input only; its forward runs again in the backward
+                x = checkpoint(blk, x, use_reentrant=False)
+            return x
+        return self.blocks(x)
 
     def forward_features(self, x):
         """Tokens after the last block and the final norm: [B, 1 + P, D] (timm's forward_features)."""
@@ -203,6 +210,32 @@ class ViT(nn.Module):
             n = self.norm
             return ops.layernorm_linear(x[:, 0], n.weight, n.bias, self.head.weight, self.head.bias, n.eps)
         return self.forward_head(self.norm(x))
+
+    # -- timm's model API, so training code written for timm's VisionTransformer runs unchanged -----------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward instead of keeping its activations (timm's method)."""
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters to leave out of weight decay, as timm names them (its optimizer factory reads this)."""
+        return {"pos_embed", "cls_token"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for `num_classes` (0: none, features out), freshly initialised on the model's device and dtype,
+        as timm's reset_classifier does; global_pool 'token'/'cls' or 'avg'/'mean' switches the pooling."""
+        if global_pool is not None:
+            pools = {"token": "cls", "cls": "cls", "avg": "mean", "mean": "mean"}
+            if global_pool not in pools:
+                raise ValueError(f"global_pool must be one of {sorted(pools)}, got {global_pool!r}")
+            self.pool = pools[global_pool]  # the norms stay where they are, as in timm
+        ref = self.cls_token
+        self.num_classes = num_classes
+        self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0
+                     else nn.Identity())  # fmt: skip
+        self.head.train(self.training)
 
     # -- weights in and out (fastvit_kernels.interop) ----------------------------------------------------------------
     @classmethod

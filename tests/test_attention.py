@@ -61,6 +61,9 @@ def test_attention_rejects_bad_input(device, monkeypatch):
         attention(torch.randn(4, 96, device=device), 1)
     with pytest.raises(TypeError, match="float64"):
         attention(torch.randn(1, 4, 96, device=device, dtype=torch.float64), 1)
+    for bad in (0.0, -0.125, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale must be positive"):
+            attention(torch.randn(1, 4, 96, device=device), 1, scale=bad)
     monkeypatch.setattr(_common, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         attention(torch.randn(1, 4, 96), 1)
