@@ -239,10 +239,12 @@ def train(argv=None):
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(train_y)} training images give no full batch of {args.batch_size}")
 
-    # weight decay on the matrices only: not on biases, LayerNorm, the position embedding or the class token
+    # weight decay on the matrices only: not on biases, LayerNorm, or what the model exempts (timm's convention:
+    # the position embedding and the class token)
     groups = {True: [], False: []}
+    exempt = model.no_weight_decay()
     for n, p in model.named_parameters():
-        groups[p.ndim >= 2 and n not in ("pos_embed", "cls_token")].append(p)
+        groups[p.ndim >= 2 and n not in exempt].append(p)
     opt = torch.optim.AdamW([dict(params=groups[True], weight_decay=args.weight_decay),
                              dict(params=groups[False], weight_decay=0.0)], lr=args.lr,
                             fused=device.type == "cuda")  # fmt: skip
