@@ -49,3 +49,16 @@ def test_bf16_dot_accumulates_exact_products_in_fp32():
     c = torch.empty(16, 16)
     _dot_kernel[(1,)](a, b, c, M=16, N=16, K=32)
     torch.testing.assert_close(c, a.float() @ b.float(), rtol=1e-6, atol=1e-6)
+
+
+@triton.jit
+def _scalar_cast_kernel(X, Y):
+    tl.store(Y, tl.load(X).to(tl.bfloat16))  # a 0-d value, not a block
+
+
+def test_scalar_fp32_to_bf16_cast():
+    for v in (1 + 3 * 2**-8, float("nan"), -2.5):
+        y = torch.empty(1, dtype=torch.bfloat16)
+        _scalar_cast_kernel[(1,)](torch.tensor([v]), y)
+        expected = torch.tensor([v]).to(torch.bfloat16)
+        assert (y.isnan() & expected.isnan()).all() or (y.view(torch.int16) == expected.view(torch.int16)).all()

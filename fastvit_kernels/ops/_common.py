@@ -218,9 +218,9 @@ def _patch_interpreter_bf16() -> None:
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
             return original_cast(self, src, dst_type)
-        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+        bits = np.ascontiguousarray(src.data, dtype=np.float32).reshape(-1).view(np.uint32)
         rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)  # ties to even
-        nan = np.isnan(src.data)
+        nan = np.isnan(bits.view(np.float32))
         rounded[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)  # stays a (quiet) NaN
         return interpreter.TensorHandle(rounded.reshape(np.shape(src.data)), tl.bfloat16)
 
