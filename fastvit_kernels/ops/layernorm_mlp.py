@@ -4,11 +4,11 @@
   layernorm_linear(x, ...) = linear(layer_norm(x))          (norm1 -> qkv)
   linear_residual(x, ...)  = residual + linear(x)           (attention proj + residual)
 
-Three kernels do the work:
-  _fused_linear_fwd_kernel  C = epilogue(prologue(A) @ B). Prologue: LayerNorm (row statistics computed in the
-                            kernel, the normalised tile never written to memory). Epilogue: bias, exact-erf GELU
-                            (optionally keeping the pre-activation for the backward), GELU' times the product (the
-                            backward's d(pre-activation)), residual add.
+Four kernels do the work:
+  _layernorm_stats_kernel   per-row mean and 1/std in fp32, one read of x, for the LayerNorm prologues below.
+  _fused_linear_fwd_kernel  C = epilogue(prologue(A) @ B). Prologue: LayerNorm (the normalised tile is never written
+                            to memory). Epilogue: bias, exact-erf GELU (optionally keeping the pre-activation for the
+                            backward), GELU' times the product (the backward's d(pre-activation)), residual add.
   _linear_dw_kernel         dW = G^T @ prologue(X) and db = colsum(G) in the same pass; the prologue recomputes
                             the normalised input from x, mean and rstd for the weight gradients that need it.
                             Split over rows so that a weight of a few hundred tiles still fills the GPU.
@@ -563,9 +563,9 @@ def layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, f
         )
     if fc2_bias is not None and fc2_bias.shape != (x.shape[-1],):
         raise ValueError(f"fc2 bias has shape {tuple(fc2_bias.shape)}; expected ({x.shape[-1]},)")
-    _check_same_dtype(x, fc1_weight)
     check_same_device(x=x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
                       fc2_weight=fc2_weight, fc2_bias=fc2_bias)  # fmt: skip
+    _check_same_dtype(x, fc1_weight)
     cdt = compute_dtype(fc1_weight)
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
@@ -579,8 +579,8 @@ def layernorm_linear(x, norm_weight, norm_bias, weight, bias, eps=1e-6):
     """linear(layer_norm(x)): norm1 -> qkv with the LayerNorm applied in the GEMM's prologue."""
     _check_norm(x, norm_weight, norm_bias)
     _check_linear(x, weight, bias, "linear")
-    _check_same_dtype(x, weight)
     check_same_device(x=x, norm_weight=norm_weight, norm_bias=norm_bias, weight=weight, bias=bias)
+    _check_same_dtype(x, weight)
     cdt = compute_dtype(weight)
     return _layernorm_linear_fwd(x, norm_weight, norm_bias, weight.to(cdt), _cast(bias, cdt), eps)[0]
 
