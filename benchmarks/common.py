@@ -108,6 +108,22 @@ def measure(benchmark, fn, *, device, opts, group, row, items=None, item_name="i
     return info
 
 
+def chosen_configs(**launchers):
+    """A describe() for measure(): the config each autotuned launcher picked, as `config` in the row, read after
+    the timing (e.g. "fwd 64x64 w4 s3"). Launchers that did not tune (FASTVIT_AUTOTUNE=0) are left out."""
+
+    def describe():
+        parts = []
+        for name, launcher in launchers.items():
+            cfg = getattr(launcher, "best_config", None)
+            if cfg is not None:
+                tile = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg.kwargs)
+                parts.append(f"{name} {tile} w{cfg.num_warps} s{cfg.num_stages}")
+        return {"config": ", ".join(parts)} if parts else {}
+
+    return describe
+
+
 def need_cuda(device, what="this row"):
     import pytest
 

@@ -15,7 +15,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from common import measure, need_cuda
+from common import chosen_configs, measure, need_cuda
 
 lm = importlib.import_module("fastvit_kernels.ops.layernorm_mlp")
 
@@ -38,14 +38,6 @@ def _layernorm_bf16(x, w, b):
     if _compiled_ln is None:
         _compiled_ln = torch.compile(lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-6).to(BF16))
     return _compiled_ln(x, w, b)
-
-
-def _config(kernel):
-    cfg = getattr(kernel, "best_config", None)
-    if cfg is None:
-        return {"config": "first config (FASTVIT_AUTOTUNE=0)"}
-    kw = cfg.kwargs
-    return {"config": f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"}
 
 
 def _case(name, row, R, D, Hd, device):
@@ -126,4 +118,4 @@ def test_gemm(benchmark, bench_opts, device, shape, gemm, row):
     step, flops, kernel = _case(gemm, row, R, D, Hd, device)
     measure(benchmark, step, device=device, opts=bench_opts, group=f"gemm/{shape}/{gemm}", row=row, items=R,
             item_name="tok", flops=flops, peak_dtype=BF16, warmup=bench_opts["warmup"] + 2,
-            describe=(lambda: _config(kernel)) if kernel is not None else None)  # fmt: skip
+            describe=chosen_configs(gemm=kernel) if kernel is not None else None)  # fmt: skip

@@ -1,10 +1,14 @@
 """Per kernel, at the model's real shapes, bf16: forward and forward+backward against eager and the strongest peers."""
 
+import importlib
+
 import pytest
 import torch
-from common import measure, need_cuda
+from common import chosen_configs, measure, need_cuda
 
 from fastvit_kernels import ops
+
+at = importlib.import_module("fastvit_kernels.ops.attention")
 
 ATTN_SHAPES = {"cifar10-N65": (512, 6, 65, 64), "vitb16-N197": (128, 12, 197, 64), "N257": (64, 16, 257, 64)}
 MLP_SHAPES = {"cifar10": (512 * 65, 384, 1536), "vitb16": (128 * 197, 768, 3072)}
@@ -65,8 +69,10 @@ def test_attention(benchmark, bench_opts, device, shape, row, mode):
         except RuntimeError as e:
             pytest.skip(f"{row} not available here: {str(e).splitlines()[0][:120]}")
     flops = 4 * B * H * N * N * d * (3.5 if mode == "fwd+bwd" else 1)  # bwd: 5 N^2 d GEMMs vs 2 (recompute incl.)
+    launchers = dict(fwd=at._fwd) if mode == "fwd" else dict(fwd=at._fwd, dq=at._bwd_dq, dkdv=at._bwd_dkdv)
     measure(benchmark, _run(fn, [qkv], mode), device=device, opts=bench_opts, group=f"attention/{shape}/{mode}",
-            row=row, items=B, flops=flops, peak_dtype=DT)  # fmt: skip
+            row=row, items=B, flops=flops, peak_dtype=DT,
+            describe=chosen_configs(**launchers) if row == "ours" else None)  # fmt: skip
 
 
 def _mlp_eager(x, nw, nb, w1, b1, w2, b2):
