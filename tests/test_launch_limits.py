@@ -14,7 +14,9 @@ from fastvit_kernels import ViT
 from fastvit_kernels.ops._common import _FirstConfig
 
 CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
-OP_MODULES = [importlib.import_module(f"fastvit_kernels.ops.{m}") for m in ("attention", "layernorm_mlp", "patch_embed")]
+OP_MODULES = [
+    importlib.import_module(f"fastvit_kernels.ops.{m}") for m in ("attention", "layernorm_mlp", "patch_embed")
+]
 
 
 class _Recorder:
