@@ -24,8 +24,23 @@ bench: venv
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
+# The lent GPUs run triton 3.6 (with torch 2.11); `make test` runs triton 3.8. This builds a second environment with
+# triton 3.6 (torch 2.13 for the CPU from this machine's wheels; numpy < 2.3, which triton 3.6's interpreter needs)
+# and runs the kernel tests under its interpreter and the compile check with its compiler (~5 min).
+VENV36 := .venv36
+TORCH36 ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl) torch==2.13.0)
+KERNEL_TESTS := tests/test_attention.py tests/test_layernorm_mlp.py tests/test_patch_embed.py tests/test_interpreter.py \
+	tests/test_launch_limits.py tests/test_torch_compile.py tests/test_compile_targets.py
+
+$(VENV36)/bin/python:
+	$(PY) -m venv $(VENV36)
+	$(VENV36)/bin/pip install -q $(TORCH36) triton==3.6.0 "numpy<2.3" pytest
+
+test-triton36: $(VENV36)/bin/python
+	PYTHONPATH=. $(VENV36)/bin/pytest -q -p no:cacheprovider $(KERNEL_TESTS)
+
 lint: venv
 	$(BIN)/ruff check fastvit_kernels tests benchmarks
 	$(BIN)/ruff format --check fastvit_kernels tests benchmarks
 
-.PHONY: venv test bench gpu-check lint
+.PHONY: venv test bench gpu-check test-triton36 lint
