@@ -58,8 +58,9 @@ def _variants(cap):
             every = full and (i == 0 or hot(consts))
             chosen = kept if every else list({id(c): c for c in (kept[0], max(kept, key=size))}.values())
             for cfg in chosen:
-                out.append((kernel.__name__, kernel.__module__, ptrs, {**consts, **cfg.kwargs}, cfg.num_warps,
-                                cfg.num_stages))  # fmt: skip
+                regcap = {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}  # a launch option, carried with the consts
+                out.append((kernel.__name__, kernel.__module__, ptrs, {**consts, **cfg.kwargs, **regcap},
+                            cfg.num_warps, cfg.num_stages))  # fmt: skip
 
     for dt in ("bf16", "fp16", "fp32"):
         prec = "ieee"
@@ -151,6 +152,10 @@ def _compile(job):
 
     name, module, ptrs, consts, warps, stages, cap = job
     kernel = getattr(importlib.import_module(module), name)
+    options = dict(num_warps=warps, num_stages=stages)
+    if "maxnreg" in consts:  # a register cap is a compile option, not a kernel argument
+        consts = dict(consts)
+        options["maxnreg"] = consts.pop("maxnreg")
     consts = dict(consts, **{s: 1 for s in UNIT_STRIDES.get(name, ())})
     if consts.get("GELU_GRAD"):  # that launch reads W2 untransposed: unit stride along N, not K
         consts["stride_bn"] = 1
@@ -172,7 +177,7 @@ def _compile(job):
     start = time.perf_counter()
     try:
         src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-        c = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps, num_stages=stages))
+        c = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
         ptx = c.asm["ptx"]
         res = dict(
             ok=True,
@@ -184,6 +189,8 @@ def _compile(job):
     except Exception as e:  # noqa: BLE001 - reported per configuration
         res = dict(ok=False, error=f"{type(e).__name__}: {str(e)[-400:]}")
     res["seconds"] = round(time.perf_counter() - start, 2)
+    if "maxnreg" in options:
+        consts["maxnreg"] = options["maxnreg"]
     return dict(kernel=name, cap=cap, ptrs=ptrs, consts=consts, warps=warps, stages=stages, **res)
 
 

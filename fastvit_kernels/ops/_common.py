@@ -181,6 +181,8 @@ class _FirstConfig:
             meta = dict(kwargs, **cfg.kwargs)
             g = grid(meta) if callable(grid) else grid
             extra = {} if interpreting() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            if cfg.maxnreg is not None and not interpreting():
+                extra["maxnreg"] = cfg.maxnreg
             return self.kernel[g](*args, **kwargs, **cfg.kwargs, **extra)
 
         return launch
