@@ -162,9 +162,10 @@ def test_grad_checkpointing_keeps_gradients_and_drops_saved_activations(backend,
             logits = model(x)
         logits.square().sum().backward()
         runs[enable] = (logits, {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved))
-    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=0, atol=0)  # the same kernels, run again
+    # the same kernels run again: equal here; on a GPU, SDPA's backward may accumulate in another order
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-6)
     for name, g in runs[False][1].items():
-        torch.testing.assert_close(runs[True][1][name], g, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(runs[True][1][name], g, rtol=1e-5, atol=1e-6, msg=name)
     # only each block's input is kept (3172 of 37012 saved elements with triton, at this size)
     assert runs[True][2] < runs[False][2] / 2, (runs[True][2], runs[False][2])
 
