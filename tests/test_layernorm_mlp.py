@@ -3,6 +3,7 @@ import torch
 from helpers import check_op
 
 from fastvit_kernels.ops import (
+    _common,
     layernorm_linear,
     layernorm_linear_ref,
     layernorm_mlp,
@@ -96,9 +97,11 @@ def test_rejects_mismatched_shapes_and_dtypes(device):
         linear_residual(x, w1, b1, x)
 
 
-def test_rejects_tensors_on_two_devices(device):
-    # a weight left on another device would reach the kernel as a foreign pointer; "meta" stands in for a second GPU
+def test_rejects_tensors_on_two_devices(device, monkeypatch):
+    # a weight left on another device would reach the kernel as a foreign pointer; "meta" stands in for a second GPU.
+    # As on a GPU machine (no interpreter), the device check must come before "not a CUDA tensor"
     x, nw, nb, w1, b1, w2, b2 = _mlp_inputs(4, 32, 64, device)
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="fc2_weight on meta"):
         layernorm_mlp(x, nw, nb, w1, b1, w2.to("meta"), b2)
     with pytest.raises(RuntimeError, match="bias on meta"):

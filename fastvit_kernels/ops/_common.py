@@ -56,8 +56,9 @@ def check_tensor(t: torch.Tensor, name: str) -> None:
 
 def check_same_device(**tensors) -> None:
     """All tensors of one call on one device. A kernel handed another GPU's pointer faults (or, with peer access,
-    reads across the link) instead of raising a readable error."""
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    reads across the link) instead of raising a readable error. Checked first: it names the stray tensor, where the
+    per-tensor checks would only say that one tensor is not on a GPU. Non-tensors are left to those checks."""
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise RuntimeError(f"expected every tensor on one device, got {listed}")

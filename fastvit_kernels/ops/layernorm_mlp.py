@@ -554,6 +554,8 @@ def _cast(t, dtype):
 def layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-6):
     """x + fc2(gelu(fc1(layer_norm(x)))), exact-erf GELU. Under autocast the GEMMs run in the autocast dtype,
     LayerNorm statistics in fp32, and the output keeps the residual stream's dtype, as in eager autocast."""
+    check_same_device(x=x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
+                      fc2_weight=fc2_weight, fc2_bias=fc2_bias)  # fmt: skip
     _check_norm(x, norm_weight, norm_bias)
     _check_linear(x, fc1_weight, fc1_bias, "fc1")
     check_tensor(fc2_weight, "fc2 weight")
@@ -563,8 +565,6 @@ def layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, f
         )
     if fc2_bias is not None and fc2_bias.shape != (x.shape[-1],):
         raise ValueError(f"fc2 bias has shape {tuple(fc2_bias.shape)}; expected ({x.shape[-1]},)")
-    check_same_device(x=x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
-                      fc2_weight=fc2_weight, fc2_bias=fc2_bias)  # fmt: skip
     _check_same_dtype(x, fc1_weight)
     cdt = compute_dtype(fc1_weight)
     training = torch.is_grad_enabled() and any(
@@ -577,9 +577,9 @@ def layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, f
 
 def layernorm_linear(x, norm_weight, norm_bias, weight, bias, eps=1e-6):
     """linear(layer_norm(x)): norm1 -> qkv with the LayerNorm applied in the GEMM's prologue."""
+    check_same_device(x=x, norm_weight=norm_weight, norm_bias=norm_bias, weight=weight, bias=bias)
     _check_norm(x, norm_weight, norm_bias)
     _check_linear(x, weight, bias, "linear")
-    check_same_device(x=x, norm_weight=norm_weight, norm_bias=norm_bias, weight=weight, bias=bias)
     _check_same_dtype(x, weight)
     cdt = compute_dtype(weight)
     return _layernorm_linear_fwd(x, norm_weight, norm_bias, weight.to(cdt), _cast(bias, cdt), eps)[0]
@@ -587,13 +587,13 @@ def layernorm_linear(x, norm_weight, norm_bias, weight, bias, eps=1e-6):
 
 def linear_residual(x, weight, bias, residual):
     """residual + linear(x): the attention projection with its bias and the residual add in the GEMM epilogue."""
+    check_same_device(x=x, weight=weight, bias=bias, residual=residual)
     _check_linear(x, weight, bias, "linear")
     check_tensor(residual, "residual")
     if residual.shape[:-1] != x.shape[:-1] or residual.shape[-1] != weight.shape[0]:
         raise ValueError(
             f"residual has shape {tuple(residual.shape)}; expected {tuple(x.shape[:-1]) + (weight.shape[0],)}"
         )
-    check_same_device(x=x, weight=weight, bias=bias, residual=residual)
     _check_same_dtype(x, weight)
     _check_same_dtype(residual, weight)
     cdt = compute_dtype(weight)

@@ -320,6 +320,7 @@ def patch_embed(images, weight, bias, cls_token, pos_embed):
     cls_token [1, 1, D] or None (then T = P); pos_embed [1, T, D]. Under autocast the GEMM runs in the autocast dtype
     and the tokens come out in the promoted dtype of that and pos_embed (fp32 with fp32 parameters), as in eager.
     """
+    check_same_device(images=images, weight=weight, bias=bias, cls_token=cls_token, pos_embed=pos_embed)
     check_tensor(images, "images")
     check_tensor(weight, "patch weight")
     if images.dim() != 4 or weight.dim() != 4:
@@ -341,7 +342,6 @@ def patch_embed(images, weight, bias, cls_token, pos_embed):
                          f"with {ph}x{pw} patches")  # fmt: skip
     if not torch.is_autocast_enabled(images.device.type) and images.dtype != weight.dtype:
         raise TypeError(f"images are {images.dtype} but the weight is {weight.dtype}: cast one, or run under autocast")
-    check_same_device(images=images, weight=weight, bias=bias, cls_token=cls_token, pos_embed=pos_embed)
     cdt = compute_dtype(weight)
     out_dtype = torch.promote_types(cdt, pos_embed.dtype)
     return _patch_embed_fwd(images, weight.to(cdt), bias.to(cdt), cls_token, pos_embed, out_dtype)
