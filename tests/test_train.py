@@ -73,6 +73,24 @@ def test_one_epoch_writes_checkpoint_log_and_plot_then_eval_reads_it(tmp_path, c
     assert "test accuracy" in capsys.readouterr().out
 
 
+def test_compile_flag_compiles_the_step_and_keeps_checkpoint_keys(tmp_path, monkeypatch):
+    # the wiring only (a real compile is the benchmark's ours-compile rows): the step runs the compiled module,
+    # checkpoints hold the plain model's keys
+    write_cifar10(tmp_path)
+    calls = []
+
+    def fake_compile(module, mode=None, **kwargs):
+        calls.append(mode)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "run"
+    assert train(_args(tmp_path, out, "--epochs", "1", "--compile", "reduce-overhead")) == 0
+    assert calls == ["reduce-overhead"]
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert not any(k.startswith("_orig_mod") for k in ckpt["model"]) and "pos_embed" in ckpt["model"]
+
+
 def _interrupt_at(monkeypatch, epoch, batch, hard=False):
     """Ctrl-C (a real SIGINT to this process) while the training loader prepares (epoch, batch); hard=True sends a
     second one at once, which stops before that batch runs."""
