@@ -153,14 +153,14 @@ def _compile(job):
     name, module, ptrs, consts, warps, stages, cap = job
     kernel = getattr(importlib.import_module(module), name)
     options = dict(num_warps=warps, num_stages=stages)
-    if "maxnreg" in consts:  # a register cap is a compile option, not a kernel argument
-        consts = dict(consts)
-        options["maxnreg"] = consts.pop("maxnreg")
+    if "maxnreg" in consts:  # a register cap is a compile option, not a kernel argument (still reported in consts)
+        options["maxnreg"] = consts["maxnreg"]
     consts = dict(consts, **{s: 1 for s in UNIT_STRIDES.get(name, ())})
     if consts.get("GELU_GRAD"):  # that launch reads W2 untransposed: unit stride along N, not K
         consts["stride_bn"] = 1
     elif name == "_fused_linear_fwd_kernel":
         consts["stride_bk"] = 1  # W.t(): unit stride along K
+    constexprs = {k: v for k, v in consts.items() if k != "maxnreg"}
     sig, attrs = {}, {}
     for i, a in enumerate(kernel.arg_names):
         if a in consts:
@@ -176,7 +176,7 @@ def _compile(job):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     start = time.perf_counter()
     try:
-        src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+        src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
         c = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
         ptx = c.asm["ptx"]
         res = dict(
@@ -189,8 +189,6 @@ def _compile(job):
     except Exception as e:  # noqa: BLE001 - reported per configuration
         res = dict(ok=False, error=f"{type(e).__name__}: {str(e)[-400:]}")
     res["seconds"] = round(time.perf_counter() - start, 2)
-    if "maxnreg" in options:
-        consts["maxnreg"] = options["maxnreg"]
     return dict(kernel=name, cap=cap, ptrs=ptrs, consts=consts, warps=warps, stages=stages, **res)
 
 

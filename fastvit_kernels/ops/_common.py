@@ -181,9 +181,11 @@ class _FirstConfig:
             cfg = configs[0]
             meta = dict(kwargs, **cfg.kwargs)
             g = grid(meta) if callable(grid) else grid
-            extra = {} if interpreting() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-            if cfg.maxnreg is not None and not interpreting():
-                extra["maxnreg"] = cfg.maxnreg
+            extra = {}
+            if not interpreting():  # launch options: the interpreter takes none
+                extra = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                if cfg.maxnreg is not None:
+                    extra["maxnreg"] = cfg.maxnreg
             return self.kernel[g](*args, **kwargs, **cfg.kwargs, **extra)
 
         return launch

@@ -20,6 +20,15 @@ MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register file with a 64-ro
 
 
 @triton.jit
+def _block_and_head(N, BLOCK: tl.constexpr):
+    # One flat grid, sequence blocks fastest: the blocks of one head run side by side and share its K/V in L2. (A
+    # second grid axis for batch x heads would cap it at 65535, which a CIFAR-10 evaluation batch of 11k images
+    # exceeds.) Every attention kernel decodes its program id here, so the launchers' grids all read the same way.
+    num_blocks = tl.cdiv(N, BLOCK)
+    return tl.program_id(0) % num_blocks, tl.program_id(0) // num_blocks
+
+
+@triton.jit
 def _attention_fwd_kernel(
     QKV, OUT, LSE,
     stride_qb, stride_qn, stride_ob, stride_on,
@@ -27,11 +36,7 @@ def _attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    # One flat grid, query blocks fastest: the blocks of one head run side by side and share its K/V in L2. (A second
-    # grid axis for batch x heads would cap it at 65535, which a CIFAR-10 evaluation batch of 11k images exceeds.)
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid_m = tl.program_id(0) % num_m
-    pid_bh = tl.program_id(0) // num_m
+    pid_m, pid_bh = _block_and_head(N, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -96,9 +101,7 @@ def _attention_bwd_dkdv_kernel(
 ):  # fmt: skip
     # One program owns a block of keys/values and sweeps all query blocks: dK and dV accumulate in registers and
     # are written once, no atomics. Non-causal: every query block contributes, none is skipped.
-    num_n = tl.cdiv(N, BLOCK_N)  # the forward's flat grid, over key blocks
-    pid_n = tl.program_id(0) % num_n
-    pid_bh = tl.program_id(0) // num_n
+    pid_n, pid_bh = _block_and_head(N, BLOCK_N)  # over key blocks
     b = pid_bh // H
     h = pid_bh % H
     offs_m = tl.arange(0, BLOCK_M)
@@ -146,9 +149,7 @@ def _attention_bwd_dq_kernel(
     # key block and keeps the gradient as exact as eager's. delta is written for the dK/dV kernel, which runs next.
     # (P is not renormalised by this pass's own row sum: the forward's sum is exact enough, see the forward, and
     # dividing delta and P by a sum one ulp off 1 made saturated rows' gradients up to 20x worse than eager's.)
-    num_m = tl.cdiv(N, BLOCK_M)  # the forward's flat grid
-    pid_m = tl.program_id(0) % num_m
-    pid_bh = tl.program_id(0) // num_m
+    pid_m, pid_bh = _block_and_head(N, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
