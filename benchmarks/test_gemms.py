@@ -6,8 +6,7 @@ bf16. Rows per group:
   ours        our fused kernel (the autotuner's choice is recorded in the row as `config`)
   eager       what eager autocast runs for the same math (LayerNorm, linear, GELU, add as separate kernels)
   cublas      the bare GEMM on ready bf16 operands, nothing fused: a floor for ours, not a peer (it skips work)
-  ln+ours     (LayerNorm GEMMs only) LayerNorm by Inductor writing bf16 rows, then our GEMM with no prologue: the
-              alternative design to the LayerNorm prologue, measured so that the choice rests on numbers
+  ln+ours     (LayerNorm GEMMs only) our LayerNorm row kernel writing bf16 rows, then our GEMM: what the model runs
 """
 
 import importlib
@@ -17,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from common import chosen_configs, measure, need_cuda
 
-lm = importlib.import_module("fastvit_kernels.ops.layernorm_mlp")
+lin = importlib.import_module("fastvit_kernels.ops.linear")
+lnorm = importlib.import_module("fastvit_kernels.ops.layernorm")
 
 SHAPES = {"cifar10": (512 * 65, 384, 1536), "vitb16": (128 * 197, 768, 3072)}  # rows, D, hidden
 GEMMS = {  # name -> (N, K) as functions of (D, hidden), and which rows apply
@@ -25,19 +25,11 @@ GEMMS = {  # name -> (N, K) as functions of (D, hidden), and which rows apply
     "proj": (lambda d, h: (d, d), ("ours", "eager", "cublas")),
     "fc1": (lambda d, h: (h, d), ("ours", "eager", "cublas", "ln+ours")),
     "fc2": (lambda d, h: (d, h), ("ours", "eager", "cublas")),
-    "fc1-dW": (lambda d, h: (h, d), ("ours", "eager", "cublas")),  # weight gradient, LayerNorm recomputed
+    "fc1-dW": (lambda d, h: (h, d), ("ours", "eager", "cublas")),  # weight gradient from the saved LayerNorm rows
     "fc2-dgelu": (lambda d, h: (h, d), ("ours", "eager", "cublas")),  # dy @ W2 with GELU' in the epilogue
     "fc2-dW": (lambda d, h: (d, h), ("ours", "eager", "cublas")),
 }
 BF16 = torch.bfloat16
-_compiled_ln = None
-
-
-def _layernorm_bf16(x, w, b):
-    global _compiled_ln
-    if _compiled_ln is None:
-        _compiled_ln = torch.compile(lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-6).to(BF16))
-    return _compiled_ln(x, w, b)
 
 
 def _case(name, row, R, D, Hd, device):
@@ -58,46 +50,46 @@ def _case(name, row, R, D, Hd, device):
     if name in ("qkv", "fc1"):
         gelu = name == "fc1"
         act = F.gelu if gelu else (lambda t: t)
+        epi = "gelu" if gelu else "none"
         fns = {
-            "ours": lambda: lm.fused_linear(x, w.t(), b, ln=(nw, nb, eps), gelu=gelu),
+            "ours": lambda: lin.linear(xn, w.t(), b, epilogue=epi),
             "eager": lambda: act(F.linear(F.layer_norm(x, (D,), nw, nb, eps), w, b)),
             "cublas": lambda: F.linear(xn, w, b),
-            "ln+ours": lambda: lm.fused_linear(_layernorm_bf16(x, nw, nb), w.t(), b, gelu=gelu),
+            "ln+ours": lambda: lin.linear(lnorm.layernorm_fwd(x, nw, nb, eps, BF16)[0], w.t(), b, epilogue=epi),
         }
-        kernel = lm._fused_fwd
+        kernel = lin._fwd
     elif name in ("proj", "fc2"):
         a = rnd(R, K)
         fns = {
-            "ours": lambda: lm.fused_linear(a, w.t(), b, residual=x, out_dtype=torch.float32),
+            "ours": lambda: lin.linear(a, w.t(), b, epilogue="residual", residual=x, out_dtype=torch.float32),
             "eager": lambda: x + F.linear(a, w, b),
             "cublas": lambda: F.linear(a, w, b),
         }
-        kernel = lm._fused_fwd
+        kernel = lin._fwd
     elif name == "fc2-dgelu":  # dpre [R, hidden] = (dy [R, D] @ W2 [D, hidden]) * GELU'(pre)
         w2, dy, pre = rnd(K, N, scale=N**-0.5), rnd(R, K), rnd(R, N)
         fns = {
-            "ours": lambda: lm.fused_linear(dy, w2, gelu_grad_pre=pre),
+            "ours": lambda: lin.linear(dy, w2, epilogue="gelu_grad", pre=pre),
             "eager": lambda: torch.ops.aten.gelu_backward(dy @ w2, pre),
             "cublas": lambda: dy @ w2,
         }
-        kernel = lm._fused_fwd
+        kernel = lin._fwd
     else:  # weight gradients: dW [N, K] = G^T [N, R] @ X' [R, K], and the bias gradient colsum(G)
         gout = rnd(R, N)
         if name == "fc1-dW":
-            mean, rstd = lm.layernorm_stats(x, eps)
             fns = {
-                "ours": lambda: lm.linear_weight_grad(gout, x, ln=(nw, nb), mean=mean, rstd=rstd),
+                "ours": lambda: lin.linear_weight_grad(gout, xn),
                 "eager": lambda: (gout.t() @ xn, gout.sum(0)),
                 "cublas": lambda: gout.t() @ xn,
             }
         else:
             h = rnd(R, K)
             fns = {
-                "ours": lambda: lm.linear_weight_grad(gout, h),
+                "ours": lambda: lin.linear_weight_grad(gout, h),
                 "eager": lambda: (gout.t() @ h, gout.sum(0)),
                 "cublas": lambda: gout.t() @ h,
             }
-        kernel = lm._linear_dw
+        kernel = lin._dw
     fn = fns[row]
 
     def step():

@@ -18,8 +18,8 @@ FLOAT_ARGS = {"eps", "qk_scale_log2", "sm_scale"}
 # (cp.async), which is where most of the shared memory goes. Compiling without it measured a third of the real
 # shared memory of a bf16 GEMM (32 KB against 96 KB), so the check specialises as the JIT would.
 UNIT_STRIDES = {
-    "_fused_linear_fwd_kernel": ("stride_ak", "stride_cn", "stride_rn", "stride_pn"),
-    "_linear_dw_kernel": ("stride_gf", "stride_xk"),
+    "linear_fwd_kernel": ("stride_ak", "stride_cn", "stride_rn", "stride_pn"),
+    "linear_dw_kernel": ("stride_gf", "stride_xk"),
     "_patch_embed_fwd_kernel": ("stride_iw", "stride_wk"),
     "_patch_embed_bwd_dw_kernel": ("stride_iw",),
     "_patch_embed_bwd_dx_kernel": ("stride_iw", "stride_wk"),
@@ -36,8 +36,11 @@ def _variants(cap):
 
     # by path: fastvit_kernels.ops re-exports functions with the same names as these modules
     at = importlib.import_module("fastvit_kernels.ops.attention")
-    lm = importlib.import_module("fastvit_kernels.ops.layernorm_mlp")
     pe = importlib.import_module("fastvit_kernels.ops.patch_embed")
+    gemm = importlib.import_module("fastvit_kernels.kernels.gemm")
+    lnk = importlib.import_module("fastvit_kernels.kernels.layernorm")
+    lin = importlib.import_module("fastvit_kernels.ops.linear")
+    ln = importlib.import_module("fastvit_kernels.ops.layernorm")
 
     out = []
 
@@ -53,13 +56,14 @@ def _variants(cap):
             kept = configs
             if prune:  # what the launcher would keep for these dtypes on this target
                 fakes = {n: SimpleNamespace(element_size=lambda dt=dt: 4 if dt == "fp32" else 2, device=f"sm_{cap}")
-                         for n, dt in ptrs.items()}  # fmt: skip
+                         for n, dt in ptrs.items() if dt is not None}  # fmt: skip
                 kept = prune(configs, dict(consts, **fakes))
             every = full and (i == 0 or hot(consts))
             chosen = kept if every else list({id(c): c for c in (kept[0], max(kept, key=size))}.values())
+            jit = kernel.fn if hasattr(kernel, "fn") else kernel  # @triton.heuristics wraps the jit function
             for cfg in chosen:
                 regcap = {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}  # a launch option, carried with the consts
-                out.append((kernel.__name__, kernel.__module__, ptrs, {**consts, **cfg.kwargs, **regcap},
+                out.append((jit.__name__, jit.__module__, ptrs, {**consts, **cfg.kwargs, **regcap},
                             cfg.num_warps, cfg.num_stages))  # fmt: skip
 
     for dt in ("bf16", "fp16", "fp32"):
@@ -77,35 +81,36 @@ def _variants(cap):
         add(at._attention_bwd_dkdv_kernel, at.BWD_CONFIGS, io, heads, at._prune, full, vit_heads)
         add(at._attention_bwd_dq_kernel, at.BWD_CONFIGS, io, heads, at._prune, full, vit_heads)
 
-    # fused linear: (A, residual/output) in the residual stream's dtype, weights in the compute dtype
+    # (residual stream, compute dtype): the GEMM operands are in the compute dtype, the residual and the output of
+    # the residual epilogue in the stream's. A pointer given as None is absent (its flag derived from that).
     streams = [("bf16", "bf16"), ("fp32", "bf16"), ("fp32", "fp32"), ("fp16", "fp16")]
-    flag_sets = [
-        dict(HAS_LN=True, HAS_BIAS=True, ACT_GELU=True, STORE_PRE=True, GELU_GRAD=False, HAS_RES=False),
-        dict(HAS_LN=True, HAS_BIAS=True, ACT_GELU=True, STORE_PRE=False, GELU_GRAD=False, HAS_RES=False),
-        dict(HAS_LN=True, HAS_BIAS=True, ACT_GELU=False, STORE_PRE=False, GELU_GRAD=False, HAS_RES=False),
-        dict(HAS_LN=False, HAS_BIAS=True, ACT_GELU=False, STORE_PRE=False, GELU_GRAD=False, HAS_RES=True),
-        dict(HAS_LN=False, HAS_BIAS=False, ACT_GELU=False, STORE_PRE=False, GELU_GRAD=True, HAS_RES=False),
+    epilogues = [  # (epilogue, bias given, pre-activation given), the hot path's launches first
+        ("gelu", True, True), ("gelu", True, False), ("none", True, False), ("residual", True, False),
+        ("gelu_grad", False, True),
     ]  # fmt: skip
     for stream, w in streams:
         f32 = "fp32"
-        ptrs = {"A": stream, "B": w, "C": stream, "BIAS": w, "RES": stream, "PRE": w, "LN_W": f32, "LN_B": f32,
-                "MEAN": f32, "RSTD": f32}  # fmt: skip
-        # fp16, and fp32 weights (ieee dots compile slowly): the heaviest prologue and epilogue only
-        flags = flag_sets if stream != "fp16" and w != "fp32" else flag_sets[:1] + flag_sets[-1:]
+        # fp16, and fp32 weights (ieee dots compile slowly): the heaviest epilogues only
+        chosen = epilogues if stream != "fp16" and w != "fp32" else epilogues[:1] + epilogues[-1:]
         full = stream != "fp16" and w != "fp32"  # fp32-only GEMMs: first and largest tiles (ieee dots, no wgmma)
-        add(lm._fused_linear_fwd_kernel, lm.FWD_CONFIGS, ptrs,
-            [dict(f, DOT_PRECISION="ieee", GROUP_M=lm.GROUP_M) for f in flags], lm._prune_fwd, full)  # fmt: skip
-        dw_ptrs = {"G": w, "X": stream, "DW": f32, "DB": f32, "MEAN": f32, "RSTD": f32, "LN_W": f32, "LN_B": f32}
-        add(lm._linear_dw_kernel, lm.DW_CONFIGS, dw_ptrs,
-            [dict(HAS_LN=ln, HAS_DBIAS=True, DOT_PRECISION="ieee") for ln in (True, False)], lm._prune_dw, full)  # fmt: skip
+        for epi, bias, pre in chosen:
+            ptrs = {"A": w, "B": w, "C": stream if epi == "residual" else w, "BIAS": w if bias else None,
+                    "RES": stream if epi == "residual" else None, "PRE": w if pre else None}  # fmt: skip
+            consts = dict(EPILOGUE=epi, DOT_PRECISION="ieee", GROUP_M=lin.GROUP_M, HAS_BIAS=bias,
+                          STORE_PRE=epi == "gelu" and pre)  # fmt: skip
+            add(gemm.linear_fwd_kernel, lin.FWD_CONFIGS, ptrs, [consts], lin._fwd_prune, full)
+        dw_ptrs = {"G": w, "X": w, "DW": f32, "DB": f32}
+        add(gemm.linear_dw_kernel, lin.DW_CONFIGS, dw_ptrs, [dict(HAS_DBIAS=True, DOT_PRECISION="ieee")],
+            lin._dw_prune, full)  # fmt: skip
         ln_ptrs = {"DY": w, "X": stream, "MEAN": f32, "RSTD": f32, "W": f32, "DRES": stream, "DX": stream,
                    "DW_PART": f32, "DB_PART": f32}  # fmt: skip
         for dim in (100, 384, 768, 1024, 8192) if full else (768,):
-            bm, bd, warps = lm.row_kernel_params(dim, **lm.STATS_PARAMS)
-            out.append((lm._layernorm_stats_kernel.__name__, lm.__name__, {"X": stream, "MEAN": f32, "RSTD": f32},
+            bm, bd, warps = ln.row_kernel_params(dim, **ln.FWD_PARAMS)
+            out.append(("layernorm_fwd_kernel", lnk.__name__,
+                        {"X": stream, "W": f32, "B": f32, "Y": w, "MEAN": f32, "RSTD": f32},
                         dict(BLOCK_M=bm, BLOCK_D=bd), warps, 3))  # fmt: skip
-            bm, bd, warps = lm.row_kernel_params(dim, **lm.LN_BWD_PARAMS)
-            out.append((lm._layernorm_bwd_kernel.__name__, lm.__name__, ln_ptrs,
+            bm, bd, warps = ln.row_kernel_params(dim, **ln.BWD_PARAMS)
+            out.append(("layernorm_bwd_kernel", lnk.__name__, ln_ptrs,
                         dict(HAS_DRES=True, BLOCK_M=bm, BLOCK_D=bd), warps, 3))  # fmt: skip
         pe_ptrs = {"IMG": stream, "W": w, "BIAS": w, "POS": f32 if stream == "fp32" else w, "CLS": stream,
                    "OUT": stream, "G": w, "DW": f32, "DIMG": stream}  # fmt: skip
@@ -152,18 +157,21 @@ def _compile(job):
 
     name, module, ptrs, consts, warps, stages, cap = job
     kernel = getattr(importlib.import_module(module), name)
+    while not isinstance(kernel, triton.runtime.JITFunction):  # @triton.heuristics wraps the jit function
+        kernel = kernel.fn
     options = dict(num_warps=warps, num_stages=stages)
     if "maxnreg" in consts:  # a register cap is a compile option, not a kernel argument (still reported in consts)
         options["maxnreg"] = consts["maxnreg"]
     consts = dict(consts, **{s: 1 for s in UNIT_STRIDES.get(name, ())})
-    if consts.get("GELU_GRAD"):  # that launch reads W2 untransposed: unit stride along N, not K
+    if consts.get("EPILOGUE") == "gelu_grad":  # that launch reads W2 untransposed: unit stride along N, not K
         consts["stride_bn"] = 1
-    elif name == "_fused_linear_fwd_kernel":
+    elif name == "linear_fwd_kernel":
         consts["stride_bk"] = 1  # W.t(): unit stride along K
     constexprs = {k: v for k, v in consts.items() if k != "maxnreg"}
     sig, attrs = {}, {}
+    constexprs.update({a: None for a, dt in ptrs.items() if dt is None})
     for i, a in enumerate(kernel.arg_names):
-        if a in consts:
+        if a in consts or (a in ptrs and ptrs[a] is None):
             sig[a] = "constexpr"
         elif a in FLOAT_ARGS:
             sig[a] = "fp32"
@@ -194,11 +202,11 @@ def _compile(job):
 
 def _sm80_subset(variants):
     """sm_80 (A100, 164 KB of shared memory): per kernel, dtypes and flags, the config with the biggest tiles (the
-    most shared memory), and not the bf16-stream GEMMs, whose tiles the fp32-stream ones bound."""
+    most shared memory), and not the bf16 GEMMs but the residual epilogue: the fp32 ones bound their tiles."""
     best = {}
     for v in variants:
         name, _, ptrs, consts, _, stages = v
-        if "fp16" in ptrs.values() or ("A" in ptrs and ptrs["A"] == ptrs["B"] == "bf16"):
+        if "fp16" in ptrs.values() or ptrs.get("C") == ptrs.get("A") == "bf16" or ptrs.get("G") == "bf16":
             continue
         if consts.get("BLOCK_D", 0) > 1024 and "HEAD_DIM" not in consts:
             continue

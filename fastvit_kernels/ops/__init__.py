@@ -1,6 +1,8 @@
 """The functional ops: our Triton kernels, each with its eager PyTorch reference (`*_ref`) beside it.
 
-Each op lives in its own file, read top to bottom: kernels, launchers, autograd Function, public op, reference.
+Each op file reads top to bottom: launchers, custom ops (torch.library) with fake and autograd, public op, reference.
+The GEMM engine of the linear layers is linear.py, the LayerNorm row launchers layernorm.py; their `@triton.jit`
+kernels live in fastvit_kernels/kernels/.
 """
 
 from .attention import attention, attention_ref

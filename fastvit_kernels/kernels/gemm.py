@@ -1,0 +1,128 @@
+"""The linear layers' GEMMs: C = epilogue(A @ B) and the weight gradient dW = G^T @ X with the bias gradient.
+
+Operands arrive in the compute dtype (LayerNorm, where there is one, ran before in a row kernel that wrote its output
+in that dtype: a normalising prologue inside the K loop cost ~205 instructions per K step and a second resident
+block on sm_90). Absent tensors are None, and the flags that depend on them are derived from that.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import gelu, gelu_grad, grouped_pid
+
+
+# Epilogues: acc [BLOCK_M, BLOCK_N] fp32 in, fp32 out; `rows` (int64) and `cols` index the tile, PTR's strides map
+# them to memory.
+@triton.jit
+def _gelu_epilogue(acc, PRE, rows, cols, stride_m, stride_n, mask, STORE_PRE: tl.constexpr):
+    # the pre-activation is written only when a backward will need it (training)
+    if STORE_PRE:
+        tl.store(PRE + rows * stride_m + cols * stride_n, acc.to(PRE.dtype.element_ty), mask=mask)
+    return gelu(acc)
+
+
+@triton.jit
+def _gelu_grad_epilogue(acc, PRE, rows, cols, stride_m, stride_n, mask):
+    # the backward of GELU in the GEMM that produces dGELU: d(pre) = dGELU * GELU'(pre)
+    pre = tl.load(PRE + rows * stride_m + cols * stride_n, mask=mask, other=0.0).to(tl.float32)
+    return acc * gelu_grad(pre)
+
+
+@triton.jit
+def _residual_epilogue(acc, RES, rows, cols, stride_m, stride_n, mask):
+    return acc + tl.load(RES + rows * stride_m + cols * stride_n, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda args: args["BIAS"] is not None,
+        "STORE_PRE": lambda args: args["EPILOGUE"] == "gelu" and args["PRE"] is not None,
+    }
+)
+@triton.jit
+def linear_fwd_kernel(
+    A,  # [M, K] activations, compute dtype
+    B,  # [K, N] the weight as a transposed view of nn.Linear's [N, K], compute dtype
+    C,  # [M, N] output, in the residual stream's dtype for EPILOGUE == "residual", else the compute dtype
+    BIAS,  # [N] or None
+    RES,  # [M, N] residual added in the epilogue (EPILOGUE == "residual"), else None
+    PRE,  # [M, N] pre-activation: written by "gelu" (None in inference), read by "gelu_grad"
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn,
+    EPILOGUE: tl.constexpr,  # "none", "gelu", "gelu_grad" or "residual"
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows64 = offs_m[:, None].to(tl.int64)  # M * stride can pass 2**31 (ViT-B's hidden at batch 1024)
+    a_ptrs = A + rows64 * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    cols = offs_n[None, :]
+    if EPILOGUE == "gelu":
+        acc = _gelu_epilogue(acc, PRE, rows64, cols, stride_pm, stride_pn, mask, STORE_PRE)
+    elif EPILOGUE == "gelu_grad":
+        acc = _gelu_grad_epilogue(acc, PRE, rows64, cols, stride_pm, stride_pn, mask)
+    elif EPILOGUE == "residual":
+        acc = _residual_epilogue(acc, RES, rows64, cols, stride_rm, stride_rn, mask)
+    tl.store(C + rows64 * stride_cm + cols * stride_cn, acc.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.heuristics({"HAS_DBIAS": lambda args: args["DB"] is not None})
+@triton.jit
+def linear_dw_kernel(
+    G,  # [R, NF] gradient of the layer's output, compute dtype
+    X,  # [R, KF] the layer's input as the forward's GEMM read it (LayerNorm's output where there was one)
+    DW,  # [splits, NF, KF] fp32 partial weight gradients, one per split of the rows
+    DB,  # [splits, NF] fp32 partial bias gradients, or None
+    R, NF, KF, rows_per_split,
+    stride_gr, stride_gf, stride_xr, stride_xk, stride_dws, stride_dwn, stride_dbs,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_DBIAS: tl.constexpr,
+):  # fmt: skip
+    # dW[NF, KF] = G^T[NF, R] @ X[R, KF] over this program's slice of rows; the column sums of G in the same pass.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output features
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input features
+    offs_k = tl.arange(0, BLOCK_K)  # rows (tokens): the reduction dimension
+    mask_m = offs_m < NF
+    mask_n = offs_n < KF
+    r_start = pid_s * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, R)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_K):
+        rows = r0 + offs_k
+        mask_r = rows < r_end
+        g_ptrs = G + rows[None, :].to(tl.int64) * stride_gr + offs_m[:, None] * stride_gf
+        x_ptrs = X + rows[:, None].to(tl.int64) * stride_xr + offs_n[None, :] * stride_xk
+        g = tl.load(g_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(g, x, acc, input_precision=DOT_PRECISION)
+        if HAS_DBIAS:
+            db += tl.sum(g.to(tl.float32), 1)
+    tl.store(DW + pid_s * stride_dws + offs_m[:, None] * stride_dwn + offs_n[None, :], acc,
+             mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
+    if HAS_DBIAS:
+        if pid_n == 0:
+            tl.store(DB + pid_s * stride_dbs + offs_m, db, mask=mask_m)
