@@ -118,7 +118,8 @@ def chosen_configs(**launchers):
             cfg = getattr(launcher, "best_config", None)
             if cfg is not None:
                 tile = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg.kwargs)
-                parts.append(f"{name} {tile} w{cfg.num_warps} s{cfg.num_stages}")
+                tma = " tma" if cfg.kwargs.get("USE_TMA") else ""
+                parts.append(f"{name} {tile} w{cfg.num_warps} s{cfg.num_stages}{tma}")
         return {"config": ", ".join(parts)} if parts else {}
 
     return describe

@@ -15,6 +15,13 @@ ROUNDS=${ROUNDS:-15}
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv || true
 
+echo "=== the TMA GEMM path first (new kernels): if it fails here, the benchmarks run without it (FASTVIT_TMA=0)"
+if ! FASTVIT_AUTOTUNE=0 timeout 60 $PY -m pytest -q -x tests/test_linear.py tests/test_gelu.py -p no:cacheprovider \
+    2>&1 | tee "$OUT_DIR/tma.log" | tail -5; then
+  echo "!!! TMA GEMM tests failed: benchmarks run with FASTVIT_TMA=0 (pointer-load tiles only)"
+  export FASTVIT_TMA=0
+fi
+
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 echo "=== GPU tests (first config of each kernel, no autotuning)"

@@ -96,8 +96,10 @@ def _variants(cap):
         for epi, bias, pre in chosen:
             ptrs = {"A": w, "B": w, "C": stream if epi == "residual" else w, "BIAS": w if bias else None,
                     "RES": stream if epi == "residual" else None, "PRE": w if pre else None}  # fmt: skip
+            # TMA where the launcher allows it: Hopper, and K-major operands (GELU' reads W2 untransposed)
+            tma_ok = cap >= 90 and epi != "gelu_grad"
             consts = dict(EPILOGUE=epi, DOT_PRECISION="ieee", GROUP_M=lin.GROUP_M, HAS_BIAS=bias,
-                          STORE_PRE=epi == "gelu" and pre)  # fmt: skip
+                          STORE_PRE=epi == "gelu" and pre, TMA_OK=tma_ok)  # fmt: skip
             add(gemm.linear_fwd_kernel, lin.FWD_CONFIGS, ptrs, [consts], lin._fwd_prune, full)
         dw_ptrs = {"G": w, "X": w, "DW": f32, "DB": f32}
         add(gemm.linear_dw_kernel, lin.DW_CONFIGS, dw_ptrs, [dict(HAS_DBIAS=True, DOT_PRECISION="ieee")],
@@ -191,7 +193,8 @@ def _compile(job):
             ok=True,
             shared=c.metadata.shared,
             wgmma="wgmma" in ptx,
-            pipelined="cp.async" in ptx,
+            pipelined="cp.async" in ptx,  # cp.async.bulk.tensor (TMA) included
+            tma="cp.async.bulk.tensor" in ptx,
             **_resource_usage(c.asm["cubin"]),
         )
     except Exception as e:  # noqa: BLE001 - reported per configuration

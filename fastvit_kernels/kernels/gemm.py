@@ -33,6 +33,65 @@ def _residual_epilogue(acc, RES, rows, cols, stride_m, stride_n, mask):
     return acc + tl.load(RES + rows * stride_m + cols * stride_n, mask=mask, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _mainloop_pointers(A, B, pid_m, pid_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                       DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):  # fmt: skip
+    # Masked pointer loads (cp.async when the strides allow): any stride, any alignment, sm_80 and sm_90.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _mainloop_tma(a_desc, b_desc, pid_m, pid_n, K, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    # Tensor-descriptor loads (TMA on sm_90): the copy engine computes addresses and zero-fills the edges, so a K step
+    # issues no address or mask arithmetic. B's tile is read K-major, as nn.Linear stores its weight, and transposed
+    # in shared memory for the dot.
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = a_desc.load([pid_m * BLOCK_M, k0])
+        b = b_desc.load([pid_n * BLOCK_N, k0])
+        acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _finish_tile(acc, pid_m, pid_n, C, BIAS, RES, PRE, M, N, stride_cm, stride_cn, stride_rm, stride_rn, stride_pm,
+                 stride_pn, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Bias, the epilogue, and the store of one [BLOCK_M, BLOCK_N] tile of C."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    rows = offs_m[:, None].to(tl.int64)  # M * stride can pass 2**31 (ViT-B's hidden at batch 1024)
+    cols = offs_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE == "gelu":
+        acc = _gelu_epilogue(acc, PRE, rows, cols, stride_pm, stride_pn, mask, STORE_PRE)
+    elif EPILOGUE == "gelu_grad":
+        acc = _gelu_grad_epilogue(acc, PRE, rows, cols, stride_pm, stride_pn, mask)
+    elif EPILOGUE == "residual":
+        acc = _residual_epilogue(acc, RES, rows, cols, stride_rm, stride_rn, mask)
+    tl.store(C + rows * stride_cm + cols * stride_cn, acc.to(C.dtype.element_ty), mask=mask)
+
+
 @triton.heuristics(
     {
         "HAS_BIAS": lambda args: args["BIAS"] is not None,
@@ -48,42 +107,32 @@ def linear_fwd_kernel(
     RES,  # [M, N] residual added in the epilogue (EPILOGUE == "residual"), else None
     PRE,  # [M, N] pre-activation: written by "gelu" (None in inference), read by "gelu_grad"
     M, N, K,
+    num_programs,  # the launch grid's size: the persistent TMA programs step through the tiles by it
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn,
     EPILOGUE: tl.constexpr,  # "none", "gelu", "gelu_grad" or "residual"
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr,  # the tile's choice: persistent programs loading through tensor descriptors...
+    TMA_OK: tl.constexpr,  # ...where the operands allow it (K contiguous, 16-byte aligned rows), else pointer loads
     HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    rows64 = offs_m[:, None].to(tl.int64)  # M * stride can pass 2**31 (ViT-B's hidden at batch 1024)
-    a_ptrs = A + rows64 * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-
-    mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    cols = offs_n[None, :]
-    if EPILOGUE == "gelu":
-        acc = _gelu_epilogue(acc, PRE, rows64, cols, stride_pm, stride_pn, mask, STORE_PRE)
-    elif EPILOGUE == "gelu_grad":
-        acc = _gelu_grad_epilogue(acc, PRE, rows64, cols, stride_pm, stride_pn, mask)
-    elif EPILOGUE == "residual":
-        acc = _residual_epilogue(acc, RES, rows64, cols, stride_rm, stride_rn, mask)
-    tl.store(C + rows64 * stride_cm + cols * stride_cn, acc.to(C.dtype.element_ty), mask=mask)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    if USE_TMA and TMA_OK:
+        a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+        b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        # num_programs (about one per SM) walk the tiles in grouped order
+        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs):
+            pid_m, pid_n = grouped_pid(tile, num_pid_m, num_pid_n, GROUP_M)
+            acc = _mainloop_tma(a_desc, b_desc, pid_m, pid_n, K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            _finish_tile(acc, pid_m, pid_n, C, BIAS, RES, PRE, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
+                         stride_pm, stride_pn, EPILOGUE, HAS_BIAS, STORE_PRE, BLOCK_M, BLOCK_N)  # fmt: skip
+    else:
+        pid_m, pid_n = grouped_pid(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+        acc = _mainloop_pointers(A, B, pid_m, pid_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                                 DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        _finish_tile(acc, pid_m, pid_n, C, BIAS, RES, PRE, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
+                     stride_pm, stride_pn, EPILOGUE, HAS_BIAS, STORE_PRE, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 @triton.heuristics({"HAS_DBIAS": lambda args: args["DB"] is not None})

@@ -7,24 +7,33 @@ Every fused linear of the model goes through these two functions: another GEMM (
 epilogue kernel) plugs in here, and nowhere else.
 """
 
+import os
+
 import torch
 import triton
 
 from ..kernels.gemm import linear_dw_kernel, linear_fwd_kernel
-from ._common import autotuned, cdiv, dot_precision, prune_gemm_configs, split_rows
+from ._common import autotuned, cdiv, dot_precision, interpreting, num_sms, prune_gemm_configs, split_rows
 
 EPILOGUES = ("none", "gelu", "gelu_grad", "residual")
 
 
-def _gemm_cfg(bm, bn, bk, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+def _gemm_cfg(bm, bn, bk, warps, stages, tma=False):
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+    if tma is not None:
+        kwargs["USE_TMA"] = tma
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
 # No tile here spills registers in bf16 on sm_90 (tests/test_compile_targets.py checks it): 128 x 256 x 64 with 8 warps
 # and 128 x 128 x 32 with 4 warps hit ptxas's 255-register cap with the residual epilogue or GELU'. The 4-warp tiles
 # with 3 stages fit two blocks per SM, so one block's epilogue overlaps the other's main loop: with K = 384 (qkv, fc1)
-# a block has only 6 K steps to hide it behind.
+# a block has only 6 K steps to hide it behind. The TMA tiles come first, so that the interpreter's tests and
+# FASTVIT_AUTOTUNE=0 run them wherever the operands allow (the first config is the one those launch).
 FWD_CONFIGS = [
+    _gemm_cfg(128, 128, 64, 8, 3, tma=True),
+    _gemm_cfg(128, 64, 64, 4, 4, tma=True),
+    _gemm_cfg(64, 128, 64, 4, 4, tma=True),
     _gemm_cfg(128, 128, 64, 8, 3),
     _gemm_cfg(128, 64, 64, 4, 4),
     _gemm_cfg(64, 128, 64, 4, 4),
@@ -32,13 +41,47 @@ FWD_CONFIGS = [
     _gemm_cfg(128, 64, 64, 4, 3),
     _gemm_cfg(64, 128, 64, 4, 3),
 ]
-DW_CONFIGS = FWD_CONFIGS[:4]
+DW_CONFIGS = [_gemm_cfg(*c, tma=None) for c in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                                 (64, 64, 64, 4, 4))]  # fmt: skip
 GROUP_M = 8
 
-_fwd_prune = prune_gemm_configs("A", "B")
+_smem_prune = prune_gemm_configs("A", "B")
+
+
+def _fwd_prune(configs, named_args, **kwargs):
+    """Shared memory as for every GEMM; the TMA tiles only where the operands allow descriptors (TMA_OK), and not
+    with FASTVIT_TMA=0 (which leaves the tuner the pointer-load tiles alone: the A/B switch of the benchmarks)."""
+    tma_ok = kwargs.get("TMA_OK", named_args.get("TMA_OK", False))  # a launch keyword: in kwargs when tuning
+    if not tma_ok or os.environ.get("FASTVIT_TMA", "1") == "0":
+        configs = [c for c in configs if not c.kwargs.get("USE_TMA")]
+    return _smem_prune(configs, named_args, **kwargs)
+
+
 _dw_prune = prune_gemm_configs("G", "X")
-_fwd = autotuned(linear_fwd_kernel, FWD_CONFIGS, ["M", "N", "K", "EPILOGUE", "DOT_PRECISION"], _fwd_prune)
+_fwd = autotuned(linear_fwd_kernel, FWD_CONFIGS, ["M", "N", "K", "EPILOGUE", "DOT_PRECISION", "TMA_OK"], _fwd_prune)
 _dw = autotuned(linear_dw_kernel, DW_CONFIGS, ["R", "NF", "KF", "DOT_PRECISION"], _dw_prune)
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    """Global memory for the tensor descriptors that TMA kernels build on the device (128 B each)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _tma_ok(a, weight_t) -> bool:
+    """Whether a [M, K] and weight_t [K, N] can be read through tensor descriptors: K contiguous in both, row strides
+    and base addresses 16-byte aligned (the copy engine's rule; D = 100 in bf16 breaks it), and a Hopper GPU or the
+    interpreter."""
+    if a.is_cuda and torch.cuda.get_device_capability(a.device)[0] < 9:
+        return False
+    es = a.element_size()
+    return (
+        a.stride(1) == 1
+        and weight_t.stride(0) == 1
+        and (a.stride(0) * es) % 16 == 0
+        and (weight_t.stride(1) * es) % 16 == 0
+        and a.data_ptr() % 16 == 0
+        and weight_t.data_ptr() % 16 == 0
+    )
 
 
 def linear(a, weight_t, bias=None, *, epilogue="none", pre=None, residual=None, out_dtype=None):
@@ -57,17 +100,22 @@ def linear(a, weight_t, bias=None, *, epilogue="none", pre=None, residual=None, 
     c = torch.empty((M, N), device=a.device, dtype=out_dtype or weight_t.dtype)
     res = residual if epilogue == "residual" else None
     pre = pre if epilogue in ("gelu", "gelu_grad") else None
+    tma_ok = _tma_ok(a, weight_t)
+    if tma_ok and not interpreting():
+        triton.set_allocator(_tma_scratch)  # a context variable, so set where the launch happens
+    sms = num_sms(a.device)
 
     def grid(meta):
-        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+        tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, sms),) if meta["USE_TMA"] and meta["TMA_OK"] else (tiles,)
 
     _fwd[grid](
         a, weight_t, c, bias, res, pre,
-        M, N, K,
+        M, N, K, sms,
         a.stride(0), a.stride(1), weight_t.stride(0), weight_t.stride(1), c.stride(0), c.stride(1),
         res.stride(0) if res is not None else 0, res.stride(1) if res is not None else 0,
         pre.stride(0) if pre is not None else 0, pre.stride(1) if pre is not None else 0,
-        EPILOGUE=epilogue, DOT_PRECISION=dot_precision(weight_t.dtype), GROUP_M=GROUP_M,
+        EPILOGUE=epilogue, DOT_PRECISION=dot_precision(weight_t.dtype), GROUP_M=GROUP_M, TMA_OK=tma_ok,
     )  # fmt: skip
     return c
 

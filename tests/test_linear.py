@@ -1,0 +1,77 @@
+"""The GEMM engine (ops/linear.py) on its own: every epilogue, through tensor descriptors (TMA) where the operands
+allow them and through pointer loads where they do not, against float64."""
+
+import pytest
+import torch
+from helpers import assert_matches
+
+from fastvit_kernels.ops import linear as lin
+
+F = torch.nn.functional
+
+
+def _gelu_grad_ref(pre):
+    return 0.5 * torch.erfc(-pre / 2**0.5) + pre * torch.exp(-0.5 * pre * pre) / (2 * torch.pi) ** 0.5
+
+
+def _reference(a, w, b, epilogue, pre, res):
+    """The same function in any dtype; w is nn.Linear's [N, K]."""
+    y = a @ w.t()
+    if b is not None:
+        y = y + b
+    if epilogue == "gelu":
+        return F.gelu(y)
+    if epilogue == "gelu_grad":
+        return y * _gelu_grad_ref(pre)
+    if epilogue == "residual":
+        return res + y
+    return y
+
+
+# (M, K, N): K = 48 keeps every row 16-byte aligned (TMA); K = 100 in 16-bit dtypes does not (pointer loads)
+SHAPES = [(70, 48, 40), (33, 100, 24), (130, 64, 200)]
+
+
+@pytest.mark.parametrize("epilogue", lin.EPILOGUES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-K{}-N{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_epilogues(epilogue, shape, dtype, device):
+    M, K, N = shape
+    a = torch.randn(M, K, device=device).to(dtype)
+    w = (torch.randn(N, K, device=device) * K**-0.5).to(dtype)
+    b = (0.1 * torch.randn(N, device=device)).to(dtype) if epilogue != "gelu_grad" else None
+    pre = torch.randn(M, N, device=device).to(dtype)
+    res = torch.randn(M, N, device=device)  # the residual stream stays fp32, as under autocast
+    # GELU' reads W2 untransposed ([K, N] with N contiguous): never through descriptors
+    wt = w.t().contiguous() if epilogue == "gelu_grad" else w
+    weight_t = wt if epilogue == "gelu_grad" else wt.t()
+    expect_tma = epilogue != "gelu_grad" and (K * a.element_size()) % 16 == 0
+    assert lin._tma_ok(a, weight_t) == expect_tma
+    stored = torch.full((M, N), float("nan"), device=device, dtype=dtype) if epilogue == "gelu" else None
+    out_dtype = torch.float32 if epilogue == "residual" else None
+    ours = lin.linear(a, weight_t, b, epilogue=epilogue, pre=stored if epilogue == "gelu" else pre, residual=res,
+                      out_dtype=out_dtype)  # fmt: skip
+    args = [t.double() if t is not None else None for t in (a, w, b, pre, res)]
+    ref = _reference(args[0], args[1], args[2], epilogue, args[3], args[4])
+    low = _reference(a, w, b, epilogue, pre, res)
+    assert_matches(ours, low, ref, dtype)
+    if epilogue == "gelu":  # the pre-activation written for the backward
+        pre_ref = args[0] @ args[1].t() + args[2]
+        assert_matches(stored, a @ w.t() + b, pre_ref, dtype, "pre-activation")
+
+
+def test_weight_grad_and_bias_grad(device):
+    g = torch.randn(300, 40, device=device)
+    x = torch.randn(300, 24, device=device)
+    dw, db = lin.linear_weight_grad(g, x)
+    assert_matches(dw, g.t() @ x, g.double().t() @ x.double(), torch.float32, "dW")
+    assert_matches(db, g.sum(0), g.double().sum(0), torch.float32, "db")
+    assert lin.linear_weight_grad(g, x, need_bias=False)[1] is None
+
+
+def test_bad_epilogue_and_dtype_mismatch_are_refused(device):
+    a = torch.randn(4, 16, device=device)
+    with pytest.raises(ValueError, match="unknown epilogue"):
+        lin.linear(a, torch.randn(16, 8, device=device), epilogue="relu")
+    with pytest.raises(TypeError, match="compute dtype"):
+        lin.linear(a, torch.randn(16, 8, device=device, dtype=torch.bfloat16))
