@@ -236,3 +236,51 @@ def _patch_interpreter_bf16() -> None:
 
 if interpreting():
     _patch_interpreter_bf16()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Custom ops, and the eager call path beside them
+# ------------------------------------------------------------------------------------------------------------------
+def custom_op(name: str):
+    """torch.library.custom_op(name, mutates_args=()), keeping the Python implementation at hand for call()."""
+
+    def wrap(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.eager_impl, op.eager_autograd = fn, None
+        return op
+
+    return wrap
+
+
+def register_autograd(op, backward, setup_context) -> None:
+    """op.register_autograd, and the same formula as a torch.autograd.Function for call()'s eager path."""
+    op.register_autograd(backward, setup_context=setup_context)
+
+    def setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # the statistics outputs get no gradient: None, not a tensor of zeros
+        setup_context(ctx, inputs, output)
+
+    methods = dict(
+        forward=staticmethod(op.eager_impl), setup_context=staticmethod(setup), backward=staticmethod(backward)
+    )
+    op.eager_autograd = type(op._name.replace("::", "_"), (torch.autograd.Function,), methods)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def call(op, *args):
+    """Run one of our custom ops.
+
+    Under torch.compile, or any tracing (fake or functional tensors), through the custom op, which Dynamo keeps as one
+    opaque call with its fake implementation and autograd formula. In eager mode straight to the implementation (an
+    autograd.Function when a gradient can flow): the custom op's Python dispatch took ~0.5 ms a call under cProfile on
+    an H100 with torch 2.11 (`backend_impl`, 50 calls per CIFAR-10 inference step), and made the step host-bound.
+    """
+    if torch.compiler.is_compiling() or any(
+        isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS for a in args
+    ):
+        return op(*args)
+    if op.eager_autograd is not None and torch.is_grad_enabled():
+        return op.eager_autograd.apply(*args)
+    return op.eager_impl(*args)

@@ -13,7 +13,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuned, cdiv, check_tensor, compute_dtype, dot_precision, next_pow2, on_input_device
+from ._common import (
+    autotuned,
+    call,
+    cdiv,
+    check_tensor,
+    compute_dtype,
+    custom_op,
+    dot_precision,
+    next_pow2,
+    on_input_device,
+    register_autograd,
+)
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register file with a 64-row tile
@@ -292,7 +303,7 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
 # Custom ops (torch.library): opaque to torch.compile, so a compiled model traces through them with no graph break,
 # with fake implementations for shape propagation and the backward registered as autograd formula.
 # ----------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastvit::attention_fwd", mutates_args=())
+@custom_op("fastvit::attention_fwd")
 @on_input_device
 def _attention_fwd_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     o, lse, _ = attention_fwd(qkv, num_heads, scale)
@@ -305,7 +316,7 @@ def _(qkv, num_heads, scale):
     return qkv.new_empty((B, N, three_d // 3)), qkv.new_empty((B * num_heads, 2, N), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastvit::attention_bwd", mutates_args=())
+@custom_op("fastvit::attention_bwd")
 @on_input_device
 def _attention_bwd_op(
     do: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float
@@ -325,10 +336,10 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_backward(ctx, do, dlse):
     qkv, lse = ctx.saved_tensors
-    return _attention_bwd_op(do, qkv, lse, ctx.num_heads, ctx.scale), None, None
+    return call(_attention_bwd_op, do, qkv, lse, ctx.num_heads, ctx.scale), None, None
 
 
-_attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+register_autograd(_attention_fwd_op, _attention_backward, _attention_setup)
 
 
 def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
@@ -341,7 +352,7 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
     if not 0.0 < scale < math.inf:  # the kernels subtract the raw scores' max: it is the scaled max for scale > 0
         raise ValueError(f"scale must be positive and finite, got {scale}")
     qkv = qkv.to(compute_dtype(qkv))
-    return _attention_fwd_op(qkv, num_heads, scale)[0]
+    return call(_attention_fwd_op, qkv, num_heads, scale)[0]
 
 
 def attention_ref(qkv: torch.Tensor, num_heads: int, scale: float | None = None, impl: str = "math") -> torch.Tensor:

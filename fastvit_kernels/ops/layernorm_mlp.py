@@ -11,7 +11,15 @@ the GEMMs with their epilogues (bias, GELU, GELU', residual) and the weight grad
 
 import torch
 
-from ._common import check_same_device, check_tensor, compute_dtype, on_input_device
+from ._common import (
+    call,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    custom_op,
+    on_input_device,
+    register_autograd,
+)
 from .layernorm import MAX_LN_DIM, layernorm_bwd, layernorm_fwd
 from .linear import linear, linear_weight_grad
 
@@ -35,7 +43,7 @@ def _grad_or_none(t):
     return t if t.numel() else None
 
 
-@torch.library.custom_op("fastvit::layernorm_mlp_fwd", mutates_args=())
+@custom_op("fastvit::layernorm_mlp_fwd")
 @on_input_device
 def _layernorm_mlp_fwd(x: Tensor, norm_w: Tensor, norm_b: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
                        b2: Tensor | None, eps: float, training: bool
@@ -59,7 +67,7 @@ def _(x, norm_w, norm_b, w1, b1, w2, b2, eps, training):
     return out, xn, h, torch.empty_like(h) if training else h.new_empty(0), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("fastvit::layernorm_mlp_bwd", mutates_args=())
+@custom_op("fastvit::layernorm_mlp_bwd")
 @on_input_device
 def _layernorm_mlp_bwd(dout: Tensor, x: Tensor, norm_w: Tensor, w1: Tensor, w2: Tensor, xn: Tensor, h: Tensor,
                        pre: Tensor, mean: Tensor, rstd: Tensor, has_b1: bool, has_b2: bool
@@ -92,15 +100,15 @@ def _layernorm_mlp_setup(ctx, inputs, output):
 
 
 def _layernorm_mlp_backward(ctx, dout, *unused):
-    grads = _layernorm_mlp_bwd(dout, *ctx.saved_tensors, ctx.has_b1, ctx.has_b2)
+    grads = call(_layernorm_mlp_bwd, dout, *ctx.saved_tensors, ctx.has_b1, ctx.has_b2)
     dx, dnw, dnb, dw1, db1, dw2, db2 = grads
     return dx, dnw, dnb, dw1, _grad_or_none(db1), dw2, _grad_or_none(db2), None, None
 
 
-_layernorm_mlp_fwd.register_autograd(_layernorm_mlp_backward, setup_context=_layernorm_mlp_setup)
+register_autograd(_layernorm_mlp_fwd, _layernorm_mlp_backward, _layernorm_mlp_setup)
 
 
-@torch.library.custom_op("fastvit::layernorm_linear_fwd", mutates_args=())
+@custom_op("fastvit::layernorm_linear_fwd")
 @on_input_device
 def _layernorm_linear_fwd(x: Tensor, norm_w: Tensor, norm_b: Tensor, w: Tensor, b: Tensor | None, eps: float
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
@@ -117,7 +125,7 @@ def _(x, norm_w, norm_b, w, b, eps):
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=w.dtype), xn, stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("fastvit::layernorm_linear_bwd", mutates_args=())
+@custom_op("fastvit::layernorm_linear_bwd")
 @on_input_device
 def _layernorm_linear_bwd(dout: Tensor, x: Tensor, norm_w: Tensor, w: Tensor, xn: Tensor, mean: Tensor,
                           rstd: Tensor, has_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
@@ -143,14 +151,14 @@ def _layernorm_linear_setup(ctx, inputs, output):
 
 
 def _layernorm_linear_backward(ctx, dout, *unused):
-    dx, dnw, dnb, dw, db = _layernorm_linear_bwd(dout, *ctx.saved_tensors, ctx.has_b)
+    dx, dnw, dnb, dw, db = call(_layernorm_linear_bwd, dout, *ctx.saved_tensors, ctx.has_b)
     return dx, dnw, dnb, dw, _grad_or_none(db), None
 
 
-_layernorm_linear_fwd.register_autograd(_layernorm_linear_backward, setup_context=_layernorm_linear_setup)
+register_autograd(_layernorm_linear_fwd, _layernorm_linear_backward, _layernorm_linear_setup)
 
 
-@torch.library.custom_op("fastvit::linear_residual_fwd", mutates_args=())
+@custom_op("fastvit::linear_residual_fwd")
 @on_input_device
 def _linear_residual_fwd(x: Tensor, w: Tensor, b: Tensor | None, residual: Tensor) -> Tensor:
     out_dtype = torch.promote_types(residual.dtype, w.dtype)
@@ -163,7 +171,7 @@ def _(x, w, b, residual):
     return residual.new_empty(residual.shape, dtype=torch.promote_types(residual.dtype, w.dtype))
 
 
-@torch.library.custom_op("fastvit::linear_residual_bwd", mutates_args=())
+@custom_op("fastvit::linear_residual_bwd")
 @on_input_device
 def _linear_residual_bwd(dout: Tensor, x: Tensor, w: Tensor, has_b: bool) -> tuple[Tensor, Tensor, Tensor]:
     dy = _rows(dout).to(w.dtype)
@@ -184,11 +192,11 @@ def _linear_residual_setup(ctx, inputs, output):
 
 
 def _linear_residual_backward(ctx, dout):
-    dx, dw, db = _linear_residual_bwd(dout, *ctx.saved_tensors, ctx.has_b)
+    dx, dw, db = call(_linear_residual_bwd, dout, *ctx.saved_tensors, ctx.has_b)
     return dx, dw, _grad_or_none(db), dout
 
 
-_linear_residual_fwd.register_autograd(_linear_residual_backward, setup_context=_linear_residual_setup)
+register_autograd(_linear_residual_fwd, _linear_residual_backward, _linear_residual_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,7 +252,7 @@ def layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, f
         t is not None and t.requires_grad
         for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     )
-    return _layernorm_mlp_fwd(x, norm_weight, norm_bias, fc1_weight.to(cdt), _cast(fc1_bias, cdt),
+    return call(_layernorm_mlp_fwd, x, norm_weight, norm_bias, fc1_weight.to(cdt), _cast(fc1_bias, cdt),
                               fc2_weight.to(cdt), _cast(fc2_bias, cdt), eps, training)[0]  # fmt: skip
 
 
@@ -255,7 +263,7 @@ def layernorm_linear(x, norm_weight, norm_bias, weight, bias, eps=1e-6):
     _check_linear(x, weight, bias, "linear")
     _check_same_dtype(x, weight)
     cdt = compute_dtype(weight)
-    return _layernorm_linear_fwd(x, norm_weight, norm_bias, weight.to(cdt), _cast(bias, cdt), eps)[0]
+    return call(_layernorm_linear_fwd, x, norm_weight, norm_bias, weight.to(cdt), _cast(bias, cdt), eps)[0]
 
 
 def linear_residual(x, weight, bias, residual):
@@ -270,7 +278,7 @@ def linear_residual(x, weight, bias, residual):
     _check_same_dtype(x, weight)
     _check_same_dtype(residual, weight)
     cdt = compute_dtype(weight)
-    return _linear_residual_fwd(x.to(cdt), weight.to(cdt), _cast(bias, cdt), residual)
+    return call(_linear_residual_fwd, x.to(cdt), weight.to(cdt), _cast(bias, cdt), residual)
 
 
 # ----------------------------------------------------------------------------------------------------------------

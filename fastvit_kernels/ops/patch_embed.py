@@ -14,13 +14,16 @@ import triton.language as tl
 
 from ._common import (
     autotuned,
+    call,
     cdiv,
     check_same_device,
     check_tensor,
     compute_dtype,
+    custom_op,
     dot_precision,
     on_input_device,
     prune_gemm_configs,
+    register_autograd,
     split_rows,
 )
 
@@ -254,7 +257,7 @@ def patch_embed_bwd_images(g, weight, images):
 Tensor = torch.Tensor
 
 
-@torch.library.custom_op("fastvit::patch_embed_fwd", mutates_args=())
+@custom_op("fastvit::patch_embed_fwd")
 @on_input_device
 def _patch_embed_fwd(images: Tensor, weight: Tensor, bias: Tensor, cls_token: Tensor | None, pos_embed: Tensor,
                      out_dtype: torch.dtype) -> Tensor:  # fmt: skip
@@ -268,7 +271,7 @@ def _(images, weight, bias, cls_token, pos_embed, out_dtype):
     return images.new_empty((B, (H // ph) * (W // pw) + (cls_token is not None), D), dtype=out_dtype)
 
 
-@torch.library.custom_op("fastvit::patch_embed_bwd_weight", mutates_args=())
+@custom_op("fastvit::patch_embed_bwd_weight")
 @on_input_device
 def _patch_embed_bwd_weight(g: Tensor, images: Tensor, weight: Tensor) -> Tensor:
     return patch_embed_bwd_weight(g, images, weight).to(weight.dtype)
@@ -279,7 +282,7 @@ def _(g, images, weight):
     return torch.empty_like(weight)
 
 
-@torch.library.custom_op("fastvit::patch_embed_bwd_images", mutates_args=())
+@custom_op("fastvit::patch_embed_bwd_images")
 @on_input_device
 def _patch_embed_bwd_images(g: Tensor, weight: Tensor, images: Tensor) -> Tensor:
     return patch_embed_bwd_images(g, weight, images)
@@ -306,12 +309,12 @@ def _patch_embed_backward(ctx, dout):
     dcls = dpos[0].view(1, 1, -1).to(cls_dt) if ctx.has_cls else None
     # (B, P, D) in the compute dtype, as eager autocast's backward; the kernels read its rows through strides
     g = dout[:, c:].to(weight.dtype)
-    dw = _patch_embed_bwd_weight(g, images, weight) if ctx.needs_input_grad[1] else None
-    dimg = _patch_embed_bwd_images(g, weight, images) if ctx.needs_input_grad[0] else None
+    dw = call(_patch_embed_bwd_weight, g, images, weight) if ctx.needs_input_grad[1] else None
+    dimg = call(_patch_embed_bwd_images, g, weight, images) if ctx.needs_input_grad[0] else None
     return dimg, dw, dbias, dcls, dpos.unsqueeze(0).to(pos_dt), None
 
 
-_patch_embed_fwd.register_autograd(_patch_embed_backward, setup_context=_patch_embed_setup)
+register_autograd(_patch_embed_fwd, _patch_embed_backward, _patch_embed_setup)
 
 
 def patch_embed(images, weight, bias, cls_token, pos_embed):
@@ -344,7 +347,7 @@ def patch_embed(images, weight, bias, cls_token, pos_embed):
         raise TypeError(f"images are {images.dtype} but the weight is {weight.dtype}: cast one, or run under autocast")
     cdt = compute_dtype(weight)
     out_dtype = torch.promote_types(cdt, pos_embed.dtype)
-    return _patch_embed_fwd(images, weight.to(cdt), bias.to(cdt), cls_token, pos_embed, out_dtype)
+    return call(_patch_embed_fwd, images, weight.to(cdt), bias.to(cdt), cls_token, pos_embed, out_dtype)
 
 
 def patch_embed_ref(images, weight, bias, cls_token, pos_embed):
