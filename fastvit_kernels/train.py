@@ -271,9 +271,10 @@ def train(argv=None):
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, start_batch, best_acc = ckpt["epoch"], ckpt["batch"], ckpt["best_acc"]
         log_rows, partial = ckpt["log"], ckpt.get("partial")
-        torch.set_rng_state(ckpt["rng_cpu"])
+        # RNG states are CPU byte tensors, whatever map_location moved them to
+        torch.set_rng_state(ckpt["rng_cpu"].cpu())
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+            torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
         if main_rank:
             print(f"resumed from {ckpt_path}: epoch {start_epoch}, batch {start_batch}, best {100 * best_acc:.2f}%")
 
