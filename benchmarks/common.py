@@ -3,7 +3,9 @@
 import json
 import os
 import platform
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
@@ -15,8 +17,25 @@ def env_info():
     import triton
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return dict(card=card, torch=torch.__version__, triton=triton.__version__,
-                date=time.strftime("%Y-%m-%d"), python=platform.python_version())  # fmt: skip
+    return dict(card=card, torch=torch.__version__, triton=triton.__version__, date=time.strftime("%Y-%m-%d"),
+                python=platform.python_version(), commit=_commit())  # fmt: skip
+
+
+def _commit() -> str:
+    """The commit measured: FASTVIT_COMMIT (set it where the tree travels without .git, as to a lent GPU), else git's
+    HEAD, with '+dirty' when the tree has uncommitted changes."""
+    if os.environ.get("FASTVIT_COMMIT"):
+        return os.environ["FASTVIT_COMMIT"]
+    root = Path(__file__).parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True)  # fmt: skip
+    except OSError:
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def matmul_peak_tflops(dtype):
@@ -56,15 +75,34 @@ def host_ms(fn, reps=3):
     return 1e3 * sorted(times)[len(times) // 2]
 
 
+def gpu_ms(fn, calls=10):
+    """GPU time of one call of fn: `calls` calls issued back to back behind a ~0.1 s spin kernel, so that they are all
+    queued before the first starts and the GPU never waits on the host; events around them, divided by `calls`.
+    A kernel row timed this way measures the kernels, not the Python that launches them (host_ms says that)."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # clock cycles: ~0.1 s at ~2 GHz, far longer than issuing 10 calls
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def measure(benchmark, fn, *, device, opts, group, row, items=None, item_name="img", flops=None, peak_dtype=None,
-            warmup=None, describe=None, host=False):  # fmt: skip
+            warmup=None, describe=None, host=False, kernel_time=False):  # fmt: skip
     """Time fn() (one call = one step) and record a row: median ms, items/s, TFLOP/s, MFU, peak memory, and with
     host=True the host's share (host_ms: the time to issue one step while the GPU is busy).
+
+    A round is one call and a synchronisation, timed on the host: what a user waits for, host time included. With
+    kernel_time=True (the per-kernel rows, on a GPU) a round is gpu_ms(): the GPU time of one call with the host kept
+    ahead, and host_ms is recorded beside it.
 
     describe() (optional) is called after the timing and its dict joins the row: what an autotuner chose, say."""
 
@@ -77,9 +115,19 @@ def measure(benchmark, fn, *, device, opts, group, row, items=None, item_name="i
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     benchmark.group = group
-    benchmark.pedantic(timed, rounds=opts["rounds"], iterations=1, warmup_rounds=1)
-    median_s = benchmark.stats.stats.median
+    gpu_rounds = []
+    if kernel_time and device.type == "cuda":
+        host = True
+        benchmark.pedantic(lambda: gpu_rounds.append(gpu_ms(fn)), rounds=opts["rounds"], iterations=1,
+                           warmup_rounds=1)  # fmt: skip
+        gpu_rounds = sorted(gpu_rounds[1:])  # the first is the warm-up round
+        median_s = gpu_rounds[len(gpu_rounds) // 2] / 1e3
+    else:
+        benchmark.pedantic(timed, rounds=opts["rounds"], iterations=1, warmup_rounds=1)
+        median_s = benchmark.stats.stats.median
     info = dict(group=group, row=row, median_ms=median_s * 1e3, **env_info())
+    if gpu_rounds:
+        info["timing"] = "gpu"  # GPU time per call; rows without this key are host-timed calls (call + sync)
     if items:
         info[f"{item_name}_per_s"] = items / median_s
         info["items_per_s"] = items / median_s

@@ -2,7 +2,8 @@
 # On a CUDA machine, in one call: the GPU tests, then the benchmark suite, the compact speedup table printed last.
 # Sized for 8 minutes on an H100 (the stage limits add up to 480 s). Stages run in priority order, each with its own
 # time limit, and every benchmark row is streamed to $OUT_DIR/rows.jsonl as it is measured, so a cut-short run still
-# reports what it saw.
+# reports what it saw. Rows carry the commit measured: git's HEAD, or FASTVIT_COMMIT where the tree came without .git
+# (a lent GPU: `FASTVIT_COMMIT=<hash> make gpu-check`). At most 8 files come back from a lent GPU: the run writes 7.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -17,7 +18,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu
 
 echo "=== the TMA GEMM path first (new kernels): if it fails here, the benchmarks run without it (FASTVIT_TMA=0)"
 if ! FASTVIT_AUTOTUNE=0 timeout 60 $PY -m pytest -q -x tests/test_linear.py tests/test_gelu.py -p no:cacheprovider \
-    2>&1 | tee "$OUT_DIR/tma.log" | tail -5; then
+    2>&1 | tee "$OUT_DIR/tests.log" | tail -5; then
   echo "!!! TMA GEMM tests failed: benchmarks run with FASTVIT_TMA=0 (pointer-load tiles only)"
   export FASTVIT_TMA=0
 fi
@@ -25,8 +26,9 @@ fi
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 echo "=== GPU tests (first config of each kernel, no autotuning)"
-FASTVIT_AUTOTUNE=0 timeout "${TEST_LIMIT:-110}" $PY -m pytest -q tests $XDIST -p no:cacheprovider --maxfail=30 2>&1 \
-  | tee "$OUT_DIR/tests.log" | tail -40
+# -v: each result is printed as it completes, so a stage cut at its limit still names its failures
+FASTVIT_AUTOTUNE=0 timeout "${TEST_LIMIT:-110}" $PY -m pytest -v -rf --tb=line tests $XDIST -p no:cacheprovider \
+  --maxfail=30 2>&1 | tee -a "$OUT_DIR/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -40
 
 bench() {  # bench LIMIT PYTEST-ARGS...   (LIMIT 0 skips the stage)
   local limit=$1; shift
@@ -39,7 +41,7 @@ bench 95 benchmarks/test_kernels.py -k "ours or flash or cudnn or eager or compi
 bench 45 benchmarks/test_gemms.py -k cifar10
 bench 60 benchmarks/test_e2e.py -k "cifar10 and bf16 and not compile"
 echo "=== GPU time per kernel, one CIFAR-10 step (ours and eager SDPA)"
-timeout 40 $PY benchmarks/profile_step.py "$OUT_DIR" 2>&1 | tee "$OUT_DIR/profile.log" | grep -E "^(###|\| \`)" | head -60
+timeout 40 $PY benchmarks/profile_step.py "$OUT_DIR" 2>&1 | grep -E "^(###|\| \`)" | head -60
 bench 80 benchmarks/test_e2e.py -k "cifar10 and bf16 and compile"
 bench 25 benchmarks/test_e2e.py -k "vitb16 and (ours or sdpa)"
 bench "${FP32_LIMIT:-25}" benchmarks/test_e2e.py -k "cifar10 and fp32"

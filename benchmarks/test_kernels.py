@@ -70,7 +70,7 @@ def test_attention(benchmark, bench_opts, device, shape, row, mode):
             pytest.skip(f"{row} not available here: {str(e).splitlines()[0][:120]}")
     flops = 4 * B * H * N * N * d * (3.5 if mode == "fwd+bwd" else 1)  # bwd: 5 N^2 d GEMMs vs 2 (recompute incl.)
     launchers = dict(fwd=at._fwd) if mode == "fwd" else dict(fwd=at._fwd, dq=at._bwd_dq, dkdv=at._bwd_dkdv)
-    measure(benchmark, _run(fn, [qkv], mode), device=device, opts=bench_opts, group=f"attention/{shape}/{mode}",
+    measure(benchmark, _run(fn, [qkv], mode), device=device, opts=bench_opts, kernel_time=True, group=f"attention/{shape}/{mode}",
             row=row, items=B, flops=flops, peak_dtype=DT,
             describe=chosen_configs(**launchers) if row == "ours" else None)  # fmt: skip
 
@@ -103,7 +103,7 @@ def test_layernorm_mlp(benchmark, bench_opts, device, shape, row, mode):
         _compiled_mlp = _compiled_mlp or torch.compile(_mlp_eager)
         fn = _compiled_mlp
     flops = 2 * 2 * R * D * Hd * (3 if mode == "fwd+bwd" else 1)
-    measure(benchmark, _run(fn, inputs, mode), device=device, opts=bench_opts, group=f"layernorm_mlp/{shape}/{mode}",
+    measure(benchmark, _run(fn, inputs, mode), device=device, opts=bench_opts, kernel_time=True, group=f"layernorm_mlp/{shape}/{mode}",
             row=row, items=R, item_name="tok", flops=flops, peak_dtype=DT, warmup=bench_opts["warmup"] + 3)  # fmt: skip
 
 
@@ -121,7 +121,7 @@ def test_patch_embed(benchmark, bench_opts, device, shape, row, mode):
               (0.02 * torch.randn(1, T, D, device=device, dtype=DT)).requires_grad_()]  # fmt: skip
     fn = ops.patch_embed if row == "ours" else ops.patch_embed_ref
     flops = 2 * B * (T - 1) * 3 * p * p * D * (2 if mode == "fwd+bwd" else 1)  # bwd: the weight gradient only
-    measure(benchmark, _run(fn, inputs, mode), device=device, opts=bench_opts, group=f"patch_embed/{shape}/{mode}",
+    measure(benchmark, _run(fn, inputs, mode), device=device, opts=bench_opts, kernel_time=True, group=f"patch_embed/{shape}/{mode}",
             row=row, items=B, flops=flops, peak_dtype=DT)  # fmt: skip
 
 
@@ -133,5 +133,5 @@ def test_cpu_eager_mlp_reference(benchmark, bench_opts, device):
     params = [torch.ones(96, requires_grad=True), torch.zeros(96, requires_grad=True),
               (0.02 * torch.randn(384, 96)).requires_grad_(), torch.zeros(384, requires_grad=True),
               (0.02 * torch.randn(96, 384)).requires_grad_(), torch.zeros(96, requires_grad=True)]  # fmt: skip
-    measure(benchmark, _run(_mlp_eager, [x] + params, "fwd+bwd"), device=device, opts=bench_opts,
+    measure(benchmark, _run(_mlp_eager, [x] + params, "fwd+bwd"), device=device, opts=bench_opts, kernel_time=True,
             group="layernorm_mlp/cpu-small/fwd+bwd", row="eager", items=2048, item_name="tok")  # fmt: skip
