@@ -67,6 +67,11 @@ def torchvision_to_timm(sd: dict) -> dict:
 
 
 def _check_timm_layout(sd: dict) -> None:
+    if "cls_token" not in sd:
+        raise UnsupportedCheckpoint(
+            "this checkpoint has no class token (timm's class_token=False): this ViT always attends over one, so "
+            "its function would differ"
+        )
     unmapped = [k for k in sd if not _TIMM_KEY.match(k)]
     if unmapped:
         raise UnsupportedCheckpoint(

@@ -60,11 +60,11 @@ class Attention(nn.Module):
             q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             p = self.attn_drop.p if self.training else 0.0
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale).transpose(1, 2)
-            o = o.reshape(B, N, -1)
+            o = o.reshape(B, N, self.num_heads * self.head_dim)  # (B, N, inner); no -1: B may be 0
         else:
             q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))  # (B, H, N, N)
-            o = (attn @ v).transpose(1, 2).reshape(B, N, -1)
+            o = (attn @ v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
         return self.proj_drop(self.proj(o))
 
 
@@ -178,6 +178,9 @@ class ViT(nn.Module):
         if tuple(x.shape[2:]) != self.patch_embed.img_size:
             raise ValueError(f"images are {x.shape[2]}x{x.shape[3]}; this model expects "
                              f"{self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]}")  # fmt: skip
+        weight = self.patch_embed.proj.weight
+        if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:  # both backends say the same
+            raise TypeError(f"input is {x.dtype} but the weights are {weight.dtype}: cast one, or run under autocast")
 
     def _tokens(self, x, triton_path):
         self._check_images(x)
@@ -198,9 +201,12 @@ class ViT(nn.Module):
         """Tokens after the last block and the final norm: [B, 1 + P, D] (timm's forward_features)."""
         return self.norm(self._tokens(x, use_triton(self.backend, x.device)))
 
-    def forward_head(self, x):
+    def forward_head(self, x, pre_logits: bool = False):
+        """Pooling, fc_norm and the head on forward_features' tokens (timm's signature: pre_logits=True stops before
+        the head and returns the pooled features, [B, num_features])."""
         x = x[:, 1:].mean(dim=1) if self.pool == "mean" else x[:, 0]
-        return self.head(self.fc_norm(x))
+        x = self.fc_norm(x)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x):
         triton_path = use_triton(self.backend, x.device)
@@ -286,6 +292,11 @@ class ViT(nn.Module):
         from .interop import to_timm_state_dict
 
         return to_timm_state_dict(self)
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled features the head reads (timm's attribute)."""
+        return self.embed_dim
 
     @property
     def num_patches(self):

@@ -188,3 +188,46 @@ def test_timm_training_api_behaves_as_timms():
     assert ours(x).shape == (3, TINY["dim"])  # pooled features, as timm's num_classes=0
     with pytest.raises(ValueError, match="global_pool"):
         ours.reset_classifier(3, global_pool="max")
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_empty_batch_runs_forward_and_backward_on_both_backends(pool, device):
+    model = ViT(**TINY, pool=pool).to(device)
+    for backend in ("torch", "triton"):
+        model.zero_grad(set_to_none=True)
+        x = torch.randn(0, 3, 8, 8, device=device, requires_grad=True)
+        out = model.set_backend(backend)(x)
+        assert out.shape == (0, TINY["num_classes"]), backend
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+        for name, p in model.named_parameters():  # a sum over no images: every gradient is there, and zero
+            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), (backend, name)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_forward_head_pre_logits_and_num_features_are_timms(pool):
+    ours = ViT(**TINY, pool=pool, backend="torch")
+    theirs = _timm_twin(pool)
+    theirs.load_state_dict(ours.state_dict())
+    assert ours.num_features == theirs.num_features == TINY["dim"]
+    feats = ours.forward_features(torch.randn(3, 3, 8, 8))
+    pooled = ours.forward_head(feats, pre_logits=True)
+    assert pooled.shape == (3, ours.num_features)
+    torch.testing.assert_close(pooled, theirs.forward_head(feats, pre_logits=True))
+    torch.testing.assert_close(ours.forward_head(feats), theirs.forward_head(feats))
+
+
+def test_timm_checkpoint_without_class_token_is_refused_by_name():
+    from fastvit_kernels.interop import UnsupportedCheckpoint
+
+    theirs = VisionTransformer(img_size=8, patch_size=4, num_classes=5, embed_dim=32, depth=1, num_heads=2,
+                               class_token=False, global_pool="avg")  # fmt: skip
+    with pytest.raises(UnsupportedCheckpoint, match="no class token"):
+        ViT.from_timm(theirs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_input_dtype_that_is_not_the_weights_gets_one_message_on_both_backends(backend, device):
+    model = ViT(**TINY, backend=backend).to(device)
+    with pytest.raises(TypeError, match="input is torch.bfloat16 but the weights are torch.float32"):
+        model(torch.randn(1, 3, 8, 8, device=device, dtype=torch.bfloat16))

@@ -267,6 +267,8 @@ def attention_fwd(qkv, num_heads, scale):
         qkv = qkv.contiguous()  # the kernels need unit stride along the feature dim; B and N strides are free
     o = torch.empty((B, N, D), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((B * num_heads, 2, N), device=qkv.device, dtype=torch.float32)  # (row max, log2 row sum)
+    if B * N == 0:  # an empty batch: nothing to launch
+        return o, lse, qkv
     block_d = max(16, next_pow2(d))  # tl.dot needs every dim >= 16
 
     def grid(meta):
@@ -291,6 +293,8 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
     block_d = max(16, next_pow2(d))
     delta = torch.empty((B * num_heads, N), device=qkv.device, dtype=torch.float32)  # written by dQ, read by dK/dV
     dqkv = torch.empty((B, N, three_d), device=qkv.device, dtype=qkv.dtype)
+    if B * N == 0:
+        return dqkv
     args = (qkv, do, lse, delta, dqkv, qkv.stride(0), qkv.stride(1), do.stride(0), do.stride(1),
             dqkv.stride(0), dqkv.stride(1), N, num_heads, D, scale, scale * LOG2E)  # fmt: skip
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot_precision(qkv.dtype))

@@ -32,6 +32,8 @@ def layernorm_fwd(x, weight, bias, eps, out_dtype):
     y = torch.empty((M, D), device=x.device, dtype=out_dtype)
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
+    if M == 0:  # an empty batch: nothing to launch
+        return y, mean, rstd
     block_m, block_d, warps = row_kernel_params(D, **FWD_PARAMS)
     layernorm_fwd_kernel[(cdiv(M, block_m),)](
         x, weight, bias, y, mean, rstd, M, D, x.stride(0), y.stride(0), eps,
@@ -43,6 +45,9 @@ def layernorm_fwd(x, weight, bias, eps, out_dtype):
 def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
     """(dx, dweight, dbias) of LayerNorm, dx += dres in the same pass. dweight/dbias come back in fp32."""
     M, D = x.shape
+    if M == 0:
+        zeros = torch.zeros(D, device=x.device, dtype=torch.float32)
+        return torch.empty_like(x), zeros, zeros.clone()
     block_m, block_d, warps = row_kernel_params(D, **BWD_PARAMS)
     programs = min(cdiv(M, block_m), 4 * num_sms(x.device))
     rows_per_program = cdiv(cdiv(M, programs), block_m) * block_m

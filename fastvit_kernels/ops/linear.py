@@ -100,6 +100,8 @@ def linear(a, weight_t, bias=None, *, epilogue="none", pre=None, residual=None, 
     c = torch.empty((M, N), device=a.device, dtype=out_dtype or weight_t.dtype)
     res = residual if epilogue == "residual" else None
     pre = pre if epilogue in ("gelu", "gelu_grad") else None
+    if M == 0:  # an empty batch: nothing to launch
+        return c
     tma_ok = _tma_ok(a, weight_t)
     if tma_ok and not interpreting():
         triton.set_allocator(_tma_scratch)  # a context variable, so set where the launch happens
@@ -125,6 +127,9 @@ def linear_weight_grad(g, x, need_bias=True):
     read it. fp32 sums (callers cast to the parameter dtype); the reduction over rows is split (see split_rows)."""
     R, NF = g.shape
     KF = x.shape[1]
+    if R == 0:  # an empty batch: the sums over no rows
+        zeros = torch.zeros(NF, device=g.device, dtype=torch.float32)
+        return torch.zeros((NF, KF), device=g.device, dtype=torch.float32), (zeros if need_bias else None)
     splits, rows_per_split = split_rows(R, cdiv(NF, 128) * cdiv(KF, 128), g.device)
     dw = torch.empty((splits, NF, KF), device=g.device, dtype=torch.float32)
     db = torch.empty((splits, NF), device=g.device, dtype=torch.float32) if need_bias else None

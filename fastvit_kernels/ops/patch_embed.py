@@ -203,6 +203,8 @@ def patch_embed_fwd(images, weight, bias, cls_token, pos_embed, out_dtype):
     out = torch.empty((B, P + has_cls, D), device=images.device, dtype=out_dtype)
     w2 = weight.reshape(D, K)
     pos = pos_embed.reshape(P + has_cls, D)
+    if B == 0:  # an empty batch: nothing to launch (a grid of zero programs is not a launch CUDA accepts)
+        return out
 
     def grid(meta):
         n_tiles = cdiv(D, meta["BLOCK_N"])
@@ -225,6 +227,8 @@ def patch_embed_bwd_weight(g, images, weight):
     B, C, H, Wd, D, ph, pw, P, GW = _geometry(images, weight)
     K = C * ph * pw
     R = B * P
+    if R == 0:
+        return torch.zeros((D, C, ph, pw), device=g.device, dtype=torch.float32)
     tiles = cdiv(D, 64) * cdiv(K, 64)
     splits, rows_per_split = split_rows(R, tiles, g.device)
     dw = torch.empty((splits, D, K), device=g.device, dtype=torch.float32)
@@ -242,6 +246,8 @@ def patch_embed_bwd_images(g, weight, images):
     K = C * ph * pw
     w2 = weight.reshape(D, K)
     dimg = torch.empty((B, C, H, Wd), device=g.device, dtype=images.dtype)
+    if B == 0:
+        return dimg
     _bwd_dx[lambda m: (cdiv(B * P, m["BLOCK_M"]), cdiv(K, m["BLOCK_N"]))](
         g, w2, dimg, B, P, GW, K, D,
         g.stride(0), g.stride(1), w2.stride(0), w2.stride(1),
