@@ -21,26 +21,48 @@ class DatasetError(RuntimeError):
     """CIFAR-10 is missing or damaged; the message says which file and what to do."""
 
 
+def _entry(d: dict, key: str):
+    """d[key] whichever way the batch was pickled: the official Python 2 files give bytes keys under
+    encoding='bytes', files pickled by Python 3 (CIFAR-format subsets made with Python 3 tools) give str keys."""
+    for k in (key.encode(), key):
+        if k in d:
+            return d[k]
+    raise DatasetError(f"no '{key}' entry (keys: {', '.join(map(repr, list(d)[:8]))})")
+
+
 def _read_batch(path: Path):
     try:
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="bytes")
-        data, labels = d[b"data"], d[b"labels"]
-        images = torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 3, 32, 32)
-        labels = torch.as_tensor(labels, dtype=torch.int64)
     except FileNotFoundError:
         raise
-    except Exception as e:  # truncated pickle, wrong keys, wrong sizes: all mean a damaged file
-        raise DatasetError(f"{path} is not a readable CIFAR-10 batch ({type(e).__name__}: {e}); delete the "
-                           f"'{FOLDER}' folder and download it again (--download)") from e  # fmt: skip
+    except Exception as e:  # a truncated or otherwise unreadable pickle
+        raise DatasetError(f"{path} is not a readable pickle ({type(e).__name__}: {e}): the file is damaged; "
+                           f"delete the '{FOLDER}' folder and download it again (--download)") from e  # fmt: skip
+    try:
+        if not isinstance(d, dict):
+            raise DatasetError(f"a pickled {type(d).__name__}, not a dict")
+        data, labels = _entry(d, "data"), _entry(d, "labels")
+        images = torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 3, 32, 32)
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+    except Exception as e:  # a readable pickle that is not a CIFAR-10 batch: wrong keys, wrong sizes
+        raise DatasetError(f"{path} is not a CIFAR-10 batch: {e}") from e
     if len(images) != len(labels) or (len(labels) and (labels.min() < 0 or labels.max() > 9)):
         raise DatasetError(f"{path}: {len(images)} images but {len(labels)} labels in 0..9; the file is damaged")
     return images, labels
 
 
+def cifar10_folder(data_dir) -> Path:
+    """The folder holding the batches: data_dir/cifar-10-batches-py, or data_dir itself when it is that folder."""
+    root = Path(data_dir)
+    if not (root / FOLDER).is_dir() and (root / TEST_FILES[0]).is_file():
+        return root
+    return root / FOLDER
+
+
 def load_cifar10(data_dir, train: bool):
-    """(images uint8 [N, 3, 32, 32], labels int64 [N]) from data_dir/cifar-10-batches-py."""
-    root = Path(data_dir) / FOLDER
+    """(images uint8 [N, 3, 32, 32], labels int64 [N]) from data_dir/cifar-10-batches-py (or data_dir itself)."""
+    root = cifar10_folder(data_dir)
     if not root.is_dir():
         raise DatasetError(f"CIFAR-10 not found: looked for the folder {root.resolve()} (the official python "
                            f"version, with data_batch_1..5 and test_batch). Pass --data-dir to where it is, or "

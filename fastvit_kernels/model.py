@@ -15,11 +15,30 @@ from .backend import check_attn_impl, check_backend, default_backend, use_triton
 
 
 def _pair(v, name):
-    if isinstance(v, int):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
-        return tuple(v)
-    raise TypeError(f"{name} must be an int or an (h, w) pair of ints, got {v!r}")
+    if isinstance(v, int) and not isinstance(v, bool):
+        pair = (v, v)
+    elif isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        pair = tuple(v)
+    else:
+        raise TypeError(f"{name} must be an int or an (h, w) pair of ints, got {v!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{name} must be positive, got {v!r}")
+    return pair
+
+
+def _check_int(name, v, minimum=1):
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got {v!r}")
+    if v < minimum:
+        raise ValueError(f"{name} must be {'positive' if minimum == 1 else f'at least {minimum}'}, got {v}")
+
+
+def _check_float(name, v, low, high=None):
+    """low < v (< high): the range a rate or an epsilon may take."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise TypeError(f"{name} must be a number, got {v!r}")
+    if not (v > low if high is None else low <= v < high):
+        raise ValueError(f"{name} must be {f'in [{low}, {high})' if high is not None else f'> {low}'}, got {v}")
 
 
 class PatchEmbed(nn.Module):
@@ -125,6 +144,16 @@ class ViT(nn.Module):
         super().__init__()
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        for name, v in dict(dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim, channels=channels).items():
+            _check_int(name, v)
+        _check_int("num_classes", num_classes, minimum=0)
+        if dim_head is not None:
+            _check_int("dim_head", dim_head)
+        _check_float("dropout", dropout, 0.0, 1.0)
+        _check_float("emb_dropout", emb_dropout, 0.0, 1.0)
+        _check_float("eps", eps, 0.0)
+        if not isinstance(qkv_bias, bool):
+            raise TypeError(f"qkv_bias must be True or False, got {qkv_bias!r}")
         if dim_head is None:
             if dim % heads:
                 raise ValueError(f"dim {dim} is not divisible by heads {heads} (or pass dim_head)")

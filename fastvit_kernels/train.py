@@ -11,6 +11,8 @@ schedule position, RNG state, epoch and batch, best accuracy. Ctrl-C saves and e
 """
 
 import argparse
+import ast
+import inspect
 import json
 import math
 import os
@@ -25,35 +27,51 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .backend import use_triton
 from .data import DatasetError, DeviceLoader, download_cifar10, load_cifar10
-from .model import PRESETS
+from .model import PRESETS, ViT
+
+# What defines a run besides the model: --resume takes these from the checkpoint and refuses contradicting values.
+# (--epochs may change: a run can be extended.)
+RECIPE = ("preset", "lr", "min_lr", "warmup_epochs", "schedule", "weight_decay", "label_smoothing", "batch_size",
+          "seed", "amp", "pretrained")  # fmt: skip
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default in --help."""
+
+
+def _fail(message: str):
+    """A user error: one line on stderr, exit status 1, no traceback."""
+    raise SystemExit(f"error: {message}")
 
 
 def build_parser(eval_only=False):
     p = argparse.ArgumentParser(prog="fastvit-eval" if eval_only else "fastvit-train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                formatter_class=_HelpFormatter)  # fmt: skip
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/")
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="auto: our Triton kernels on a GPU, eager PyTorch otherwise")  # fmt: skip
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
                    help="autocast dtype (default: bf16 on a GPU, off on a CPU)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=512, help="images per step, over all processes")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     if eval_only:
         p.add_argument("checkpoint", help="a checkpoint written by fastvit-train (last.pt / best.pt)")
         return p
     p.add_argument("--download", action="store_true", help="fetch CIFAR-10 with torchvision first (needs internet)")
-    p.add_argument("--preset", default="vit_cifar10", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="vit_cifar10", choices=sorted(PRESETS), help="model configuration")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset argument, e.g. --model-arg depth=6 (repeatable)")  # fmt: skip
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--warmup-epochs", type=float, default=5)
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--out-dir", default="runs/cifar10")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=200, help="length of the run (a resumed run may extend it)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
+    p.add_argument("--warmup-epochs", type=float, default=5, help="linear warm-up length")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="after the warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's, on weight matrices only")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy")
+    p.add_argument("--out-dir", default="runs/cifar10", help="checkpoints, log.jsonl and curves.png")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, shuffling and augmentation")
     p.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
     p.add_argument("--pretrained", default=None, help="fine-tune from a timm or torchvision checkpoint file")
     p.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead"],
@@ -64,17 +82,95 @@ def build_parser(eval_only=False):
     return p
 
 
-def _parse_model_args(items):
+def _literal(text: str):
+    """A --model-arg value: a Python literal (False, 6, 0.1, (32, 32)), JSON's true/false/null, else the string."""
+    words = {"true": True, "false": False, "null": None, "none": None}
+    if text.lower() in words:
+        return words[text.lower()]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_model_args(items) -> dict:
+    """--model-arg KEY=VALUE items as constructor keywords; unknown or repeated keys are user errors. The values
+    are checked by the constructor itself (build_model)."""
+    params = set(inspect.signature(ViT.__init__).parameters) - {"self"}
     out = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         if not sep:
-            raise SystemExit(f"--model-arg expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+            _fail(f"--model-arg expects KEY=VALUE, got {item!r}")
+        if key == "backend":
+            _fail("--model-arg backend: choose the backend with --backend")
+        if key not in params:
+            _fail(
+                f"--model-arg {key}: the ViT has no such parameter (it takes {', '.join(sorted(params - {'backend'}))})"
+            )
+        if key in out:
+            _fail(f"--model-arg {key} given twice")
+        out[key] = _literal(text)
     return out
+
+
+def build_model(preset: str, backend: str, model_args: dict) -> ViT:
+    try:
+        return PRESETS[preset](backend=backend, **model_args)
+    except (TypeError, ValueError) as e:
+        _fail(f"--model-arg: {e}")
+
+
+def _given(argv) -> set:
+    """The options the user typed (not their defaults): a parser whose every default is 'absent'."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def _check_out_dir(path: str) -> Path:
+    out = Path(path)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            _fail(f"--out-dir {out}: {p} is a file, not a folder")
+    return out
+
+
+def _check_backend(backend: str, device: torch.device) -> None:
+    from .ops._common import interpreting
+
+    if backend == "triton" and device.type != "cuda" and not interpreting():
+        _fail(f"--backend triton needs a CUDA GPU (this run is on {device}); use --backend auto or torch")
+
+
+def load_checkpoint(path, device) -> dict:
+    """A checkpoint written by fastvit-train, or a one-line error saying why the file is not one."""
+    path = Path(path)
+    if not path.is_file():
+        _fail(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - whatever torch.load raises, the file is not a checkpoint
+        _fail(f"{path} is not a checkpoint torch can read ({type(e).__name__})")
+    missing = [k for k in ("model", "preset", "model_args", "args") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        _fail(f"{path} is not a fastvit-train checkpoint (it has no {', '.join(missing)})")
+    return ckpt
+
+
+def _resume_recipe(args, given, ckpt, path) -> dict:
+    """Take the model and the recipe from the checkpoint; refuse typed arguments that contradict it."""
+    saved = ckpt["args"]
+    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {saved.get(k)})"
+             for k in RECIPE if k in given and getattr(args, k) != saved.get(k)]  # fmt: skip
+    if "model_arg" in given and parse_model_args(args.model_arg) != ckpt["model_args"]:
+        clash.append(f"--model-arg {' '.join(args.model_arg)} (the run has {ckpt['model_args']})")
+    if clash:
+        _fail(f"--resume continues the run in {path}, and {'; '.join(clash)} contradict it")
+    for k in RECIPE:
+        setattr(args, k, saved.get(k, getattr(args, k)))
+    return dict(ckpt["model_args"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -173,8 +269,12 @@ def evaluate(model, loader, amp, device, world):
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
+def _amp_name(device, amp):
+    return amp or ("bf16" if device.type == "cuda" else "off")
+
+
 def _autocast(device, amp):
-    amp = amp or ("bf16" if device.type == "cuda" else "off")
+    amp = _amp_name(device, amp)
     if amp == "off":
         return torch.autocast(device.type, enabled=False)
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -189,13 +289,13 @@ def _plot(log_rows, path):
 
     ep = [r["epoch"] for r in log_rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, [r["train_loss"] for r in log_rows], label="train")
-    a.plot(ep, [r["test_loss"] for r in log_rows], label="test")
+    a.plot(ep, [r["train_loss"] for r in log_rows], marker="o", label="train")
+    a.plot(ep, [r["test_loss"] for r in log_rows], marker="o", label="test")
     a.set_xlabel("epoch")
     a.set_ylabel("loss")
     a.legend()
-    b.plot(ep, [100 * r["train_acc"] for r in log_rows], label="train")
-    b.plot(ep, [100 * r["test_acc"] for r in log_rows], label="test")
+    b.plot(ep, [100 * r["train_acc"] for r in log_rows], marker="o", label="train")
+    b.plot(ep, [100 * r["test_acc"] for r in log_rows], marker="o", label="test")
     b.set_xlabel("epoch")
     b.set_ylabel("accuracy (%)")
     b.legend()
@@ -204,33 +304,51 @@ def _plot(log_rows, path):
     plt.close(fig)
 
 
+def _load_data(args, main_rank, world):
+    if args.download and main_rank:
+        try:
+            download_cifar10(args.data_dir)
+        except Exception as e:  # noqa: BLE001 - no network, a proxy, a full disk: the user is told which
+            reason = " ".join(str(e).split())[:160]
+            _fail(f"could not download CIFAR-10 ({type(e).__name__}: {reason}); without a network, put the "
+                  f"official cifar-10-batches-py folder under --data-dir")  # fmt: skip
+    if world > 1:
+        dist.barrier()
+    try:
+        return load_cifar10(args.data_dir, train=True), load_cifar10(args.data_dir, train=False)
+    except DatasetError as e:
+        _fail(str(e))
+
+
 def train(argv=None):
     args = build_parser().parse_args(argv)
     device, rank, world = _setup_distributed(args.device)
     main_rank = rank == 0
-    out = Path(args.out_dir)
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
-    if args.download and main_rank:
-        download_cifar10(args.data_dir)
-    if world > 1:
-        dist.barrier()
-    try:
-        train_x, train_y = load_cifar10(args.data_dir, train=True)
-        test_x, test_y = load_cifar10(args.data_dir, train=False)
-    except DatasetError as e:
-        raise SystemExit(f"error: {e}") from None
+    _check_backend(args.backend, device)
+    out = _check_out_dir(args.out_dir)  # created only once everything below has worked: no empty folders
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(out / "last.pt", device)
+        model_args = _resume_recipe(args, _given(argv), ckpt, out / "last.pt")
+    else:
+        model_args = parse_model_args(args.model_arg)
+    (train_x, train_y), (test_x, test_y) = _load_data(args, main_rank, world)
 
     torch.manual_seed(args.seed)
-    model_args = _parse_model_args(args.model_arg)
-    model = PRESETS[args.preset](backend=args.backend, **model_args)
-    if args.pretrained:
+    model = build_model(args.preset, args.backend, model_args)
+    if args.pretrained and ckpt is None:  # a resume takes the weights from its checkpoint
         from .interop import load_pretrained_into
 
         report = load_pretrained_into(model, args.pretrained)
         if main_rank:
             print(f"loaded {args.pretrained}: {report}")
     model.to(device)
+    if main_rank:
+        runs = "Triton kernels" if use_triton(args.backend, device) else "eager PyTorch"
+        params = sum(p.numel() for p in model.parameters())
+        print(f"fastvit-train: {args.preset} {model_args or ''} ({params / 1e6:.2f}M parameters) on {device}, "
+              f"{runs}, autocast {_amp_name(device, args.amp)}; CIFAR-10: {len(train_y):,} training and "
+              f"{len(test_y):,} test images", flush=True)  # fmt: skip
     image_size = model.patch_embed.img_size[0]
     train_loader = DeviceLoader(train_x, train_y, args.batch_size // world, device, train=True, seed=args.seed,
                                 image_size=image_size, rank=rank, world_size=world)  # fmt: skip
@@ -261,11 +379,7 @@ def train(argv=None):
     amp = _autocast(device, args.amp)
 
     start_epoch, start_batch, best_acc, log_rows, partial = 0, 0, 0.0, [], None
-    if args.resume:
-        ckpt_path = out / "last.pt"
-        if not ckpt_path.is_file():
-            raise SystemExit(f"error: --resume given but {ckpt_path} does not exist")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -275,8 +389,11 @@ def train(argv=None):
         torch.set_rng_state(ckpt["rng_cpu"].cpu())
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
-        if main_rank:
-            print(f"resumed from {ckpt_path}: epoch {start_epoch}, batch {start_batch}, best {100 * best_acc:.2f}%")
+        if main_rank:  # epochs counted from 1 here as everywhere the user reads them
+            print(f"resumed from {out / 'last.pt'}: epoch {start_epoch + 1}, batch {start_batch}, best "
+                  f"{100 * best_acc:.2f}%")  # fmt: skip
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
 
     def state(epoch, batch, partial_sums):
         return dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
@@ -342,6 +459,7 @@ def train(argv=None):
                     save_checkpoint(out / "last.pt", state(epoch + 1, 0, None))
                     if improved:
                         save_checkpoint(out / "best.pt", state(epoch + 1, 0, None))
+                    _plot(log_rows, out / "curves.png")  # every epoch: an interrupted run has its curves too
         except KeyboardInterrupt:
             if main_rank:
                 save_checkpoint(out / "last.pt", state(epoch, resume_at, sums))
@@ -351,7 +469,6 @@ def train(argv=None):
                 dist.destroy_process_group()
             return 130
     if main_rank and log_rows:
-        _plot(log_rows, out / "curves.png")
         last = log_rows[-1]
         print(f"done: {len(log_rows)} epochs, final test accuracy {100 * last['test_acc']:.2f}%, best "
               f"{100 * best_acc:.2f}%, {last['img_per_s']:,.0f} img/s; {out}/{{last.pt,best.pt,log.jsonl,curves.png}}")  # fmt: skip
@@ -363,13 +480,14 @@ def train(argv=None):
 def evaluate_checkpoint(argv=None):
     args = build_parser(eval_only=True).parse_args(argv)
     device, rank, world = _setup_distributed(args.device)
-    ckpt = torch.load(args.checkpoint, map_location=device, weights_only=False)
-    model = PRESETS[ckpt["preset"]](backend=args.backend, **ckpt["model_args"]).to(device)
+    _check_backend(args.backend, device)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    model = build_model(ckpt["preset"], args.backend, ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])
     try:
         test_x, test_y = load_cifar10(args.data_dir, train=False)
     except DatasetError as e:
-        raise SystemExit(f"error: {e}") from None
+        _fail(str(e))
     loader = DeviceLoader(test_x, test_y, args.batch_size, device, train=False,
                           image_size=model.patch_embed.img_size[0], rank=rank, world_size=world)  # fmt: skip
     t = time.perf_counter()

@@ -21,7 +21,8 @@ def make_images(labels, rng):
     return x.reshape(n, 3072)
 
 
-def write_cifar10(root, per_batch=20, test=40, seed=0) -> Path:
+def write_cifar10(root, per_batch=20, test=40, seed=0, str_keys=False) -> Path:
+    """The official layout; str_keys=True pickles the batches as Python 3 tools do (str keys, not bytes)."""
     rng = np.random.default_rng(seed)
     folder = Path(root) / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
@@ -29,6 +30,8 @@ def write_cifar10(root, per_batch=20, test=40, seed=0) -> Path:
         labels = rng.integers(0, 10, size=n).tolist()
         d = {b"batch_label": name.encode(), b"labels": labels, b"data": make_images(labels, rng),
              b"filenames": [f"img{i}.png".encode() for i in range(n)]}  # fmt: skip
+        if str_keys:
+            d = {k.decode(): v for k, v in d.items()}
         with open(folder / name, "wb") as f:
             pickle.dump(d, f)
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

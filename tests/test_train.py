@@ -35,7 +35,7 @@ def test_missing_and_corrupt_data_give_clear_errors(tmp_path):
     write_cifar10(tmp_path)
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:500])  # truncated mid-pickle
-    with pytest.raises(DatasetError, match="data_batch_3 is not a readable CIFAR-10 batch"):
+    with pytest.raises(DatasetError, match="data_batch_3 is not a readable pickle"):
         load_cifar10(tmp_path, train=True)
     batch.unlink()
     with pytest.raises(DatasetError, match="data_batch_3 is missing"):
@@ -43,6 +43,22 @@ def test_missing_and_corrupt_data_give_clear_errors(tmp_path):
     # and the CLI turns it into one line, not a traceback
     with pytest.raises(SystemExit, match="error: CIFAR-10 is incomplete"):
         train(_args(tmp_path, tmp_path / "out", "--epochs", "1"))
+
+
+def test_python3_pickles_and_the_batches_folder_itself_load(tmp_path):
+    write_cifar10(tmp_path, per_batch=7, test=5, str_keys=True)  # str keys, as Python 3 tools pickle them
+    x, y = load_cifar10(tmp_path, train=True)
+    assert x.shape == (35, 3, 32, 32) and y.shape == (35,)
+    folder = tmp_path / "cifar-10-batches-py"
+    assert torch.equal(load_cifar10(folder, train=False)[1], load_cifar10(tmp_path, train=False)[1])
+    # a readable pickle that is not a batch is named as such, without sending the user to download again
+    import pickle
+
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"pixels": [1, 2]}, f)
+    with pytest.raises(DatasetError, match="test_batch is not a CIFAR-10 batch: no 'data' entry") as e:
+        load_cifar10(tmp_path, train=False)
+    assert "download" not in str(e.value)
 
 
 def test_augmentation_is_deterministic_per_batch_and_flips_and_crops(tmp_path):
@@ -119,12 +135,20 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, monkeypatch, capsys
     train(_args(tmp_path, tmp_path / "straight", "--epochs", "2"))
     restore = _interrupt_at(monkeypatch, *where, hard=hard)
     assert train(_args(tmp_path, tmp_path / "split", "--epochs", "2")) == 130
-    assert "Ctrl-C: finishing this batch" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "Ctrl-C: finishing this batch" in said
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
     ckpt = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
     assert (ckpt["epoch"], ckpt["batch"]) == saved
+    # the curves are drawn after every epoch, so a run stopped after one has them
+    assert (tmp_path / "split" / "curves.png").is_file() == (saved[0] >= 1)
     restore()
     assert train(_args(tmp_path, tmp_path / "split", "--epochs", "2", "--resume")) == 0
+    # one numbering: where the interruption says it saved is where the resume says it continues
+    place = f"epoch {saved[0] + 1}, batch {saved[1]}"
+    assert (
+        f"at {place};" in said and f"resumed from {tmp_path / 'split' / 'last.pt'}: {place}," in capsys.readouterr().out
+    )
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
     for k in a["model"]:
