@@ -50,9 +50,30 @@ def pytest_sessionfinish(session, exitstatus):
     session.config._fastvit_table = write_summary(ROWS, info, RESULTS_DIR)
 
 
+def _skip_reasons(terminalreporter):
+    """{reason: count} of the skipped benchmarks."""
+    reasons = {}
+    for rep in terminalreporter.stats.get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables: the last thing on the screen
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     table = getattr(config, "_fastvit_table", None)
     if table:
         terminalreporter.write_sep("=", "fastvit_kernels: speedups (median, same run)")
         terminalreporter.write_line(table)
         terminalreporter.write_line(f"written to {RESULTS_DIR}/results.{{json,md,png}}")
+    reasons = _skip_reasons(terminalreporter)
+    ran = len(terminalreporter.stats.get("passed", []))
+    terminalreporter.write_sep("=", f"fastvit_kernels: {ran} rows measured, {sum(reasons.values())} skipped")
+    if not torch.cuda.is_available():
+        terminalreporter.write_line(
+            "No CUDA GPU here: only the CPU rows ran (eager PyTorch references). Our kernels' rows need a GPU: "
+            "run `make gpu-check` on one. Under the Triton interpreter the kernels are for correctness, not speed."
+        )
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"  skipped {n:4d}: {reason}")

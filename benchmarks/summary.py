@@ -44,7 +44,7 @@ def speedup_table(rows):
     return "\n".join(lines)
 
 
-def _plot(rows, path):
+def _plot(rows, path, info=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,6 +60,11 @@ def _plot(rows, path):
         unit = rs[0].get("item_name", "call")
         ax.set_title(f"{group}  ({unit}/s, higher is better)", fontsize=9, loc="left")
         ax.tick_params(labelsize=8)
+    if info is not None:
+        title = f"{info['card']} | torch {info['torch']} | triton {info['triton']} | {info['date']}"
+        if not any(r["row"].startswith("ours") for r in rows):
+            title += "\nCPU run: eager references only, no 'ours' rows (our kernels are timed on a GPU)"
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -70,7 +75,7 @@ def write_summary(rows, info, out_dir):
     head = (f"card: {info['card']} | torch {info['torch']} | triton {info['triton']} | {info['date']}\n"
             f"command: {info['command']}\n")  # fmt: skip
     (out_dir / "results.md").write_text(head + "\n" + table + "\n")
-    _plot(rows, out_dir / "results.png")
+    _plot(rows, out_dir / "results.png", info)
     return head + table
 
 

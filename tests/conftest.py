@@ -25,6 +25,11 @@ def pytest_report_header(config):
            f"FASTVIT_TEST_SEED={BASE_SEED}"  # fmt: skip
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # also under -q, which hides the header: a failure can always be replayed
+    terminalreporter.write_line(f"fastvit_kernels: FASTVIT_TEST_SEED={BASE_SEED} replays this run's inputs")
+
+
 @pytest.fixture(autouse=True)
 def seed(request):
     s = (BASE_SEED + zlib.crc32(request.node.nodeid.encode())) % (2**31)
