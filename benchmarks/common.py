@@ -17,8 +17,14 @@ def env_info():
     import triton
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return dict(card=card, torch=torch.__version__, triton=triton.__version__, date=time.strftime("%Y-%m-%d"),
-                python=platform.python_version(), commit=_commit())  # fmt: skip
+    return dict(
+        card=card,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=time.strftime("%Y-%m-%d"),
+        python=platform.python_version(),
+        commit=_commit(),
+    )
 
 
 def _commit() -> str:
@@ -29,8 +35,9 @@ def _commit() -> str:
     root = Path(__file__).parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True)  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        )
     except OSError:
         return "unknown"
     if head.returncode != 0:
@@ -95,8 +102,23 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(benchmark, fn, *, device, opts, group, row, items=None, item_name="img", flops=None, peak_dtype=None,
-            warmup=None, describe=None, host=False, kernel_time=False):  # fmt: skip
+def measure(
+    benchmark,
+    fn,
+    *,
+    device,
+    opts,
+    group,
+    row,
+    items=None,
+    item_name="img",
+    flops=None,
+    peak_dtype=None,
+    warmup=None,
+    describe=None,
+    host=False,
+    kernel_time=False,
+):
     """Time fn() (one call = one step) and record a row: median ms, items/s, TFLOP/s, MFU, peak memory, and with
     host=True the host's share (host_ms: the time to issue one step while the GPU is busy).
 
@@ -118,8 +140,7 @@ def measure(benchmark, fn, *, device, opts, group, row, items=None, item_name="i
     gpu_rounds = []
     if kernel_time and device.type == "cuda":
         host = True
-        benchmark.pedantic(lambda: gpu_rounds.append(gpu_ms(fn)), rounds=opts["rounds"], iterations=1,
-                           warmup_rounds=1)  # fmt: skip
+        benchmark.pedantic(lambda: gpu_rounds.append(gpu_ms(fn)), rounds=opts["rounds"], iterations=1, warmup_rounds=1)
         gpu_rounds = sorted(gpu_rounds[1:])  # the first is the warm-up round
         median_s = gpu_rounds[len(gpu_rounds) // 2] / 1e3
     else:

@@ -54,9 +54,13 @@ def profile(backend, mode):
             entry[1] += 1
     total = sum(ms for ms, _ in per_kernel.values())
     rows = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
-    lines = [f"### {backend} / {mode}: {total:.2f} ms of GPU time per step, "
-             f"{sum(n for _, n in per_kernel.values()) // STEPS} kernels per step",
-             "", "| kernel | ms/step | share | launches/step |", "|---|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"### {backend} / {mode}: {total:.2f} ms of GPU time per step, "
+        f"{sum(n for _, n in per_kernel.values()) // STEPS} kernels per step",
+        "",
+        "| kernel | ms/step | share | launches/step |",
+        "|---|---:|---:|---:|",
+    ]
     for name, (ms, n) in rows[:TOP]:
         lines.append(f"| `{name[:90]}` | {ms:.3f} | {100 * ms / total:.0f}% | {n // STEPS} |")
     rest = sum(ms for _, (ms, _) in rows[TOP:])

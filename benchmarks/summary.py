@@ -26,8 +26,10 @@ def _ratio(base, name, ms):
 
 def speedup_table(rows):
     """One line per row, fastest first within each group; speedups against the group's eager rows."""
-    lines = ["| group | row | median ms | host ms | items/s | TFLOP/s | MFU | peak GiB | vs eager-sdpa | vs eager-math/eager |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| group | row | median ms | host ms | items/s | TFLOP/s | MFU | peak GiB | vs eager-sdpa | vs eager-math/eager |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for group, rs in _groups(rows).items():
         base = {r["row"]: r["median_ms"] for r in rs}
         plain_eager = "eager-math" if "eager-math" in base else "eager"
@@ -72,8 +74,10 @@ def _plot(rows, path, info=None):
 
 def write_summary(rows, info, out_dir):
     table = speedup_table(rows)
-    head = (f"card: {info['card']} | torch {info['torch']} | triton {info['triton']} | {info['date']}\n"
-            f"command: {info['command']}\n")  # fmt: skip
+    head = (
+        f"card: {info['card']} | torch {info['torch']} | triton {info['triton']} | {info['date']}\n"
+        f"command: {info['command']}\n"
+    )
     (out_dir / "results.md").write_text(head + "\n" + table + "\n")
     _plot(rows, out_dir / "results.png", info)
     return head + table
@@ -88,8 +92,13 @@ if __name__ == "__main__":
     rows = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]
     if rows:
         first = rows[0]
-        info = dict(card=first["card"], torch=first["torch"], triton=first["triton"], date=first["date"],
-                    command=" ".join(sys.argv))  # fmt: skip
+        info = dict(
+            card=first["card"],
+            torch=first["torch"],
+            triton=first["triton"],
+            date=first["date"],
+            command=" ".join(sys.argv),
+        )
         out = Path(sys.argv[2])
         out.mkdir(parents=True, exist_ok=True)
         print(write_summary(rows, info, out))

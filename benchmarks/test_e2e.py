@@ -45,10 +45,14 @@ def _timm_model(ours):
     timm = pytest.importorskip("timm")
     blk = ours.blocks[0]
     m = timm.models.vision_transformer.VisionTransformer(
-        img_size=ours.patch_embed.img_size, patch_size=ours.patch_embed.patch_size, num_classes=ours.num_classes,
-        embed_dim=ours.embed_dim, depth=len(ours.blocks), num_heads=blk.attn.num_heads,
+        img_size=ours.patch_embed.img_size,
+        patch_size=ours.patch_embed.patch_size,
+        num_classes=ours.num_classes,
+        embed_dim=ours.embed_dim,
+        depth=len(ours.blocks),
+        num_heads=blk.attn.num_heads,
         mlp_ratio=blk.mlp.fc1.out_features / ours.embed_dim,
-    )  # fmt: skip
+    )
     m.load_state_dict(ours.state_dict())
     return m.to(next(ours.parameters()).device)
 
@@ -134,7 +138,17 @@ def test_e2e(benchmark, bench_opts, device, workload, mode, precision, row):
 
     fn = _cuda_graphed(step) if graphed else step
     warmup = bench_opts["warmup"] + (5 if "compile" in row else 0)  # compile: warm until compiled
-    measure(benchmark, fn, device=device, opts=bench_opts, group=f"{workload}/{mode}/{precision}", row=row,
-            items=batch, flops=flops, peak_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-            warmup=warmup, host=True)  # fmt: skip
+    measure(
+        benchmark,
+        fn,
+        device=device,
+        opts=bench_opts,
+        group=f"{workload}/{mode}/{precision}",
+        row=row,
+        items=batch,
+        flops=flops,
+        peak_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        warmup=warmup,
+        host=True,
+    )
     torch.set_float32_matmul_precision("highest")

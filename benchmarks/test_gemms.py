@@ -108,6 +108,18 @@ def test_gemm(benchmark, bench_opts, device, shape, gemm, row):
         pytest.skip(f"{row} does not apply to {gemm}")
     R, D, Hd = SHAPES[shape]
     step, flops, kernel = _case(gemm, row, R, D, Hd, device)
-    measure(benchmark, step, device=device, opts=bench_opts, kernel_time=True, group=f"gemm/{shape}/{gemm}", row=row, items=R,
-            item_name="tok", flops=flops, peak_dtype=BF16, warmup=bench_opts["warmup"] + 2,
-            describe=chosen_configs(gemm=kernel) if kernel is not None else None)  # fmt: skip
+    measure(
+        benchmark,
+        step,
+        device=device,
+        opts=bench_opts,
+        kernel_time=True,
+        group=f"gemm/{shape}/{gemm}",
+        row=row,
+        items=R,
+        item_name="tok",
+        flops=flops,
+        peak_dtype=BF16,
+        warmup=bench_opts["warmup"] + 2,
+        describe=chosen_configs(gemm=kernel) if kernel is not None else None,
+    )

@@ -19,8 +19,11 @@ DT = torch.bfloat16
 def _sdpa_backend(name):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "cudnn": SDPBackend.CUDNN_ATTENTION}[name]  # fmt: skip
+    backend = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }[name]
     return sdpa_kernel(backend)
 
 
@@ -70,9 +73,19 @@ def test_attention(benchmark, bench_opts, device, shape, row, mode):
             pytest.skip(f"{row} not available here: {str(e).splitlines()[0][:120]}")
     flops = 4 * B * H * N * N * d * (3.5 if mode == "fwd+bwd" else 1)  # bwd: 5 N^2 d GEMMs vs 2 (recompute incl.)
     launchers = dict(fwd=at._fwd) if mode == "fwd" else dict(fwd=at._fwd, dq=at._bwd_dq, dkdv=at._bwd_dkdv)
-    measure(benchmark, _run(fn, [qkv], mode), device=device, opts=bench_opts, kernel_time=True, group=f"attention/{shape}/{mode}",
-            row=row, items=B, flops=flops, peak_dtype=DT,
-            describe=chosen_configs(**launchers) if row == "ours" else None)  # fmt: skip
+    measure(
+        benchmark,
+        _run(fn, [qkv], mode),
+        device=device,
+        opts=bench_opts,
+        kernel_time=True,
+        group=f"attention/{shape}/{mode}",
+        row=row,
+        items=B,
+        flops=flops,
+        peak_dtype=DT,
+        describe=chosen_configs(**launchers) if row == "ours" else None,
+    )
 
 
 def _mlp_eager(x, nw, nb, w1, b1, w2, b2):
@@ -93,8 +106,15 @@ def test_layernorm_mlp(benchmark, bench_opts, device, shape, row, mode):
     def p(*s, base=0.0):
         return (base + 0.02 * torch.randn(*s, device=device, dtype=DT)).requires_grad_()
 
-    inputs = [torch.randn(R, D, device=device, dtype=DT, requires_grad=True), p(D, base=1.0), p(D), p(Hd, D), p(Hd),
-              p(D, Hd), p(D)]  # fmt: skip
+    inputs = [
+        torch.randn(R, D, device=device, dtype=DT, requires_grad=True),
+        p(D, base=1.0),
+        p(D),
+        p(Hd, D),
+        p(Hd),
+        p(D, Hd),
+        p(D),
+    ]
     if row == "ours":
         fn = ops.layernorm_mlp
     elif row == "eager":
@@ -103,8 +123,20 @@ def test_layernorm_mlp(benchmark, bench_opts, device, shape, row, mode):
         _compiled_mlp = _compiled_mlp or torch.compile(_mlp_eager)
         fn = _compiled_mlp
     flops = 2 * 2 * R * D * Hd * (3 if mode == "fwd+bwd" else 1)
-    measure(benchmark, _run(fn, inputs, mode), device=device, opts=bench_opts, kernel_time=True, group=f"layernorm_mlp/{shape}/{mode}",
-            row=row, items=R, item_name="tok", flops=flops, peak_dtype=DT, warmup=bench_opts["warmup"] + 3)  # fmt: skip
+    measure(
+        benchmark,
+        _run(fn, inputs, mode),
+        device=device,
+        opts=bench_opts,
+        kernel_time=True,
+        group=f"layernorm_mlp/{shape}/{mode}",
+        row=row,
+        items=R,
+        item_name="tok",
+        flops=flops,
+        peak_dtype=DT,
+        warmup=bench_opts["warmup"] + 3,
+    )
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -114,15 +146,27 @@ def test_patch_embed(benchmark, bench_opts, device, shape, row, mode):
     need_cuda(device, "kernel benchmarks")
     B, S, p, D = PATCH_SHAPES[shape]
     T = (S // p) ** 2 + 1
-    inputs = [torch.randn(B, 3, S, S, device=device, dtype=DT),
-              (0.02 * torch.randn(D, 3, p, p, device=device, dtype=DT)).requires_grad_(),
-              torch.zeros(D, device=device, dtype=DT, requires_grad=True),
-              torch.zeros(1, 1, D, device=device, dtype=DT, requires_grad=True),
-              (0.02 * torch.randn(1, T, D, device=device, dtype=DT)).requires_grad_()]  # fmt: skip
+    inputs = [
+        torch.randn(B, 3, S, S, device=device, dtype=DT),
+        (0.02 * torch.randn(D, 3, p, p, device=device, dtype=DT)).requires_grad_(),
+        torch.zeros(D, device=device, dtype=DT, requires_grad=True),
+        torch.zeros(1, 1, D, device=device, dtype=DT, requires_grad=True),
+        (0.02 * torch.randn(1, T, D, device=device, dtype=DT)).requires_grad_(),
+    ]
     fn = ops.patch_embed if row == "ours" else ops.patch_embed_ref
     flops = 2 * B * (T - 1) * 3 * p * p * D * (2 if mode == "fwd+bwd" else 1)  # bwd: the weight gradient only
-    measure(benchmark, _run(fn, inputs, mode), device=device, opts=bench_opts, kernel_time=True, group=f"patch_embed/{shape}/{mode}",
-            row=row, items=B, flops=flops, peak_dtype=DT)  # fmt: skip
+    measure(
+        benchmark,
+        _run(fn, inputs, mode),
+        device=device,
+        opts=bench_opts,
+        kernel_time=True,
+        group=f"patch_embed/{shape}/{mode}",
+        row=row,
+        items=B,
+        flops=flops,
+        peak_dtype=DT,
+    )
 
 
 def test_cpu_eager_mlp_reference(benchmark, bench_opts, device):
@@ -130,8 +174,22 @@ def test_cpu_eager_mlp_reference(benchmark, bench_opts, device):
     if device.type == "cuda":
         pytest.skip("CPU-only row")
     x = torch.randn(2048, 96, requires_grad=True)
-    params = [torch.ones(96, requires_grad=True), torch.zeros(96, requires_grad=True),
-              (0.02 * torch.randn(384, 96)).requires_grad_(), torch.zeros(384, requires_grad=True),
-              (0.02 * torch.randn(96, 384)).requires_grad_(), torch.zeros(96, requires_grad=True)]  # fmt: skip
-    measure(benchmark, _run(_mlp_eager, [x] + params, "fwd+bwd"), device=device, opts=bench_opts, kernel_time=True,
-            group="layernorm_mlp/cpu-small/fwd+bwd", row="eager", items=2048, item_name="tok")  # fmt: skip
+    params = [
+        torch.ones(96, requires_grad=True),
+        torch.zeros(96, requires_grad=True),
+        (0.02 * torch.randn(384, 96)).requires_grad_(),
+        torch.zeros(384, requires_grad=True),
+        (0.02 * torch.randn(96, 384)).requires_grad_(),
+        torch.zeros(96, requires_grad=True),
+    ]
+    measure(
+        benchmark,
+        _run(_mlp_eager, [x] + params, "fwd+bwd"),
+        device=device,
+        opts=bench_opts,
+        kernel_time=True,
+        group="layernorm_mlp/cpu-small/fwd+bwd",
+        row="eager",
+        items=2048,
+        item_name="tok",
+    )

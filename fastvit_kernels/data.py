@@ -37,8 +37,10 @@ def _read_batch(path: Path):
     except FileNotFoundError:
         raise
     except Exception as e:  # a truncated or otherwise unreadable pickle
-        raise DatasetError(f"{path} is not a readable pickle ({type(e).__name__}: {e}): the file is damaged; "
-                           f"delete the '{FOLDER}' folder and download it again (--download)") from e  # fmt: skip
+        raise DatasetError(
+            f"{path} is not a readable pickle ({type(e).__name__}: {e}): the file is damaged; "
+            f"delete the '{FOLDER}' folder and download it again (--download)"
+        ) from e
     try:
         if not isinstance(d, dict):
             raise DatasetError(f"a pickled {type(d).__name__}, not a dict")
@@ -64,9 +66,11 @@ def load_cifar10(data_dir, train: bool):
     """(images uint8 [N, 3, 32, 32], labels int64 [N]) from data_dir/cifar-10-batches-py (or data_dir itself)."""
     root = cifar10_folder(data_dir)
     if not root.is_dir():
-        raise DatasetError(f"CIFAR-10 not found: looked for the folder {root.resolve()} (the official python "
-                           f"version, with data_batch_1..5 and test_batch). Pass --data-dir to where it is, or "
-                           f"--download to fetch it with torchvision.")  # fmt: skip
+        raise DatasetError(
+            f"CIFAR-10 not found: looked for the folder {root.resolve()} (the official python "
+            f"version, with data_batch_1..5 and test_batch). Pass --data-dir to where it is, or "
+            f"--download to fetch it with torchvision."
+        )
     parts = []
     for name in TRAIN_FILES if train else TEST_FILES:
         path = root / name
@@ -98,8 +102,9 @@ class DeviceLoader:
     each rank takes every world_size-th index of the same shuffled order.
     """
 
-    def __init__(self, images, labels, batch_size, device, *, train, seed=0, image_size=32, rank=0, world_size=1,
-                 drop_last=None):  # fmt: skip
+    def __init__(
+        self, images, labels, batch_size, device, *, train, seed=0, image_size=32, rank=0, world_size=1, drop_last=None
+    ):
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.device, self.train, self.seed = batch_size, torch.device(device), train, seed

@@ -14,21 +14,33 @@ import torch.nn.functional as F
 
 _TV_LAYER = re.compile(r"encoder\.layers\.encoder_layer_(\d+)\.(.+)")
 _TV_BLOCK_MAP = {
-    "ln_1.weight": "norm1.weight", "ln_1.bias": "norm1.bias",
-    "self_attention.in_proj_weight": "attn.qkv.weight", "self_attention.in_proj_bias": "attn.qkv.bias",
-    "self_attention.out_proj.weight": "attn.proj.weight", "self_attention.out_proj.bias": "attn.proj.bias",
-    "ln_2.weight": "norm2.weight", "ln_2.bias": "norm2.bias",
-    "mlp.0.weight": "mlp.fc1.weight", "mlp.0.bias": "mlp.fc1.bias",
-    "mlp.3.weight": "mlp.fc2.weight", "mlp.3.bias": "mlp.fc2.bias",
-    "mlp.linear_1.weight": "mlp.fc1.weight", "mlp.linear_1.bias": "mlp.fc1.bias",  # torchvision's legacy names
-    "mlp.linear_2.weight": "mlp.fc2.weight", "mlp.linear_2.bias": "mlp.fc2.bias",
-}  # fmt: skip
+    "ln_1.weight": "norm1.weight",
+    "ln_1.bias": "norm1.bias",
+    "self_attention.in_proj_weight": "attn.qkv.weight",
+    "self_attention.in_proj_bias": "attn.qkv.bias",
+    "self_attention.out_proj.weight": "attn.proj.weight",
+    "self_attention.out_proj.bias": "attn.proj.bias",
+    "ln_2.weight": "norm2.weight",
+    "ln_2.bias": "norm2.bias",
+    "mlp.0.weight": "mlp.fc1.weight",
+    "mlp.0.bias": "mlp.fc1.bias",
+    "mlp.3.weight": "mlp.fc2.weight",
+    "mlp.3.bias": "mlp.fc2.bias",
+    "mlp.linear_1.weight": "mlp.fc1.weight",
+    "mlp.linear_1.bias": "mlp.fc1.bias",  # torchvision's legacy names
+    "mlp.linear_2.weight": "mlp.fc2.weight",
+    "mlp.linear_2.bias": "mlp.fc2.bias",
+}
 _TV_TOP_MAP = {
-    "conv_proj.weight": "patch_embed.proj.weight", "conv_proj.bias": "patch_embed.proj.bias",
-    "class_token": "cls_token", "encoder.pos_embedding": "pos_embed",
-    "encoder.ln.weight": "norm.weight", "encoder.ln.bias": "norm.bias",
-    "heads.head.weight": "head.weight", "heads.head.bias": "head.bias",
-}  # fmt: skip
+    "conv_proj.weight": "patch_embed.proj.weight",
+    "conv_proj.bias": "patch_embed.proj.bias",
+    "class_token": "cls_token",
+    "encoder.pos_embedding": "pos_embed",
+    "encoder.ln.weight": "norm.weight",
+    "encoder.ln.bias": "norm.bias",
+    "heads.head.weight": "head.weight",
+    "heads.head.bias": "head.bias",
+}
 _TIMM_KEY = re.compile(
     r"^(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|(norm|fc_norm|head)\.(weight|bias)|"
     r"blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias))$"
@@ -99,10 +111,17 @@ def config_from_timm_state_dict(sd: dict, image_size=None) -> dict:
     if grid * grid != tokens - has_cls or ph != pw:
         raise UnsupportedCheckpoint("only square patch grids can be inferred; build the ViT yourself and load")
     head = sd.get("head.weight")
-    return dict(image_size=image_size or grid * ph, patch_size=ph, channels=channels, dim=dim, depth=depth,
-                mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0], num_classes=0 if head is None else head.shape[0],
-                pool="mean" if "fc_norm.weight" in sd else "cls",
-                qkv_bias="blocks.0.attn.qkv.bias" in sd)  # fmt: skip
+    return dict(
+        image_size=image_size or grid * ph,
+        patch_size=ph,
+        channels=channels,
+        dim=dim,
+        depth=depth,
+        mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0],
+        num_classes=0 if head is None else head.shape[0],
+        pool="mean" if "fc_norm.weight" in sd else "cls",
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+    )
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid, old_grid=None, num_prefix_tokens=1) -> torch.Tensor:

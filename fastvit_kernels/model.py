@@ -127,8 +127,9 @@ class Block(nn.Module):
         qkv = ops.layernorm_linear(x, n1.weight, n1.bias, attn.qkv.weight, attn.qkv.bias, n1.eps)  # (B, N, 3*inner)
         o = ops.attention(qkv, attn.num_heads, attn.scale)  # (B, N, inner)
         x = ops.linear_residual(o, attn.proj.weight, attn.proj.bias, x)
-        return ops.layernorm_mlp(x, n2.weight, n2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
-                                 n2.eps)  # fmt: skip
+        return ops.layernorm_mlp(
+            x, n2.weight, n2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, n2.eps
+        )
 
 
 class ViT(nn.Module):
@@ -138,9 +139,26 @@ class ViT(nn.Module):
     leaves out the class token) and uses `fc_norm`, as timm does.
     """
 
-    def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, pool="cls", channels=3,
-                 dim_head=None, dropout=0.0, emb_dropout=0.0, qkv_bias=True, eps=1e-6, backend=None,
-                 attn_impl="sdpa"):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        image_size,
+        patch_size,
+        num_classes,
+        dim,
+        depth,
+        heads,
+        mlp_dim,
+        pool="cls",
+        channels=3,
+        dim_head=None,
+        dropout=0.0,
+        emb_dropout=0.0,
+        qkv_bias=True,
+        eps=1e-6,
+        backend=None,
+        attn_impl="sdpa",
+    ):
         super().__init__()
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
@@ -205,8 +223,10 @@ class ViT(nn.Module):
         if x.shape[1] != self.channels:
             raise ValueError(f"images have {x.shape[1]} channels; this model expects {self.channels}")
         if tuple(x.shape[2:]) != self.patch_embed.img_size:
-            raise ValueError(f"images are {x.shape[2]}x{x.shape[3]}; this model expects "
-                             f"{self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]}")  # fmt: skip
+            raise ValueError(
+                f"images are {x.shape[2]}x{x.shape[3]}; this model expects "
+                f"{self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]}"
+            )
         weight = self.patch_embed.proj.weight
         if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:  # both backends say the same
             raise TypeError(f"input is {x.dtype} but the weights are {weight.dtype}: cast one, or run under autocast")
@@ -268,8 +288,11 @@ class ViT(nn.Module):
             self.pool = pools[global_pool]  # the norms stay where they are, as in timm
         ref = self.cls_token
         self.num_classes = num_classes
-        self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0
-                     else nn.Identity())  # fmt: skip
+        self.head = (
+            nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
         self.head.train(self.training)
 
     # -- weights in and out (fastvit_kernels.interop) ----------------------------------------------------------------
@@ -350,23 +373,27 @@ def _preset(defaults, overrides):
 
 def vit_cifar10(**overrides) -> ViT:
     """The benchmark configuration: 32x32 images, 4x4 patches (65 tokens), dim 384, depth 12, 6 heads."""
-    return _preset(dict(image_size=32, patch_size=4, num_classes=10, dim=384, depth=12, heads=6, mlp_dim=1536),
-                   overrides)  # fmt: skip
+    return _preset(
+        dict(image_size=32, patch_size=4, num_classes=10, dim=384, depth=12, heads=6, mlp_dim=1536), overrides
+    )
 
 
 def vit_tiny_patch16_224(**overrides) -> ViT:
-    return _preset(dict(image_size=224, patch_size=16, num_classes=1000, dim=192, depth=12, heads=3, mlp_dim=768),
-                   overrides)  # fmt: skip
+    return _preset(
+        dict(image_size=224, patch_size=16, num_classes=1000, dim=192, depth=12, heads=3, mlp_dim=768), overrides
+    )
 
 
 def vit_small_patch16_224(**overrides) -> ViT:
-    return _preset(dict(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, mlp_dim=1536),
-                   overrides)  # fmt: skip
+    return _preset(
+        dict(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, mlp_dim=1536), overrides
+    )
 
 
 def vit_base_patch16_224(**overrides) -> ViT:
-    return _preset(dict(image_size=224, patch_size=16, num_classes=1000, dim=768, depth=12, heads=12, mlp_dim=3072),
-                   overrides)  # fmt: skip
+    return _preset(
+        dict(image_size=224, patch_size=16, num_classes=1000, dim=768, depth=12, heads=12, mlp_dim=3072), overrides
+    )
 
 
 PRESETS = {f.__name__: f for f in (vit_cifar10, vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224)}

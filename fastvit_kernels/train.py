@@ -33,8 +33,19 @@ from .model import PRESETS, ViT
 
 # What defines a run besides the model: --resume takes these from the checkpoint and refuses contradicting values.
 # (--epochs may change: a run can be extended.)
-RECIPE = ("preset", "lr", "min_lr", "warmup_epochs", "schedule", "weight_decay", "label_smoothing", "batch_size",
-          "seed", "amp", "pretrained")  # fmt: skip
+RECIPE = (
+    "preset",
+    "lr",
+    "min_lr",
+    "warmup_epochs",
+    "schedule",
+    "weight_decay",
+    "label_smoothing",
+    "batch_size",
+    "seed",
+    "amp",
+    "pretrained",
+)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -47,13 +58,22 @@ def _fail(message: str):
 
 
 def build_parser(eval_only=False):
-    p = argparse.ArgumentParser(prog="fastvit-eval" if eval_only else "fastvit-train", description=__doc__,
-                                formatter_class=_HelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="fastvit-eval" if eval_only else "fastvit-train", description=__doc__, formatter_class=_HelpFormatter
+    )
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/")
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
-                   help="auto: our Triton kernels on a GPU, eager PyTorch otherwise")  # fmt: skip
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
-                   help="autocast dtype (default: bf16 on a GPU, off on a CPU)")  # fmt: skip
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "triton", "torch"],
+        help="auto: our Triton kernels on a GPU, eager PyTorch otherwise",
+    )
+    p.add_argument(
+        "--amp",
+        default=None,
+        choices=["bf16", "fp16", "off"],
+        help="autocast dtype (default: bf16 on a GPU, off on a CPU)",
+    )
     p.add_argument("--batch-size", type=int, default=512, help="images per step, over all processes")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     if eval_only:
@@ -61,8 +81,13 @@ def build_parser(eval_only=False):
         return p
     p.add_argument("--download", action="store_true", help="fetch CIFAR-10 with torchvision first (needs internet)")
     p.add_argument("--preset", default="vit_cifar10", choices=sorted(PRESETS), help="model configuration")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a preset argument, e.g. --model-arg depth=6 (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a preset argument, e.g. --model-arg depth=6 (repeatable)",
+    )
     p.add_argument("--epochs", type=int, default=200, help="length of the run (a resumed run may extend it)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
@@ -74,9 +99,13 @@ def build_parser(eval_only=False):
     p.add_argument("--seed", type=int, default=0, help="initialisation, shuffling and augmentation")
     p.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
     p.add_argument("--pretrained", default=None, help="fine-tune from a timm or torchvision checkpoint file")
-    p.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead"],
-                   help="torch.compile the model (our kernels are custom ops: no graph break); reduce-overhead "
-                        "adds CUDA graphs, which pay at CIFAR-10 sizes where launches dominate")  # fmt: skip
+    p.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "default", "reduce-overhead"],
+        help="torch.compile the model (our kernels are custom ops: no graph break); reduce-overhead "
+        "adds CUDA graphs, which pay at CIFAR-10 sizes where launches dominate",
+    )
     p.add_argument("--max-train-batches", type=int, default=None, help="cap batches per epoch (smoke tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     return p
@@ -162,8 +191,11 @@ def load_checkpoint(path, device) -> dict:
 def _resume_recipe(args, given, ckpt, path) -> dict:
     """Take the model and the recipe from the checkpoint; refuse typed arguments that contradict it."""
     saved = ckpt["args"]
-    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {saved.get(k)})"
-             for k in RECIPE if k in given and getattr(args, k) != saved.get(k)]  # fmt: skip
+    clash = [
+        f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {saved.get(k)})"
+        for k in RECIPE
+        if k in given and getattr(args, k) != saved.get(k)
+    ]
     if "model_arg" in given and parse_model_args(args.model_arg) != ckpt["model_args"]:
         clash.append(f"--model-arg {' '.join(args.model_arg)} (the run has {ckpt['model_args']})")
     if clash:
@@ -310,8 +342,10 @@ def _load_data(args, main_rank, world):
             download_cifar10(args.data_dir)
         except Exception as e:  # noqa: BLE001 - no network, a proxy, a full disk: the user is told which
             reason = " ".join(str(e).split())[:160]
-            _fail(f"could not download CIFAR-10 ({type(e).__name__}: {reason}); without a network, put the "
-                  f"official cifar-10-batches-py folder under --data-dir")  # fmt: skip
+            _fail(
+                f"could not download CIFAR-10 ({type(e).__name__}: {reason}); without a network, put the "
+                f"official cifar-10-batches-py folder under --data-dir"
+            )
     if world > 1:
         dist.barrier()
     try:
@@ -346,14 +380,34 @@ def train(argv=None):
     if main_rank:
         runs = "Triton kernels" if use_triton(args.backend, device) else "eager PyTorch"
         params = sum(p.numel() for p in model.parameters())
-        print(f"fastvit-train: {args.preset} {model_args or ''} ({params / 1e6:.2f}M parameters) on {device}, "
-              f"{runs}, autocast {_amp_name(device, args.amp)}; CIFAR-10: {len(train_y):,} training and "
-              f"{len(test_y):,} test images", flush=True)  # fmt: skip
+        print(
+            f"fastvit-train: {args.preset} {model_args or ''} ({params / 1e6:.2f}M parameters) on {device}, "
+            f"{runs}, autocast {_amp_name(device, args.amp)}; CIFAR-10: {len(train_y):,} training and "
+            f"{len(test_y):,} test images",
+            flush=True,
+        )
     image_size = model.patch_embed.img_size[0]
-    train_loader = DeviceLoader(train_x, train_y, args.batch_size // world, device, train=True, seed=args.seed,
-                                image_size=image_size, rank=rank, world_size=world)  # fmt: skip
-    test_loader = DeviceLoader(test_x, test_y, args.batch_size // world, device, train=False,
-                               image_size=image_size, rank=rank, world_size=world)  # fmt: skip
+    train_loader = DeviceLoader(
+        train_x,
+        train_y,
+        args.batch_size // world,
+        device,
+        train=True,
+        seed=args.seed,
+        image_size=image_size,
+        rank=rank,
+        world_size=world,
+    )
+    test_loader = DeviceLoader(
+        test_x,
+        test_y,
+        args.batch_size // world,
+        device,
+        train=False,
+        image_size=image_size,
+        rank=rank,
+        world_size=world,
+    )
     steps_per_epoch = len(train_loader)
     if args.max_train_batches:
         steps_per_epoch = min(steps_per_epoch, args.max_train_batches)
@@ -366,9 +420,11 @@ def train(argv=None):
     exempt = model.no_weight_decay()
     for n, p in model.named_parameters():
         groups[p.ndim >= 2 and n not in exempt].append(p)
-    opt = torch.optim.AdamW([dict(params=groups[True], weight_decay=args.weight_decay),
-                             dict(params=groups[False], weight_decay=0.0)], lr=args.lr,
-                            fused=device.type == "cuda")  # fmt: skip
+    opt = torch.optim.AdamW(
+        [dict(params=groups[True], weight_decay=args.weight_decay), dict(params=groups[False], weight_decay=0.0)],
+        lr=args.lr,
+        fused=device.type == "cuda",
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16" and device.type == "cuda")
     ddp_model = model
     if world > 1:
@@ -390,16 +446,29 @@ def train(argv=None):
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
         if main_rank:  # epochs counted from 1 here as everywhere the user reads them
-            print(f"resumed from {out / 'last.pt'}: epoch {start_epoch + 1}, batch {start_batch}, best "
-                  f"{100 * best_acc:.2f}%")  # fmt: skip
+            print(
+                f"resumed from {out / 'last.pt'}: epoch {start_epoch + 1}, batch {start_batch}, best "
+                f"{100 * best_acc:.2f}%"
+            )
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
 
     def state(epoch, batch, partial_sums):
-        return dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                    batch=batch, best_acc=best_acc, log=log_rows, partial=partial_sums, args=vars(args),
-                    model_args=model_args, preset=args.preset, rng_cpu=torch.get_rng_state(),
-                    rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)  # fmt: skip
+        return dict(
+            model=model.state_dict(),
+            optimizer=opt.state_dict(),
+            scaler=scaler.state_dict(),
+            epoch=epoch,
+            batch=batch,
+            best_acc=best_acc,
+            log=log_rows,
+            partial=partial_sums,
+            args=vars(args),
+            model_args=model_args,
+            preset=args.preset,
+            rng_cpu=torch.get_rng_state(),
+            rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        )
 
     epoch, resume_at, sums = start_epoch, start_batch, partial
     with GracefulStop(device, world) as stop:
@@ -409,10 +478,18 @@ def train(argv=None):
                 train_loader.epoch = epoch
                 order = train_loader._indices()
                 first = start_batch if epoch == start_epoch else 0
-                sums = partial if (epoch == start_epoch and partial) else dict(loss=0.0, correct=0.0, count=0.0,
-                                                                               data_s=0.0, step_s=0.0)  # fmt: skip
-                bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                           disable=args.no_progress or not main_rank, dynamic_ncols=True)  # fmt: skip
+                sums = (
+                    partial
+                    if (epoch == start_epoch and partial)
+                    else dict(loss=0.0, correct=0.0, count=0.0, data_s=0.0, step_s=0.0)
+                )
+                bar = tqdm(
+                    range(first, steps_per_epoch),
+                    desc=f"epoch {epoch + 1}/{args.epochs}",
+                    leave=False,
+                    disable=args.no_progress or not main_rank,
+                    dynamic_ncols=True,
+                )
                 for i in bar:
                     resume_at = i  # until this batch completes, a hard stop resumes at it
                     t0 = time.perf_counter()
@@ -435,8 +512,11 @@ def train(argv=None):
                     t2 = time.perf_counter()
                     sums["data_s"] += t1 - t0
                     sums["step_s"] += t2 - t1
-                    bar.set_postfix(loss=f"{sums['loss'] / sums['count']:.3f}", acc=f"{sums['correct'] / sums['count']:.3f}",
-                                    img_s=f"{sums['count'] / max(sums['step_s'] + sums['data_s'], 1e-9):,.0f}")  # fmt: skip
+                    bar.set_postfix(
+                        loss=f"{sums['loss'] / sums['count']:.3f}",
+                        acc=f"{sums['correct'] / sums['count']:.3f}",
+                        img_s=f"{sums['count'] / max(sums['step_s'] + sums['data_s'], 1e-9):,.0f}",
+                    )
                     resume_at = i + 1
                     if stop.should_stop():
                         raise KeyboardInterrupt
@@ -444,18 +524,29 @@ def train(argv=None):
                     [sums["loss"], sums["correct"], sums["count"], sums["data_s"], sums["step_s"]], device, world
                 )
                 test_loss, test_acc = evaluate(ddp_model, test_loader, amp, device, world)
-                row = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc=correct / count, test_loss=test_loss,
-                           test_acc=test_acc, lr=opt.param_groups[0]["lr"], img_per_s=count / ((data_s + step_s) / world),
-                           data_s=data_s / world, step_s=step_s / world)  # fmt: skip
+                row = dict(
+                    epoch=epoch + 1,
+                    train_loss=loss_sum / count,
+                    train_acc=correct / count,
+                    test_loss=test_loss,
+                    test_acc=test_acc,
+                    lr=opt.param_groups[0]["lr"],
+                    img_per_s=count / ((data_s + step_s) / world),
+                    data_s=data_s / world,
+                    step_s=step_s / world,
+                )
                 log_rows.append(row)
                 improved = test_acc > best_acc
                 best_acc = max(best_acc, test_acc)
                 if main_rank:
                     with open(out / "log.jsonl", "a") as f:
                         f.write(json.dumps(row) + "\n")
-                    print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}% | "
-                          f"test loss {test_loss:.4f} acc {100 * test_acc:.2f}% | {row['img_per_s']:,.0f} img/s "
-                          f"(data {data_s / world:.1f}s, step {step_s / world:.1f}s)", flush=True)  # fmt: skip
+                    print(
+                        f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}% | "
+                        f"test loss {test_loss:.4f} acc {100 * test_acc:.2f}% | {row['img_per_s']:,.0f} img/s "
+                        f"(data {data_s / world:.1f}s, step {step_s / world:.1f}s)",
+                        flush=True,
+                    )
                     save_checkpoint(out / "last.pt", state(epoch + 1, 0, None))
                     if improved:
                         save_checkpoint(out / "best.pt", state(epoch + 1, 0, None))
@@ -463,15 +554,20 @@ def train(argv=None):
         except KeyboardInterrupt:
             if main_rank:
                 save_checkpoint(out / "last.pt", state(epoch, resume_at, sums))
-                print(f"interrupted: saved {out / 'last.pt'} at epoch {epoch + 1}, batch {resume_at}; --resume continues "
-                      "there", flush=True)  # fmt: skip
+                print(
+                    f"interrupted: saved {out / 'last.pt'} at epoch {epoch + 1}, batch {resume_at}; --resume continues "
+                    "there",
+                    flush=True,
+                )
             if world > 1:
                 dist.destroy_process_group()
             return 130
     if main_rank and log_rows:
         last = log_rows[-1]
-        print(f"done: {len(log_rows)} epochs, final test accuracy {100 * last['test_acc']:.2f}%, best "
-              f"{100 * best_acc:.2f}%, {last['img_per_s']:,.0f} img/s; {out}/{{last.pt,best.pt,log.jsonl,curves.png}}")  # fmt: skip
+        print(
+            f"done: {len(log_rows)} epochs, final test accuracy {100 * last['test_acc']:.2f}%, best "
+            f"{100 * best_acc:.2f}%, {last['img_per_s']:,.0f} img/s; {out}/{{last.pt,best.pt,log.jsonl,curves.png}}"
+        )
     if world > 1:
         dist.destroy_process_group()
     return 0
@@ -488,13 +584,23 @@ def evaluate_checkpoint(argv=None):
         test_x, test_y = load_cifar10(args.data_dir, train=False)
     except DatasetError as e:
         _fail(str(e))
-    loader = DeviceLoader(test_x, test_y, args.batch_size, device, train=False,
-                          image_size=model.patch_embed.img_size[0], rank=rank, world_size=world)  # fmt: skip
+    loader = DeviceLoader(
+        test_x,
+        test_y,
+        args.batch_size,
+        device,
+        train=False,
+        image_size=model.patch_embed.img_size[0],
+        rank=rank,
+        world_size=world,
+    )
     t = time.perf_counter()
     loss, acc = evaluate(model, loader, _autocast(device, args.amp), device, world)
     if rank == 0:
-        print(f"{args.checkpoint}: test accuracy {100 * acc:.2f}% (loss {loss:.4f}) on {len(test_y)} images, "
-              f"{len(test_y) / (time.perf_counter() - t):,.0f} img/s")  # fmt: skip
+        print(
+            f"{args.checkpoint}: test accuracy {100 * acc:.2f}% (loss {loss:.4f}) on {len(test_y)} images, "
+            f"{len(test_y) / (time.perf_counter() - t):,.0f} img/s"
+        )
     return 0
 
 

@@ -10,8 +10,21 @@ from pathlib import Path
 import numpy as np
 
 # one colour per class, far apart in RGB: learnable in a handful of steps whatever the crop
-PALETTE = np.array([[230, 25, 25], [25, 230, 25], [25, 25, 230], [230, 230, 25], [230, 25, 230], [25, 230, 230],
-                    [128, 128, 128], [250, 250, 250], [0, 0, 0], [128, 30, 200]], dtype=np.int16)  # fmt: skip
+PALETTE = np.array(
+    [
+        [230, 25, 25],
+        [25, 230, 25],
+        [25, 25, 230],
+        [230, 230, 25],
+        [230, 25, 230],
+        [25, 230, 230],
+        [128, 128, 128],
+        [250, 250, 250],
+        [0, 0, 0],
+        [128, 30, 200],
+    ],
+    dtype=np.int16,
+)
 
 
 def make_images(labels, rng):
@@ -28,8 +41,12 @@ def write_cifar10(root, per_batch=20, test=40, seed=0, str_keys=False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", test)]:
         labels = rng.integers(0, 10, size=n).tolist()
-        d = {b"batch_label": name.encode(), b"labels": labels, b"data": make_images(labels, rng),
-             b"filenames": [f"img{i}.png".encode() for i in range(n)]}  # fmt: skip
+        d = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": make_images(labels, rng),
+            b"filenames": [f"img{i}.png".encode() for i in range(n)],
+        }
         if str_keys:
             d = {k.decode(): v for k, v in d.items()}
         with open(folder / name, "wb") as f:

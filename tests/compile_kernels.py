@@ -55,21 +55,34 @@ def _variants(cap):
         for i, consts in enumerate(consts_list):
             kept = configs
             if prune:  # what the launcher would keep for these dtypes on this target
-                fakes = {n: SimpleNamespace(element_size=lambda dt=dt: 4 if dt == "fp32" else 2, device=f"sm_{cap}")
-                         for n, dt in ptrs.items() if dt is not None}  # fmt: skip
+                fakes = {
+                    n: SimpleNamespace(element_size=lambda dt=dt: 4 if dt == "fp32" else 2, device=f"sm_{cap}")
+                    for n, dt in ptrs.items()
+                    if dt is not None
+                }
                 kept = prune(configs, dict(consts, **fakes))
             every = full and (i == 0 or hot(consts))
             chosen = kept if every else list({id(c): c for c in (kept[0], max(kept, key=size))}.values())
             jit = kernel.fn if hasattr(kernel, "fn") else kernel  # @triton.heuristics wraps the jit function
             for cfg in chosen:
                 regcap = {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}  # a launch option, carried with the consts
-                out.append((jit.__name__, jit.__module__, ptrs, {**consts, **cfg.kwargs, **regcap},
-                            cfg.num_warps, cfg.num_stages))  # fmt: skip
+                out.append(
+                    (
+                        jit.__name__,
+                        jit.__module__,
+                        ptrs,
+                        {**consts, **cfg.kwargs, **regcap},
+                        cfg.num_warps,
+                        cfg.num_stages,
+                    )
+                )
 
     for dt in ("bf16", "fp16", "fp32"):
         prec = "ieee"
-        heads = [dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), DOT_PRECISION=prec)
-                 for d in (64, 256, 16, 32, 80, 128)]  # fmt: skip
+        heads = [
+            dict(HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), DOT_PRECISION=prec)
+            for d in (64, 256, 16, 32, 80, 128)
+        ]
         if dt == "fp16":
             heads = heads[:1]
         if dt == "fp32":  # fp32 attention (ieee dots) compiles slowly: the smallest and largest head dims bound it
@@ -85,37 +98,84 @@ def _variants(cap):
     # the residual epilogue in the stream's. A pointer given as None is absent (its flag derived from that).
     streams = [("bf16", "bf16"), ("fp32", "bf16"), ("fp32", "fp32"), ("fp16", "fp16")]
     epilogues = [  # (epilogue, bias given, pre-activation given), the hot path's launches first
-        ("gelu", True, True), ("gelu", True, False), ("none", True, False), ("residual", True, False),
+        ("gelu", True, True),
+        ("gelu", True, False),
+        ("none", True, False),
+        ("residual", True, False),
         ("gelu_grad", False, True),
-    ]  # fmt: skip
+    ]
     for stream, w in streams:
         f32 = "fp32"
         # fp16, and fp32 weights (ieee dots compile slowly): the heaviest epilogues only
         chosen = epilogues if stream != "fp16" and w != "fp32" else epilogues[:1] + epilogues[-1:]
         full = stream != "fp16" and w != "fp32"  # fp32-only GEMMs: first and largest tiles (ieee dots, no wgmma)
         for epi, bias, pre in chosen:
-            ptrs = {"A": w, "B": w, "C": stream if epi == "residual" else w, "BIAS": w if bias else None,
-                    "RES": stream if epi == "residual" else None, "PRE": w if pre else None}  # fmt: skip
+            ptrs = {
+                "A": w,
+                "B": w,
+                "C": stream if epi == "residual" else w,
+                "BIAS": w if bias else None,
+                "RES": stream if epi == "residual" else None,
+                "PRE": w if pre else None,
+            }
             # TMA where the launcher allows it: Hopper, and K-major operands (GELU' reads W2 untransposed)
             tma_ok = cap >= 90 and epi != "gelu_grad"
-            consts = dict(EPILOGUE=epi, DOT_PRECISION="ieee", GROUP_M=lin.GROUP_M, HAS_BIAS=bias,
-                          STORE_PRE=epi == "gelu" and pre, TMA_OK=tma_ok)  # fmt: skip
+            consts = dict(
+                EPILOGUE=epi,
+                DOT_PRECISION="ieee",
+                GROUP_M=lin.GROUP_M,
+                HAS_BIAS=bias,
+                STORE_PRE=epi == "gelu" and pre,
+                TMA_OK=tma_ok,
+            )
             add(gemm.linear_fwd_kernel, lin.FWD_CONFIGS, ptrs, [consts], lin._fwd_prune, full)
         dw_ptrs = {"G": w, "X": w, "DW": f32, "DB": f32}
-        add(gemm.linear_dw_kernel, lin.DW_CONFIGS, dw_ptrs, [dict(HAS_DBIAS=True, DOT_PRECISION="ieee")],
-            lin._dw_prune, full)  # fmt: skip
-        ln_ptrs = {"DY": w, "X": stream, "MEAN": f32, "RSTD": f32, "W": f32, "DRES": stream, "DX": stream,
-                   "DW_PART": f32, "DB_PART": f32}  # fmt: skip
+        add(
+            gemm.linear_dw_kernel,
+            lin.DW_CONFIGS,
+            dw_ptrs,
+            [dict(HAS_DBIAS=True, DOT_PRECISION="ieee")],
+            lin._dw_prune,
+            full,
+        )
+        ln_ptrs = {
+            "DY": w,
+            "X": stream,
+            "MEAN": f32,
+            "RSTD": f32,
+            "W": f32,
+            "DRES": stream,
+            "DX": stream,
+            "DW_PART": f32,
+            "DB_PART": f32,
+        }
         for dim in (100, 384, 768, 1024, 8192) if full else (768,):
             bm, bd, warps = ln.row_kernel_params(dim, **ln.FWD_PARAMS)
-            out.append(("layernorm_fwd_kernel", lnk.__name__,
-                        {"X": stream, "W": f32, "B": f32, "Y": w, "MEAN": f32, "RSTD": f32},
-                        dict(BLOCK_M=bm, BLOCK_D=bd), warps, 3))  # fmt: skip
+            out.append(
+                (
+                    "layernorm_fwd_kernel",
+                    lnk.__name__,
+                    {"X": stream, "W": f32, "B": f32, "Y": w, "MEAN": f32, "RSTD": f32},
+                    dict(BLOCK_M=bm, BLOCK_D=bd),
+                    warps,
+                    3,
+                )
+            )
             bm, bd, warps = ln.row_kernel_params(dim, **ln.BWD_PARAMS)
-            out.append(("layernorm_bwd_kernel", lnk.__name__, ln_ptrs,
-                        dict(HAS_DRES=True, BLOCK_M=bm, BLOCK_D=bd), warps, 3))  # fmt: skip
-        pe_ptrs = {"IMG": stream, "W": w, "BIAS": w, "POS": f32 if stream == "fp32" else w, "CLS": stream,
-                   "OUT": stream, "G": w, "DW": f32, "DIMG": stream}  # fmt: skip
+            out.append(
+                ("layernorm_bwd_kernel", lnk.__name__, ln_ptrs, dict(HAS_DRES=True, BLOCK_M=bm, BLOCK_D=bd), warps, 3)
+            )
+        pe_ptrs = {
+            "IMG": stream,
+            "W": w,
+            "BIAS": w,
+            "POS": f32 if stream == "fp32" else w,
+            "CLS": stream,
+            "OUT": stream,
+            "G": w,
+            "DW": f32,
+            "DIMG": stream,
+        }
         patches = (4, 16) if full else (4,)
         add(
             pe._patch_embed_fwd_kernel,
@@ -125,10 +185,22 @@ def _variants(cap):
             pe._prune_fwd,
             full,
         )
-        add(pe._patch_embed_bwd_dw_kernel, pe.BWD_CONFIGS, pe_ptrs,
-            [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches], pe._prune_dw, full)  # fmt: skip
-        add(pe._patch_embed_bwd_dx_kernel, pe.BWD_CONFIGS, pe_ptrs,
-            [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches], pe._prune_dx, full)  # fmt: skip
+        add(
+            pe._patch_embed_bwd_dw_kernel,
+            pe.BWD_CONFIGS,
+            pe_ptrs,
+            [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches],
+            pe._prune_dw,
+            full,
+        )
+        add(
+            pe._patch_embed_bwd_dx_kernel,
+            pe.BWD_CONFIGS,
+            pe_ptrs,
+            [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches],
+            pe._prune_dx,
+            full,
+        )
     return out
 
 
@@ -214,8 +286,11 @@ def _sm80_subset(variants):
         if consts.get("BLOCK_D", 0) > 1024 and "HEAD_DIM" not in consts:
             continue
         tiles = {k: c for k, c in consts.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        key = (name, json.dumps(ptrs, sort_keys=True), json.dumps({k: c for k, c in consts.items() if k not in tiles},
-                                                                    sort_keys=True))  # fmt: skip
+        key = (
+            name,
+            json.dumps(ptrs, sort_keys=True),
+            json.dumps({k: c for k, c in consts.items() if k not in tiles}, sort_keys=True),
+        )
         size = (
             stages
             * (tiles.get("BLOCK_M", 1) + tiles.get("BLOCK_N", 1))

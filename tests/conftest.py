@@ -21,8 +21,10 @@ BASE_SEED = int(os.environ.get("FASTVIT_TEST_SEED", random.SystemRandom().randra
 
 
 def pytest_report_header(config):
-    return f"fastvit_kernels: device={DEVICE}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, " \
-           f"FASTVIT_TEST_SEED={BASE_SEED}"  # fmt: skip
+    return (
+        f"fastvit_kernels: device={DEVICE}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
+        f"FASTVIT_TEST_SEED={BASE_SEED}"
+    )
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -31,8 +31,12 @@ def test_attention_non_contiguous_qkv(device):
 
 def test_attention_custom_scale_and_sdpa_reference(device):
     qkv = torch.randn(2, 9, 3 * 2 * 16, device=device, requires_grad=True)
-    check_op(lambda t: attention(t, 2, scale=0.3), lambda t: attention_ref(t, 2, scale=0.3, impl="sdpa"), [qkv],
-             torch.float32)  # fmt: skip
+    check_op(
+        lambda t: attention(t, 2, scale=0.3),
+        lambda t: attention_ref(t, 2, scale=0.3, impl="sdpa"),
+        [qkv],
+        torch.float32,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

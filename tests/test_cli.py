@@ -13,23 +13,50 @@ import torch
 from cifar_fixture import write_cifar10
 
 ROOT = Path(__file__).parent.parent
-TINY = ["--model-arg", "depth=1", "--model-arg", "dim=32", "--model-arg", "heads=2", "--model-arg", "mlp_dim=64",
-        "--model-arg", "patch_size=8"]  # fmt: skip
+TINY = [
+    "--model-arg",
+    "depth=1",
+    "--model-arg",
+    "dim=32",
+    "--model-arg",
+    "heads=2",
+    "--model-arg",
+    "mlp_dim=64",
+    "--model-arg",
+    "patch_size=8",
+]
 ENTRY = {"fastvit-train": "main", "fastvit-eval": "eval_main"}
 
 
 def _run(name, *args, env=None):
     exe = Path(sys.executable).parent / name
-    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-c", f"from fastvit_kernels.train import {ENTRY[name]}; "
-                                                                  f"{ENTRY[name]}()"]  # fmt: skip
+    cmd = (
+        [str(exe)]
+        if exe.is_file()
+        else [sys.executable, "-c", f"from fastvit_kernels.train import {ENTRY[name]}; {ENTRY[name]}()"]
+    )
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def _train_args(data, out, *extra):
-    return ["--data-dir", data, "--out-dir", out, "--batch-size", "20", "--amp", "off", "--backend", "torch",
-            "--no-progress", "--warmup-epochs", "0.5", *extra]  # fmt: skip
+    return [
+        "--data-dir",
+        data,
+        "--out-dir",
+        out,
+        "--batch-size",
+        "20",
+        "--amp",
+        "off",
+        "--backend",
+        "torch",
+        "--no-progress",
+        "--warmup-epochs",
+        "0.5",
+        *extra,
+    ]
 
 
 def _assert_user_error(proc, *words):
@@ -51,14 +78,29 @@ def test_resume_takes_the_model_and_recipe_from_the_checkpoint(data, tmp_path):
     first = _run("fastvit-train", *_train_args(data, out, "--epochs", "1", "--lr", "2e-3", *TINY))
     assert first.returncode == 0, first.stderr[-3000:]
     # the start-up line: what runs where, on how much data
-    assert "fastvit-train: vit_cifar10" in first.stdout and "parameters) on cpu, eager PyTorch, autocast off" in \
-        first.stdout and "100 training and 40 test images" in first.stdout  # fmt: skip
+    assert (
+        "fastvit-train: vit_cifar10" in first.stdout
+        and "parameters) on cpu, eager PyTorch, autocast off" in first.stdout
+        and "100 training and 40 test images" in first.stdout
+    )
     again = _run("fastvit-train", "--resume", "--out-dir", out, "--data-dir", data, "--epochs", "2", "--no-progress")
     assert again.returncode == 0, again.stderr[-3000:]
     ckpt = torch.load(out / "last.pt", weights_only=False)
     assert ckpt["epoch"] == 2 and ckpt["args"]["lr"] == 2e-3 and ckpt["model_args"]["depth"] == 1
-    clash = _run("fastvit-train", "--resume", "--out-dir", out, "--data-dir", data, "--epochs", "3", "--lr", "0.5",
-                 "--model-arg", "depth=2")  # fmt: skip
+    clash = _run(
+        "fastvit-train",
+        "--resume",
+        "--out-dir",
+        out,
+        "--data-dir",
+        data,
+        "--epochs",
+        "3",
+        "--lr",
+        "0.5",
+        "--model-arg",
+        "depth=2",
+    )
     _assert_user_error(clash, "--lr 0.5 (the run has 0.002)", "--model-arg depth=2")
 
 
@@ -97,8 +139,13 @@ def test_out_dir_that_is_a_file_or_below_one(data, tmp_path):
 def test_missing_data_and_failed_download_leave_no_out_dir(tmp_path):
     out = tmp_path / "never"
     _assert_user_error(_run("fastvit-train", *_train_args(tmp_path / "nothing", out)), "CIFAR-10 not found")
-    offline = dict(os.environ, https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9",
-                   HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")  # fmt: skip
+    offline = dict(
+        os.environ,
+        https_proxy="http://127.0.0.1:9",
+        http_proxy="http://127.0.0.1:9",
+        HTTPS_PROXY="http://127.0.0.1:9",
+        HTTP_PROXY="http://127.0.0.1:9",
+    )
     proc = _run("fastvit-train", *_train_args(tmp_path / "dl", out, "--download"), env=offline)
     _assert_user_error(proc, "could not download CIFAR-10", "cifar-10-batches-py")
     assert not out.exists()

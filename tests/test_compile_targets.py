@@ -39,8 +39,13 @@ def test_every_kernel_config_compiles_for_sm90_and_sm80():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).parent.parent
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "compile_kernels.py"), "90", "80"],
-                          env=env, capture_output=True, text=True, timeout=1500)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "compile_kernels.py"), "90", "80"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(results) > 200
@@ -49,15 +54,25 @@ def test_every_kernel_config_compiles_for_sm90_and_sm80():
     too_big = [r for r in results if r["shared"] > SMEM_LIMIT[r["cap"]]]
     assert not too_big, "\n".join(f"{r['kernel']} sm_{r['cap']} {r['consts']} needs {r['shared']} B" for r in too_big)
     # the bf16 GEMMs must reach Hopper's warpgroup MMA, not fall back to mma.sync
-    no_wgmma = [r for r in results if r["cap"] == 90 and r["kernel"] in GEMM_KERNELS
-                and set(r["ptrs"].values()) - {None} <= {"bf16", "fp32"} and r["ptrs"].get("B", r["ptrs"].get("W")) == "bf16"
-                and r["ptrs"].get("G", "bf16") == "bf16" and not r["wgmma"]]  # fmt: skip
+    no_wgmma = [
+        r
+        for r in results
+        if r["cap"] == 90
+        and r["kernel"] in GEMM_KERNELS
+        and set(r["ptrs"].values()) - {None} <= {"bf16", "fp32"}
+        and r["ptrs"].get("B", r["ptrs"].get("W")) == "bf16"
+        and r["ptrs"].get("G", "bf16") == "bf16"
+        and not r["wgmma"]
+    ]
     assert not no_wgmma, "\n".join(f"{r['kernel']} {r['consts']} {r['ptrs']}" for r in no_wgmma[:5])
     # the hot path keeps everything in registers. A few bytes of stack (a register pair saved once per tile) cost
     # nothing measurable; the spills that hurt were hundreds of bytes to kilobytes, reloaded inside the main loop
     spills = [r for r in results if r["cap"] == 90 and _hot_path(r) and r["stack"] > MAX_STACK]
-    assert not spills, "\n".join(f"{r['kernel']} {r['consts']} {r['ptrs']} w{r['warps']} s{r['stages']}: "
-                                  f"{r['regs']} registers, {r['stack']} B stack" for r in spills[:5])  # fmt: skip
+    assert not spills, "\n".join(
+        f"{r['kernel']} {r['consts']} {r['ptrs']} w{r['warps']} s{r['stages']}: "
+        f"{r['regs']} registers, {r['stack']} B stack"
+        for r in spills[:5]
+    )
     # and their loads must be software-pipelined (asynchronous copies into shared memory), or each K step waits
     serial = [r for r in results if r["kernel"] in GEMM_KERNELS and r["stages"] > 1 and not r["pipelined"]]
     assert not serial, "\n".join(f"{r['kernel']} sm_{r['cap']} {r['consts']} {r['ptrs']}" for r in serial[:5])

@@ -18,8 +18,9 @@ def _timm(**kw):
 
 
 def _tv():
-    return TVViT(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
-                 num_classes=7).eval()  # fmt: skip
+    return TVViT(
+        image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=7
+    ).eval()
 
 
 @pytest.mark.parametrize("global_pool", ["token", "avg"])

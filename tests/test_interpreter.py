@@ -32,8 +32,19 @@ def _dot_kernel(A, B, C, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
 def test_fp32_to_bf16_rounds_to_nearest_even_like_torch():
     x = torch.randn(4093) * torch.logspace(-30, 30, 4093)
     # ties (exactly half an ulp, odd and even neighbours), values that carry into the exponent, inf, nan, max float
-    specials = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 - 2**-9 + 2**-24, 2 - 2**-9, float("inf"), -float("inf"),
-                             float("nan"), 3.4028234663852886e38, -0.0])  # fmt: skip
+    specials = torch.tensor(
+        [
+            1 + 2**-8,
+            1 + 3 * 2**-8,
+            1 - 2**-9 + 2**-24,
+            2 - 2**-9,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+            3.4028234663852886e38,
+            -0.0,
+        ]
+    )
     x = torch.cat([x, specials])
     y, z = (torch.empty(x.shape, dtype=torch.bfloat16) for _ in range(2))
     _cast_kernel[(1,)](x, y, z, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))

@@ -40,13 +40,17 @@ def test_every_grid_fits_cuda_limits_at_batch_70000(monkeypatch, device):
                 configs = getattr(obj, "configs", None) or [type("Cfg", (), {"kwargs": {}})()]
                 monkeypatch.setattr(mod, name, _Recorder(name, configs, grids))
     # 2 heads x 70k images = 140k (batch, head) pairs; 5 tokens each, so the whole thing is a few hundred MB
-    model = ViT(image_size=8, patch_size=4, num_classes=3, dim=32, depth=1, heads=2, mlp_dim=64,
-                backend="triton").to(device)  # fmt: skip
+    model = ViT(image_size=8, patch_size=4, num_classes=3, dim=32, depth=1, heads=2, mlp_dim=64, backend="triton").to(
+        device
+    )
     images = torch.randn(70_000, 3, 8, 8, device=device)
     model(images).sum().backward()  # the recorded launches computed nothing: only the grids matter
     names = {name for name, _, _ in grids}
     expected = {"_fwd", "_bwd_dq", "_bwd_dkdv", "_dw", "layernorm_fwd_kernel", "layernorm_bwd_kernel"}
     assert expected <= names, names
-    too_big = [(name, cfg, g) for name, cfg, g in grids
-               if any(n > limit for n, limit in zip(g, CUDA_GRID_LIMITS)) or min(g) < 1]  # fmt: skip
+    too_big = [
+        (name, cfg, g)
+        for name, cfg, g in grids
+        if any(n > limit for n, limit in zip(g, CUDA_GRID_LIMITS)) or min(g) < 1
+    ]
     assert not too_big, too_big[:5]

@@ -52,8 +52,9 @@ def test_layernorm_linear_matches_reference(shape, dtype, device):
 
 def test_layernorm_linear_without_bias(device):
     x, nw, nb, w, _, _, _ = _mlp_inputs(9, 32, 96, device)
-    check_op(lambda *a: layernorm_linear(*a, None), lambda *a: layernorm_linear_ref(*a, None), [x, nw, nb, w],
-             torch.float32)  # fmt: skip
+    check_op(
+        lambda *a: layernorm_linear(*a, None), lambda *a: layernorm_linear_ref(*a, None), [x, nw, nb, w], torch.float32
+    )
 
 
 @pytest.mark.parametrize("shape", [(37, 48, 64), (5, 100, 36)], ids=lambda s: "R{}-K{}-N{}".format(*s))

@@ -49,8 +49,9 @@ def test_linear_epilogues(epilogue, shape, dtype, device):
     assert lin._tma_ok(a, weight_t) == expect_tma
     stored = torch.full((M, N), float("nan"), device=device, dtype=dtype) if epilogue == "gelu" else None
     out_dtype = torch.float32 if epilogue == "residual" else None
-    ours = lin.linear(a, weight_t, b, epilogue=epilogue, pre=stored if epilogue == "gelu" else pre, residual=res,
-                      out_dtype=out_dtype)  # fmt: skip
+    ours = lin.linear(
+        a, weight_t, b, epilogue=epilogue, pre=stored if epilogue == "gelu" else pre, residual=res, out_dtype=out_dtype
+    )
     args = [t.double() if t is not None else None for t in (a, w, b, pre, res)]
     ref = _reference(args[0], args[1], args[2], epilogue, args[3], args[4])
     low = _reference(a, w, b, epilogue, pre, res)

@@ -16,10 +16,17 @@ TINY = dict(image_size=8, patch_size=4, num_classes=5, dim=32, depth=2, heads=2,
 
 def _timm_twin(pool="cls", **kw):
     cfg = dict(TINY, **kw)
-    return VisionTransformer(img_size=cfg["image_size"], patch_size=cfg["patch_size"], num_classes=cfg["num_classes"],
-                             embed_dim=cfg["dim"], depth=cfg["depth"], num_heads=cfg["heads"],
-                             mlp_ratio=cfg["mlp_dim"] / cfg["dim"], global_pool="token" if pool == "cls" else "avg",
-                             qkv_bias=cfg.get("qkv_bias", True))  # fmt: skip
+    return VisionTransformer(
+        img_size=cfg["image_size"],
+        patch_size=cfg["patch_size"],
+        num_classes=cfg["num_classes"],
+        embed_dim=cfg["dim"],
+        depth=cfg["depth"],
+        num_heads=cfg["heads"],
+        mlp_ratio=cfg["mlp_dim"] / cfg["dim"],
+        global_pool="token" if pool == "cls" else "avg",
+        qkv_bias=cfg.get("qkv_bias", True),
+    )
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
@@ -64,8 +71,9 @@ def test_triton_and_torch_backends_agree_on_logits_and_gradients(pool, attn_impl
 
 
 def test_non_square_images_and_dim_head(device):
-    model = ViT(image_size=(8, 12), patch_size=4, num_classes=3, dim=24, depth=1, heads=2, mlp_dim=40,
-                dim_head=16).to(device)  # fmt: skip
+    model = ViT(image_size=(8, 12), patch_size=4, num_classes=3, dim=24, depth=1, heads=2, mlp_dim=40, dim_head=16).to(
+        device
+    )
     x = torch.randn(2, 3, 8, 12, device=device)
     out_triton = model.set_backend("triton")(x)
     out_torch = model.set_backend("torch")(x)
@@ -79,8 +87,11 @@ def test_presets_have_the_advertised_shapes():
         assert m.num_patches == 64 and m.pos_embed.shape == (1, 65, 384) and len(m.blocks) == 12
         assert m.blocks[0].attn.num_heads == 6 and m.blocks[0].mlp.fc1.out_features == 1536
         assert vit_cifar10(depth=2).blocks.__len__() == 2
-        for fn, dim, heads in [(vit_tiny_patch16_224, 192, 3), (vit_small_patch16_224, 384, 6),
-                               (vit_base_patch16_224, 768, 12)]:  # fmt: skip
+        for fn, dim, heads in [
+            (vit_tiny_patch16_224, 192, 3),
+            (vit_small_patch16_224, 384, 6),
+            (vit_base_patch16_224, 768, 12),
+        ]:
             m = fn()
             assert m.pos_embed.shape == (1, 197, dim) and m.blocks[0].attn.num_heads == heads
             assert m.head.out_features == 1000
@@ -134,8 +145,10 @@ def test_reduced_precision_parameters_run_on_both_backends(device):
 
 
 def test_env_var_sets_the_default_backend():
-    code = "from fastvit_kernels import ViT; m = ViT(image_size=8, patch_size=4, num_classes=2, dim=16, depth=1, " \
-           "heads=2, mlp_dim=16); print(m.backend, m.blocks[0].backend)"  # fmt: skip
+    code = (
+        "from fastvit_kernels import ViT; m = ViT(image_size=8, patch_size=4, num_classes=2, dim=16, depth=1, "
+        "heads=2, mlp_dim=16); print(m.backend, m.blocks[0].backend)"
+    )
     env = dict(os.environ, FASTVIT_BACKEND="torch")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["torch", "torch"]
@@ -220,8 +233,16 @@ def test_forward_head_pre_logits_and_num_features_are_timms(pool):
 def test_timm_checkpoint_without_class_token_is_refused_by_name():
     from fastvit_kernels.interop import UnsupportedCheckpoint
 
-    theirs = VisionTransformer(img_size=8, patch_size=4, num_classes=5, embed_dim=32, depth=1, num_heads=2,
-                               class_token=False, global_pool="avg")  # fmt: skip
+    theirs = VisionTransformer(
+        img_size=8,
+        patch_size=4,
+        num_classes=5,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        class_token=False,
+        global_pool="avg",
+    )
     with pytest.raises(UnsupportedCheckpoint, match="no class token"):
         ViT.from_timm(theirs)
 

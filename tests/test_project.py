@@ -26,9 +26,22 @@ def test_readme_quick_start_runs_as_written():
 
 def test_the_seed_is_shown_even_under_q():
     env = dict(os.environ, FASTVIT_TEST_SEED="12345")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/test_gelu.py::test_nan_propagates_and_erf_of_infinity"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_gelu.py::test_nan_propagates_and_erf_of_infinity",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "FASTVIT_TEST_SEED=12345" in proc.stdout
 
@@ -36,9 +49,27 @@ def test_the_seed_is_shown_even_under_q():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU prints")
 def test_bench_without_a_gpu_says_what_ran_and_why_the_rest_did_not(tmp_path):
     env = dict(os.environ, FASTVIT_BENCH_OUT=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "-q", "-p",
-                           "no:cacheprovider", "--bench-rounds", "2", "--bench-warmup", "1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "benchmarks/",
+            "--benchmark-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--bench-rounds",
+            "2",
+            "--bench-warmup",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     tail = proc.stdout[-2000:]
     assert "No CUDA GPU here: only the CPU rows ran" in tail and "rows measured" in tail

@@ -38,7 +38,7 @@ def _samples(device):
                 _p(1, 5, 16, device=device),
                 torch.float32,
             ),
-        ),  # fmt: skip
+        ),
     ]
 
 
@@ -51,8 +51,9 @@ def test_opcheck(case, device):
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_fullgraph_compile_matches_eager_forward_and_backward(pool, device):
     torch._dynamo.reset()
-    model = ViT(image_size=8, patch_size=4, num_classes=5, dim=32, depth=2, heads=2, mlp_dim=64, pool=pool,
-                backend="triton").to(device)  # fmt: skip
+    model = ViT(
+        image_size=8, patch_size=4, num_classes=5, dim=32, depth=2, heads=2, mlp_dim=64, pool=pool, backend="triton"
+    ).to(device)
     x = torch.randn(2, 3, 8, 8, device=device)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(x)
@@ -69,8 +70,9 @@ def test_fullgraph_compile_matches_eager_forward_and_backward(pool, device):
 def test_inductor_compiles_around_the_ops(device):
     """Inductor (C++ on a CPU, Triton on a GPU) generates the glue around our opaque ops; logits match eager."""
     torch._dynamo.reset()
-    model = ViT(image_size=8, patch_size=4, num_classes=5, dim=32, depth=1, heads=2, mlp_dim=64,
-                backend="triton").to(device)  # fmt: skip
+    model = ViT(image_size=8, patch_size=4, num_classes=5, dim=32, depth=1, heads=2, mlp_dim=64, backend="triton").to(
+        device
+    )
     x = torch.randn(2, 3, 8, 8, device=device)
     out = torch.compile(model, fullgraph=True)(x)
     out.sum().backward()
@@ -84,8 +86,9 @@ def test_reduce_overhead_cuda_graphs_match_eager(mode):
     """mode="reduce-overhead" records our kernels into CUDA graphs (cudagraph trees) and replays them; the replayed
     logits and gradients equal eager ones. Three calls: warm-up (autotuning happens here), recording, replay."""
     torch._dynamo.reset()
-    model = ViT(image_size=32, patch_size=4, num_classes=10, dim=64, depth=2, heads=2, mlp_dim=128,
-                backend="triton").cuda()  # fmt: skip
+    model = ViT(
+        image_size=32, patch_size=4, num_classes=10, dim=64, depth=2, heads=2, mlp_dim=128, backend="triton"
+    ).cuda()
     x = torch.randn(8, 3, 32, 32, device="cuda")
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     if mode == "infer":

@@ -12,14 +12,41 @@ from cifar_fixture import write_cifar10
 from fastvit_kernels.data import DatasetError, DeviceLoader, load_cifar10
 from fastvit_kernels.train import evaluate_checkpoint, train
 
-TINY = ["--model-arg", "depth=1", "--model-arg", "dim=32", "--model-arg", "heads=2", "--model-arg", "mlp_dim=64",
-        "--model-arg", "patch_size=8"]  # fmt: skip
+TINY = [
+    "--model-arg",
+    "depth=1",
+    "--model-arg",
+    "dim=32",
+    "--model-arg",
+    "heads=2",
+    "--model-arg",
+    "mlp_dim=64",
+    "--model-arg",
+    "patch_size=8",
+]
 ROOT = Path(__file__).parent.parent
 
 
 def _args(data, out, *extra):
-    return ["--data-dir", str(data), "--out-dir", str(out), "--batch-size", "20", "--lr", "3e-3", "--amp", "off",
-            "--warmup-epochs", "0.5", "--backend", "torch", "--no-progress", *TINY, *extra]  # fmt: skip
+    return [
+        "--data-dir",
+        str(data),
+        "--out-dir",
+        str(out),
+        "--batch-size",
+        "20",
+        "--lr",
+        "3e-3",
+        "--amp",
+        "off",
+        "--warmup-epochs",
+        "0.5",
+        "--backend",
+        "torch",
+        "--no-progress",
+        *TINY,
+        *extra,
+    ]
 
 
 def test_loads_the_official_format(tmp_path):
@@ -84,8 +111,10 @@ def test_one_epoch_writes_checkpoint_log_and_plot_then_eval_reads_it(tmp_path, c
     row = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert {"train_loss", "train_acc", "test_acc", "lr", "img_per_s", "data_s", "step_s"} <= set(row)
     assert "done: 1 epochs" in capsys.readouterr().out
-    assert evaluate_checkpoint([str(out / "last.pt"), "--data-dir", str(tmp_path), "--backend", "torch",
-                                "--amp", "off"]) == 0  # fmt: skip
+    assert (
+        evaluate_checkpoint([str(out / "last.pt"), "--data-dir", str(tmp_path), "--backend", "torch", "--amp", "off"])
+        == 0
+    )
     assert "test accuracy" in capsys.readouterr().out
 
 
@@ -162,8 +191,16 @@ def test_two_process_gloo_run_under_torchrun(tmp_path):
     out = tmp_path / "ddp"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           "-m", "fastvit_kernels.train", *_args(tmp_path, out, "--epochs", "1", "--device", "cpu")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "-m",
+        "fastvit_kernels.train",
+        *_args(tmp_path, out, "--epochs", "1", "--device", "cpu"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = (out / "log.jsonl").read_text().splitlines()

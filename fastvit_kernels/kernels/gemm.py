@@ -34,9 +34,23 @@ def _residual_epilogue(acc, RES, rows, cols, stride_m, stride_n, mask):
 
 
 @triton.jit
-def _mainloop_pointers(A, B, pid_m, pid_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                       DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):  # fmt: skip
+def _mainloop_pointers(
+    A,
+    B,
+    pid_m,
+    pid_n,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # Masked pointer loads (cp.async when the strides allow): any stride, any alignment, sm_80 and sm_90.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,8 +71,17 @@ def _mainloop_pointers(A, B, pid_m, pid_n, M, N, K, stride_am, stride_ak, stride
 
 
 @triton.jit
-def _mainloop_tma(a_desc, b_desc, pid_m, pid_n, K, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _mainloop_tma(
+    a_desc,
+    b_desc,
+    pid_m,
+    pid_n,
+    K,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # Tensor-descriptor loads (TMA on sm_90): the copy engine computes addresses and zero-fills the edges, so a K step
     # issues no address or mask arithmetic. B's tile is read K-major, as nn.Linear stores its weight, and transposed
     # in shared memory for the dot.
@@ -71,9 +94,28 @@ def _mainloop_tma(a_desc, b_desc, pid_m, pid_n, K, DOT_PRECISION: tl.constexpr, 
 
 
 @triton.jit
-def _finish_tile(acc, pid_m, pid_n, C, BIAS, RES, PRE, M, N, stride_cm, stride_cn, stride_rm, stride_rn, stride_pm,
-                 stride_pn, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _finish_tile(
+    acc,
+    pid_m,
+    pid_n,
+    C,
+    BIAS,
+    RES,
+    PRE,
+    M,
+    N,
+    stride_cm,
+    stride_cn,
+    stride_rm,
+    stride_rn,
+    stride_pm,
+    stride_pn,
+    EPILOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Bias, the epilogue, and the store of one [BLOCK_M, BLOCK_N] tile of C."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -106,16 +148,31 @@ def linear_fwd_kernel(
     BIAS,  # [N] or None
     RES,  # [M, N] residual added in the epilogue (EPILOGUE == "residual"), else None
     PRE,  # [M, N] pre-activation: written by "gelu" (None in inference), read by "gelu_grad"
-    M, N, K,
+    M,
+    N,
+    K,
     num_programs,  # the launch grid's size: the persistent TMA programs step through the tiles by it
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    stride_rm,
+    stride_rn,
+    stride_pm,
+    stride_pn,
     EPILOGUE: tl.constexpr,  # "none", "gelu", "gelu_grad" or "residual"
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr,  # the tile's choice: persistent programs loading through tensor descriptors...
     TMA_OK: tl.constexpr,  # ...where the operands allow it (K contiguous, 16-byte aligned rows), else pointer loads
-    HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
-):  # fmt: skip
+    HAS_BIAS: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if USE_TMA and TMA_OK:
@@ -125,14 +182,69 @@ def linear_fwd_kernel(
         for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs):
             pid_m, pid_n = grouped_pid(tile, num_pid_m, num_pid_n, GROUP_M)
             acc = _mainloop_tma(a_desc, b_desc, pid_m, pid_n, K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-            _finish_tile(acc, pid_m, pid_n, C, BIAS, RES, PRE, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
-                         stride_pm, stride_pn, EPILOGUE, HAS_BIAS, STORE_PRE, BLOCK_M, BLOCK_N)  # fmt: skip
+            _finish_tile(
+                acc,
+                pid_m,
+                pid_n,
+                C,
+                BIAS,
+                RES,
+                PRE,
+                M,
+                N,
+                stride_cm,
+                stride_cn,
+                stride_rm,
+                stride_rn,
+                stride_pm,
+                stride_pn,
+                EPILOGUE,
+                HAS_BIAS,
+                STORE_PRE,
+                BLOCK_M,
+                BLOCK_N,
+            )
     else:
         pid_m, pid_n = grouped_pid(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
-        acc = _mainloop_pointers(A, B, pid_m, pid_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                                 DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-        _finish_tile(acc, pid_m, pid_n, C, BIAS, RES, PRE, M, N, stride_cm, stride_cn, stride_rm, stride_rn,
-                     stride_pm, stride_pn, EPILOGUE, HAS_BIAS, STORE_PRE, BLOCK_M, BLOCK_N)  # fmt: skip
+        acc = _mainloop_pointers(
+            A,
+            B,
+            pid_m,
+            pid_n,
+            M,
+            N,
+            K,
+            stride_am,
+            stride_ak,
+            stride_bk,
+            stride_bn,
+            DOT_PRECISION,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
+        _finish_tile(
+            acc,
+            pid_m,
+            pid_n,
+            C,
+            BIAS,
+            RES,
+            PRE,
+            M,
+            N,
+            stride_cm,
+            stride_cn,
+            stride_rm,
+            stride_rn,
+            stride_pm,
+            stride_pn,
+            EPILOGUE,
+            HAS_BIAS,
+            STORE_PRE,
+            BLOCK_M,
+            BLOCK_N,
+        )
 
 
 @triton.heuristics({"HAS_DBIAS": lambda args: args["DB"] is not None})
@@ -142,11 +254,23 @@ def linear_dw_kernel(
     X,  # [R, KF] the layer's input as the forward's GEMM read it (LayerNorm's output where there was one)
     DW,  # [splits, NF, KF] fp32 partial weight gradients, one per split of the rows
     DB,  # [splits, NF] fp32 partial bias gradients, or None
-    R, NF, KF, rows_per_split,
-    stride_gr, stride_gf, stride_xr, stride_xk, stride_dws, stride_dwn, stride_dbs,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    R,
+    NF,
+    KF,
+    rows_per_split,
+    stride_gr,
+    stride_gf,
+    stride_xr,
+    stride_xk,
+    stride_dws,
+    stride_dwn,
+    stride_dbs,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     HAS_DBIAS: tl.constexpr,
-):  # fmt: skip
+):
     # dW[NF, KF] = G^T[NF, R] @ X[R, KF] over this program's slice of rows; the column sums of G in the same pass.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -170,8 +294,11 @@ def linear_dw_kernel(
         acc = tl.dot(g, x, acc, input_precision=DOT_PRECISION)
         if HAS_DBIAS:
             db += tl.sum(g.to(tl.float32), 1)
-    tl.store(DW + pid_s * stride_dws + offs_m[:, None] * stride_dwn + offs_n[None, :], acc,
-             mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
+    tl.store(
+        DW + pid_s * stride_dws + offs_m[:, None] * stride_dwn + offs_n[None, :],
+        acc,
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
     if HAS_DBIAS:
         if pid_n == 0:
             tl.store(DB + pid_s * stride_dbs + offs_m, db, mask=mask_m)

@@ -12,9 +12,14 @@ def layernorm_fwd_kernel(
     Y,  # [M, D] normalised rows in the compute dtype: what the next GEMM reads, and its weight gradient later
     MEAN,  # [M] fp32 row means, for the backward
     RSTD,  # [M] fp32 1 / std, for the backward
-    M, D, stride_xm, stride_ym, eps,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    M,
+    D,
+    stride_xm,
+    stride_ym,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # Statistics and the affine map in fp32, as eager autocast runs layer_norm; rounded to the compute dtype once, at
     # the store, where eager rounds when the following linear casts its input. Two passes over registers (mean,
     # then centred squares) avoid the cancellation of E[x^2] - E[x]^2 at no memory cost.
@@ -48,9 +53,17 @@ def layernorm_bwd_kernel(
     DX,  # [M, D] input gradient, in X's dtype
     DW_PART,  # [programs, D] fp32 partial sums of the weight gradient, one row per program
     DB_PART,  # [programs, D] fp32 partial sums of the bias gradient
-    M, D, rows_per_program, stride_dym, stride_xm, stride_rm, stride_dxm,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DRES: tl.constexpr,
-):  # fmt: skip
+    M,
+    D,
+    rows_per_program,
+    stride_dym,
+    stride_xm,
+    stride_rm,
+    stride_dxm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+):
     # Per-program partial sums of the weight and bias gradients, so no separate reduction kernel reads the
     # activations again (eager's weight-gradient reduction is 12% of a ViT training step).
     pid = tl.program_id(0)

@@ -41,12 +41,23 @@ def _block_and_head(N, BLOCK: tl.constexpr):
 
 @triton.jit
 def _attention_fwd_kernel(
-    QKV, OUT, LSE,
-    stride_qb, stride_qn, stride_ob, stride_on,
-    N, H, D, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    QKV,
+    OUT,
+    LSE,
+    stride_qb,
+    stride_qn,
+    stride_ob,
+    stride_on,
+    N,
+    H,
+    D,
+    qk_scale_log2,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_m, pid_bh = _block_and_head(N, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
@@ -104,12 +115,28 @@ def _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION: tl.cons
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    QKV, DO, LSE, DELTA, DQKV,
-    stride_qb, stride_qn, stride_dob, stride_don, stride_gb, stride_gn,
-    N, H, D, sm_scale, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    QKV,
+    DO,
+    LSE,
+    DELTA,
+    DQKV,
+    stride_qb,
+    stride_qn,
+    stride_dob,
+    stride_don,
+    stride_gb,
+    stride_gn,
+    N,
+    H,
+    D,
+    sm_scale,
+    qk_scale_log2,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # One program owns a block of keys/values and sweeps all query blocks: dK and dV accumulate in registers and
     # are written once, no atomics. Non-causal: every query block contributes, none is skipped.
     pid_n, pid_bh = _block_and_head(N, BLOCK_N)  # over key blocks
@@ -148,12 +175,28 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    QKV, DO, LSE, DELTA, DQKV,
-    stride_qb, stride_qn, stride_dob, stride_don, stride_gb, stride_gn,
-    N, H, D, sm_scale, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    QKV,
+    DO,
+    LSE,
+    DELTA,
+    DQKV,
+    stride_qb,
+    stride_qn,
+    stride_dob,
+    stride_don,
+    stride_gb,
+    stride_gn,
+    N,
+    H,
+    D,
+    sm_scale,
+    qk_scale_log2,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # One program owns a block of queries and sweeps all keys twice: first for delta_i = rowsum(P * dP), then for
     # dQ. Flash attention takes delta = rowsum(dO * O) instead, with O rounded to bf16: when the softmax saturates
     # (logits in the thousands) that rounding swamps the true, tiny gradient. This pass costs two small GEMMs per
@@ -215,10 +258,24 @@ def _cfg(bm, bn, warps, stages, maxnreg=None):
 # At N = 65 the forward is memory-latency bound (5x above its byte floor on an H200): the 64 x 64 tile capped at 128
 # registers (ptxas: 128, no stack, bf16, head dim 64; 134 uncapped) fits 4 blocks per SM instead of 3, more loads in
 # flight. Offered to the tuner, unmeasured.
-FWD_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(32, 32, 4, 2), _cfg(32, 64, 4, 3), _cfg(64, 32, 4, 3), _cfg(128, 64, 8, 3),
-               _cfg(128, 32, 8, 3), _cfg(16, 32, 4, 2), _cfg(64, 64, 4, 3, maxnreg=128)]  # fmt: skip
-BWD_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(32, 32, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 32, 4, 2), _cfg(16, 32, 4, 2),
-               _cfg(128, 64, 8, 2)]  # fmt: skip
+FWD_CONFIGS = [
+    _cfg(64, 64, 4, 3),
+    _cfg(32, 32, 4, 2),
+    _cfg(32, 64, 4, 3),
+    _cfg(64, 32, 4, 3),
+    _cfg(128, 64, 8, 3),
+    _cfg(128, 32, 8, 3),
+    _cfg(16, 32, 4, 2),
+    _cfg(64, 64, 4, 3, maxnreg=128),
+]
+BWD_CONFIGS = [
+    _cfg(64, 64, 4, 2),
+    _cfg(32, 32, 4, 2),
+    _cfg(32, 64, 4, 2),
+    _cfg(64, 32, 4, 2),
+    _cfg(16, 32, 4, 2),
+    _cfg(128, 64, 8, 2),
+]
 FALLBACK_CONFIG = _cfg(16, 16, 4, 1)  # fits any head dim <= 256 in fp32 on sm_80 and sm_90
 SMEM_BUDGET = 160 * 1024  # under sm_80's 164 KB and sm_90's 228 KB per block
 
@@ -275,10 +332,21 @@ def attention_fwd(qkv, num_heads, scale):
         return (cdiv(N, meta["BLOCK_M"]) * B * num_heads,)
 
     _fwd[grid](
-        qkv, o, lse, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1),
-        N, num_heads, D, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot_precision(qkv.dtype),
-    )  # fmt: skip
+        qkv,
+        o,
+        lse,
+        qkv.stride(0),
+        qkv.stride(1),
+        o.stride(0),
+        o.stride(1),
+        N,
+        num_heads,
+        D,
+        scale * LOG2E,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        DOT_PRECISION=dot_precision(qkv.dtype),
+    )
     return o, lse, qkv
 
 
@@ -295,8 +363,24 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
     dqkv = torch.empty((B, N, three_d), device=qkv.device, dtype=qkv.dtype)
     if B * N == 0:
         return dqkv
-    args = (qkv, do, lse, delta, dqkv, qkv.stride(0), qkv.stride(1), do.stride(0), do.stride(1),
-            dqkv.stride(0), dqkv.stride(1), N, num_heads, D, scale, scale * LOG2E)  # fmt: skip
+    args = (
+        qkv,
+        do,
+        lse,
+        delta,
+        dqkv,
+        qkv.stride(0),
+        qkv.stride(1),
+        do.stride(0),
+        do.stride(1),
+        dqkv.stride(0),
+        dqkv.stride(1),
+        N,
+        num_heads,
+        D,
+        scale,
+        scale * LOG2E,
+    )
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot_precision(qkv.dtype))
     _bwd_dq[lambda m: (cdiv(N, m["BLOCK_M"]) * B * num_heads,)](*args, **meta)  # first: it writes delta
     _bwd_dkdv[lambda m: (cdiv(N, m["BLOCK_N"]) * B * num_heads,)](*args, **meta)

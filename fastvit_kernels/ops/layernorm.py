@@ -36,9 +36,21 @@ def layernorm_fwd(x, weight, bias, eps, out_dtype):
         return y, mean, rstd
     block_m, block_d, warps = row_kernel_params(D, **FWD_PARAMS)
     layernorm_fwd_kernel[(cdiv(M, block_m),)](
-        x, weight, bias, y, mean, rstd, M, D, x.stride(0), y.stride(0), eps,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
-    )  # fmt: skip
+        x,
+        weight,
+        bias,
+        y,
+        mean,
+        rstd,
+        M,
+        D,
+        x.stride(0),
+        y.stride(0),
+        eps,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=warps,
+    )
     return y, mean, rstd
 
 
@@ -56,8 +68,24 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
     dw_part = torch.empty((programs, D), device=x.device, dtype=torch.float32)
     db_part = torch.empty_like(dw_part)
     layernorm_bwd_kernel[(programs,)](
-        dy, x, mean, rstd, weight, dres, dx, dw_part, db_part,
-        M, D, rows_per_program, dy.stride(0), x.stride(0), dres.stride(0) if dres is not None else 0, dx.stride(0),
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
-    )  # fmt: skip
+        dy,
+        x,
+        mean,
+        rstd,
+        weight,
+        dres,
+        dx,
+        dw_part,
+        db_part,
+        M,
+        D,
+        rows_per_program,
+        dy.stride(0),
+        x.stride(0),
+        dres.stride(0) if dres is not None else 0,
+        dx.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=warps,
+    )
     return dx, dw_part.sum(0), db_part.sum(0)

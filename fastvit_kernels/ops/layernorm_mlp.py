@@ -45,9 +45,17 @@ def _grad_or_none(t):
 
 @custom_op("fastvit::layernorm_mlp_fwd")
 @on_input_device
-def _layernorm_mlp_fwd(x: Tensor, norm_w: Tensor, norm_b: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
-                       b2: Tensor | None, eps: float, training: bool
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+def _layernorm_mlp_fwd(
+    x: Tensor,
+    norm_w: Tensor,
+    norm_b: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    eps: float,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     x2 = _rows(x)  # [M, D], the residual stream's dtype
     xn, mean, rstd = layernorm_fwd(x2, norm_w, norm_b, eps, w1.dtype)  # [M, D] in the compute dtype
     # the pre-activation is kept only when a backward can follow (inference writes just the GELU output)
@@ -69,9 +77,20 @@ def _(x, norm_w, norm_b, w1, b1, w2, b2, eps, training):
 
 @custom_op("fastvit::layernorm_mlp_bwd")
 @on_input_device
-def _layernorm_mlp_bwd(dout: Tensor, x: Tensor, norm_w: Tensor, w1: Tensor, w2: Tensor, xn: Tensor, h: Tensor,
-                       pre: Tensor, mean: Tensor, rstd: Tensor, has_b1: bool, has_b2: bool
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+def _layernorm_mlp_bwd(
+    dout: Tensor,
+    x: Tensor,
+    norm_w: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    xn: Tensor,
+    h: Tensor,
+    pre: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    has_b1: bool,
+    has_b2: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     x2, dy = _rows(x), _rows(dout)
     dy_c = dy.to(w2.dtype)  # the GEMMs run in the compute dtype, as eager autocast's backward does
     dw2, db2 = linear_weight_grad(dy_c, h, need_bias=has_b2)
@@ -80,16 +99,28 @@ def _layernorm_mlp_bwd(dout: Tensor, x: Tensor, norm_w: Tensor, w1: Tensor, w2: 
     dw1, db1 = linear_weight_grad(dpre, xn, need_bias=has_b1)  # the saved normalised rows, as eager autocast saves
     dxn = torch.matmul(dpre, w1)  # plain GEMM, nothing to fuse: the LayerNorm backward needs whole rows
     dx, dnw, dnb = layernorm_bwd(dxn, x2, mean, rstd, norm_w, dres=dy)
-    return (dx.view(x.shape), dnw.to(norm_w.dtype), dnb.to(norm_w.dtype), dw1.to(w1.dtype),
-            db1.to(w1.dtype) if has_b1 else w1.new_empty(NO_BIAS), dw2.to(w2.dtype),
-            db2.to(w2.dtype) if has_b2 else w2.new_empty(NO_BIAS))  # fmt: skip
+    return (
+        dx.view(x.shape),
+        dnw.to(norm_w.dtype),
+        dnb.to(norm_w.dtype),
+        dw1.to(w1.dtype),
+        db1.to(w1.dtype) if has_b1 else w1.new_empty(NO_BIAS),
+        dw2.to(w2.dtype),
+        db2.to(w2.dtype) if has_b2 else w2.new_empty(NO_BIAS),
+    )
 
 
 @_layernorm_mlp_bwd.register_fake
 def _(dout, x, norm_w, w1, w2, xn, h, pre, mean, rstd, has_b1, has_b2):
-    return (torch.empty_like(x), torch.empty_like(norm_w), torch.empty_like(norm_w), torch.empty_like(w1),
-            w1.new_empty(w1.shape[0] if has_b1 else NO_BIAS), torch.empty_like(w2),
-            w2.new_empty(w2.shape[0] if has_b2 else NO_BIAS))  # fmt: skip
+    return (
+        torch.empty_like(x),
+        torch.empty_like(norm_w),
+        torch.empty_like(norm_w),
+        torch.empty_like(w1),
+        w1.new_empty(w1.shape[0] if has_b1 else NO_BIAS),
+        torch.empty_like(w2),
+        w2.new_empty(w2.shape[0] if has_b2 else NO_BIAS),
+    )
 
 
 def _layernorm_mlp_setup(ctx, inputs, output):
@@ -110,8 +141,9 @@ register_autograd(_layernorm_mlp_fwd, _layernorm_mlp_backward, _layernorm_mlp_se
 
 @custom_op("fastvit::layernorm_linear_fwd")
 @on_input_device
-def _layernorm_linear_fwd(x: Tensor, norm_w: Tensor, norm_b: Tensor, w: Tensor, b: Tensor | None, eps: float
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+def _layernorm_linear_fwd(
+    x: Tensor, norm_w: Tensor, norm_b: Tensor, w: Tensor, b: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     xn, mean, rstd = layernorm_fwd(_rows(x), norm_w, norm_b, eps, w.dtype)  # [M, D] in the compute dtype
     out = linear(xn, w.t(), b)
     return out.view(*x.shape[:-1], w.shape[0]), xn, mean, rstd
@@ -127,21 +159,32 @@ def _(x, norm_w, norm_b, w, b, eps):
 
 @custom_op("fastvit::layernorm_linear_bwd")
 @on_input_device
-def _layernorm_linear_bwd(dout: Tensor, x: Tensor, norm_w: Tensor, w: Tensor, xn: Tensor, mean: Tensor,
-                          rstd: Tensor, has_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+def _layernorm_linear_bwd(
+    dout: Tensor, x: Tensor, norm_w: Tensor, w: Tensor, xn: Tensor, mean: Tensor, rstd: Tensor, has_b: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     x2 = _rows(x)
     dy = _rows(dout).to(w.dtype)
     dw, db = linear_weight_grad(dy, xn, need_bias=has_b)
     dxn = torch.matmul(dy, w)  # plain GEMM, nothing to fuse: the LayerNorm backward needs whole rows
     dx, dnw, dnb = layernorm_bwd(dxn, x2, mean, rstd, norm_w)
-    return (dx.view(x.shape), dnw.to(norm_w.dtype), dnb.to(norm_w.dtype), dw.to(w.dtype),
-            db.to(w.dtype) if has_b else w.new_empty(NO_BIAS))  # fmt: skip
+    return (
+        dx.view(x.shape),
+        dnw.to(norm_w.dtype),
+        dnb.to(norm_w.dtype),
+        dw.to(w.dtype),
+        db.to(w.dtype) if has_b else w.new_empty(NO_BIAS),
+    )
 
 
 @_layernorm_linear_bwd.register_fake
 def _(dout, x, norm_w, w, xn, mean, rstd, has_b):
-    return (torch.empty_like(x), torch.empty_like(norm_w), torch.empty_like(norm_w), torch.empty_like(w),
-            w.new_empty(w.shape[0] if has_b else NO_BIAS))  # fmt: skip
+    return (
+        torch.empty_like(x),
+        torch.empty_like(norm_w),
+        torch.empty_like(norm_w),
+        torch.empty_like(w),
+        w.new_empty(w.shape[0] if has_b else NO_BIAS),
+    )
 
 
 def _layernorm_linear_setup(ctx, inputs, output):
@@ -235,8 +278,15 @@ def _cast(t, dtype):
 def layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-6):
     """x + fc2(gelu(fc1(layer_norm(x)))), exact-erf GELU. Under autocast the GEMMs run in the autocast dtype,
     LayerNorm statistics in fp32, and the output keeps the residual stream's dtype, as in eager autocast."""
-    check_same_device(x=x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
-                      fc2_weight=fc2_weight, fc2_bias=fc2_bias)  # fmt: skip
+    check_same_device(
+        x=x,
+        norm_weight=norm_weight,
+        norm_bias=norm_bias,
+        fc1_weight=fc1_weight,
+        fc1_bias=fc1_bias,
+        fc2_weight=fc2_weight,
+        fc2_bias=fc2_bias,
+    )
     _check_norm(x, norm_weight, norm_bias)
     _check_linear(x, fc1_weight, fc1_bias, "fc1")
     check_tensor(fc2_weight, "fc2 weight")
@@ -252,8 +302,18 @@ def layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, f
         t is not None and t.requires_grad
         for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     )
-    return call(_layernorm_mlp_fwd, x, norm_weight, norm_bias, fc1_weight.to(cdt), _cast(fc1_bias, cdt),
-                              fc2_weight.to(cdt), _cast(fc2_bias, cdt), eps, training)[0]  # fmt: skip
+    return call(
+        _layernorm_mlp_fwd,
+        x,
+        norm_weight,
+        norm_bias,
+        fc1_weight.to(cdt),
+        _cast(fc1_bias, cdt),
+        fc2_weight.to(cdt),
+        _cast(fc2_bias, cdt),
+        eps,
+        training,
+    )[0]
 
 
 def layernorm_linear(x, norm_weight, norm_bias, weight, bias, eps=1e-6):

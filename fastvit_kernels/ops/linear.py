@@ -41,8 +41,10 @@ FWD_CONFIGS = [
     _gemm_cfg(128, 64, 64, 4, 3),
     _gemm_cfg(64, 128, 64, 4, 3),
 ]
-DW_CONFIGS = [_gemm_cfg(*c, tma=None) for c in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                                                 (64, 64, 64, 4, 4))]  # fmt: skip
+DW_CONFIGS = [
+    _gemm_cfg(*c, tma=None)
+    for c in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4))
+]
 GROUP_M = 8
 
 _smem_prune = prune_gemm_configs("A", "B")
@@ -112,13 +114,31 @@ def linear(a, weight_t, bias=None, *, epilogue="none", pre=None, residual=None, 
         return (min(tiles, sms),) if meta["USE_TMA"] and meta["TMA_OK"] else (tiles,)
 
     _fwd[grid](
-        a, weight_t, c, bias, res, pre,
-        M, N, K, sms,
-        a.stride(0), a.stride(1), weight_t.stride(0), weight_t.stride(1), c.stride(0), c.stride(1),
-        res.stride(0) if res is not None else 0, res.stride(1) if res is not None else 0,
-        pre.stride(0) if pre is not None else 0, pre.stride(1) if pre is not None else 0,
-        EPILOGUE=epilogue, DOT_PRECISION=dot_precision(weight_t.dtype), GROUP_M=GROUP_M, TMA_OK=tma_ok,
-    )  # fmt: skip
+        a,
+        weight_t,
+        c,
+        bias,
+        res,
+        pre,
+        M,
+        N,
+        K,
+        sms,
+        a.stride(0),
+        a.stride(1),
+        weight_t.stride(0),
+        weight_t.stride(1),
+        c.stride(0),
+        c.stride(1),
+        res.stride(0) if res is not None else 0,
+        res.stride(1) if res is not None else 0,
+        pre.stride(0) if pre is not None else 0,
+        pre.stride(1) if pre is not None else 0,
+        EPILOGUE=epilogue,
+        DOT_PRECISION=dot_precision(weight_t.dtype),
+        GROUP_M=GROUP_M,
+        TMA_OK=tma_ok,
+    )
     return c
 
 
@@ -138,10 +158,21 @@ def linear_weight_grad(g, x, need_bias=True):
         return (cdiv(NF, meta["BLOCK_M"]), cdiv(KF, meta["BLOCK_N"]), splits)
 
     _dw[grid](
-        g, x, dw, db,
-        R, NF, KF, rows_per_split,
-        g.stride(0), g.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
+        g,
+        x,
+        dw,
+        db,
+        R,
+        NF,
+        KF,
+        rows_per_split,
+        g.stride(0),
+        g.stride(1),
+        x.stride(0),
+        x.stride(1),
+        dw.stride(0),
+        dw.stride(1),
         db.stride(0) if db is not None else 0,
         DOT_PRECISION=dot_precision(g.dtype),
-    )  # fmt: skip
+    )
     return dw.sum(0), (db.sum(0) if need_bias else None)

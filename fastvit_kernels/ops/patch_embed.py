@@ -44,12 +44,35 @@ def _pixel_offsets(ks, stride_ic, stride_ih, stride_iw, PH: tl.constexpr, PW: tl
 
 @triton.jit
 def _patch_embed_fwd_kernel(
-    IMG, W, BIAS, POS, CLS, OUT,
-    B, P, GW, K, N,
-    stride_ib, stride_ic, stride_ih, stride_iw, stride_wn, stride_wk, stride_pt, stride_ob, stride_ot,
-    PH: tl.constexpr, PW: tl.constexpr, HAS_CLS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
+    IMG,
+    W,
+    BIAS,
+    POS,
+    CLS,
+    OUT,
+    B,
+    P,
+    GW,
+    K,
+    N,
+    stride_ib,
+    stride_ic,
+    stride_ih,
+    stride_iw,
+    stride_wn,
+    stride_wk,
+    stride_pt,
+    stride_ob,
+    stride_ot,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    HAS_CLS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     pid = tl.program_id(0)
     M = B * P
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -72,8 +95,11 @@ def _patch_embed_fwd_kernel(
             mask_k = ks < K
             col_off = _pixel_offsets(ks, stride_ic, stride_ih, stride_iw, PH, PW)
             a = tl.load(IMG + row_off[:, None] + col_off[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(W + ks[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # fmt: skip
+            w = tl.load(
+                W + ks[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
             acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)  # image cast to the compute dtype
         b = rows // P
         t = rows % P + HAS_CLS
@@ -98,12 +124,29 @@ def _patch_embed_fwd_kernel(
 
 @triton.jit
 def _patch_embed_bwd_dw_kernel(
-    G, IMG, DW,
-    B, P, GW, K, N, rows_per_split,
-    stride_gb, stride_gp, stride_ib, stride_ic, stride_ih, stride_iw, stride_dws,
-    PH: tl.constexpr, PW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    G,
+    IMG,
+    DW,
+    B,
+    P,
+    GW,
+    K,
+    N,
+    rows_per_split,
+    stride_gb,
+    stride_gp,
+    stride_ib,
+    stride_ic,
+    stride_ih,
+    stride_iw,
+    stride_dws,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # dW[N, K] = dTokens^T[N, rows] @ patches[rows, K], the patches gathered from the image again (im2col in the load)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -131,12 +174,29 @@ def _patch_embed_bwd_dw_kernel(
 
 @triton.jit
 def _patch_embed_bwd_dx_kernel(
-    G, W, DIMG,
-    B, P, GW, K, N,
-    stride_gb, stride_gp, stride_wn, stride_wk, stride_ib, stride_ic, stride_ih, stride_iw,
-    PH: tl.constexpr, PW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    G,
+    W,
+    DIMG,
+    B,
+    P,
+    GW,
+    K,
+    N,
+    stride_gb,
+    stride_gp,
+    stride_wn,
+    stride_wk,
+    stride_ib,
+    stride_ic,
+    stride_ih,
+    stride_iw,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # dPatches[rows, K] = dTokens[rows, N] @ W[N, K], scattered straight into the image: patches do not overlap,
     # so every pixel is written exactly once (no atomics, no zero-fill).
     pid_m = tl.program_id(0)
@@ -174,8 +234,13 @@ def _cfg(bm, bn, bk, warps, stages):
 # K = C * ph * pw is 48 for CIFAR-10 (3 x 4 x 4) and 768 for /16 patches: BLOCK_K 32/64 covers both without
 # padding a 48-wide K to 128.
 # (128 x 256 x 64 spilled registers in bf16 on sm_90 and was dropped; tests/test_compile_targets.py checks the rest.)
-FWD_CONFIGS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 128, 32, 4, 3), _cfg(64, 64, 64, 4, 3),
-               _cfg(128, 128, 32, 8, 3)]  # fmt: skip
+FWD_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 64, 32, 4, 3),
+    _cfg(64, 128, 32, 4, 3),
+    _cfg(64, 64, 64, 4, 3),
+    _cfg(128, 128, 32, 8, 3),
+]
 BWD_CONFIGS = [_cfg(64, 64, 64, 4, 3), _cfg(128, 64, 64, 4, 3), _cfg(64, 128, 64, 4, 3), _cfg(128, 128, 64, 8, 3)]
 GROUP_M = 8
 
@@ -212,12 +277,32 @@ def patch_embed_fwd(images, weight, bias, cls_token, pos_embed, out_dtype):
         return (cdiv(B * P, meta["BLOCK_M"]) * n_tiles + cls_tiles,)
 
     _fwd[grid](
-        images, w2, bias, pos, cls_token.reshape(D) if has_cls else bias, out,
-        B, P, GW, K, D,
-        images.stride(0), images.stride(1), images.stride(2), images.stride(3), w2.stride(0), w2.stride(1),
-        pos.stride(0), out.stride(0), out.stride(1),
-        PH=ph, PW=pw, HAS_CLS=has_cls, DOT_PRECISION=dot_precision(w2.dtype), GROUP_M=GROUP_M,
-    )  # fmt: skip
+        images,
+        w2,
+        bias,
+        pos,
+        cls_token.reshape(D) if has_cls else bias,
+        out,
+        B,
+        P,
+        GW,
+        K,
+        D,
+        images.stride(0),
+        images.stride(1),
+        images.stride(2),
+        images.stride(3),
+        w2.stride(0),
+        w2.stride(1),
+        pos.stride(0),
+        out.stride(0),
+        out.stride(1),
+        PH=ph,
+        PW=pw,
+        HAS_CLS=has_cls,
+        DOT_PRECISION=dot_precision(w2.dtype),
+        GROUP_M=GROUP_M,
+    )
     return out
 
 
@@ -233,10 +318,26 @@ def patch_embed_bwd_weight(g, images, weight):
     splits, rows_per_split = split_rows(R, tiles, g.device)
     dw = torch.empty((splits, D, K), device=g.device, dtype=torch.float32)
     _bwd_dw[lambda m: (cdiv(D, m["BLOCK_M"]), cdiv(K, m["BLOCK_N"]), splits)](
-        g, images, dw, B, P, GW, K, D, rows_per_split,
-        g.stride(0), g.stride(1), images.stride(0), images.stride(1), images.stride(2), images.stride(3), dw.stride(0),
-        PH=ph, PW=pw, DOT_PRECISION=dot_precision(g.dtype),
-    )  # fmt: skip
+        g,
+        images,
+        dw,
+        B,
+        P,
+        GW,
+        K,
+        D,
+        rows_per_split,
+        g.stride(0),
+        g.stride(1),
+        images.stride(0),
+        images.stride(1),
+        images.stride(2),
+        images.stride(3),
+        dw.stride(0),
+        PH=ph,
+        PW=pw,
+        DOT_PRECISION=dot_precision(g.dtype),
+    )
     return dw.sum(0).view(D, C, ph, pw)
 
 
@@ -249,11 +350,26 @@ def patch_embed_bwd_images(g, weight, images):
     if B == 0:
         return dimg
     _bwd_dx[lambda m: (cdiv(B * P, m["BLOCK_M"]), cdiv(K, m["BLOCK_N"]))](
-        g, w2, dimg, B, P, GW, K, D,
-        g.stride(0), g.stride(1), w2.stride(0), w2.stride(1),
-        dimg.stride(0), dimg.stride(1), dimg.stride(2), dimg.stride(3),
-        PH=ph, PW=pw, DOT_PRECISION=dot_precision(g.dtype),
-    )  # fmt: skip
+        g,
+        w2,
+        dimg,
+        B,
+        P,
+        GW,
+        K,
+        D,
+        g.stride(0),
+        g.stride(1),
+        w2.stride(0),
+        w2.stride(1),
+        dimg.stride(0),
+        dimg.stride(1),
+        dimg.stride(2),
+        dimg.stride(3),
+        PH=ph,
+        PW=pw,
+        DOT_PRECISION=dot_precision(g.dtype),
+    )
     return dimg
 
 
@@ -265,8 +381,9 @@ Tensor = torch.Tensor
 
 @custom_op("fastvit::patch_embed_fwd")
 @on_input_device
-def _patch_embed_fwd(images: Tensor, weight: Tensor, bias: Tensor, cls_token: Tensor | None, pos_embed: Tensor,
-                     out_dtype: torch.dtype) -> Tensor:  # fmt: skip
+def _patch_embed_fwd(
+    images: Tensor, weight: Tensor, bias: Tensor, cls_token: Tensor | None, pos_embed: Tensor, out_dtype: torch.dtype
+) -> Tensor:
     return patch_embed_fwd(images, weight, bias, cls_token, pos_embed, out_dtype)
 
 
@@ -333,8 +450,10 @@ def patch_embed(images, weight, bias, cls_token, pos_embed):
     check_tensor(images, "images")
     check_tensor(weight, "patch weight")
     if images.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"images must be [B, C, H, W] and weight [D, C, ph, pw]; got {tuple(images.shape)} and "
-                         f"{tuple(weight.shape)}")  # fmt: skip
+        raise ValueError(
+            f"images must be [B, C, H, W] and weight [D, C, ph, pw]; got {tuple(images.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
     B, C, H, Wd = images.shape
     D, wc, ph, pw = weight.shape
     if C != wc:
@@ -347,8 +466,10 @@ def patch_embed(images, weight, bias, cls_token, pos_embed):
     if cls_token is not None and cls_token.numel() != D:
         raise ValueError(f"cls_token has shape {tuple(cls_token.shape)}; expected (1, 1, {D})")
     if pos_embed.shape[-2:] != (T, D) or pos_embed.numel() != T * D:
-        raise ValueError(f"pos_embed has shape {tuple(pos_embed.shape)}; expected (1, {T}, {D}) for {H}x{Wd} images "
-                         f"with {ph}x{pw} patches")  # fmt: skip
+        raise ValueError(
+            f"pos_embed has shape {tuple(pos_embed.shape)}; expected (1, {T}, {D}) for {H}x{Wd} images "
+            f"with {ph}x{pw} patches"
+        )
     if not torch.is_autocast_enabled(images.device.type) and images.dtype != weight.dtype:
         raise TypeError(f"images are {images.dtype} but the weight is {weight.dtype}: cast one, or run under autocast")
     cdt = compute_dtype(weight)
