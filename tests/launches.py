@@ -1,0 +1,39 @@
+"""Record the model's kernel launches instead of running them: every launcher of the op modules is swapped for a
+recorder that evaluates its grid for each tile config it may use. The recorded launches compute nothing."""
+
+import importlib
+
+from triton.runtime import KernelInterface
+
+from fastvit_kernels.ops._common import _FirstConfig
+
+OP_MODULES = [
+    importlib.import_module(f"fastvit_kernels.ops.{m}") for m in ("attention", "linear", "layernorm", "patch_embed")
+]
+
+
+class _Recorder:
+    def __init__(self, name, configs, launches):
+        self.name, self.configs, self.launches = name, configs, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            grids = []
+            for cfg in self.configs:
+                meta = dict(kwargs, **cfg.kwargs)
+                grids.append((cfg.kwargs, tuple(grid(meta) if callable(grid) else grid)))
+            self.launches.append((self.name, grids))
+
+        return launch
+
+
+def record_launches(monkeypatch) -> list:
+    """[(launcher name, [(config kwargs, grid) for each config it may use])], one entry per launch, filled as the
+    model runs."""
+    launches = []
+    for mod in OP_MODULES:
+        for name, obj in list(vars(mod).items()):
+            if isinstance(obj, (_FirstConfig, KernelInterface)):
+                configs = getattr(obj, "configs", None) or [type("Cfg", (), {"kwargs": {}})()]
+                monkeypatch.setattr(mod, name, _Recorder(name, configs, launches))
+    return launches

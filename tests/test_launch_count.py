@@ -1,0 +1,37 @@
+"""How many of our kernels a ViT block launches: each launch costs host time (about 0.1 ms of Python per launch on
+the H100 machine's CPU, 2026-11-26), so the count is held here and lowered on purpose, never raised by accident.
+
+Counted by recording the launches (tests/launches.py) of a one-block and a two-block model: the difference is one
+block. torch's own kernels (the backward's dx GEMMs, casts, the sums of split partials) are not counted here.
+"""
+
+import torch
+from launches import record_launches
+
+from fastvit_kernels import ViT
+
+# inference: norm1, qkv, attention, proj+residual, norm2, fc1+GELU, fc2+residual
+INFERENCE_PER_BLOCK = 7
+# training adds the backward: dW qkv, LayerNorm 1, attention dq and dk/dv, dW proj, dW fc2, dGELU, dW fc1, LayerNorm 2
+TRAINING_PER_BLOCK = 16
+
+
+def _count(monkeypatch, depth, train, device):
+    with monkeypatch.context() as m:
+        launches = record_launches(m)
+        model = ViT(
+            image_size=8, patch_size=4, num_classes=3, dim=32, depth=depth, heads=2, mlp_dim=64, backend="triton"
+        ).to(device)
+        x = torch.randn(2, 3, 8, 8, device=device)
+        if train:
+            model(x).sum().backward()
+        else:
+            with torch.no_grad():
+                model(x)
+        return len(launches)
+
+
+def test_launches_per_block(monkeypatch, device):
+    for train, expected in ((False, INFERENCE_PER_BLOCK), (True, TRAINING_PER_BLOCK)):
+        per_block = _count(monkeypatch, 2, train, device) - _count(monkeypatch, 1, train, device)
+        assert per_block == expected, ("training" if train else "inference", per_block)
