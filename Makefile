@@ -29,7 +29,8 @@ gpu-check:
 # and runs the kernel tests under its interpreter and the compile check with its compiler (~5 min).
 VENV36 := .venv36
 TORCH36 ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl) torch==2.13.0)
-KERNEL_TESTS := tests/test_attention.py tests/test_layernorm_mlp.py tests/test_patch_embed.py tests/test_interpreter.py \
+KERNEL_TESTS := tests/test_attention.py tests/test_layernorm_mlp.py tests/test_linear.py tests/test_gelu.py \
+	tests/test_patch_embed.py tests/test_interpreter.py tests/test_launch_count.py \
 	tests/test_launch_limits.py tests/test_torch_compile.py tests/test_compile_targets.py
 
 $(VENV36)/bin/python:
@@ -39,8 +40,15 @@ $(VENV36)/bin/python:
 test-triton36: $(VENV36)/bin/python
 	PYTHONPATH=. $(VENV36)/bin/pytest -q -p no:cacheprovider $(KERNEL_TESTS)
 
+# The offline performance report (tests/sass_report.py): each GEMM configuration's SASS per K step and per tile,
+# wgmma wait depth, loads, registers, blocks per SM and ptxas's C7515, for sm_90 with triton 3.8 and with 3.6.
+report: venv $(VENV36)/bin/python
+	env -u TRITON_INTERPRET $(BIN)/python tests/compile_kernels.py 90 --report benchmarks/offline_report_triton38.md >/dev/null
+	env -u TRITON_INTERPRET PYTHONPATH=. $(VENV36)/bin/python tests/compile_kernels.py 90 \
+		--report benchmarks/offline_report_triton36.md >/dev/null
+
 lint: venv
 	$(BIN)/ruff check fastvit_kernels tests benchmarks
 	$(BIN)/ruff format --check fastvit_kernels tests benchmarks
 
-.PHONY: venv test bench gpu-check test-triton36 lint
+.PHONY: venv test bench gpu-check test-triton36 report lint

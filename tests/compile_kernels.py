@@ -12,6 +12,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from types import SimpleNamespace
 
+import sass_report  # beside this file
+
 FLOAT_ARGS = {"eps", "qk_scale_log2", "sm_scale"}
 # Strides that are 1 at run time for contiguous inputs. Triton's JIT specialises an integer argument equal to 1 into a
 # constant and marks pointers and strides divisible by 16; that is what lets it vectorise and pipeline the loads
@@ -269,6 +271,8 @@ def _compile(job):
             tma="cp.async.bulk.tensor" in ptx,
             **_resource_usage(c.asm["cubin"]),
         )
+        if cap == 90:  # the offline performance report (tests/sass_report.py)
+            res.update(sass_report.analyse(c.asm["cubin"], ptx, cap, warps, res["shared"], res["regs"]))
     except Exception as e:  # noqa: BLE001 - reported per configuration
         res = dict(ok=False, error=f"{type(e).__name__}: {str(e)[-400:]}")
     res["seconds"] = round(time.perf_counter() - start, 2)
@@ -307,8 +311,19 @@ def jobs(caps):
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compile for the GPU, not the interpreter"
-    caps = [int(c) for c in sys.argv[1:]] or [90, 80]
-    todo = jobs(caps)
+    # compile_kernels.py [CAP ...] [--report FILE]: JSON lines, and with --report the GEMMs' SASS table in FILE
+    argv = sys.argv[1:]
+    report_path = argv.pop(argv.index("--report") + 1) if "--report" in argv else None
+    caps = [int(c) for c in argv if c != "--report"] or [90, 80]
+    results = []
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for r in pool.map(_compile, todo, chunksize=4):
+        for r in pool.map(_compile, jobs(caps), chunksize=4):
             print(json.dumps(r), flush=True)
+            results.append(r)
+    if report_path:
+        import triton
+
+        hot = [r for r in results if r["cap"] == 90 and "bf16" in r["ptrs"].values() and "fp32" != r["ptrs"].get("B")]
+        head = f"sm_90, triton {triton.__version__}, bf16 operands; counts per warp, SASS instructions\n\n"
+        with open(report_path, "w") as f:
+            f.write(head + sass_report.report(hot) + "\n")

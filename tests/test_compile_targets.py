@@ -67,6 +67,16 @@ def test_every_kernel_config_compiles_for_sm90_and_sm80():
     assert not no_wgmma, "\n".join(f"{r['kernel']} {r['consts']} {r['ptrs']}" for r in no_wgmma[:5])
     # the hot path keeps everything in registers. A few bytes of stack (a register pair saved once per tile) cost
     # nothing measurable; the spills that hurt were hundreds of bytes to kilobytes, reloaded inside the main loop
+    # the linear layers' GEMMs (tests/sass_report.py): no tile whose wgmma ptxas serialises (C7515). The attention
+    # and patch-embedding kernels still have some: benchmarks/offline_report.md lists them
+    serialised = [
+        r
+        for r in results
+        if r["kernel"] in ("linear_fwd_kernel", "linear_dw_kernel")
+        and _hot_path(r)
+        and any("C7515" in w for w in r.get("ptxas_warnings", []))
+    ]
+    assert not serialised, "\n".join(f"{r['kernel']} {r['consts']} {r['ptrs']} w{r['warps']}" for r in serialised)
     spills = [r for r in results if r["cap"] == 90 and _hot_path(r) and r["stack"] > MAX_STACK]
     assert not spills, "\n".join(
         f"{r['kernel']} {r['consts']} {r['ptrs']} w{r['warps']} s{r['stages']}: "

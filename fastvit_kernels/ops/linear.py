@@ -41,21 +41,29 @@ FWD_CONFIGS = [
     _gemm_cfg(128, 64, 64, 4, 3),
     _gemm_cfg(64, 128, 64, 4, 3),
 ]
-DW_CONFIGS = [
-    _gemm_cfg(*c, tma=None)
-    for c in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4))
-]
+# 128 x 64 and 64 x 64 with 4 warps serialise every wgmma of the weight gradient under ptxas 12.9 (triton 3.8, C7515,
+# compiled offline); the tuner kept 64 x 128 for every weight gradient on the H100 (2026-11-26).
+DW_CONFIGS = [_gemm_cfg(*c, tma=None) for c in ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4))]
 GROUP_M = 8
 
 _smem_prune = prune_gemm_configs("A", "B")
 
 
+def _serialised(cfg, epilogue, res) -> bool:
+    """The tile whose wgmma ptxas 12.8 (triton 3.6, the lent GPUs') serialises, C7515 compiled offline: 128 x 128
+    with 8 warps and pointer loads when the epilogue adds an fp32 residual (proj and fc2 under autocast)."""
+    tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, bool(cfg.kwargs.get("USE_TMA")))
+    return epilogue == "residual" and res is not None and res.element_size() == 4 and tile == (128, 128, 8, False)
+
+
 def _fwd_prune(configs, named_args, **kwargs):
     """Shared memory as for every GEMM; the TMA tiles only where the operands allow descriptors (TMA_OK), and not
-    with FASTVIT_TMA=0 (which leaves the tuner the pointer-load tiles alone: the A/B switch of the benchmarks)."""
-    tma_ok = kwargs.get("TMA_OK", named_args.get("TMA_OK", False))  # a launch keyword: in kwargs when tuning
-    if not tma_ok or os.environ.get("FASTVIT_TMA", "1") == "0":
+    with FASTVIT_TMA=0 (which leaves the tuner the pointer-load tiles alone: the A/B switch of the benchmarks); no
+    tile that ptxas serialises."""
+    args = {**named_args, **kwargs}  # the launch keywords are in kwargs when tuning
+    if not args.get("TMA_OK", False) or os.environ.get("FASTVIT_TMA", "1") == "0":
         configs = [c for c in configs if not c.kwargs.get("USE_TMA")]
+    configs = [c for c in configs if not _serialised(c, args.get("EPILOGUE"), args.get("RES"))]
     return _smem_prune(configs, named_args, **kwargs)
 
 
