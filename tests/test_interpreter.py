@@ -1,4 +1,4 @@
-"""The CPU interpreter computes bf16 as the GPU does (ops/_common.py patches two defects of triton's interpreter).
+"""The CPU interpreter computes bf16 as the GPU does (fastvit_kernels/_interpreter.py patches three defects).
 
 Every bf16 kernel test here runs under the interpreter, so these are what make those tests mean the GPU's numbers.
 """
@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvit_kernels.ops._common import interpreting
+from fastvit_kernels._interpreter import interpreting
 
 pytestmark = pytest.mark.skipif(not interpreting(), reason="checks the CPU interpreter; a GPU runs the real thing")
 
@@ -73,3 +73,15 @@ def test_scalar_fp32_to_bf16_cast():
         _scalar_cast_kernel[(1,)](torch.tensor([v]), y)
         expected = torch.tensor([v]).to(torch.bfloat16)
         assert (y.isnan() & expected.isnan()).all() or (y.view(torch.int16) == expected.view(torch.int16)).all()
+
+
+@triton.jit
+def _bool_cast_kernel(Y, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(Y + offs, (offs % 3 == 0).to(tl.bfloat16))
+
+
+def test_bool_to_bf16_is_one_and_zero():
+    y = torch.empty(16, dtype=torch.bfloat16)
+    _bool_cast_kernel[(1,)](y, BLOCK=16)
+    assert torch.equal(y, (torch.arange(16) % 3 == 0).to(torch.bfloat16))

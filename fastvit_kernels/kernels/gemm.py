@@ -301,8 +301,7 @@ def linear_dw_kernel(
             if G.dtype.element_ty == tl.float32:  # exact fp32 sums: a dot would round through tf32 or cost FMAs
                 db += tl.where(col0, tl.sum(g, 1)[:, None], 0.0)
             else:
-                # ones built in fp32: the interpreter casts bool to bf16 as 0 (triton 3.8, seen here)
-                db = tl.dot(g, tl.where(ones, 1.0, 0.0).to(g.dtype), db)
+                db = tl.dot(g, ones.to(g.dtype), db)
     tl.store(
         DW + pid_s * stride_dws + offs_m[:, None] * stride_dwn + offs_n[None, :],
         acc,

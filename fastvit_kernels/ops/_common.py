@@ -9,21 +9,9 @@ import os
 import torch
 import triton
 
+from .._interpreter import interpreting
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _read_interpret_knob() -> bool:
-    try:
-        from triton import knobs
-
-        return bool(knobs.runtime.interpret)
-    except (ImportError, AttributeError):  # older triton without knobs
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# Read once, at import: Triton chose interpreter or compiler when our kernels were decorated (also at import), from
-# the same knob, so this matches the kernels defined in this process, and torch.compile can trace a plain constant.
-_INTERPRETING = _read_interpret_knob()
 
 
 def cdiv(a: int, b: int) -> int:
@@ -35,11 +23,6 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (n >= 1), for host code (triton.next_power_of_2 costs as much as cdiv)."""
     return 1 << (n - 1).bit_length()
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter."""
-    return _INTERPRETING
 
 
 def check_tensor(t: torch.Tensor, name: str) -> None:
@@ -189,53 +172,6 @@ class _FirstConfig:
             return self.kernel[g](*args, **kwargs, **cfg.kwargs, **extra)
 
         return launch
-
-
-def _patch_interpreter_bf16() -> None:
-    """Make the CPU interpreter's bfloat16 arithmetic what the GPU does. Two defects, both seen with triton 3.8:
-
-    - tl.dot: the interpreter stores bf16 as uint16 bit patterns and its create_dot multiplied those integers (a 16x16
-      bf16 dot came out near 1e10). We widen bf16 operands to fp32 first: bf16 products are exact in fp32, which is
-      what the tensor cores compute too.
-    - fp32 -> bf16 casts (explicit .to and the implicit one of a store) truncated the mantissa, where the GPU rounds
-      to nearest even (cvt.rn.bf16.f32). Truncation doubled our bf16 errors and biased them, which made the error
-      rule's comparison against torch's bf16 a coin toss on small tests. We round to nearest even, as torch does.
-    Only the interpreter is touched.
-    """
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    if getattr(builder.create_dot, "_fastvit_bf16", False):
-        return
-    original_dot, original_cast = builder.create_dot, builder.cast_impl
-
-    def widen(h):
-        if h.dtype != tl.bfloat16:
-            return h
-        data = interpreter._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
-        return interpreter.TensorHandle(data, tl.float32)
-
-    def create_dot(self, a, b, d, *args, **kwargs):
-        return original_dot(self, widen(a), widen(b), d, *args, **kwargs)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
-            return original_cast(self, src, dst_type)
-        bits = np.ascontiguousarray(src.data, dtype=np.float32).reshape(-1).view(np.uint32)
-        rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)  # ties to even
-        nan = np.isnan(bits.view(np.float32))
-        rounded[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)  # stays a (quiet) NaN
-        return interpreter.TensorHandle(rounded.reshape(np.shape(src.data)), tl.bfloat16)
-
-    create_dot._fastvit_bf16 = True
-    builder.create_dot = create_dot
-    builder.cast_impl = cast_impl
-
-
-if interpreting():
-    _patch_interpreter_bf16()
 
 
 # ------------------------------------------------------------------------------------------------------------------
