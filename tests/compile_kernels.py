@@ -22,9 +22,9 @@ FLOAT_ARGS = {"eps", "qk_scale_log2", "sm_scale"}
 UNIT_STRIDES = {
     "linear_fwd_kernel": ("stride_ak", "stride_cn", "stride_rn", "stride_pn"),
     "linear_dw_kernel": ("stride_gf", "stride_xk"),
-    "_patch_embed_fwd_kernel": ("stride_iw", "stride_wk"),
-    "_patch_embed_bwd_dw_kernel": ("stride_iw",),
-    "_patch_embed_bwd_dx_kernel": ("stride_iw", "stride_wk"),
+    "patch_embed_fwd_kernel": ("stride_iw", "stride_wk"),
+    "patch_embed_bwd_dw_kernel": ("stride_iw",),
+    "patch_embed_bwd_dx_kernel": ("stride_iw", "stride_wk"),
 }
 # Feature sizes that are multiples of 16 in every model we ship (D, hidden, 3D, C * ph * pw); the JIT marks such
 # arguments divisible by 16, which is what lets it prove a masked K tile contiguous. Token counts (65, 197) are not.
@@ -40,6 +40,8 @@ def _variants(cap):
     at = importlib.import_module("fastvit_kernels.ops.attention")
     pe = importlib.import_module("fastvit_kernels.ops.patch_embed")
     gemm = importlib.import_module("fastvit_kernels.kernels.gemm")
+    atk = importlib.import_module("fastvit_kernels.kernels.attention")
+    pek = importlib.import_module("fastvit_kernels.kernels.patch_embed")
     lnk = importlib.import_module("fastvit_kernels.kernels.layernorm")
     lin = importlib.import_module("fastvit_kernels.ops.linear")
     ln = importlib.import_module("fastvit_kernels.ops.layernorm")
@@ -92,9 +94,9 @@ def _variants(cap):
         io = {"QKV": dt, "OUT": dt, "DO": dt, "DQKV": dt, "LSE": "fp32", "DELTA": "fp32"}
         full = dt == "bf16"  # every config in bf16; fp16/fp32 with the first and the largest
         vit_heads = lambda c: c["HEAD_DIM"] <= 64  # noqa: E731 - the head dims of the shipped ViTs
-        add(at._attention_fwd_kernel, at.FWD_CONFIGS, io, heads, at._prune, full, vit_heads)
-        add(at._attention_bwd_dkdv_kernel, at.BWD_CONFIGS, io, heads, at._prune, full, vit_heads)
-        add(at._attention_bwd_dq_kernel, at.BWD_CONFIGS, io, heads, at._prune, full, vit_heads)
+        add(atk.attention_fwd_kernel, at.FWD_CONFIGS, io, heads, at._prune, full, vit_heads)
+        add(atk.attention_bwd_dkdv_kernel, at.BWD_CONFIGS, io, heads, at._prune, full, vit_heads)
+        add(atk.attention_bwd_dq_kernel, at.BWD_CONFIGS, io, heads, at._prune, full, vit_heads)
 
     # (residual stream, compute dtype): the GEMM operands are in the compute dtype, the residual and the output of
     # the residual epilogue in the stream's. A pointer given as None is absent (its flag derived from that).
@@ -180,7 +182,7 @@ def _variants(cap):
         }
         patches = (4, 16) if full else (4,)
         add(
-            pe._patch_embed_fwd_kernel,
+            pek.patch_embed_fwd_kernel,
             pe.FWD_CONFIGS,
             pe_ptrs,
             [dict(PH=ph, PW=ph, HAS_CLS=True, DOT_PRECISION="ieee", GROUP_M=pe.GROUP_M) for ph in patches],
@@ -188,7 +190,7 @@ def _variants(cap):
             full,
         )
         add(
-            pe._patch_embed_bwd_dw_kernel,
+            pek.patch_embed_bwd_dw_kernel,
             pe.BWD_CONFIGS,
             pe_ptrs,
             [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches],
@@ -196,7 +198,7 @@ def _variants(cap):
             full,
         )
         add(
-            pe._patch_embed_bwd_dx_kernel,
+            pek.patch_embed_bwd_dx_kernel,
             pe.BWD_CONFIGS,
             pe_ptrs,
             [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches],

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes a block may use: H100 227 KB, A100 163 KB
-GEMM_KERNELS = {"linear_fwd_kernel", "linear_dw_kernel", "_patch_embed_fwd_kernel"}
+GEMM_KERNELS = {"linear_fwd_kernel", "linear_dw_kernel", "patch_embed_fwd_kernel"}
 ROW_KERNELS = {"layernorm_fwd_kernel", "layernorm_bwd_kernel"}
 HALF = {"bf16", "fp16"}
 MAX_STACK = 16  # bytes of stack frame tolerated on the hot path

@@ -11,8 +11,8 @@ import math
 
 import torch
 import triton
-import triton.language as tl
 
+from ..kernels.attention import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, attention_fwd_kernel
 from ._common import (
     autotuned,
     call,
@@ -28,222 +28,6 @@ from ._common import (
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register file with a 64-row tile
-
-
-@triton.jit
-def _block_and_head(N, BLOCK: tl.constexpr):
-    # One flat grid, sequence blocks fastest: the blocks of one head run side by side and share its K/V in L2. (A
-    # second grid axis for batch x heads would cap it at 65535, which a CIFAR-10 evaluation batch of 11k images
-    # exceeds.) Every attention kernel decodes its program id here, so the launchers' grids all read the same way.
-    num_blocks = tl.cdiv(N, BLOCK)
-    return tl.program_id(0) % num_blocks, tl.program_id(0) // num_blocks
-
-
-@triton.jit
-def _attention_fwd_kernel(
-    QKV,
-    OUT,
-    LSE,
-    stride_qb,
-    stride_qn,
-    stride_ob,
-    stride_on,
-    N,
-    H,
-    D,
-    qk_scale_log2,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid_m, pid_bh = _block_and_head(N, BLOCK_M)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM  # head dims such as 80 or 96 run in a power-of-two tile, masked
-    q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
-    k_base = q_base + D
-    v_base = q_base + 2 * D
-
-    mask_m = offs_m < N
-    q = tl.load(
-        q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0
-    )
-    # Online softmax with exp2, the fast instruction, on the raw scores qk = q.k: the row max is subtracted first and
-    # the scale (times log2(e)) applied after, P = exp2((qk - m) * qk_scale_log2). With logits in the thousands,
-    # scaling first costs ulp(s) ~ 1e-4 relative in P, while qk - m is exact near the max. And no multiply precedes
-    # the subtraction, so no compiler can contract it into an FMA in one kernel and not in another: the backward
-    # recomputes the max element's P as exactly exp2(0 - log2(l)), which keeps sum(P) = 1 in saturated rows.
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # accumulate in fp32 whatever the input dtype
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        mask_kv = (cols[:, None] < N) & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        qk = tl.where(cols[None, :] < N, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds at least one real column
-        p = tl.exp2((qk - m_new[:, None]) * qk_scale_log2)
-        alpha = tl.exp2((m_i - m_new) * qk_scale_log2)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-    acc = acc / l_i[:, None]
-    o_ptrs = OUT + b.to(tl.int64) * stride_ob + offs_m[:, None] * stride_on + h * HEAD_DIM + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    # the row max of the raw scores and log2 of the row sum, kept apart: P = exp2((qk - m) * qk_scale_log2 - log2(l))
-    # in the backward. Folding them into one log-sum-exp loses the low bits of qk - m when logits are in the thousands.
-    tl.store(LSE + pid_bh * 2 * N + offs_m, m_i, mask=mask_m)
-    tl.store(LSE + pid_bh * 2 * N + N + offs_m, tl.log2(l_i), mask=mask_m)
-
-
-@triton.jit
-def _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION: tl.constexpr):
-    # P rebuilt from the forward's row statistics, as the forward computed it (see there). One helper for every
-    # recomputation, so the dQ kernel's two passes and the dK/dV kernel evaluate the very same expression. Padded rows
-    # and columns contribute exactly zero (exp2(0 - 0) would be 1).
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    p = tl.exp2((qk - m[:, None]) * qk_scale_log2 - log_l[:, None])
-    return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-
-
-@triton.jit
-def _attention_bwd_dkdv_kernel(
-    QKV,
-    DO,
-    LSE,
-    DELTA,
-    DQKV,
-    stride_qb,
-    stride_qn,
-    stride_dob,
-    stride_don,
-    stride_gb,
-    stride_gn,
-    N,
-    H,
-    D,
-    sm_scale,
-    qk_scale_log2,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    # One program owns a block of keys/values and sweeps all query blocks: dK and dV accumulate in registers and
-    # are written once, no atomics. Non-causal: every query block contributes, none is skipped.
-    pid_n, pid_bh = _block_and_head(N, BLOCK_N)  # over key blocks
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    mask_n = offs_n < N
-    q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
-    do_base = DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM
-    mask_kv = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(q_base + D + offs_n[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-    v = tl.load(q_base + 2 * D + offs_n[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        rows = start_m + offs_m
-        mask_m = rows < N
-        mask_q = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :], mask=mask_q, other=0.0)
-        m = tl.load(LSE + pid_bh * 2 * N + rows, mask=mask_m, other=0.0)
-        log_l = tl.load(LSE + pid_bh * 2 * N + N + rows, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + pid_bh * N + rows, mask=mask_m, other=0.0)
-        p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-    g_base = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_n[:, None] * stride_gn + offs_d[None, :]
-    tl.store(g_base + D, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=mask_kv)
-    tl.store(g_base + 2 * D, dv.to(DQKV.dtype.element_ty), mask=mask_kv)
-
-
-@triton.jit
-def _attention_bwd_dq_kernel(
-    QKV,
-    DO,
-    LSE,
-    DELTA,
-    DQKV,
-    stride_qb,
-    stride_qn,
-    stride_dob,
-    stride_don,
-    stride_gb,
-    stride_gn,
-    N,
-    H,
-    D,
-    sm_scale,
-    qk_scale_log2,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    # One program owns a block of queries and sweeps all keys twice: first for delta_i = rowsum(P * dP), then for
-    # dQ. Flash attention takes delta = rowsum(dO * O) instead, with O rounded to bf16: when the softmax saturates
-    # (logits in the thousands) that rounding swamps the true, tiny gradient. This pass costs two small GEMMs per
-    # key block and keeps the gradient as exact as eager's. delta is written for the dK/dV kernel, which runs next.
-    # (P is not renormalised by this pass's own row sum: the forward's sum is exact enough, see the forward, and
-    # dividing delta and P by a sum one ulp off 1 made saturated rows' gradients up to 20x worse than eager's.)
-    pid_m, pid_bh = _block_and_head(N, BLOCK_M)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    mask_m = offs_m < N
-    mask_q = mask_m[:, None] & mask_d[None, :]
-    q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
-    do = tl.load(
-        DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM + offs_m[:, None] * stride_don + offs_d[None, :],
-        mask=mask_q,
-        other=0.0,
-    )
-    m = tl.load(LSE + pid_bh * 2 * N + offs_m, mask=mask_m, other=0.0)
-    log_l = tl.load(LSE + pid_bh * 2 * N + N + offs_m, mask=mask_m, other=0.0)
-    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < N
-        mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
-        delta += tl.sum(p * tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION), 1)
-    tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < N
-        mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    g_ptrs = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_m[:, None] * stride_gn + offs_d[None, :]
-    tl.store(g_ptrs, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask_q)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,9 +83,9 @@ def _prune(configs, named_args, **kwargs):
 
 
 _KEY = ["N", "HEAD_DIM", "DOT_PRECISION"]
-_fwd = autotuned(_attention_fwd_kernel, FWD_CONFIGS, _KEY, _prune)
-_bwd_dkdv = autotuned(_attention_bwd_dkdv_kernel, BWD_CONFIGS, _KEY, _prune)
-_bwd_dq = autotuned(_attention_bwd_dq_kernel, BWD_CONFIGS, _KEY, _prune)
+_fwd = autotuned(attention_fwd_kernel, FWD_CONFIGS, _KEY, _prune)
+_bwd_dkdv = autotuned(attention_bwd_dkdv_kernel, BWD_CONFIGS, _KEY, _prune)
+_bwd_dq = autotuned(attention_bwd_dq_kernel, BWD_CONFIGS, _KEY, _prune)
 
 
 def _check_qkv(qkv: torch.Tensor, num_heads: int) -> int:
