@@ -36,15 +36,12 @@ def _variants(cap):
     """(kernel name, module, pointer dtypes, constexprs, num_warps, num_stages) for every launch configuration."""
     import importlib
 
-    # by path: fastvit_kernels.ops re-exports functions with the same names as these modules
-    at = importlib.import_module("fastvit_kernels.ops.attention")
-    pe = importlib.import_module("fastvit_kernels.ops.patch_embed")
+    # the kernels from fastvit_kernels.kernels, the configurations and pruning from fastvit_kernels.tuning
     gemm = importlib.import_module("fastvit_kernels.kernels.gemm")
     atk = importlib.import_module("fastvit_kernels.kernels.attention")
     pek = importlib.import_module("fastvit_kernels.kernels.patch_embed")
     lnk = importlib.import_module("fastvit_kernels.kernels.layernorm")
-    lin = importlib.import_module("fastvit_kernels.ops.linear")
-    ln = importlib.import_module("fastvit_kernels.ops.layernorm")
+    tn = importlib.import_module("fastvit_kernels.tuning")
 
     out = []
 
@@ -94,9 +91,9 @@ def _variants(cap):
         io = {"QKV": dt, "OUT": dt, "DO": dt, "DQKV": dt, "LSE": "fp32", "DELTA": "fp32"}
         full = dt == "bf16"  # every config in bf16; fp16/fp32 with the first and the largest
         vit_heads = lambda c: c["HEAD_DIM"] <= 64  # noqa: E731 - the head dims of the shipped ViTs
-        add(atk.attention_fwd_kernel, at.FWD_CONFIGS, io, heads, at._prune, full, vit_heads)
-        add(atk.attention_bwd_dkdv_kernel, at.BWD_CONFIGS, io, heads, at._prune, full, vit_heads)
-        add(atk.attention_bwd_dq_kernel, at.BWD_CONFIGS, io, heads, at._prune, full, vit_heads)
+        add(atk.attention_fwd_kernel, tn.ATTENTION_FWD_CONFIGS, io, heads, tn.prune_attention, full, vit_heads)
+        add(atk.attention_bwd_dkdv_kernel, tn.ATTENTION_BWD_CONFIGS, io, heads, tn.prune_attention, full, vit_heads)
+        add(atk.attention_bwd_dq_kernel, tn.ATTENTION_BWD_CONFIGS, io, heads, tn.prune_attention, full, vit_heads)
 
     # (residual stream, compute dtype): the GEMM operands are in the compute dtype, the residual and the output of
     # the residual epilogue in the stream's. A pointer given as None is absent (its flag derived from that).
@@ -127,19 +124,19 @@ def _variants(cap):
             consts = dict(
                 EPILOGUE=epi,
                 DOT_PRECISION="ieee",
-                GROUP_M=lin.GROUP_M,
+                GROUP_M=tn.GROUP_M,
                 HAS_BIAS=bias,
                 STORE_PRE=epi == "gelu" and pre,
                 TMA_OK=tma_ok,
             )
-            add(gemm.linear_fwd_kernel, lin.FWD_CONFIGS, ptrs, [consts], lin._fwd_prune, full)
+            add(gemm.linear_fwd_kernel, tn.LINEAR_FWD_CONFIGS, ptrs, [consts], tn.prune_linear_fwd, full)
         dw_ptrs = {"G": w, "X": w, "DW": f32, "DB": f32}
         add(
             gemm.linear_dw_kernel,
-            lin.DW_CONFIGS,
+            tn.LINEAR_DW_CONFIGS,
             dw_ptrs,
             [dict(HAS_DBIAS=True, DOT_PRECISION="ieee")],
-            lin._dw_prune,
+            tn.prune_linear_dw,
             full,
         )
         ln_ptrs = {
@@ -154,7 +151,7 @@ def _variants(cap):
             "DB_PART": f32,
         }
         for dim in (100, 384, 768, 1024, 8192) if full else (768,):
-            bm, bd, warps = ln.row_kernel_params(dim, **ln.FWD_PARAMS)
+            bm, bd, warps = tn.row_kernel_params(dim, **tn.LAYERNORM_FWD_PARAMS)
             out.append(
                 (
                     "layernorm_fwd_kernel",
@@ -165,7 +162,7 @@ def _variants(cap):
                     3,
                 )
             )
-            bm, bd, warps = ln.row_kernel_params(dim, **ln.BWD_PARAMS)
+            bm, bd, warps = tn.row_kernel_params(dim, **tn.LAYERNORM_BWD_PARAMS)
             out.append(
                 ("layernorm_bwd_kernel", lnk.__name__, ln_ptrs, dict(HAS_DRES=True, BLOCK_M=bm, BLOCK_D=bd), warps, 3)
             )
@@ -183,26 +180,26 @@ def _variants(cap):
         patches = (4, 16) if full else (4,)
         add(
             pek.patch_embed_fwd_kernel,
-            pe.FWD_CONFIGS,
+            tn.PATCH_EMBED_FWD_CONFIGS,
             pe_ptrs,
-            [dict(PH=ph, PW=ph, HAS_CLS=True, DOT_PRECISION="ieee", GROUP_M=pe.GROUP_M) for ph in patches],
-            pe._prune_fwd,
+            [dict(PH=ph, PW=ph, HAS_CLS=True, DOT_PRECISION="ieee", GROUP_M=tn.GROUP_M) for ph in patches],
+            tn.prune_patch_embed_fwd,
             full,
         )
         add(
             pek.patch_embed_bwd_dw_kernel,
-            pe.BWD_CONFIGS,
+            tn.PATCH_EMBED_BWD_CONFIGS,
             pe_ptrs,
             [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches],
-            pe._prune_dw,
+            tn.prune_patch_embed_dw,
             full,
         )
         add(
             pek.patch_embed_bwd_dx_kernel,
-            pe.BWD_CONFIGS,
+            tn.PATCH_EMBED_BWD_CONFIGS,
             pe_ptrs,
             [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches],
-            pe._prune_dx,
+            tn.prune_patch_embed_dx,
             full,
         )
     return out

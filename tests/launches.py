@@ -5,7 +5,7 @@ import importlib
 
 from triton.runtime import KernelInterface
 
-from fastvit_kernels.ops._common import _FirstConfig
+from fastvit_kernels.tuning import _FirstConfig
 
 OP_MODULES = [
     importlib.import_module(f"fastvit_kernels.ops.{m}") for m in ("attention", "linear", "layernorm", "patch_embed")

@@ -1,13 +1,12 @@
-"""Helpers shared by the op files: input checks, the compute dtype under autocast, and kernel launch.
+"""Helpers shared by the op files: input checks, the compute dtype under autocast, launch geometry, and the call
+path of the custom ops (the op under torch.compile, the implementation directly in eager mode).
 
-Kept small on purpose: each op file reads top to bottom on its own, and only what every op needs lives here.
+Kernel configurations and launch modes are fastvit_kernels/tuning.py's; the interpreter's fixes _interpreter.py's.
 """
 
 import functools
-import os
 
 import torch
-import triton
 
 from .._interpreter import interpreting
 
@@ -86,41 +85,6 @@ def num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few splits still exercise the split paths
 
 
-# Shared memory a block may use, by compute capability: sm_80 (A100) 163 KB, sm_86/89 99 KB, sm_90 (H100) 227 KB.
-SMEM_BY_ARCH = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
-
-
-def smem_limit(device) -> int:
-    """Bytes of shared memory one block may use on `device` (a torch device, or 'sm_80'-style target names)."""
-    if isinstance(device, str) and device.startswith("sm_"):
-        return SMEM_BY_ARCH[int(device[3:])]
-    if getattr(device, "type", None) != "cuda":
-        return 1 << 30  # the interpreter has no limit
-    props = torch.cuda.get_device_properties(device)
-    optin = getattr(props, "shared_memory_per_block_optin", 0)
-    return optin or SMEM_BY_ARCH.get(props.major * 10 + props.minor, 101376)
-
-
-def prune_gemm_configs(a_name, b_name):
-    """An autotune prune hook: drop the configs whose pipelined A and B tiles (stages x (BM x BK + BK x BN), in the
-    operands' own dtypes) would not fit the device's shared memory, as fp32 tiles of 128 x 256 do not on an A100.
-    The estimate is at or above what Triton allocated in every configuration tests/test_compile_targets.py builds
-    (equal for 16-bit operands); the smallest config is always kept."""
-
-    def prune(configs, named_args, **kwargs):
-        a, b = named_args[a_name], named_args[b_name]
-        limit = smem_limit(a.device)
-
-        def need(c):
-            bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-            return c.num_stages * (bm * bk * a.element_size() + bk * bn * b.element_size())
-
-        kept = [c for c in configs if need(c) <= limit]
-        return kept or [min(configs, key=need)]
-
-    return prune
-
-
 SPLIT_ALIGN = 256  # rows per split: a multiple of every BLOCK_K, so two splits never share a tile
 
 
@@ -134,44 +98,6 @@ def split_rows(rows: int, tiles: int, device: torch.device) -> tuple[int, int]:
     splits = max(1, min(cdiv(2 * num_sms(device), tiles), cdiv(rows, 4 * SPLIT_ALIGN)))
     per_split = cdiv(cdiv(rows, splits), SPLIT_ALIGN) * SPLIT_ALIGN
     return cdiv(rows, per_split), per_split
-
-
-def autotuned(kernel, configs, key, prune=None):
-    """The autotuned launcher of `kernel` on a GPU; under the interpreter (or FASTVIT_AUTOTUNE=0) its first config.
-
-    The interpreter runs each config at interpreter speed, so tuning there would only cost time. FASTVIT_AUTOTUNE=0
-    makes GPU test runs fast and deterministic in what they launch; benchmarks keep tuning on.
-    """
-    if interpreting() or os.environ.get("FASTVIT_AUTOTUNE", "1") == "0":
-        return _FirstConfig(kernel, configs, prune)
-    kwargs = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
-    return triton.autotune(configs=configs, key=key, **kwargs)(kernel)
-
-
-class _FirstConfig:
-    """Launch `kernel` with the first (pruned) config, with the same call syntax as an autotuned kernel."""
-
-    def __init__(self, kernel, configs, prune):
-        self.kernel, self.configs, self.prune = kernel, configs, prune
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            configs = self.configs
-            if self.prune is not None:
-                named = dict(zip(self.kernel.arg_names, args))
-                named.update(kwargs)
-                configs = self.prune(configs, named)
-            cfg = configs[0]
-            meta = dict(kwargs, **cfg.kwargs)
-            g = grid(meta) if callable(grid) else grid
-            extra = {}
-            if not interpreting():  # launch options: the interpreter takes none
-                extra = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-                if cfg.maxnreg is not None:
-                    extra["maxnreg"] = cfg.maxnreg
-            return self.kernel[g](*args, **kwargs, **cfg.kwargs, **extra)
-
-        return launch
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -10,11 +10,10 @@ Non-causal, any sequence length: every tile masks rows and columns past N, so N 
 import math
 
 import torch
-import triton
 
 from ..kernels.attention import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, attention_fwd_kernel
+from ..tuning import ATTENTION_BWD_CONFIGS, ATTENTION_FWD_CONFIGS, autotuned, prune_attention
 from ._common import (
-    autotuned,
     call,
     cdiv,
     check_tensor,
@@ -33,59 +32,10 @@ MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register file with a 64-ro
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _cfg(bm, bn, warps, stages, maxnreg=None):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
-
-
-# Short sequences are the normal case (65 tokens for CIFAR-10, 197 for ImageNet): small tiles keep N = 65 from
-# paying for a 128 x 128 tile of padding, and the tuner's key holds N so each length picks its own.
-# At N = 65 the forward is memory-latency bound (5x above its byte floor on an H200): the 64 x 64 tile capped at 128
-# registers (ptxas: 128, no stack, bf16, head dim 64; 134 uncapped) fits 4 blocks per SM instead of 3, more loads in
-# flight. Offered to the tuner, unmeasured.
-FWD_CONFIGS = [
-    _cfg(64, 64, 4, 3),
-    _cfg(32, 32, 4, 2),
-    _cfg(32, 64, 4, 3),
-    _cfg(64, 32, 4, 3),
-    _cfg(128, 64, 8, 3),
-    _cfg(128, 32, 8, 3),
-    _cfg(16, 32, 4, 2),
-    _cfg(64, 64, 4, 3, maxnreg=128),
-]
-BWD_CONFIGS = [
-    _cfg(64, 64, 4, 2),
-    _cfg(32, 32, 4, 2),
-    _cfg(32, 64, 4, 2),
-    _cfg(64, 32, 4, 2),
-    _cfg(16, 32, 4, 2),
-    _cfg(128, 64, 8, 2),
-]
-FALLBACK_CONFIG = _cfg(16, 16, 4, 1)  # fits any head dim <= 256 in fp32 on sm_80 and sm_90
-SMEM_BUDGET = 160 * 1024  # under sm_80's 164 KB and sm_90's 228 KB per block
-
-
-def _smem_estimate(cfg, block_d, elem):
-    # pipelined K/V (or Q/dO) tiles per stage plus the resident tile; checked against the compiler's own numbers
-    # by tests/test_compile_targets.py
-    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    return (cfg.num_stages * 2 * max(bm, bn) + min(bm, bn)) * block_d * elem
-
-
-def _prune(configs, named_args, **kwargs):
-    # fp32 with big head dims: the tiles outgrow shared memory, so only the smaller ones stay
-    # triton passes the launch's keyword arguments (BLOCK_D here) apart from the positional ones
-    block_d = kwargs["BLOCK_D"] if "BLOCK_D" in kwargs else named_args["BLOCK_D"]
-    elem = named_args["QKV"].element_size()
-    kept = [c for c in configs if _smem_estimate(c, block_d, elem) <= SMEM_BUDGET]
-    # a register cap fits 16-bit tiles of head dim <= 64 only; wider heads and fp32 tiles would spill under it
-    kept = [c for c in kept if c.maxnreg is None or (elem == 2 and block_d <= 64)]
-    return kept or [FALLBACK_CONFIG]
-
-
 _KEY = ["N", "HEAD_DIM", "DOT_PRECISION"]
-_fwd = autotuned(attention_fwd_kernel, FWD_CONFIGS, _KEY, _prune)
-_bwd_dkdv = autotuned(attention_bwd_dkdv_kernel, BWD_CONFIGS, _KEY, _prune)
-_bwd_dq = autotuned(attention_bwd_dq_kernel, BWD_CONFIGS, _KEY, _prune)
+_fwd = autotuned(attention_fwd_kernel, ATTENTION_FWD_CONFIGS, _KEY, prune_attention)
+_bwd_dkdv = autotuned(attention_bwd_dkdv_kernel, ATTENTION_BWD_CONFIGS, _KEY, prune_attention)
+_bwd_dq = autotuned(attention_bwd_dq_kernel, ATTENTION_BWD_CONFIGS, _KEY, prune_attention)
 
 
 def _check_qkv(qkv: torch.Tensor, num_heads: int) -> int:

@@ -4,26 +4,10 @@ the fp32 statistics; the backward adds the residual gradient in the same pass.""
 import torch
 
 from ..kernels.layernorm import layernorm_bwd_kernel, layernorm_fwd_kernel
-from ._common import cdiv, next_pow2, num_sms
+from ..tuning import LAYERNORM_BWD_PARAMS, LAYERNORM_FWD_PARAMS, row_kernel_params
+from ._common import cdiv, num_sms
 
 MAX_LN_DIM = 8192  # the row kernels keep a whole row in registers
-
-
-def row_kernel_params(D, elems, max_rows):
-    """(BLOCK_M, BLOCK_D, num_warps) for the row kernels, which hold BLOCK_M whole rows in registers.
-
-    BLOCK_M * BLOCK_D is about `elems`, spread so that each thread holds at most 16 elements per row tensor: the
-    LayerNorm backward keeps five such tensors live, and with a fixed 4 warps it spilled (ptxas: 8192 elements per
-    program at D = 768, 40 B of stack on sm_90; 16 KB at D = 8192).
-    """
-    block_d = next_pow2(D)
-    block_m = max(1, min(max_rows, elems // block_d))
-    warps = min(16, max(4, block_m * block_d // (32 * 16)))
-    return block_m, block_d, warps
-
-
-FWD_PARAMS = dict(elems=4096, max_rows=16)  # three live row tensors: 16 rows of D = 256, 4 of D = 1024
-BWD_PARAMS = dict(elems=4096, max_rows=8)
 
 
 def layernorm_fwd(x, weight, bias, eps, out_dtype):
@@ -34,7 +18,7 @@ def layernorm_fwd(x, weight, bias, eps, out_dtype):
     rstd = torch.empty_like(mean)
     if M == 0:  # an empty batch: nothing to launch
         return y, mean, rstd
-    block_m, block_d, warps = row_kernel_params(D, **FWD_PARAMS)
+    block_m, block_d, warps = row_kernel_params(D, **LAYERNORM_FWD_PARAMS)
     layernorm_fwd_kernel[(cdiv(M, block_m),)](
         x,
         weight,
@@ -60,7 +44,7 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
     if M == 0:
         zeros = torch.zeros(D, device=x.device, dtype=torch.float32)
         return torch.empty_like(x), zeros, zeros.clone()
-    block_m, block_d, warps = row_kernel_params(D, **BWD_PARAMS)
+    block_m, block_d, warps = row_kernel_params(D, **LAYERNORM_BWD_PARAMS)
     programs = min(cdiv(M, block_m), 4 * num_sms(x.device))
     rows_per_program = cdiv(cdiv(M, programs), block_m) * block_m
     programs = cdiv(M, rows_per_program)

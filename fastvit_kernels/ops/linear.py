@@ -7,69 +7,20 @@ Every fused linear of the model goes through these two functions: another GEMM (
 epilogue kernel) plugs in here, and nowhere else.
 """
 
-import os
-
 import torch
 import triton
 
 from ..kernels.gemm import linear_dw_kernel, linear_fwd_kernel
-from ._common import autotuned, cdiv, dot_precision, interpreting, num_sms, prune_gemm_configs, split_rows
+from ..tuning import GROUP_M, LINEAR_DW_CONFIGS, LINEAR_FWD_CONFIGS, autotuned, prune_linear_dw, prune_linear_fwd
+from ._common import cdiv, dot_precision, interpreting, num_sms, split_rows
 
 EPILOGUES = ("none", "gelu", "gelu_grad", "residual")
 
 
-def _gemm_cfg(bm, bn, bk, warps, stages, tma=False):
-    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-    if tma is not None:
-        kwargs["USE_TMA"] = tma
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
-
-
-# No tile here spills registers in bf16 on sm_90 (tests/test_compile_targets.py checks it): 128 x 256 x 64 with 8 warps
-# and 128 x 128 x 32 with 4 warps hit ptxas's 255-register cap with the residual epilogue or GELU'. The 4-warp tiles
-# with 3 stages fit two blocks per SM, so one block's epilogue overlaps the other's main loop: with K = 384 (qkv, fc1)
-# a block has only 6 K steps to hide it behind. The TMA tiles come first, so that the interpreter's tests and
-# FASTVIT_AUTOTUNE=0 run them wherever the operands allow (the first config is the one those launch).
-FWD_CONFIGS = [
-    _gemm_cfg(128, 128, 64, 8, 3, tma=True),
-    _gemm_cfg(128, 64, 64, 4, 4, tma=True),
-    _gemm_cfg(64, 128, 64, 4, 4, tma=True),
-    _gemm_cfg(128, 128, 64, 8, 3),
-    _gemm_cfg(128, 64, 64, 4, 4),
-    _gemm_cfg(64, 128, 64, 4, 4),
-    _gemm_cfg(64, 64, 64, 4, 4),
-    _gemm_cfg(128, 64, 64, 4, 3),
-    _gemm_cfg(64, 128, 64, 4, 3),
-]
-# 128 x 64 and 64 x 64 with 4 warps serialise every wgmma of the weight gradient under ptxas 12.9 (triton 3.8, C7515,
-# compiled offline); the tuner kept 64 x 128 for every weight gradient on the H100 (2026-11-26).
-DW_CONFIGS = [_gemm_cfg(*c, tma=None) for c in ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4))]
-GROUP_M = 8
-
-_smem_prune = prune_gemm_configs("A", "B")
-
-
-def _serialised(cfg, epilogue, res) -> bool:
-    """The tile whose wgmma ptxas 12.8 (triton 3.6, the lent GPUs') serialises, C7515 compiled offline: 128 x 128
-    with 8 warps and pointer loads when the epilogue adds an fp32 residual (proj and fc2 under autocast)."""
-    tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, bool(cfg.kwargs.get("USE_TMA")))
-    return epilogue == "residual" and res is not None and res.element_size() == 4 and tile == (128, 128, 8, False)
-
-
-def _fwd_prune(configs, named_args, **kwargs):
-    """Shared memory as for every GEMM; the TMA tiles only where the operands allow descriptors (TMA_OK), and not
-    with FASTVIT_TMA=0 (which leaves the tuner the pointer-load tiles alone: the A/B switch of the benchmarks); no
-    tile that ptxas serialises."""
-    args = {**named_args, **kwargs}  # the launch keywords are in kwargs when tuning
-    if not args.get("TMA_OK", False) or os.environ.get("FASTVIT_TMA", "1") == "0":
-        configs = [c for c in configs if not c.kwargs.get("USE_TMA")]
-    configs = [c for c in configs if not _serialised(c, args.get("EPILOGUE"), args.get("RES"))]
-    return _smem_prune(configs, named_args, **kwargs)
-
-
-_dw_prune = prune_gemm_configs("G", "X")
-_fwd = autotuned(linear_fwd_kernel, FWD_CONFIGS, ["M", "N", "K", "EPILOGUE", "DOT_PRECISION", "TMA_OK"], _fwd_prune)
-_dw = autotuned(linear_dw_kernel, DW_CONFIGS, ["R", "NF", "KF", "DOT_PRECISION"], _dw_prune)
+_fwd = autotuned(
+    linear_fwd_kernel, LINEAR_FWD_CONFIGS, ["M", "N", "K", "EPILOGUE", "DOT_PRECISION", "TMA_OK"], prune_linear_fwd
+)
+_dw = autotuned(linear_dw_kernel, LINEAR_DW_CONFIGS, ["R", "NF", "KF", "DOT_PRECISION"], prune_linear_dw)
 
 
 def _tma_scratch(size: int, alignment: int, stream):

@@ -9,11 +9,18 @@ patch is (c, i, j) = (k // (ph*pw), (k // pw) % ph, k % pw), the order Conv2d fl
 """
 
 import torch
-import triton
 
 from ..kernels.patch_embed import patch_embed_bwd_dw_kernel, patch_embed_bwd_dx_kernel, patch_embed_fwd_kernel
-from ._common import (
+from ..tuning import (
+    GROUP_M,
+    PATCH_EMBED_BWD_CONFIGS,
+    PATCH_EMBED_FWD_CONFIGS,
     autotuned,
+    prune_patch_embed_dw,
+    prune_patch_embed_dx,
+    prune_patch_embed_fwd,
+)
+from ._common import (
     call,
     cdiv,
     check_same_device,
@@ -22,41 +29,17 @@ from ._common import (
     custom_op,
     dot_precision,
     on_input_device,
-    prune_gemm_configs,
     register_autograd,
     split_rows,
 )
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _cfg(bm, bn, bk, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-
-
-# K = C * ph * pw is 48 for CIFAR-10 (3 x 4 x 4) and 768 for /16 patches: BLOCK_K 32/64 covers both without
-# padding a 48-wide K to 128.
-# (128 x 256 x 64 spilled registers in bf16 on sm_90 and was dropped; tests/test_compile_targets.py checks the rest.)
-FWD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 64, 32, 4, 3),
-    _cfg(64, 128, 32, 4, 3),
-    _cfg(64, 64, 64, 4, 3),
-    _cfg(128, 128, 32, 8, 3),
-]
-BWD_CONFIGS = [_cfg(64, 64, 64, 4, 3), _cfg(128, 64, 64, 4, 3), _cfg(64, 128, 64, 4, 3), _cfg(128, 128, 64, 8, 3)]
-GROUP_M = 8
-
 _KEY = ["B", "P", "K", "N", "PH", "PW", "DOT_PRECISION"]
-_prune_fwd, _prune_dw, _prune_dx = (
-    prune_gemm_configs("IMG", "W"),
-    prune_gemm_configs("G", "IMG"),
-    prune_gemm_configs("G", "W"),
-)
-_fwd = autotuned(patch_embed_fwd_kernel, FWD_CONFIGS, _KEY + ["HAS_CLS"], _prune_fwd)
-_bwd_dw = autotuned(patch_embed_bwd_dw_kernel, BWD_CONFIGS, _KEY, _prune_dw)
-_bwd_dx = autotuned(patch_embed_bwd_dx_kernel, BWD_CONFIGS, _KEY, _prune_dx)
+_fwd = autotuned(patch_embed_fwd_kernel, PATCH_EMBED_FWD_CONFIGS, _KEY + ["HAS_CLS"], prune_patch_embed_fwd)
+_bwd_dw = autotuned(patch_embed_bwd_dw_kernel, PATCH_EMBED_BWD_CONFIGS, _KEY, prune_patch_embed_dw)
+_bwd_dx = autotuned(patch_embed_bwd_dx_kernel, PATCH_EMBED_BWD_CONFIGS, _KEY, prune_patch_embed_dx)
 
 
 def _geometry(images, weight):

@@ -1,0 +1,249 @@
+"""Tuning, in one place: every kernel's candidate configurations, the pruning that drops what a device or an input
+cannot take, and the launch modes (autotuning on a GPU; the first surviving configuration under the interpreter
+or with FASTVIT_AUTOTUNE=0). The launchers in ops/ name a list and a prune function from here, and nothing else.
+"""
+
+import os
+
+import torch
+import triton
+
+from ._interpreter import interpreting
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Shared memory and the launch modes
+# ------------------------------------------------------------------------------------------------------------------
+# Shared memory a block may use, by compute capability: sm_80 (A100) 163 KB, sm_86/89 99 KB, sm_90 (H100) 227 KB.
+SMEM_BY_ARCH = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+
+def smem_limit(device) -> int:
+    """Bytes of shared memory one block may use on `device` (a torch device, or 'sm_80'-style target names)."""
+    if isinstance(device, str) and device.startswith("sm_"):
+        return SMEM_BY_ARCH[int(device[3:])]
+    if getattr(device, "type", None) != "cuda":
+        return 1 << 30  # the interpreter has no limit
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    return optin or SMEM_BY_ARCH.get(props.major * 10 + props.minor, 101376)
+
+
+def prune_gemm_configs(a_name, b_name):
+    """An autotune prune hook: drop the configs whose pipelined A and B tiles (stages x (BM x BK + BK x BN), in the
+    operands' own dtypes) would not fit the device's shared memory, as fp32 tiles of 128 x 256 do not on an A100.
+    The estimate is at or above what Triton allocated in every configuration tests/test_compile_targets.py builds
+    (equal for 16-bit operands); the smallest config is always kept."""
+
+    def prune(configs, named_args, **kwargs):
+        a, b = named_args[a_name], named_args[b_name]
+        limit = smem_limit(a.device)
+
+        def need(c):
+            bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+            return c.num_stages * (bm * bk * a.element_size() + bk * bn * b.element_size())
+
+        kept = [c for c in configs if need(c) <= limit]
+        return kept or [min(configs, key=need)]
+
+    return prune
+
+
+def autotuned(kernel, configs, key, prune=None):
+    """The autotuned launcher of `kernel` on a GPU; under the interpreter (or FASTVIT_AUTOTUNE=0) its first config.
+
+    The interpreter runs each config at interpreter speed, so tuning there would only cost time. FASTVIT_AUTOTUNE=0
+    makes GPU test runs fast and deterministic in what they launch; benchmarks keep tuning on.
+    """
+    if interpreting() or os.environ.get("FASTVIT_AUTOTUNE", "1") == "0":
+        return _FirstConfig(kernel, configs, prune)
+    kwargs = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
+    return triton.autotune(configs=configs, key=key, **kwargs)(kernel)
+
+
+class _FirstConfig:
+    """Launch `kernel` with the first (pruned) config, with the same call syntax as an autotuned kernel."""
+
+    def __init__(self, kernel, configs, prune):
+        self.kernel, self.configs, self.prune = kernel, configs, prune
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            configs = self.configs
+            if self.prune is not None:
+                named = dict(zip(self.kernel.arg_names, args))
+                named.update(kwargs)
+                configs = self.prune(configs, named)
+            cfg = configs[0]
+            meta = dict(kwargs, **cfg.kwargs)
+            g = grid(meta) if callable(grid) else grid
+            extra = {}
+            if not interpreting():  # launch options: the interpreter takes none
+                extra = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                if cfg.maxnreg is not None:
+                    extra["maxnreg"] = cfg.maxnreg
+            return self.kernel[g](*args, **kwargs, **cfg.kwargs, **extra)
+
+        return launch
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The linear layers' GEMMs (ops/linear.py)
+# ------------------------------------------------------------------------------------------------------------------
+GROUP_M = 8  # row blocks that share B's column blocks in L2 (grouped program order), for every GEMM here
+
+
+def gemm_cfg(bm, bn, bk, warps, stages, tma=False):
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+    if tma is not None:
+        kwargs["USE_TMA"] = tma
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+
+
+# No tile here spills registers in bf16 on sm_90 (tests/test_compile_targets.py checks it): 128 x 256 x 64 with 8 warps
+# and 128 x 128 x 32 with 4 warps hit ptxas's 255-register cap with the residual epilogue or GELU'. The 4-warp tiles
+# with 3 stages fit two blocks per SM, so one block's epilogue overlaps the other's main loop: with K = 384 (qkv, fc1)
+# a block has only 6 K steps to hide it behind. The TMA tiles come first, so that the interpreter's tests and
+# FASTVIT_AUTOTUNE=0 run them wherever the operands allow (the first config is the one those launch).
+LINEAR_FWD_CONFIGS = [
+    gemm_cfg(128, 128, 64, 8, 3, tma=True),
+    gemm_cfg(128, 64, 64, 4, 4, tma=True),
+    gemm_cfg(64, 128, 64, 4, 4, tma=True),
+    gemm_cfg(128, 128, 64, 8, 3),
+    gemm_cfg(128, 64, 64, 4, 4),
+    gemm_cfg(64, 128, 64, 4, 4),
+    gemm_cfg(64, 64, 64, 4, 4),
+    gemm_cfg(128, 64, 64, 4, 3),
+    gemm_cfg(64, 128, 64, 4, 3),
+]
+# 128 x 64 and 64 x 64 with 4 warps serialise every wgmma of the weight gradient under ptxas 12.9 (triton 3.8, C7515,
+# compiled offline); the tuner kept 64 x 128 for every weight gradient on the H100 (2026-11-26).
+LINEAR_DW_CONFIGS = [gemm_cfg(*c, tma=None) for c in ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4))]
+
+_linear_smem = prune_gemm_configs("A", "B")
+
+
+def _serialised(cfg, epilogue, res) -> bool:
+    """The tile whose wgmma ptxas 12.8 (triton 3.6, the lent GPUs') serialises, C7515 compiled offline: 128 x 128
+    with 8 warps and pointer loads when the epilogue adds an fp32 residual (proj and fc2 under autocast)."""
+    tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, bool(cfg.kwargs.get("USE_TMA")))
+    return epilogue == "residual" and res is not None and res.element_size() == 4 and tile == (128, 128, 8, False)
+
+
+def prune_linear_fwd(configs, named_args, **kwargs):
+    """Shared memory as for every GEMM; the TMA tiles only where the operands allow descriptors (TMA_OK), and not
+    with FASTVIT_TMA=0 (which leaves the tuner the pointer-load tiles alone: the A/B switch of the benchmarks); no
+    tile that ptxas serialises."""
+    args = {**named_args, **kwargs}  # the launch keywords are in kwargs when tuning
+    if not args.get("TMA_OK", False) or os.environ.get("FASTVIT_TMA", "1") == "0":
+        configs = [c for c in configs if not c.kwargs.get("USE_TMA")]
+    configs = [c for c in configs if not _serialised(c, args.get("EPILOGUE"), args.get("RES"))]
+    return _linear_smem(configs, named_args, **kwargs)
+
+
+prune_linear_dw = prune_gemm_configs("G", "X")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Attention (ops/attention.py)
+# ------------------------------------------------------------------------------------------------------------------
+def _attention_cfg(bm, bn, warps, stages, maxnreg=None):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+
+
+# Short sequences are the normal case (65 tokens for CIFAR-10, 197 for ImageNet): small tiles keep N = 65 from
+# paying for a 128 x 128 tile of padding, and the tuner's key holds N so each length picks its own.
+# At N = 65 the forward is memory-latency bound (5x above its byte floor on an H200): the 64 x 64 tile capped at 128
+# registers (ptxas: 128, no stack, bf16, head dim 64; 134 uncapped) fits 4 blocks per SM instead of 3, more loads in
+# flight. Offered to the tuner, unmeasured.
+ATTENTION_FWD_CONFIGS = [
+    _attention_cfg(64, 64, 4, 3),
+    _attention_cfg(32, 32, 4, 2),
+    _attention_cfg(32, 64, 4, 3),
+    _attention_cfg(64, 32, 4, 3),
+    _attention_cfg(128, 64, 8, 3),
+    _attention_cfg(128, 32, 8, 3),
+    _attention_cfg(16, 32, 4, 2),
+    _attention_cfg(64, 64, 4, 3, maxnreg=128),
+]
+ATTENTION_BWD_CONFIGS = [
+    _attention_cfg(64, 64, 4, 2),
+    _attention_cfg(32, 32, 4, 2),
+    _attention_cfg(32, 64, 4, 2),
+    _attention_cfg(64, 32, 4, 2),
+    _attention_cfg(16, 32, 4, 2),
+    _attention_cfg(128, 64, 8, 2),
+]
+ATTENTION_FALLBACK_CONFIG = _attention_cfg(16, 16, 4, 1)  # fits any head dim <= 256 in fp32 on sm_80 and sm_90
+ATTENTION_SMEM_BUDGET = 160 * 1024  # under sm_80's 164 KB and sm_90's 228 KB per block
+
+
+def _attention_smem(cfg, block_d, elem):
+    # pipelined K/V (or Q/dO) tiles per stage plus the resident tile; checked against the compiler's own numbers
+    # by tests/test_compile_targets.py
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    return (cfg.num_stages * 2 * max(bm, bn) + min(bm, bn)) * block_d * elem
+
+
+def prune_attention(configs, named_args, **kwargs):
+    # fp32 with big head dims: the tiles outgrow shared memory, so only the smaller ones stay
+    # triton passes the launch's keyword arguments (BLOCK_D here) apart from the positional ones
+    block_d = kwargs["BLOCK_D"] if "BLOCK_D" in kwargs else named_args["BLOCK_D"]
+    elem = named_args["QKV"].element_size()
+    kept = [c for c in configs if _attention_smem(c, block_d, elem) <= ATTENTION_SMEM_BUDGET]
+    # a register cap fits 16-bit tiles of head dim <= 64 only; wider heads and fp32 tiles would spill under it
+    kept = [c for c in kept if c.maxnreg is None or (elem == 2 and block_d <= 64)]
+    return kept or [ATTENTION_FALLBACK_CONFIG]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Patch embedding (ops/patch_embed.py)
+# ------------------------------------------------------------------------------------------------------------------
+def _patch_cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# K = C * ph * pw is 48 for CIFAR-10 (3 x 4 x 4) and 768 for /16 patches: BLOCK_K 32/64 covers both without
+# padding a 48-wide K to 128.
+# (128 x 256 x 64 spilled registers in bf16 on sm_90 and was dropped; tests/test_compile_targets.py checks the rest.)
+PATCH_EMBED_FWD_CONFIGS = [
+    _patch_cfg(128, 128, 64, 8, 3),
+    _patch_cfg(128, 64, 32, 4, 3),
+    _patch_cfg(64, 128, 32, 4, 3),
+    _patch_cfg(64, 64, 64, 4, 3),
+    _patch_cfg(128, 128, 32, 8, 3),
+]
+PATCH_EMBED_BWD_CONFIGS = [
+    _patch_cfg(64, 64, 64, 4, 3),
+    _patch_cfg(128, 64, 64, 4, 3),
+    _patch_cfg(64, 128, 64, 4, 3),
+    _patch_cfg(128, 128, 64, 8, 3),
+]
+
+prune_patch_embed_fwd = prune_gemm_configs("IMG", "W")
+prune_patch_embed_dw = prune_gemm_configs("G", "IMG")
+prune_patch_embed_dx = prune_gemm_configs("G", "W")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# LayerNorm row kernels (ops/layernorm.py)
+# ------------------------------------------------------------------------------------------------------------------
+def row_kernel_params(D, elems, max_rows):
+    """(BLOCK_M, BLOCK_D, num_warps) for the row kernels, which hold BLOCK_M whole rows in registers.
+
+    BLOCK_M * BLOCK_D is about `elems`, spread so that each thread holds at most 16 elements per row tensor: the
+    LayerNorm backward keeps five such tensors live, and with a fixed 4 warps it spilled (ptxas: 8192 elements per
+    program at D = 768, 40 B of stack on sm_90; 16 KB at D = 8192).
+    """
+    block_d = _next_pow2(D)
+    block_m = max(1, min(max_rows, elems // block_d))
+    warps = min(16, max(4, block_m * block_d // (32 * 16)))
+    return block_m, block_d, warps
+
+
+LAYERNORM_FWD_PARAMS = dict(elems=4096, max_rows=16)  # three live row tensors: 16 rows of D = 256, 4 of D = 1024
+LAYERNORM_BWD_PARAMS = dict(elems=4096, max_rows=8)
