@@ -10,6 +10,7 @@ from .backend import BACKENDS
 from .model import (
     PRESETS,
     ViT,
+    register_preset,
     vit_base_patch16_224,
     vit_cifar10,
     vit_small_patch16_224,
@@ -22,6 +23,7 @@ __all__ = [
     "PRESETS",
     "ViT",
     "ops",
+    "register_preset",
     "vit_base_patch16_224",
     "vit_cifar10",
     "vit_small_patch16_224",

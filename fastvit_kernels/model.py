@@ -365,35 +365,34 @@ class ViT(nn.Module):
         return 2 * self.num_patches * k * D + len(self.blocks) * per_block + 2 * D * max(self.num_classes, 0)
 
 
-def _preset(defaults, overrides):
-    cfg = dict(defaults)
-    cfg.update(overrides)
-    return ViT(**cfg)
+PRESETS: dict = {}  # name -> builder; fastvit-train --preset reads it
 
 
-def vit_cifar10(**overrides) -> ViT:
-    """The benchmark configuration: 32x32 images, 4x4 patches (65 tokens), dim 384, depth 12, 6 heads."""
-    return _preset(
-        dict(image_size=32, patch_size=4, num_classes=10, dim=384, depth=12, heads=6, mlp_dim=1536), overrides
-    )
+def register_preset(name: str, doc: str, **defaults):
+    """A named configuration, in one edit: `name(**overrides)` builds ViT(**defaults) with the overrides applied."""
+
+    def build(**overrides) -> ViT:
+        return ViT(**{**defaults, **overrides})
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = doc
+    PRESETS[name] = build
+    return build
 
 
-def vit_tiny_patch16_224(**overrides) -> ViT:
-    return _preset(
-        dict(image_size=224, patch_size=16, num_classes=1000, dim=192, depth=12, heads=3, mlp_dim=768), overrides
-    )
-
-
-def vit_small_patch16_224(**overrides) -> ViT:
-    return _preset(
-        dict(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, mlp_dim=1536), overrides
-    )
-
-
-def vit_base_patch16_224(**overrides) -> ViT:
-    return _preset(
-        dict(image_size=224, patch_size=16, num_classes=1000, dim=768, depth=12, heads=12, mlp_dim=3072), overrides
-    )
-
-
-PRESETS = {f.__name__: f for f in (vit_cifar10, vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224)}
+vit_cifar10 = register_preset(
+    "vit_cifar10", "The benchmark configuration: 32x32 images, 4x4 patches (65 tokens), dim 384, depth 12, 6 heads.",
+    image_size=32, patch_size=4, num_classes=10, dim=384, depth=12, heads=6, mlp_dim=1536,
+)  # fmt: skip
+vit_tiny_patch16_224 = register_preset(
+    "vit_tiny_patch16_224", "timm's vit_tiny_patch16_224 (ViT-Ti/16).",
+    image_size=224, patch_size=16, num_classes=1000, dim=192, depth=12, heads=3, mlp_dim=768,
+)  # fmt: skip
+vit_small_patch16_224 = register_preset(
+    "vit_small_patch16_224", "timm's vit_small_patch16_224 (ViT-S/16).",
+    image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, mlp_dim=1536,
+)  # fmt: skip
+vit_base_patch16_224 = register_preset(
+    "vit_base_patch16_224", "timm's vit_base_patch16_224 (ViT-B/16).",
+    image_size=224, patch_size=16, num_classes=1000, dim=768, depth=12, heads=12, mlp_dim=3072,
+)  # fmt: skip

@@ -39,8 +39,11 @@ def ptxas_warnings(ptx: str, cap: int) -> list:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        out = subprocess.run([_tool("ptxas"), f"-arch={arch}", "-v", src, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True)  # fmt: skip
+        out = subprocess.run(
+            [_tool("ptxas"), f"-arch={arch}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+            capture_output=True,
+            text=True,
+        )
     return [line.strip() for line in (out.stdout + out.stderr).splitlines() if "C75" in line or "Loss" in line]
 
 
@@ -70,9 +73,12 @@ def analyse(cubin: bytes, ptx: str, cap: int, warps: int, shared: int, regs: int
             k_step_mma=sum(1 for ins in body if "GMMA" in ins or "HMMA" in ins),
             tile_rest=_count(sass, end + 1, stop),
             wgmma_wait=min(waits) if waits else None,
-            loads="tma" if any("UTMALDG" in ins for ins in body) else "cp.async" if any("LDGSTS" in ins for ins in body)
+            loads="tma"
+            if any("UTMALDG" in ins for ins in body)
+            else "cp.async"
+            if any("LDGSTS" in ins for ins in body)
             else "ld",
-        )  # fmt: skip
+        )
     threads = 32 * warps
     per_block_regs = -(-regs // 8) * 8 * threads if regs else 0
     res["blocks_per_sm"] = min(

@@ -252,3 +252,15 @@ def test_input_dtype_that_is_not_the_weights_gets_one_message_on_both_backends(b
     model = ViT(**TINY, backend=backend).to(device)
     with pytest.raises(TypeError, match="input is torch.bfloat16 but the weights are torch.float32"):
         model(torch.randn(1, 3, 8, 8, device=device, dtype=torch.bfloat16))
+
+
+def test_a_preset_is_one_registration():
+    from fastvit_kernels import PRESETS, register_preset
+
+    build = register_preset("vit_test_tiny", "a test preset", **TINY)
+    try:
+        assert PRESETS["vit_test_tiny"] is build and build.__name__ == "vit_test_tiny"
+        model = build(depth=1)
+        assert len(model.blocks) == 1 and model.embed_dim == TINY["dim"]
+    finally:
+        del PRESETS["vit_test_tiny"]
