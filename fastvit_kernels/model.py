@@ -1,13 +1,13 @@
 """The Vision Transformer: the ViT paper's architecture with timm's module names and state_dict keys.
 
-Every module keeps its eager PyTorch path (backend='torch', the reference) next to its Triton path; which one runs is
-decided by fastvit_kernels.backend from the module's `backend` attribute, so a test can flip the same weights.
+Every layer holds its eager PyTorch path (`forward`, calling the ops' `*_ref` references where there is one) and its
+fused path (`forward_fused` / `tokens(..., fused=True)`, our kernels). The ViT decides which runs, in one place
+(`_fused`, from its `backend` and fastvit_kernels.backend), so a test can flip the same weights.
 On the Triton path a block is four of our kernels: layernorm_linear -> attention -> linear_residual -> layernorm_mlp.
 """
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
@@ -57,6 +57,20 @@ class PatchEmbed(nn.Module):
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, P, D)
 
+    def tokens(self, x, cls_token, pos_embed, fused: bool):
+        """[B, 1 + P, D]: the patches with the class token in front and the position embedding added; one kernel
+        when fused, the eager reference otherwise."""
+        embed = ops.patch_embed if fused else ops.patch_embed_ref
+        return embed(x, self.proj.weight, self.proj.bias, cls_token, pos_embed)
+
+
+def _refuse_fused_dropout(module: nn.Module, p: float) -> None:
+    if module.training and p > 0:
+        raise NotImplementedError(
+            "dropout inside the blocks is not fused into the Triton kernels: train with dropout=0 "
+            "(emb_dropout is supported) or use backend='torch'"
+        )
+
 
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, head_dim, qkv_bias=True, dropout=0.0, attn_impl="sdpa"):
@@ -72,19 +86,17 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(dropout)
 
     def forward(self, x):
-        """Eager path: returns proj(attention(x)) without the residual, as timm's Attention does."""
-        B, N, _ = x.shape
-        qkv = self.qkv(x)
-        if self.attn_impl == "sdpa":
-            q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            p = self.attn_drop.p if self.training else 0.0
-            o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale).transpose(1, 2)
-            o = o.reshape(B, N, self.num_heads * self.head_dim)  # (B, N, inner); no -1: B may be 0
-        else:
-            q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))  # (B, H, N, N)
-            o = (attn @ v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        """Eager: proj(attention(x)) without the residual, as timm's Attention returns it."""
+        p = self.attn_drop.p if self.training else 0.0
+        o = ops.attention_ref(self.qkv(x), self.num_heads, self.scale, impl=self.attn_impl, dropout_p=p)
         return self.proj_drop(self.proj(o))
+
+    def forward_fused(self, x, norm: nn.LayerNorm):
+        """x + proj(attention(qkv(norm(x)))) in three launches: the block's attention half, residual included."""
+        _refuse_fused_dropout(self, self.attn_drop.p)
+        qkv = ops.layernorm_linear(x, norm.weight, norm.bias, self.qkv.weight, self.qkv.bias, norm.eps)
+        o = ops.attention(qkv, self.num_heads, self.scale)  # (B, N, inner)
+        return ops.linear_residual(o, self.proj.weight, self.proj.bias, x)
 
 
 class Mlp(nn.Module):
@@ -99,6 +111,13 @@ class Mlp(nn.Module):
     def forward(self, x):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
+    def forward_fused(self, x, norm: nn.LayerNorm):
+        """x + fc2(gelu(fc1(norm(x)))): the block's MLP half, residual included."""
+        _refuse_fused_dropout(self, self.drop1.p)
+        return ops.layernorm_mlp(
+            x, norm.weight, norm.bias, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, norm.eps
+        )
+
 
 class Block(nn.Module):
     """Pre-norm encoder block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
@@ -109,27 +128,15 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, head_dim, qkv_bias, dropout, attn_impl)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_dim, dropout)
-        self.backend = default_backend()
 
     def forward(self, x):
-        if use_triton(self.backend, x.device):
-            return self.forward_triton(x)
+        """Eager, as timm's Block."""
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
-    def forward_triton(self, x):
-        attn, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
-        if self.training and attn.attn_drop.p > 0:
-            raise NotImplementedError(
-                "dropout inside the blocks is not fused into the Triton kernels: train with dropout=0 "
-                "(emb_dropout is supported) or use backend='torch'"
-            )
-        qkv = ops.layernorm_linear(x, n1.weight, n1.bias, attn.qkv.weight, attn.qkv.bias, n1.eps)  # (B, N, 3*inner)
-        o = ops.attention(qkv, attn.num_heads, attn.scale)  # (B, N, inner)
-        x = ops.linear_residual(o, attn.proj.weight, attn.proj.bias, x)
-        return ops.layernorm_mlp(
-            x, n2.weight, n2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, n2.eps
-        )
+    def forward_fused(self, x):
+        """Our kernels: five launches of LayerNorm-GEMM, attention and GEMM-epilogue ops, seven kernels."""
+        return self.mlp.forward_fused(self.attn.forward_fused(x, self.norm1), self.norm2)
 
 
 class ViT(nn.Module):
@@ -207,11 +214,15 @@ class ViT(nn.Module):
     def set_backend(self, backend: str, attn_impl: str | None = None) -> "ViT":
         """Switch every module to `backend` ('auto', 'triton', 'torch'); attn_impl ('math'|'sdpa') for 'torch'."""
         self.backend = check_backend(backend)
-        for blk in self.blocks:
-            blk.backend = self.backend
-            if attn_impl is not None:
-                blk.attn.attn_impl = check_attn_impl(attn_impl)
+        if attn_impl is not None:
+            check_attn_impl(attn_impl)
+            for blk in self.blocks:
+                blk.attn.attn_impl = attn_impl
         return self
+
+    def _fused(self, x) -> bool:
+        """The one place a forward decides between our kernels and the eager path (fastvit_kernels.backend)."""
+        return use_triton(self.backend, x.device)
 
     def _check_images(self, x):
         if not isinstance(x, torch.Tensor):
@@ -231,24 +242,20 @@ class ViT(nn.Module):
         if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:  # both backends say the same
             raise TypeError(f"input is {x.dtype} but the weights are {weight.dtype}: cast one, or run under autocast")
 
-    def _tokens(self, x, triton_path):
+    def _tokens(self, x, fused):
         self._check_images(x)
-        pe = self.patch_embed
-        if triton_path:
-            x = ops.patch_embed(x, pe.proj.weight, pe.proj.bias, self.cls_token, self.pos_embed)  # (B, 1+P, D)
-        else:
-            x = pe(x)
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + self.pos_embed
-        x = self.pos_drop(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for blk in self.blocks:  # keep each block's input only; its forward runs again in the backward
-                x = checkpoint(blk, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
+        x = self.pos_drop(self.patch_embed.tokens(x, self.cls_token, self.pos_embed, fused))  # (B, 1 + P, D)
+        for blk in self.blocks:
+            step = blk.forward_fused if fused else blk
+            if self.grad_checkpointing and torch.is_grad_enabled():  # keep the block's input; it runs again
+                x = checkpoint(step, x, use_reentrant=False)
+            else:
+                x = step(x)
+        return x
 
     def forward_features(self, x):
         """Tokens after the last block and the final norm: [B, 1 + P, D] (timm's forward_features)."""
-        return self.norm(self._tokens(x, use_triton(self.backend, x.device)))
+        return self.norm(self._tokens(x, self._fused(x)))
 
     def forward_head(self, x, pre_logits: bool = False):
         """Pooling, fc_norm and the head on forward_features' tokens (timm's signature: pre_logits=True stops before
@@ -258,9 +265,9 @@ class ViT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x):
-        triton_path = use_triton(self.backend, x.device)
-        x = self._tokens(x, triton_path)
-        if triton_path and self.pool == "cls" and isinstance(self.head, nn.Linear):
+        fused = self._fused(x)
+        x = self._tokens(x, fused)
+        if fused and self.pool == "cls" and isinstance(self.head, nn.Linear):
             # LayerNorm is per token, so only the class token needs it: norm + head as one fused kernel
             n = self.norm
             return ops.layernorm_linear(x[:, 0], n.weight, n.bias, self.head.weight, self.head.bias, n.eps)

@@ -71,3 +71,16 @@ def test_attention_rejects_bad_input(device, monkeypatch):
     monkeypatch.setattr(_common, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         attention(torch.randn(1, 4, 96), 1)
+
+
+@pytest.mark.parametrize("impl", ["math", "sdpa"])
+def test_reference_dropout_drops_probabilities_as_the_eager_model_trains(impl):
+    # the eager model's training path: dropout on the attention probabilities, seeded, and none at p = 0
+    qkv = torch.randn(2, 9, 48)
+    torch.manual_seed(0)
+    a = attention_ref(qkv, 2, impl=impl, dropout_p=0.5)
+    torch.manual_seed(0)
+    b = attention_ref(qkv, 2, impl=impl, dropout_p=0.5)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, attention_ref(qkv, 2, impl=impl))
+    torch.testing.assert_close(attention_ref(qkv, 2, impl=impl, dropout_p=0.0), attention_ref(qkv, 2, impl=impl))

@@ -177,17 +177,20 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
     return call(_attention_fwd_op, qkv, num_heads, scale)[0]
 
 
-def attention_ref(qkv: torch.Tensor, num_heads: int, scale: float | None = None, impl: str = "math") -> torch.Tensor:
-    """Eager PyTorch attention from packed qkv: explicit softmax(QK^T)V ('math') or F.scaled_dot_product_attention."""
+def attention_ref(
+    qkv: torch.Tensor, num_heads: int, scale: float | None = None, impl: str = "math", dropout_p: float = 0.0
+) -> torch.Tensor:
+    """Eager PyTorch attention from packed qkv: explicit softmax(QK^T)V ('math') or F.scaled_dot_product_attention,
+    with dropout on the attention probabilities (the eager model's training path)."""
     B, N, three_d = qkv.shape
     d = three_d // (3 * num_heads)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     q, k, v = qkv.reshape(B, N, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
     if impl == "sdpa":
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     elif impl == "math":
-        attn = (q @ k.transpose(-2, -1)) * scale
-        o = attn.softmax(dim=-1) @ v
+        attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)  # (B, H, N, N)
+        o = torch.nn.functional.dropout(attn, dropout_p) @ v if dropout_p > 0 else attn @ v
     else:
         raise ValueError(f"unknown attention impl {impl!r}: expected 'math' or 'sdpa'")
     return o.transpose(1, 2).reshape(B, N, num_heads * d)  # (B, N, D)
