@@ -11,9 +11,9 @@ from .common import block_and_head
 
 @triton.jit
 def attention_fwd_kernel(
-    QKV,
-    OUT,
-    LSE,
+    QKV,  # [B, N, 3 * H * d] packed q | k | v, read through its batch and token strides
+    OUT,  # [B, N, H * d] output, heads side by side (what the projection GEMM reads)
+    LSE,  # [B * H, 2, N] fp32 softmax statistics per row (max, log2 sum) for the backward
     stride_qb,
     stride_qn,
     stride_ob,
@@ -85,11 +85,11 @@ def _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION: tl.cons
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    QKV,
-    DO,
-    LSE,
-    DELTA,
-    DQKV,
+    QKV,  # [B, N, 3 * H * d] packed q | k | v
+    DO,  # [B, N, H * d] gradient of the output
+    LSE,  # [B * H, 2, N] fp32 softmax statistics from the forward
+    DELTA,  # [B * H, N] fp32 rowsum(dO * O): written by the dQ kernel, read by the dK/dV kernel
+    DQKV,  # [B, N, 3 * H * d] packed gradient: dq from the dQ kernel, dk | dv from the dK/dV kernel
     stride_qb,
     stride_qn,
     stride_dob,
@@ -145,11 +145,11 @@ def attention_bwd_dkdv_kernel(
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    QKV,
-    DO,
-    LSE,
-    DELTA,
-    DQKV,
+    QKV,  # [B, N, 3 * H * d] packed q | k | v
+    DO,  # [B, N, H * d] gradient of the output
+    LSE,  # [B * H, 2, N] fp32 softmax statistics from the forward
+    DELTA,  # [B * H, N] fp32 rowsum(dO * O): written by the dQ kernel, read by the dK/dV kernel
+    DQKV,  # [B, N, 3 * H * d] packed gradient: dq from the dQ kernel, dk | dv from the dK/dV kernel
     stride_qb,
     stride_qn,
     stride_dob,

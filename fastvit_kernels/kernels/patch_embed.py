@@ -20,14 +20,15 @@ def _pixel_offsets(ks, stride_ic, stride_ih, stride_iw, PH: tl.constexpr, PW: tl
     return (ks // (PH * PW)) * stride_ic + ((ks // PW) % PH) * stride_ih + (ks % PW) * stride_iw
 
 
+@triton.heuristics({"HAS_CLS": lambda args: args["CLS"] is not None})
 @triton.jit
 def patch_embed_fwd_kernel(
-    IMG,
-    W,
-    BIAS,
-    POS,
-    CLS,
-    OUT,
+    IMG,  # [B, C, H, W] images, any strides (NCHW, channels-last, views)
+    W,  # [D, C * PH * PW] the Conv2d weight, flattened as Conv2d flattens it
+    BIAS,  # [D]
+    POS,  # [T, D] position embedding, T = P (+ 1 with a class token)
+    CLS,  # [D] class token, or None (no class token)
+    OUT,  # [B, T, D] tokens
     B,
     P,
     GW,
@@ -44,12 +45,12 @@ def patch_embed_fwd_kernel(
     stride_ot,
     PH: tl.constexpr,
     PW: tl.constexpr,
-    HAS_CLS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    HAS_CLS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     M = B * P
@@ -102,9 +103,9 @@ def patch_embed_fwd_kernel(
 
 @triton.jit
 def patch_embed_bwd_dw_kernel(
-    G,
-    IMG,
-    DW,
+    G,  # [B, P, D] gradient of the patch tokens (a view that skips the class row)
+    IMG,  # [B, C, H, W] images, any strides
+    DW,  # [splits, D, C * PH * PW] fp32 partial weight gradients, one per split of the rows
     B,
     P,
     GW,
@@ -152,9 +153,9 @@ def patch_embed_bwd_dw_kernel(
 
 @triton.jit
 def patch_embed_bwd_dx_kernel(
-    G,
-    W,
-    DIMG,
+    G,  # [B, P, D] gradient of the patch tokens
+    W,  # [D, C * PH * PW] the flattened Conv2d weight
+    DIMG,  # [B, C, H, W] image gradient (patches do not overlap: each pixel written once)
     B,
     P,
     GW,

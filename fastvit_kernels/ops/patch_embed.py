@@ -37,7 +37,7 @@ from ._common import (
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
 _KEY = ["B", "P", "K", "N", "PH", "PW", "DOT_PRECISION"]
-_fwd = autotuned(patch_embed_fwd_kernel, PATCH_EMBED_FWD_CONFIGS, _KEY + ["HAS_CLS"], prune_patch_embed_fwd)
+_fwd = autotuned(patch_embed_fwd_kernel, PATCH_EMBED_FWD_CONFIGS, _KEY, prune_patch_embed_fwd)
 _bwd_dw = autotuned(patch_embed_bwd_dw_kernel, PATCH_EMBED_BWD_CONFIGS, _KEY, prune_patch_embed_dw)
 _bwd_dx = autotuned(patch_embed_bwd_dx_kernel, PATCH_EMBED_BWD_CONFIGS, _KEY, prune_patch_embed_dx)
 
@@ -68,7 +68,7 @@ def patch_embed_fwd(images, weight, bias, cls_token, pos_embed, out_dtype):
         w2,
         bias,
         pos,
-        cls_token.reshape(D) if has_cls else bias,
+        cls_token.reshape(D) if has_cls else None,
         out,
         B,
         P,
@@ -86,7 +86,6 @@ def patch_embed_fwd(images, weight, bias, cls_token, pos_embed, out_dtype):
         out.stride(1),
         PH=ph,
         PW=pw,
-        HAS_CLS=has_cls,
         DOT_PRECISION=dot_precision(w2.dtype),
         GROUP_M=GROUP_M,
     )
