@@ -1,14 +1,11 @@
 """Per kernel, at the model's real shapes, bf16: forward and forward+backward against eager and the strongest peers."""
 
-import importlib
-
 import pytest
 import torch
 from common import chosen_configs, measure, need_cuda
 
 from fastvit_kernels import ops
-
-at = importlib.import_module("fastvit_kernels.ops.attention")
+from fastvit_kernels.ops import fused_attention as at
 
 ATTN_SHAPES = {"cifar10-N65": (512, 6, 65, 64), "vitb16-N197": (128, 12, 197, 64), "N257": (64, 16, 257, 64)}
 MLP_SHAPES = {"cifar10": (512 * 65, 384, 1536), "vitb16": (128 * 197, 768, 3072)}

@@ -149,7 +149,7 @@ prune_linear_dw = prune_gemm_configs("G", "X")
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Attention (ops/attention.py)
+# Attention (ops/fused_attention.py)
 # ------------------------------------------------------------------------------------------------------------------
 def _attention_cfg(bm, bn, warps, stages, maxnreg=None):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
@@ -201,7 +201,7 @@ def prune_attention(configs, named_args, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Patch embedding (ops/patch_embed.py)
+# Patch embedding (ops/fused_patch_embed.py)
 # ------------------------------------------------------------------------------------------------------------------
 def _patch_cfg(bm, bn, bk, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)

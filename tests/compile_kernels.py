@@ -34,14 +34,12 @@ TT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 def _variants(cap):
     """(kernel name, module, pointer dtypes, constexprs, num_warps, num_stages) for every launch configuration."""
-    import importlib
-
     # the kernels from fastvit_kernels.kernels, the configurations and pruning from fastvit_kernels.tuning
-    gemm = importlib.import_module("fastvit_kernels.kernels.gemm")
-    atk = importlib.import_module("fastvit_kernels.kernels.attention")
-    pek = importlib.import_module("fastvit_kernels.kernels.patch_embed")
-    lnk = importlib.import_module("fastvit_kernels.kernels.layernorm")
-    tn = importlib.import_module("fastvit_kernels.tuning")
+    from fastvit_kernels import tuning as tn
+    from fastvit_kernels.kernels import attention as atk
+    from fastvit_kernels.kernels import gemm
+    from fastvit_kernels.kernels import layernorm as lnk
+    from fastvit_kernels.kernels import patch_embed as pek
 
     out = []
 

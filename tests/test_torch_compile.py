@@ -1,16 +1,13 @@
 """The ops are torch.library custom ops: opcheck passes for each, and torch.compile(fullgraph=True) traces the model
 with no graph break, forward and backward."""
 
-import importlib
-
 import pytest
 import torch
 
 from fastvit_kernels import ViT
-
-at = importlib.import_module("fastvit_kernels.ops.attention")
-lm = importlib.import_module("fastvit_kernels.ops.layernorm_mlp")
-pe = importlib.import_module("fastvit_kernels.ops.patch_embed")
+from fastvit_kernels.ops import fused_attention as at
+from fastvit_kernels.ops import fused_mlp as lm
+from fastvit_kernels.ops import fused_patch_embed as pe
 
 
 def _p(*shape, device, base=0.0):

@@ -1,6 +1,6 @@
 """Fused multi-head attention kernels, forward and backward, reading q, k and v from the packed qkv.
 
-qkv is [B, N, 3*D] laid out as timm's qkv Linear writes it: [B, N, 3, H, d]. The launchers are ops/attention.py's.
+qkv is [B, N, 3*D] laid out as timm's qkv Linear writes it: [B, N, 3, H, d]. The launchers are ops/fused_attention.py's.
 """
 
 import triton

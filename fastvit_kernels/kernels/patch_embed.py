@@ -1,5 +1,5 @@
 """Patch-embedding kernels: im2col inside the GEMM (the A operand gathered from the image through its strides), bias,
-position embedding and the CLS row; the weight and image gradients. The launchers are ops/patch_embed.py's.
+position embedding and the CLS row; the weight and image gradients. The launchers are ops/fused_patch_embed.py's.
 """
 
 import triton

@@ -5,8 +5,8 @@ The GEMM engine of the linear layers is linear.py, the LayerNorm row launchers l
 kernels live in fastvit_kernels/kernels/.
 """
 
-from .attention import attention, attention_ref
-from .layernorm_mlp import (
+from .fused_attention import attention, attention_ref
+from .fused_mlp import (
     layernorm_linear,
     layernorm_linear_ref,
     layernorm_mlp,
@@ -14,7 +14,7 @@ from .layernorm_mlp import (
     linear_residual,
     linear_residual_ref,
 )
-from .patch_embed import patch_embed, patch_embed_ref
+from .fused_patch_embed import patch_embed, patch_embed_ref
 
 __all__ = [
     "attention",
