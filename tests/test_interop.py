@@ -23,13 +23,24 @@ def _tv():
     ).eval()
 
 
+def _same_gradients(ours, theirs, x, to_theirs=lambda name: name):
+    """Backward through both models on the same cotangent: every parameter's gradient agrees (names mapped)."""
+    cot = torch.randn(x.shape[0], 7)
+    ours(x).backward(cot)
+    theirs(x).backward(cot)
+    grads = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads[to_theirs(name)].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("global_pool", ["token", "avg"])
-def test_from_timm_gives_timms_logits(global_pool):
+def test_from_timm_gives_timms_logits_and_gradients(global_pool):
     theirs = _timm(global_pool=global_pool)
     ours = ViT.from_timm(theirs, backend="torch").eval()
     x = torch.randn(3, 3, 16, 16)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     assert not ours.load_report.missing_keys and not ours.load_report.unexpected_keys
+    _same_gradients(ours, theirs, x)
 
 
 def test_from_torchvision_gives_torchvisions_logits():
@@ -53,6 +64,12 @@ def test_triton_backend_matches_timm_on_a_tiny_model(device):
     ours = ViT.from_timm(theirs, backend="triton").to(device).eval()
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(ours(x.to(device)).cpu(), theirs(x), rtol=1e-4, atol=1e-4)
+    cot = torch.randn(2, 7)
+    ours(x.to(device)).backward(cot.to(device))
+    theirs(x).backward(cot)
+    grads = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():  # our kernels' backward against timm's autograd
+        torch.testing.assert_close(p.grad.cpu(), grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_round_trip_through_timm_state_dict_is_exact():
