@@ -1,5 +1,6 @@
 """Timing and bookkeeping shared by the benchmark files."""
 
+import functools
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ def env_info():
     )
 
 
+@functools.lru_cache(maxsize=1)  # one git call per run, not per row
 def _commit() -> str:
     """The commit measured: FASTVIT_COMMIT (set it where the tree travels without .git, as to a lent GPU), else git's
     HEAD, with '+dirty' when the tree has uncommitted changes."""

@@ -9,11 +9,7 @@ import torch
 import triton
 
 from ._interpreter import interpreting
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
+from ._intmath import next_pow2
 
 # ------------------------------------------------------------------------------------------------------------------
 # Shared memory and the launch modes
@@ -239,7 +235,7 @@ def row_kernel_params(D, elems, max_rows):
     LayerNorm backward keeps five such tensors live, and with a fixed 4 warps it spilled (ptxas: 8192 elements per
     program at D = 768, 40 B of stack on sm_90; 16 KB at D = 8192).
     """
-    block_d = _next_pow2(D)
+    block_d = next_pow2(D)
     block_m = max(1, min(max_rows, elems // block_d))
     warps = min(16, max(4, block_m * block_d // (32 * 16)))
     return block_m, block_d, warps
