@@ -34,6 +34,21 @@ def make_images(labels, rng):
     return x.reshape(n, 3072)
 
 
+# fastvit-train arguments for a one-block model small enough for the CPU (8x8 patches of 32x32 images)
+TINY = [
+    "--model-arg",
+    "depth=1",
+    "--model-arg",
+    "dim=32",
+    "--model-arg",
+    "heads=2",
+    "--model-arg",
+    "mlp_dim=64",
+    "--model-arg",
+    "patch_size=8",
+]
+
+
 def write_cifar10(root, per_batch=20, test=40, seed=0, str_keys=False) -> Path:
     """The official layout; str_keys=True pickles the batches as Python 3 tools do (str keys, not bytes)."""
     rng = np.random.default_rng(seed)

@@ -10,21 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from cifar_fixture import write_cifar10
+from cifar_fixture import TINY, write_cifar10
 
 ROOT = Path(__file__).parent.parent
-TINY = [
-    "--model-arg",
-    "depth=1",
-    "--model-arg",
-    "dim=32",
-    "--model-arg",
-    "heads=2",
-    "--model-arg",
-    "mlp_dim=64",
-    "--model-arg",
-    "patch_size=8",
-]
 ENTRY = {"fastvit-train": "main", "fastvit-eval": "eval_main"}
 
 

@@ -7,23 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from cifar_fixture import write_cifar10
+from cifar_fixture import TINY, write_cifar10
 
 from fastvit_kernels.data import DatasetError, DeviceLoader, load_cifar10
 from fastvit_kernels.train import evaluate_checkpoint, train
 
-TINY = [
-    "--model-arg",
-    "depth=1",
-    "--model-arg",
-    "dim=32",
-    "--model-arg",
-    "heads=2",
-    "--model-arg",
-    "mlp_dim=64",
-    "--model-arg",
-    "patch_size=8",
-]
 ROOT = Path(__file__).parent.parent
 
 
