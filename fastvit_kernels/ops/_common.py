@@ -69,9 +69,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+@functools.cache
+def device_properties(device: torch.device):
+    """A CUDA device's properties, looked up once: torch's lookup costs microseconds of host time, and the launchers
+    ask for them on every call."""
+    return torch.cuda.get_device_properties(device)
+
+
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return device_properties(device).multi_processor_count
     return 4  # interpreter: a few splits still exercise the split paths
 
 

@@ -12,7 +12,7 @@ import triton
 
 from ..kernels.gemm import linear_dw_kernel, linear_fwd_kernel
 from ..tuning import GROUP_M, LINEAR_DW_CONFIGS, LINEAR_FWD_CONFIGS, autotuned, prune_linear_dw, prune_linear_fwd
-from ._common import cdiv, dot_precision, interpreting, num_sms, split_rows
+from ._common import cdiv, device_properties, dot_precision, interpreting, num_sms, split_rows
 
 EPILOGUES = ("none", "gelu", "gelu_grad", "residual")
 
@@ -32,7 +32,7 @@ def _tma_ok(a, weight_t) -> bool:
     """Whether a [M, K] and weight_t [K, N] can be read through tensor descriptors: K contiguous in both, row strides
     and base addresses 16-byte aligned (the copy engine's rule; D = 100 in bf16 breaks it), and a Hopper GPU or the
     interpreter."""
-    if a.is_cuda and torch.cuda.get_device_capability(a.device)[0] < 9:
+    if a.is_cuda and device_properties(a.device).major < 9:
         return False
     es = a.element_size()
     return (
