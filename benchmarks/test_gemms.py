@@ -6,7 +6,9 @@ bf16. Rows per group:
   ours        our fused kernel (the autotuner's choice is recorded in the row as `config`)
   eager       what eager autocast runs for the same math (LayerNorm, linear, GELU, add as separate kernels)
   cublas      the bare GEMM on ready bf16 operands, nothing fused: a floor for ours, not a peer (it skips work)
-  ln+ours     (LayerNorm GEMMs only) our LayerNorm row kernel writing bf16 rows, then our GEMM: what the model runs
+  ln+ours     (qkv, fc1) our LayerNorm row kernel writing bf16 rows, then our GEMM
+  ours+ln     (proj+norm, fc2+norm) our residual GEMM, then our LayerNorm row kernel: two launches where `ours` is
+              the full-row GEMM with LayerNorm in its epilogue, one launch (what the model runs for D <= 512)
 """
 
 import importlib
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from common import chosen_configs, measure, need_cuda
 
-lin = importlib.import_module("fastvit_kernels.ops.linear")
+lin = importlib.import_module("fastvit_kernels.ops.gemm")
 lnorm = importlib.import_module("fastvit_kernels.ops.layernorm")
 
 SHAPES = {"cifar10": (512 * 65, 384, 1536), "vitb16": (128 * 197, 768, 3072)}  # rows, D, hidden
@@ -25,6 +27,8 @@ GEMMS = {  # name -> (N, K) as functions of (D, hidden), and which rows apply
     "proj": (lambda d, h: (d, d), ("ours", "eager", "cublas")),
     "fc1": (lambda d, h: (h, d), ("ours", "eager", "cublas", "ln+ours")),
     "fc2": (lambda d, h: (d, h), ("ours", "eager", "cublas")),
+    "proj+norm": (lambda d, h: (d, d), ("ours", "eager", "cublas", "ours+ln")),  # + the block's norm2
+    "fc2+norm": (lambda d, h: (d, h), ("ours", "eager", "cublas", "ours+ln")),  # + the next block's norm1
     "fc1-dW": (lambda d, h: (h, d), ("ours", "eager", "cublas")),  # weight gradient from the saved LayerNorm rows
     "fc2-dgelu": (lambda d, h: (h, d), ("ours", "eager", "cublas")),  # dy @ W2 with GELU' in the epilogue
     "fc2-dW": (lambda d, h: (d, h), ("ours", "eager", "cublas")),
@@ -66,6 +70,24 @@ def _case(name, row, R, D, Hd, device):
             "cublas": lambda: F.linear(a, w, b),
         }
         kernel = lin._fwd
+    elif name in ("proj+norm", "fc2+norm"):  # X = x + a @ W^T + b (fp32 stream), LayerNorm(X) in bf16 for the next GEMM
+        a = rnd(R, K)
+
+        def ours_then_ln():
+            out = lin.linear(a, w.t(), b, epilogue="residual", residual=x, out_dtype=torch.float32)
+            return out, lnorm.layernorm_fwd(out, nw, nb, eps, BF16)
+
+        def eager():
+            out = x + F.linear(a, w, b)
+            return out, F.layer_norm(out, (D,), nw, nb, eps).to(BF16)
+
+        fns = {
+            "ours": lambda: lin.linear_residual_layernorm(a, w.t(), b, x, nw, nb, eps, BF16),
+            "eager": eager,
+            "cublas": lambda: F.linear(a, w, b),
+            "ours+ln": ours_then_ln,
+        }
+        kernel = lin._fwd_ln if row == "ours" else lin._fwd
     elif name == "fc2-dgelu":  # dpre [R, hidden] = (dy [R, D] @ W2 [D, hidden]) * GELU'(pre)
         w2, dy, pre = rnd(K, N, scale=N**-0.5), rnd(R, K), rnd(R, N)
         fns = {
@@ -96,10 +118,10 @@ def _case(name, row, R, D, Hd, device):
         with torch.no_grad(), amp:
             fn()
 
-    return step, 2 * R * N * K, (kernel if row in ("ours", "ln+ours") else None)
+    return step, 2 * R * N * K, (kernel if row in ("ours", "ln+ours", "ours+ln") else None)
 
 
-@pytest.mark.parametrize("row", ["ours", "ln+ours", "eager", "cublas"])
+@pytest.mark.parametrize("row", ["ours", "ln+ours", "ours+ln", "eager", "cublas"])
 @pytest.mark.parametrize("gemm", list(GEMMS))
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_gemm(benchmark, bench_opts, device, shape, gemm, row):

@@ -3,7 +3,9 @@
 Every layer holds its eager PyTorch path (`forward`, calling the ops' `*_ref` references where there is one) and its
 fused path (`forward_fused` / `tokens(..., fused=True)`, our kernels). The ViT decides which runs, in one place
 (`_fused`, from its `backend` and fastvit_kernels.backend), so a test can flip the same weights.
-On the Triton path a block is four of our kernels: layernorm_linear -> attention -> linear_residual -> layernorm_mlp.
+On the Triton path the blocks pass (x, h) along, h = the next LayerNorm of the residual stream x, written by the GEMM
+that wrote x: a block is qkv -> attention -> proj (+ residual, norm2) -> fc1 (+ GELU) -> fc2 (+ residual, the next
+block's norm1, or the final norm), five launches where the model is at most 512 wide.
 """
 
 import torch
@@ -91,12 +93,12 @@ class Attention(nn.Module):
         o = ops.attention_ref(self.qkv(x), self.num_heads, self.scale, impl=self.attn_impl, dropout_p=p)
         return self.proj_drop(self.proj(o))
 
-    def forward_fused(self, x, norm: nn.LayerNorm):
-        """x + proj(attention(qkv(norm(x)))) in three launches: the block's attention half, residual included."""
+    def forward_fused(self, x, h, norm: nn.LayerNorm):
+        """(x + proj(attention(qkv(h))), norm(that)) in three launches, h = norm1(x) in the compute dtype: the
+        block's attention half, residual and norm2 included."""
         _refuse_fused_dropout(self, self.attn_drop.p)
-        qkv = ops.layernorm_linear(x, norm.weight, norm.bias, self.qkv.weight, self.qkv.bias, norm.eps)
-        o = ops.attention(qkv, self.num_heads, self.scale)  # (B, N, inner)
-        return ops.linear_residual(o, self.proj.weight, self.proj.bias, x)
+        o = ops.attention(ops.linear(h, self.qkv.weight, self.qkv.bias), self.num_heads, self.scale)  # (B, N, inner)
+        return ops.linear_residual_layernorm(o, self.proj.weight, self.proj.bias, x, norm.weight, norm.bias, norm.eps)
 
 
 class Mlp(nn.Module):
@@ -111,12 +113,15 @@ class Mlp(nn.Module):
     def forward(self, x):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
-    def forward_fused(self, x, norm: nn.LayerNorm):
-        """x + fc2(gelu(fc1(norm(x)))): the block's MLP half, residual included."""
+    def forward_fused(self, x, h, next_norm: nn.LayerNorm | None, normed_dtype=None):
+        """(x + fc2(gelu(fc1(h))), next_norm(that)) with h = norm2(x): the block's MLP half, residual and the next
+        LayerNorm included (None without one: the last block of a model without a final norm)."""
         _refuse_fused_dropout(self, self.drop1.p)
-        return ops.layernorm_mlp(
-            x, norm.weight, norm.bias, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, norm.eps
-        )
+        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        if next_norm is None:
+            return ops.mlp_residual(h, x, *params), None
+        n = next_norm
+        return ops.mlp_residual_layernorm(h, x, *params, n.weight, n.bias, n.eps, normed_dtype)
 
 
 class Block(nn.Module):
@@ -134,9 +139,11 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
-    def forward_fused(self, x):
-        """Our kernels: five launches of LayerNorm-GEMM, attention and GEMM-epilogue ops, seven kernels."""
-        return self.mlp.forward_fused(self.attn.forward_fused(x, self.norm1), self.norm2)
+    def forward_fused(self, x, h, next_norm: nn.LayerNorm | None, normed_dtype=None):
+        """Our kernels on (x, h = norm1(x)): returns (x', next_norm(x')), x' the block's output. next_norm's output in
+        normed_dtype (default: the compute dtype, which the next block's qkv reads)."""
+        x, h = self.attn.forward_fused(x, h, self.norm2)
+        return self.mlp.forward_fused(x, h, next_norm, normed_dtype)
 
 
 class ViT(nn.Module):
@@ -242,20 +249,33 @@ class ViT(nn.Module):
         if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:  # both backends say the same
             raise TypeError(f"input is {x.dtype} but the weights are {weight.dtype}: cast one, or run under autocast")
 
-    def _tokens(self, x, fused):
+    def _run(self, step, *args):
+        if self.grad_checkpointing and torch.is_grad_enabled():  # keep the block's input; it runs again
+            return checkpoint(step, *args, use_reentrant=False)
+        return step(*args)
+
+    def _features(self, x, fused):
+        """forward_features on either path."""
         self._check_images(x)
         x = self.pos_drop(self.patch_embed.tokens(x, self.cls_token, self.pos_embed, fused))  # (B, 1 + P, D)
-        for blk in self.blocks:
-            step = blk.forward_fused if fused else blk
-            if self.grad_checkpointing and torch.is_grad_enabled():  # keep the block's input; it runs again
-                x = checkpoint(step, x, use_reentrant=False)
-            else:
-                x = step(x)
-        return x
+        if not fused:
+            for blk in self.blocks:
+                x = self._run(blk, x)
+            return self.norm(x)
+        # each block hands the next its input's LayerNorm; the last one the final norm's, in the stream's dtype (as
+        # eager's norm returns it under autocast), or nothing where the model has no final norm (pool='mean')
+        final = self.norm if isinstance(self.norm, nn.LayerNorm) else None
+        n1 = self.blocks[0].norm1
+        h = ops.layer_norm(x, n1.weight, n1.bias, n1.eps)
+        for i, blk in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            next_norm = final if last else self.blocks[i + 1].norm1
+            x, h = self._run(blk.forward_fused, x, h, next_norm, x.dtype if last else None)
+        return x if final is None else h
 
     def forward_features(self, x):
         """Tokens after the last block and the final norm: [B, 1 + P, D] (timm's forward_features)."""
-        return self.norm(self._tokens(x, self._fused(x)))
+        return self._features(x, self._fused(x))
 
     def forward_head(self, x, pre_logits: bool = False):
         """Pooling, fc_norm and the head on forward_features' tokens (timm's signature: pre_logits=True stops before
@@ -265,13 +285,7 @@ class ViT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x):
-        fused = self._fused(x)
-        x = self._tokens(x, fused)
-        if fused and self.pool == "cls" and isinstance(self.head, nn.Linear):
-            # LayerNorm is per token, so only the class token needs it: norm + head as one fused kernel
-            n = self.norm
-            return ops.layernorm_linear(x[:, 0], n.weight, n.bias, self.head.weight, self.head.bias, n.eps)
-        return self.forward_head(self.norm(x))
+        return self.forward_head(self.forward_features(x))
 
     # -- timm's model API, so training code written for timm's VisionTransformer runs unchanged -----------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -88,7 +88,7 @@ class _FirstConfig:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The linear layers' GEMMs (ops/linear.py)
+# The linear layers' GEMMs (ops/gemm.py)
 # ------------------------------------------------------------------------------------------------------------------
 GROUP_M = 8  # row blocks that share B's column blocks in L2 (grouped program order), for every GEMM here
 
@@ -142,6 +142,28 @@ def prune_linear_fwd(configs, named_args, **kwargs):
 
 
 prune_linear_dw = prune_gemm_configs("G", "X")
+
+
+# The full-row GEMM with the next LayerNorm in its epilogue (kernels/gemm_layernorm.py): a 64-row tile holds up to
+# four 128-column fp32 accumulators (96 registers a thread for D = 384 with 8 warps), so BLOCK_M stays 64 and the
+# warps 8; the configurations differ in how deep the K pipeline is. The last one fits fp32 operands.
+LINEAR_LN_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": bk}, num_warps=8, num_stages=stages)
+    for bk, stages in ((64, 3), (32, 4), (64, 2), (16, 2))
+]
+
+
+def prune_linear_ln(configs, named_args, **kwargs):
+    """Shared memory: stages x (A's 64 x BLOCK_K tile + B's BLOCK_K x (N_CHUNKS x BLOCK_N) tile)."""
+    args = {**named_args, **kwargs}
+    a, row = args["A"], args["N_CHUNKS"] * args["BLOCK_N"]
+    limit = smem_limit(a.device)
+
+    def need(c):
+        return c.num_stages * c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + row) * a.element_size()
+
+    kept = [c for c in configs if need(c) <= limit]
+    return kept or [min(configs, key=need)]
 
 
 # ------------------------------------------------------------------------------------------------------------------

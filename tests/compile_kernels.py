@@ -22,6 +22,7 @@ FLOAT_ARGS = {"eps", "qk_scale_log2", "sm_scale"}
 UNIT_STRIDES = {
     "linear_fwd_kernel": ("stride_ak", "stride_cn", "stride_rn", "stride_pn"),
     "linear_dw_kernel": ("stride_gf", "stride_xk"),
+    "linear_residual_layernorm_kernel": ("stride_ak", "stride_bk"),  # B is W.t(): unit stride along K
     "patch_embed_fwd_kernel": ("stride_iw", "stride_wk"),
     "patch_embed_bwd_dw_kernel": ("stride_iw",),
     "patch_embed_bwd_dx_kernel": ("stride_iw", "stride_wk"),
@@ -38,6 +39,7 @@ def _variants(cap):
     from fastvit_kernels import tuning as tn
     from fastvit_kernels.kernels import attention as atk
     from fastvit_kernels.kernels import gemm
+    from fastvit_kernels.kernels import gemm_layernorm as gln
     from fastvit_kernels.kernels import layernorm as lnk
     from fastvit_kernels.kernels import patch_embed as pek
 
@@ -128,6 +130,24 @@ def _variants(cap):
                 TMA_OK=tma_ok,
             )
             add(gemm.linear_fwd_kernel, tn.LINEAR_FWD_CONFIGS, ptrs, [consts], tn.prune_linear_fwd, full)
+        # proj / fc2 with the next LayerNorm in the epilogue: D = 384 (three 128-column chunks) is the hot path,
+        # 512 the widest, 100 one masked chunk
+        gln_ptrs = {"A": w, "B": w, "BIAS": w, "RES": stream, "C": stream, "LN_W": f32, "LN_B": f32, "Y": w}
+        gln_ptrs.update(MEAN=f32, RSTD=f32)
+        gln_consts = [
+            dict(HAS_BIAS=True, DOT_PRECISION="ieee", BLOCK_N=bn, N_CHUNKS=n)
+            for bn, n in ((128, 3), (128, 4), (128, 1))
+        ]
+        hot = lambda c: c["N_CHUNKS"] == 3  # noqa: E731 - D = 384, the CIFAR-10 and ViT-S width
+        add(
+            gln.linear_residual_layernorm_kernel,
+            tn.LINEAR_LN_CONFIGS,
+            gln_ptrs,
+            gln_consts,
+            tn.prune_linear_ln,
+            full,
+            hot,
+        )
         dw_ptrs = {"G": w, "X": w, "DW": f32, "DB": f32}
         add(
             gemm.linear_dw_kernel,

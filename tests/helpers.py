@@ -37,27 +37,35 @@ def assert_matches(ours, lowp, ref, dtype, name="output"):
 
 
 def check_op(op, ref, inputs, dtype, kwargs=None, grad_scale=1.0):
-    """Run `op` on inputs in `dtype`, `ref` on the same inputs in `dtype` and in fp64; compare the output and the
-    gradient of every input that requires grad (inputs: tensors or None; non-float args go through kwargs)."""
+    """Run `op` on inputs in `dtype`, `ref` on the same inputs in `dtype` and in fp64; compare the output (each one,
+    for an op returning a tuple) and the gradient of every input that requires grad (inputs: tensors or None;
+    non-float args go through kwargs). Every output gets its own random cotangent."""
     kwargs = kwargs or {}
+
+    def as_tuple(out):
+        return out if isinstance(out, tuple) else (out,)
 
     def run(fn, cast):
         xs = [None if t is None else cast(t).detach().requires_grad_(t.requires_grad) for t in inputs]
-        out = fn(*xs, **kwargs)
-        g = grad_out.to(out.dtype)
-        out.backward(g)
-        return out, [None if (x is None or not x.requires_grad) else x.grad for x in xs]
+        outs = as_tuple(fn(*xs, **kwargs))
+        torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grad_outs)])
+        return outs, [None if (x is None or not x.requires_grad) else x.grad for x in xs]
 
     with torch.no_grad():
-        probe = ref(*[None if t is None else t.double() for t in inputs], **kwargs)
-    grad_out = (torch.randn(probe.shape, dtype=torch.float64, device=probe.device) * grad_scale).to(dtype).double()
+        probe = as_tuple(ref(*[None if t is None else t.double() for t in inputs], **kwargs))
+    grad_outs = [
+        (torch.randn(p.shape, dtype=torch.float64, device=p.device) * grad_scale).to(dtype).double() for p in probe
+    ]
     # the fp64 reference sees the very inputs ours sees (rounded to dtype): measured is the error of the computation,
     # not the rounding of the inputs, which ill-conditioned cases (saturated softmax) amplify for every implementation
     out_ref, g_ref = run(ref, lambda t: t.to(dtype).double())
     out_low, g_low = run(ref, lambda t: t.to(dtype))
     out, g = run(op, lambda t: t.to(dtype))
-    assert_matches(out, out_low, out_ref, dtype, "output")
+    assert len(out) == len(out_ref), f"{len(out)} outputs, the reference has {len(out_ref)}"
+    for i, (a, b, c) in enumerate(zip(out, out_low, out_ref)):
+        assert a.dtype == b.dtype, f"output {i} is {a.dtype}; torch's is {b.dtype}"
+        assert_matches(a, b, c, dtype, "output" if len(out) == 1 else f"output {i}")
     for i, (a, b, c) in enumerate(zip(g, g_low, g_ref)):
         if c is not None:
             assert_matches(a, b, c, dtype, f"grad of input {i}")
-    return out
+    return out[0] if len(out) == 1 else out

@@ -3,10 +3,10 @@ recorder that evaluates its grid for each tile config it may use. The recorded l
 
 from triton.runtime import KernelInterface
 
-from fastvit_kernels.ops import fused_attention, fused_patch_embed, layernorm, linear
+from fastvit_kernels.ops import fused_attention, fused_patch_embed, gemm, layernorm
 from fastvit_kernels.tuning import _FirstConfig
 
-OP_MODULES = [fused_attention, linear, layernorm, fused_patch_embed]
+OP_MODULES = [fused_attention, gemm, layernorm, fused_patch_embed]
 
 
 class _Recorder:

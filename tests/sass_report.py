@@ -104,6 +104,8 @@ def report(results: list) -> str:
         tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c)
         if "EPILOGUE" in c:
             epi = c["EPILOGUE"] + ("+pre" if c.get("STORE_PRE") else "")
+        elif "N_CHUNKS" in c:
+            epi = f"residual+LayerNorm, {c['N_CHUNKS']} x {c['BLOCK_N']} columns"
         else:
             epi = f"head dim {c['HEAD_DIM']}" if "HEAD_DIM" in c else "-"
         ops = "/".join(str(p.get(k)) for k in ("A", "C") if k in p) or "/".join(str(v) for v in list(p.values())[:2])

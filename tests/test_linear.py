@@ -1,11 +1,11 @@
-"""The GEMM engine (ops/linear.py) on its own: every epilogue, through tensor descriptors (TMA) where the operands
+"""The GEMM engine (ops/gemm.py) on its own: every epilogue, through tensor descriptors (TMA) where the operands
 allow them and through pointer loads where they do not, against float64."""
 
 import pytest
 import torch
 from helpers import assert_matches
 
-from fastvit_kernels.ops import linear as lin
+from fastvit_kernels.ops import gemm as lin
 
 F = torch.nn.functional
 
@@ -76,3 +76,32 @@ def test_bad_epilogue_and_dtype_mismatch_are_refused(device):
         lin.linear(a, torch.randn(16, 8, device=device), epilogue="relu")
     with pytest.raises(TypeError, match="compute dtype"):
         lin.linear(a, torch.randn(16, 8, device=device, dtype=torch.bfloat16))
+
+
+# N = 16 and 100: one chunk (the smallest tile, a masked one); 200: two; 384: CIFAR's three; 512: all four;
+# 520: past the full-row tile, the residual GEMM and the row kernel
+@pytest.mark.parametrize("N", [16, 100, 200, 384, 512, 520])
+@pytest.mark.parametrize(
+    "dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float16, torch.float16)], ids=str
+)
+def test_linear_residual_layernorm(N, dtypes, device):
+    # the stream (X) keeps the residual's dtype; LayerNorm sees X as stored (rounded to a 16-bit stream, as eager)
+    dtype, stream = dtypes
+    M, K = 67, 48
+    a = torch.randn(M, K, device=device).to(dtype)
+    w = (torch.randn(N, K, device=device) * K**-0.5).to(dtype)
+    b = (0.1 * torch.randn(N, device=device)).to(dtype)
+    res = torch.randn(M, N, device=device).to(stream)
+    nw, nb = 1 + 0.2 * torch.randn(N, device=device), 0.2 * torch.randn(N, device=device)
+    x, y, mean, rstd = lin.linear_residual_layernorm(a, w.t(), b, res, nw, nb, 1e-6, dtype)
+    assert (x.dtype, y.dtype) == (stream, dtype)
+    x_ref = res.double() + a.double() @ w.double().t() + b.double()
+    x_low = (res + a @ w.t() + b).to(stream)
+    assert_matches(x, x_low, x_ref, dtype, "X")
+    # LayerNorm is checked from the X we stored, so that its own error is what is measured
+    xd = x.double()
+    y_ref = F.layer_norm(xd, (N,), nw.double(), nb.double(), 1e-6)
+    y_low = F.layer_norm(x.float(), (N,), nw, nb, 1e-6).to(dtype)
+    assert_matches(y, y_low, y_ref, dtype, "LayerNorm(X)")
+    torch.testing.assert_close(mean.double(), xd.mean(1), rtol=0, atol=1e-5 * xd.abs().max().item())
+    torch.testing.assert_close(rstd.double(), (xd.var(1, unbiased=False) + 1e-6).rsqrt(), rtol=1e-4, atol=0)

@@ -6,6 +6,7 @@ import torch
 
 from fastvit_kernels import ViT
 from fastvit_kernels.ops import fused_attention as at
+from fastvit_kernels.ops import fused_linear as fl
 from fastvit_kernels.ops import fused_mlp as lm
 from fastvit_kernels.ops import fused_patch_embed as pe
 
@@ -19,12 +20,17 @@ def _samples(device):
     nw, nb = _p(16, device=device, base=1.0), _p(16, device=device)
     w1, b1, w2, b2 = _p(48, 16, device=device), _p(48, device=device), _p(16, 48, device=device), _p(16, device=device)
     img = torch.randn(2, 3, 8, 8, device=device, requires_grad=True)
+    h = torch.randn(2, 5, 16, device=device, requires_grad=True)  # LayerNorm's output, as the previous op wrote it
+    o = torch.randn(2, 5, 48, device=device, requires_grad=True)  # attention's output
+    none = torch.empty(0, device=device)  # the LayerNorm parameters of an op called without one
     return [
         (at._attention_fwd_op, (torch.randn(2, 9, 96, device=device, requires_grad=True), 2, 0.25)),
-        (lm._layernorm_mlp_fwd, (x, nw, nb, w1, b1, w2, b2, 1e-6, True)),
-        (lm._layernorm_mlp_fwd, (x, nw, nb, w1, None, w2, None, 1e-6, True)),
-        (lm._layernorm_linear_fwd, (x, nw, nb, w1, b1, 1e-6)),
-        (lm._linear_residual_fwd, (torch.randn(2, 5, 48, device=device, requires_grad=True), w2, b2, x)),
+        (lm._mlp_fwd, (h, x, w1, b1, w2, b2, nw, nb, 1e-6, torch.float32, True)),
+        (lm._mlp_fwd, (h, x, w1, None, w2, None, none, none, 1e-6, torch.float32, True)),
+        (fl._layer_norm_fwd, (x, nw, nb, 1e-6, torch.float32)),
+        (fl._linear_fwd, (h, w1, b1)),
+        (fl._linear_residual_fwd, (o, w2, b2, x, nw, nb, 1e-6, torch.float32)),
+        (fl._linear_residual_fwd, (o, w2, None, x, none, none, 1e-6, torch.float32)),
         (
             pe._patch_embed_fwd,
             (
@@ -39,7 +45,7 @@ def _samples(device):
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(8))
 def test_opcheck(case, device):
     op, args = _samples(device)[case]
     torch.library.opcheck(op, args)

@@ -1,6 +1,7 @@
 """The GEMM engine of the linear layers: where a GEMM with a fused epilogue, and a weight gradient, are launched.
 
   linear(a, weight_t, bias, epilogue=..., ...)   C = epilogue(a @ weight_t + bias)
+  linear_residual_layernorm(a, weight_t, ...)   X = residual + a @ weight_t + bias, Y = LayerNorm(X)
   linear_weight_grad(g, x, need_bias)            (dW, db) of y = x @ W^T + b
 
 Every fused linear of the model goes through these two functions: another GEMM (a TMA kernel, cuBLAS plus an
@@ -11,14 +12,28 @@ import torch
 import triton
 
 from ..kernels.gemm import linear_dw_kernel, linear_fwd_kernel
-from ..tuning import GROUP_M, LINEAR_DW_CONFIGS, LINEAR_FWD_CONFIGS, autotuned, prune_linear_dw, prune_linear_fwd
-from ._common import cdiv, device_properties, dot_precision, interpreting, num_sms, split_rows
+from ..kernels.gemm_layernorm import linear_residual_layernorm_kernel
+from ..tuning import (
+    GROUP_M,
+    LINEAR_DW_CONFIGS,
+    LINEAR_FWD_CONFIGS,
+    LINEAR_LN_CONFIGS,
+    autotuned,
+    prune_linear_dw,
+    prune_linear_fwd,
+    prune_linear_ln,
+)
+from ._common import cdiv, device_properties, dot_precision, interpreting, next_pow2, num_sms, split_rows
+from .layernorm import layernorm_fwd
 
 EPILOGUES = ("none", "gelu", "gelu_grad", "residual")
 
 
 _fwd = autotuned(
     linear_fwd_kernel, LINEAR_FWD_CONFIGS, ["M", "N", "K", "EPILOGUE", "DOT_PRECISION", "TMA_OK"], prune_linear_fwd
+)
+_fwd_ln = autotuned(
+    linear_residual_layernorm_kernel, LINEAR_LN_CONFIGS, ["M", "N", "K", "DOT_PRECISION"], prune_linear_ln
 )
 _dw = autotuned(linear_dw_kernel, LINEAR_DW_CONFIGS, ["R", "NF", "KF", "DOT_PRECISION"], prune_linear_dw)
 
@@ -99,6 +114,56 @@ def linear(a, weight_t, bias=None, *, epilogue="none", pre=None, residual=None, 
         TMA_OK=tma_ok,
     )
     return c
+
+
+LN_CHUNK = 128  # columns per accumulator of the full-row GEMM
+MAX_LN_EPILOGUE_DIM = 4 * LN_CHUNK  # wider rows: the residual GEMM, then the LayerNorm row kernel
+
+
+def linear_residual_layernorm(a, weight_t, bias, residual, norm_weight, norm_bias, eps, norm_dtype):
+    """(X, Y, mean, rstd) with X [M, N] = residual + a @ weight_t + bias in the residual stream's dtype, Y = LayerNorm(X)
+    in norm_dtype (what the next GEMM reads), the fp32 row statistics of X. One launch when a tile can span the row
+    (N <= 512), the residual GEMM and the row kernel otherwise. residual: [M, N] with unit column stride."""
+    M, K = a.shape
+    N = weight_t.shape[1]
+    out_dtype = torch.promote_types(residual.dtype, weight_t.dtype)
+    if N > MAX_LN_EPILOGUE_DIM:
+        x = linear(a, weight_t, bias, epilogue="residual", residual=residual, out_dtype=out_dtype)
+        return (x, *layernorm_fwd(x, norm_weight, norm_bias, eps, norm_dtype))
+    x = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    y = torch.empty((M, N), device=a.device, dtype=norm_dtype)
+    mean = torch.empty(M, device=a.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    if M == 0:  # an empty batch: nothing to launch
+        return x, y, mean, rstd
+    block_n = min(LN_CHUNK, max(16, next_pow2(N)))  # tl.dot takes no dimension under 16
+    _fwd_ln[lambda meta: (cdiv(M, meta["BLOCK_M"]),)](
+        a,
+        weight_t,
+        bias,
+        residual,
+        x,
+        norm_weight,
+        norm_bias,
+        y,
+        mean,
+        rstd,
+        M,
+        N,
+        K,
+        a.stride(0),
+        a.stride(1),
+        weight_t.stride(0),
+        weight_t.stride(1),
+        residual.stride(0),
+        x.stride(0),
+        y.stride(0),
+        eps,
+        DOT_PRECISION=dot_precision(weight_t.dtype),
+        BLOCK_N=block_n,
+        N_CHUNKS=cdiv(N, block_n),
+    )
+    return x, y, mean, rstd
 
 
 def linear_weight_grad(g, x, need_bias=True):
