@@ -100,14 +100,14 @@ def _case(name, row, R, D, Hd, device):
         gout = rnd(R, N)
         if name == "fc1-dW":
             fns = {
-                "ours": lambda: lin.linear_weight_grad(gout, xn),
+                "ours": lambda: lin.linear_weight_grad(gout, xn, out_dtype=BF16),
                 "eager": lambda: (gout.t() @ xn, gout.sum(0)),
                 "cublas": lambda: gout.t() @ xn,
             }
         else:
             h = rnd(R, K)
             fns = {
-                "ours": lambda: lin.linear_weight_grad(gout, h),
+                "ours": lambda: lin.linear_weight_grad(gout, h, out_dtype=BF16),
                 "eager": lambda: (gout.t() @ h, gout.sum(0)),
                 "cublas": lambda: gout.t() @ h,
             }

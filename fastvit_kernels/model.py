@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .backend import check_attn_impl, check_backend, default_backend, use_triton
+from .ops._common import autocast_on
 
 
 def _pair(v, name):
@@ -246,7 +247,7 @@ class ViT(nn.Module):
                 f"{self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]}"
             )
         weight = self.patch_embed.proj.weight
-        if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:  # both backends say the same
+        if not autocast_on(x.device) and x.dtype != weight.dtype:  # both backends say the same
             raise TypeError(f"input is {x.dtype} but the weights are {weight.dtype}: cast one, or run under autocast")
 
     def _run(self, step, *args):

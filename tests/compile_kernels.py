@@ -30,7 +30,7 @@ UNIT_STRIDES = {
 # Feature sizes that are multiples of 16 in every model we ship (D, hidden, 3D, C * ph * pw); the JIT marks such
 # arguments divisible by 16, which is what lets it prove a masked K tile contiguous. Token counts (65, 197) are not.
 ALIGNED_SIZES = {"N", "K", "NF", "KF"}
-TT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+TT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "i32": "*i32"}
 
 
 def _variants(cap):
@@ -148,12 +148,14 @@ def _variants(cap):
             full,
             hot,
         )
-        dw_ptrs = {"G": w, "X": w, "DW": f32, "DB": f32}
+        # the weight gradient with its rows split (the partials' sum in the kernel's last program: the hot path) and
+        # whole (one split)
+        dw_ptrs = {"G": w, "X": w, "DW_OUT": w, "DB_OUT": w, "DW_PART": f32, "DB_PART": f32, "ARRIVED": "i32"}
         add(
             gemm.linear_dw_kernel,
             tn.LINEAR_DW_CONFIGS,
             dw_ptrs,
-            [dict(HAS_DBIAS=True, DOT_PRECISION="ieee")],
+            [dict(HAS_DBIAS=True, SPLIT=split, DOT_PRECISION="ieee") for split in (True, False)],
             tn.prune_linear_dw,
             full,
         )

@@ -61,13 +61,20 @@ def test_linear_epilogues(epilogue, shape, dtype, device):
         assert_matches(stored, a @ w.t() + b, pre_ref, dtype, "pre-activation")
 
 
-def test_weight_grad_and_bias_grad(device):
-    g = torch.randn(300, 40, device=device)
-    x = torch.randn(300, 24, device=device)
-    dw, db = lin.linear_weight_grad(g, x)
-    assert_matches(dw, g.t() @ x, g.double().t() @ x.double(), torch.float32, "dW")
-    assert_matches(db, g.sum(0), g.double().sum(0), torch.float32, "db")
-    assert lin.linear_weight_grad(g, x, need_bias=False)[1] is None
+# R = 300: one split; 2600: three splits (the interpreter counts 4 SMs), whose partials the kernel's last program adds
+@pytest.mark.parametrize("R", [300, 2600])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_grad_and_bias_grad(R, dtype, device):
+    g = torch.randn(R, 40, device=device).to(dtype)
+    x = torch.randn(R, 24, device=device).to(dtype)
+    splits, _ = lin.split_rows(R, 1, torch.device(device))
+    assert splits == (1 if R == 300 else 3)
+    dw, db = lin.linear_weight_grad(g, x, out_dtype=dtype)  # written in the weight's dtype: no cast follows
+    assert dw.dtype == db.dtype == dtype
+    assert_matches(dw, g.t() @ x, g.double().t() @ x.double(), dtype, "dW")
+    assert_matches(db, g.sum(0), g.double().sum(0), dtype, "db")
+    dw2, none = lin.linear_weight_grad(g, x, need_bias=False, out_dtype=dtype)
+    assert none is None and torch.equal(dw2, dw)  # the same sums in the same order, with or without the bias
 
 
 def test_bad_epilogue_and_dtype_mismatch_are_refused(device):

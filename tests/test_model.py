@@ -264,3 +264,10 @@ def test_a_preset_is_one_registration():
         assert len(model.blocks) == 1 and model.embed_dim == TINY["dim"]
     finally:
         del PRESETS["vit_test_tiny"]
+
+
+def test_a_model_on_the_meta_device_traces_shapes():
+    # the meta device (shape tracing, FLOP counters, deferred init) has no autocast: the dtype checks must not ask it
+    model = vit_cifar10(backend="torch").to("meta")
+    out = model(torch.empty(3, 3, 32, 32, device="meta"))
+    assert out.shape == (3, 10) and out.device.type == "meta"

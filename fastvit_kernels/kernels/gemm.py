@@ -247,13 +247,31 @@ def linear_fwd_kernel(
         )
 
 
-@triton.heuristics({"HAS_DBIAS": lambda args: args["DB"] is not None})
+@triton.jit
+def _sum_partials(PART, split_stride, offsets, mask, splits):
+    """The fp32 sum of `splits` partial tiles at PART + s * split_stride + offsets, in split order (deterministic
+    whichever program runs it). .cg loads: the partials were written by other SMs, past this SM's L1."""
+    total = tl.load(PART + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    for s in range(1, splits):
+        total += tl.load(PART + s * split_stride + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.heuristics(
+    {
+        "HAS_DBIAS": lambda args: args["DB_OUT"] is not None,
+        "SPLIT": lambda args: args["DW_PART"] is not None,
+    }
+)
 @triton.jit
 def linear_dw_kernel(
     G,  # [R, NF] gradient of the layer's output, compute dtype
     X,  # [R, KF] the layer's input as the forward's GEMM read it (LayerNorm's output where there was one)
-    DW,  # [splits, NF, KF] fp32 partial weight gradients, one per split of the rows
-    DB,  # [splits, NF] fp32 partial bias gradients, or None
+    DW_OUT,  # [NF, KF] out: the weight gradient, in the weight's dtype
+    DB_OUT,  # [NF] out: the bias gradient, or None
+    DW_PART,  # [splits, NF, KF] fp32 partial weight gradients, one per split of the rows; None with one split
+    DB_PART,  # [splits, NF] fp32 partial bias gradients (None with one split, or without a bias)
+    ARRIVED,  # [tiles] int32, zeroed: how many splits of each output tile are done (None with one split)
     R,
     NF,
     KF,
@@ -270,6 +288,7 @@ def linear_dw_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_DBIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     # dW[NF, KF] = G^T[NF, R] @ X[R, KF] over this program's slice of rows; the column sums of G (the bias gradient)
     # in the same pass. With 16-bit G they run on the tensor cores, as a dot against a column of ones (products by 1
@@ -302,11 +321,28 @@ def linear_dw_kernel(
                 db += tl.where(col0, tl.sum(g, 1)[:, None], 0.0)
             else:
                 db = tl.dot(g, ones.to(g.dtype), db)
-    tl.store(
-        DW + pid_s * stride_dws + offs_m[:, None] * stride_dwn + offs_n[None, :],
-        acc,
-        mask=mask_m[:, None] & mask_n[None, :],
-    )
-    if HAS_DBIAS:
-        if pid_n == 0:
-            tl.store(DB + pid_s * stride_dbs + offs_m, tl.sum(db, 1), mask=mask_m)
+    tile = offs_m[:, None] * KF + offs_n[None, :]  # [BLOCK_M, BLOCK_N] offsets in dW
+    mask = mask_m[:, None] & mask_n[None, :]
+    bias = tl.sum(db, 1)  # [BLOCK_M]; the programs of the first column block store it
+    if SPLIT:
+        # Split rows: each program leaves an fp32 partial, and the last of a tile's splits to arrive adds them up and
+        # writes the result, so no reduction kernel (and no cast) runs after this one. The atomic's acq_rel order
+        # publishes this program's partials before its arrival, and shows the last one everyone else's.
+        tl.store(DW_PART + pid_s * stride_dws + offs_m[:, None] * stride_dwn + offs_n[None, :], acc, mask=mask)
+        if HAS_DBIAS:
+            if pid_n == 0:
+                tl.store(DB_PART + pid_s * stride_dbs + offs_m, bias, mask=mask_m)
+        splits = tl.num_programs(2)
+        if tl.atomic_add(ARRIVED + pid_m * tl.num_programs(1) + pid_n, 1, sem="acq_rel") == splits - 1:
+            part = offs_m[:, None] * stride_dwn + offs_n[None, :]
+            acc = _sum_partials(DW_PART, stride_dws, part, mask, splits)
+            tl.store(DW_OUT + tile, acc.to(DW_OUT.dtype.element_ty), mask=mask)
+            if HAS_DBIAS:
+                if pid_n == 0:
+                    bias = _sum_partials(DB_PART, stride_dbs, offs_m, mask_m, splits)
+                    tl.store(DB_OUT + offs_m, bias.to(DB_OUT.dtype.element_ty), mask=mask_m)
+    else:
+        tl.store(DW_OUT + tile, acc.to(DW_OUT.dtype.element_ty), mask=mask)
+        if HAS_DBIAS:
+            if pid_n == 0:
+                tl.store(DB_OUT + offs_m, bias.to(DB_OUT.dtype.element_ty), mask=mask_m)

@@ -88,17 +88,17 @@ def _mlp_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dstream, dnw, dnb = stream_grad(dout, dnormed, rows(out), mean, rstd, norm_w)  # [M, D]
     dy = dstream.to(w2.dtype)  # the GEMMs run in the compute dtype, as eager autocast's backward does
-    dw2, db2 = linear_weight_grad(dy, act, need_bias=has_b2)
+    dw2, db2 = linear_weight_grad(dy, act, need_bias=has_b2, out_dtype=w2.dtype)
     # d(pre-activation) = (dy @ W2) * GELU'(pre): GELU's derivative in the GEMM epilogue
     dpre = linear(dy, w2, epilogue="gelu_grad", pre=pre)
-    dw1, db1 = linear_weight_grad(dpre, rows(h), need_bias=has_b1)
+    dw1, db1 = linear_weight_grad(dpre, rows(h), need_bias=has_b1, out_dtype=w1.dtype)
     dh = torch.matmul(dpre, w1)  # plain GEMM, nothing to fuse: the LayerNorm backward before it needs whole rows
     return (
         dh.view(h.shape),
         stream_grad_out(dstream, norm_w, out.shape),
-        dw1.to(w1.dtype),
+        dw1,
         bias_grad(db1, has_b1, w1),
-        dw2.to(w2.dtype),
+        dw2,
         bias_grad(db2, has_b2, w2),
         dnw,
         dnb,
@@ -169,8 +169,8 @@ def _mlp(h, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, norm_weight, n
     cdt = compute_dtype(fc1_weight)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, *params.values()))
     nw, nb = (norm_weight, norm_bias) if norm_weight is not None else (no_norm(fc1_weight), no_norm(fc1_weight))
-    w1, b1, w2, b2 = fc1_weight.to(cdt), cast(fc1_bias, cdt), fc2_weight.to(cdt), cast(fc2_bias, cdt)
-    return call(_mlp_fwd, h.to(cdt), residual, w1, b1, w2, b2, nw, nb, eps, normed_dtype or cdt, training)
+    w1, b1, w2, b2 = (cast(t, cdt) for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+    return call(_mlp_fwd, cast(h, cdt), residual, w1, b1, w2, b2, nw, nb, eps, normed_dtype or cdt, training)
 
 
 def mlp_residual(h, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias):

@@ -21,6 +21,7 @@ from ..tuning import (
     prune_patch_embed_fwd,
 )
 from ._common import (
+    autocast_on,
     call,
     cdiv,
     check_same_device,
@@ -256,7 +257,7 @@ def patch_embed(images, weight, bias, cls_token, pos_embed):
             f"pos_embed has shape {tuple(pos_embed.shape)}; expected (1, {T}, {D}) for {H}x{Wd} images "
             f"with {ph}x{pw} patches"
         )
-    if not torch.is_autocast_enabled(images.device.type) and images.dtype != weight.dtype:
+    if not autocast_on(images.device) and images.dtype != weight.dtype:
         raise TypeError(f"images are {images.dtype} but the weight is {weight.dtype}: cast one, or run under autocast")
     cdt = compute_dtype(weight)
     out_dtype = torch.promote_types(cdt, pos_embed.dtype)

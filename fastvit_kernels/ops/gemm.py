@@ -166,17 +166,22 @@ def linear_residual_layernorm(a, weight_t, bias, residual, norm_weight, norm_bia
     return x, y, mean, rstd
 
 
-def linear_weight_grad(g, x, need_bias=True):
+def linear_weight_grad(g, x, need_bias=True, out_dtype=torch.float32):
     """(dW [NF, KF], db [NF] or None) for y = x @ W^T + b with dL/dy = g [R, NF], x [R, KF] as the forward's GEMM
-    read it. fp32 sums (callers cast to the parameter dtype); the reduction over rows is split (see split_rows)."""
+    read it: fp32 sums, written in out_dtype (the weight's, so that no cast follows). The reduction over rows is
+    split (see split_rows); the kernel adds the splits' partials itself (one zero-fill and one launch a call)."""
     R, NF = g.shape
     KF = x.shape[1]
+    dw = torch.empty((NF, KF), device=g.device, dtype=out_dtype)
+    db = torch.empty(NF, device=g.device, dtype=out_dtype) if need_bias else None
     if R == 0:  # an empty batch: the sums over no rows
-        zeros = torch.zeros(NF, device=g.device, dtype=torch.float32)
-        return torch.zeros((NF, KF), device=g.device, dtype=torch.float32), (zeros if need_bias else None)
+        return dw.zero_(), (db.zero_() if need_bias else None)
     splits, rows_per_split = split_rows(R, cdiv(NF, 128) * cdiv(KF, 128), g.device)
-    dw = torch.empty((splits, NF, KF), device=g.device, dtype=torch.float32)
-    db = torch.empty((splits, NF), device=g.device, dtype=torch.float32) if need_bias else None
+    dw_part = db_part = arrived = None
+    if splits > 1:
+        dw_part = torch.empty((splits, NF, KF), device=g.device, dtype=torch.float32)
+        db_part = torch.empty((splits, NF), device=g.device, dtype=torch.float32) if need_bias else None
+        arrived = torch.zeros(cdiv(NF, 16) * cdiv(KF, 16), device=g.device, dtype=torch.int32)  # any tile >= 16
 
     def grid(meta):
         return (cdiv(NF, meta["BLOCK_M"]), cdiv(KF, meta["BLOCK_N"]), splits)
@@ -186,6 +191,9 @@ def linear_weight_grad(g, x, need_bias=True):
         x,
         dw,
         db,
+        dw_part,
+        db_part,
+        arrived,
         R,
         NF,
         KF,
@@ -194,9 +202,9 @@ def linear_weight_grad(g, x, need_bias=True):
         g.stride(1),
         x.stride(0),
         x.stride(1),
-        dw.stride(0),
-        dw.stride(1),
-        db.stride(0) if db is not None else 0,
+        dw_part.stride(0) if dw_part is not None else 0,
+        dw_part.stride(1) if dw_part is not None else 0,
+        db_part.stride(0) if db_part is not None else 0,
         DOT_PRECISION=dot_precision(g.dtype),
     )
-    return dw.sum(0), (db.sum(0) if need_bias else None)
+    return dw, db
