@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from common import measure, need_cuda
 
-from fastvit_kernels import vit_base_patch16_224, vit_cifar10
+from fastvit_kernels import cuda_graph_step, vit_base_patch16_224, vit_cifar10
 
 # workload -> (preset, batch for train, batch for inference); reduced sizes run the eager rows on a CPU
 WORKLOADS = {
@@ -76,20 +76,6 @@ def _make_model(row, base):
     return m
 
 
-def _cuda_graphed(step):
-    """Capture one step in a CUDA graph after warm-up on a side stream (autotuning happens there, not in capture)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 @pytest.mark.parametrize("mode", ["infer", "train"])
 @pytest.mark.parametrize("row", ROWS)
@@ -136,7 +122,7 @@ def test_e2e(benchmark, bench_opts, device, workload, mode, precision, row):
             with torch.inference_mode(), amp:
                 model(x)
 
-    fn = _cuda_graphed(step) if graphed else step
+    fn = cuda_graph_step(step) if graphed else step
     warmup = bench_opts["warmup"] + (5 if "compile" in row else 0)  # compile: warm until compiled
     measure(
         benchmark,

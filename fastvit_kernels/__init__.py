@@ -7,6 +7,7 @@ logits = model(images)            # Triton kernels on CUDA; model.set_backend("t
 
 from . import ops
 from .backend import BACKENDS
+from .cuda_graphs import cuda_graph_step
 from .model import (
     PRESETS,
     ViT,
@@ -22,6 +23,7 @@ __all__ = [
     "BACKENDS",
     "PRESETS",
     "ViT",
+    "cuda_graph_step",
     "ops",
     "register_preset",
     "vit_base_patch16_224",
