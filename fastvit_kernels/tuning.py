@@ -169,8 +169,18 @@ def prune_linear_ln(configs, named_args, **kwargs):
 # ------------------------------------------------------------------------------------------------------------------
 # Attention (ops/fused_attention.py)
 # ------------------------------------------------------------------------------------------------------------------
-def _attention_cfg(bm, bn, warps, stages, maxnreg=None):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+def _attention_cfg(bm, bn, warps, stages, maxnreg=None, whole=False):
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn}
+    if whole:
+        kwargs["WHOLE"] = True
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+
+
+def whole_programs_per_sm(block: int) -> int:
+    """Persistent forward programs per SM for a WHOLE tile: as many as fit at once (sm_90, bf16, head dim 64,
+    compiled offline: the 128-row tile with 8 warps takes 189-254 registers, one block per SM; the 64-row tile with 4
+    warps 167, three blocks), so that no program waits for another to finish before it starts."""
+    return 1 if block >= 128 else 3
 
 
 # Short sequences are the normal case (65 tokens for CIFAR-10, 197 for ImageNet): small tiles keep N = 65 from
@@ -178,7 +188,13 @@ def _attention_cfg(bm, bn, warps, stages, maxnreg=None):
 # At N = 65 the forward is memory-latency bound (5x above its byte floor on an H200): the 64 x 64 tile capped at 128
 # registers (ptxas: 128, no stack, bf16, head dim 64; 134 uncapped) fits 4 blocks per SM instead of 3, more loads in
 # flight. Offered to the tuner, unmeasured.
+# WHOLE: where the sequence fits one tile (N <= 128: CIFAR-10's 65), one tile per (batch, head) pair and persistent
+# programs whose loop keeps the next pairs' loads in flight (issue: attention at ViT lengths is memory-latency bound).
+# Unmeasured; first in the list so that the tests and FASTVIT_AUTOTUNE=0 run them wherever they apply.
 ATTENTION_FWD_CONFIGS = [
+    _attention_cfg(128, 128, 8, 3, whole=True),
+    _attention_cfg(64, 64, 4, 3, whole=True),
+    _attention_cfg(128, 128, 8, 2, whole=True),
     _attention_cfg(64, 64, 4, 3),
     _attention_cfg(32, 32, 4, 2),
     _attention_cfg(32, 64, 4, 3),
@@ -201,9 +217,11 @@ ATTENTION_SMEM_BUDGET = 160 * 1024  # under sm_80's 164 KB and sm_90's 228 KB pe
 
 
 def _attention_smem(cfg, block_d, elem):
-    # pipelined K/V (or Q/dO) tiles per stage plus the resident tile; checked against the compiler's own numbers
-    # by tests/test_compile_targets.py
+    # pipelined K/V (or Q/dO) tiles per stage plus the resident tile (WHOLE: q, k and v per stage); checked against
+    # the compiler's own numbers by tests/test_compile_targets.py
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    if cfg.kwargs.get("WHOLE"):
+        return cfg.num_stages * 3 * bm * block_d * elem
     return (cfg.num_stages * 2 * max(bm, bn) + min(bm, bn)) * block_d * elem
 
 
@@ -213,9 +231,21 @@ def prune_attention(configs, named_args, **kwargs):
     block_d = kwargs["BLOCK_D"] if "BLOCK_D" in kwargs else named_args["BLOCK_D"]
     elem = named_args["QKV"].element_size()
     kept = [c for c in configs if _attention_smem(c, block_d, elem) <= ATTENTION_SMEM_BUDGET]
+    # a WHOLE tile must hold the sequence (N is unknown when the compile check asks: keep them all)
+    n = named_args.get("N")
+    kept = [
+        c
+        for c in kept
+        if not c.kwargs.get("WHOLE") or (whole_attention_on() and (n is None or n <= c.kwargs["BLOCK_M"]))
+    ]
     # a register cap fits 16-bit tiles of head dim <= 64 only; wider heads and fp32 tiles would spill under it
     kept = [c for c in kept if c.maxnreg is None or (elem == 2 and block_d <= 64)]
     return kept or [ATTENTION_FALLBACK_CONFIG]
+
+
+def whole_attention_on() -> bool:
+    """FASTVIT_ATTN_WHOLE=0 leaves out the one-tile (WHOLE) attention paths: the A/B switch of the benchmarks."""
+    return os.environ.get("FASTVIT_ATTN_WHOLE", "1") != "0"
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ def report(results: list) -> str:
         tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c)
         if "EPILOGUE" in c:
             epi = c["EPILOGUE"] + ("+pre" if c.get("STORE_PRE") else "")
+        elif "SPLIT" in c:
+            epi = "split rows, partials summed in the kernel" if c["SPLIT"] else "one split"
         elif "N_CHUNKS" in c:
             epi = f"residual+LayerNorm, {c['N_CHUNKS']} x {c['BLOCK_N']} columns"
         else:

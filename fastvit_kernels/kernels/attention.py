@@ -10,10 +10,12 @@ from .common import block_and_head
 
 
 @triton.jit
-def attention_fwd_kernel(
-    QKV,  # [B, N, 3 * H * d] packed q | k | v, read through its batch and token strides
-    OUT,  # [B, N, H * d] output, heads side by side (what the projection GEMM reads)
-    LSE,  # [B * H, 2, N] fp32 softmax statistics per row (max, log2 sum) for the backward
+def _attend_rows(
+    QKV,
+    OUT,
+    LSE,
+    pid_m,
+    pid_bh,
     stride_qb,
     stride_qn,
     stride_ob,
@@ -28,7 +30,7 @@ def attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m, pid_bh = block_and_head(N, BLOCK_M)
+    """One block of query rows of one (batch, head) pair against all keys, BLOCK_N at a time."""
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -64,6 +66,71 @@ def attention_fwd_kernel(
         v = tl.load(v_base + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    _store_rows(
+        OUT, LSE, acc, m_i, l_i, b, h, pid_bh, offs_m, offs_d, mask_m, mask_d, stride_ob, stride_on, N, HEAD_DIM
+    )
+
+
+@triton.jit
+def _attend_sequence(
+    QKV,
+    OUT,
+    LSE,
+    pid_bh,
+    stride_qb,
+    stride_qn,
+    stride_ob,
+    stride_on,
+    N,
+    H,
+    D,
+    qk_scale_log2,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """A whole (batch, head) pair in one tile, N <= BLOCK: the online softmax of _attend_rows with its one key block,
+    the same arithmetic in the same order (the backward recomputes P from the statistics either path stores)."""
+    b = pid_bh // H
+    h = pid_bh % H
+    offs = tl.arange(0, BLOCK)  # the query rows, and the key columns
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs < N
+    mask_d = offs_d < HEAD_DIM
+    mask = mask_n[:, None] & mask_d[None, :]
+    ptrs = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM + offs[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(ptrs, mask=mask, other=0.0)
+    k = tl.load(ptrs + D, mask=mask, other=0.0)
+    v = tl.load(ptrs + 2 * D, mask=mask, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    qk = tl.where(mask_n[None, :], qk, float("-inf"))
+    m_i = tl.max(qk, 1)
+    p = tl.exp2((qk - m_i[:, None]) * qk_scale_log2)
+    l_i = tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    _store_rows(OUT, LSE, acc, m_i, l_i, b, h, pid_bh, offs, offs_d, mask_n, mask_d, stride_ob, stride_on, N, HEAD_DIM)
+
+
+@triton.jit
+def _store_rows(
+    OUT,
+    LSE,
+    acc,
+    m_i,
+    l_i,
+    b,
+    h,
+    pid_bh,
+    offs_m,
+    offs_d,
+    mask_m,
+    mask_d,
+    stride_ob,
+    stride_on,
+    N,
+    HEAD_DIM: tl.constexpr,
+):
     acc = acc / l_i[:, None]
     o_ptrs = OUT + b.to(tl.int64) * stride_ob + offs_m[:, None] * stride_on + h * HEAD_DIM + offs_d[None, :]
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
@@ -71,6 +138,74 @@ def attention_fwd_kernel(
     # in the backward. Folding them into one log-sum-exp loses the low bits of qk - m when logits are in the thousands.
     tl.store(LSE + pid_bh * 2 * N + offs_m, m_i, mask=mask_m)
     tl.store(LSE + pid_bh * 2 * N + N + offs_m, tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def attention_fwd_kernel(
+    QKV,  # [B, N, 3 * H * d] packed q | k | v, read through its batch and token strides
+    OUT,  # [B, N, H * d] output, heads side by side (what the projection GEMM reads)
+    LSE,  # [B * H, 2, N] fp32 softmax statistics per row (max, log2 sum) for the backward
+    stride_qb,
+    stride_qn,
+    stride_ob,
+    stride_on,
+    N,
+    H,
+    D,
+    BH,  # B * H, the (batch, head) pairs
+    qk_scale_log2,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WHOLE: tl.constexpr = False,  # a config's choice where N <= BLOCK_M = BLOCK_N: one tile per (batch, head)
+):
+    if WHOLE:
+        # Short sequences (65 tokens): a few persistent programs per SM walk the (batch, head) pairs. The loop has
+        # no inner loop, so Triton's pipeliner keeps the next pairs' q/k/v loads in flight while this one computes:
+        # at N = 65 a pair is ~25 KB of loads for two small dots, and one pair at a time left the SM waiting.
+        for pid_bh in tl.range(tl.program_id(0), BH, tl.num_programs(0)):
+            _attend_sequence(
+                QKV,
+                OUT,
+                LSE,
+                pid_bh,
+                stride_qb,
+                stride_qn,
+                stride_ob,
+                stride_on,
+                N,
+                H,
+                D,
+                qk_scale_log2,
+                HEAD_DIM,
+                BLOCK_D,
+                DOT_PRECISION,
+                BLOCK_M,
+            )
+    else:
+        pid_m, pid_bh = block_and_head(N, BLOCK_M)
+        _attend_rows(
+            QKV,
+            OUT,
+            LSE,
+            pid_m,
+            pid_bh,
+            stride_qb,
+            stride_qn,
+            stride_ob,
+            stride_on,
+            N,
+            H,
+            D,
+            qk_scale_log2,
+            HEAD_DIM,
+            BLOCK_D,
+            DOT_PRECISION,
+            BLOCK_M,
+            BLOCK_N,
+        )
 
 
 @triton.jit

@@ -12,7 +12,13 @@ import math
 import torch
 
 from ..kernels.attention import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, attention_fwd_kernel
-from ..tuning import ATTENTION_BWD_CONFIGS, ATTENTION_FWD_CONFIGS, autotuned, prune_attention
+from ..tuning import (
+    ATTENTION_BWD_CONFIGS,
+    ATTENTION_FWD_CONFIGS,
+    autotuned,
+    prune_attention,
+    whole_programs_per_sm,
+)
 from ._common import (
     call,
     cdiv,
@@ -21,6 +27,7 @@ from ._common import (
     custom_op,
     dot_precision,
     next_pow2,
+    num_sms,
     on_input_device,
     register_autograd,
 )
@@ -62,8 +69,13 @@ def attention_fwd(qkv, num_heads, scale):
         return o, lse, qkv
     block_d = max(16, next_pow2(d))  # tl.dot needs every dim >= 16
 
+    pairs = B * num_heads
+    sms = num_sms(qkv.device)
+
     def grid(meta):
-        return (cdiv(N, meta["BLOCK_M"]) * B * num_heads,)
+        if meta.get("WHOLE"):  # persistent: each program walks (batch, head) pairs
+            return (min(pairs, whole_programs_per_sm(meta["BLOCK_M"]) * sms),)
+        return (cdiv(N, meta["BLOCK_M"]) * pairs,)
 
     _fwd[grid](
         qkv,
@@ -76,6 +88,7 @@ def attention_fwd(qkv, num_heads, scale):
         N,
         num_heads,
         D,
+        pairs,
         scale * LOG2E,
         HEAD_DIM=d,
         BLOCK_D=block_d,
@@ -93,10 +106,10 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
     if do.stride(-1) != 1:
         do = do.contiguous()
     block_d = max(16, next_pow2(d))
-    delta = torch.empty((B * num_heads, N), device=qkv.device, dtype=torch.float32)  # written by dQ, read by dK/dV
     dqkv = torch.empty((B, N, three_d), device=qkv.device, dtype=qkv.dtype)
     if B * N == 0:
         return dqkv
+    delta = torch.empty((B * num_heads, N), device=qkv.device, dtype=torch.float32)  # written by dQ, read by dK/dV
     args = (
         qkv,
         do,
