@@ -124,6 +124,23 @@ def test_compile_flag_compiles_the_step_and_keeps_checkpoint_keys(tmp_path, monk
     assert not any(k.startswith("_orig_mod") for k in ckpt["model"]) and "pos_embed" in ckpt["model"]
 
 
+def test_eval_compile_flag_compiles_the_model(tmp_path, monkeypatch, capsys):
+    # fastvit-eval --compile reduce-overhead: the evaluation runs the compiled module (CUDA graphs on a GPU)
+    write_cifar10(tmp_path)
+    out = tmp_path / "run"
+    assert train(_args(tmp_path, out, "--epochs", "1")) == 0
+    calls = []
+
+    def fake_compile(module, mode=None, **kwargs):
+        calls.append(mode)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    argv = [str(out / "last.pt"), "--data-dir", str(tmp_path), "--backend", "torch", "--amp", "off"]
+    assert evaluate_checkpoint(argv + ["--compile", "reduce-overhead"]) == 0
+    assert calls == ["reduce-overhead"] and "test accuracy" in capsys.readouterr().out
+
+
 def _interrupt_at(monkeypatch, epoch, batch, hard=False):
     """Ctrl-C (a real SIGINT to this process) while the training loader prepares (epoch, batch); hard=True sends a
     second one at once, which stops before that batch runs."""

@@ -71,6 +71,13 @@ def build_parser(eval_only=False):
     )
     p.add_argument("--batch-size", type=int, default=512, help="images per step, over all processes")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "default", "reduce-overhead"],
+        help="torch.compile the model (our kernels are custom ops: no graph break); reduce-overhead "
+        "adds CUDA graphs, which pay at CIFAR-10 sizes where launches dominate",
+    )
     if eval_only:
         p.add_argument("checkpoint", help="a checkpoint written by fastvit-train (last.pt / best.pt)")
         return p
@@ -94,16 +101,14 @@ def build_parser(eval_only=False):
     p.add_argument("--seed", type=int, default=0, help="initialisation, shuffling and augmentation")
     p.add_argument("--resume", action="store_true", help="continue from out-dir/last.pt")
     p.add_argument("--pretrained", default=None, help="fine-tune from a timm or torchvision checkpoint file")
-    p.add_argument(
-        "--compile",
-        default="off",
-        choices=["off", "default", "reduce-overhead"],
-        help="torch.compile the model (our kernels are custom ops: no graph break); reduce-overhead "
-        "adds CUDA graphs, which pay at CIFAR-10 sizes where launches dominate",
-    )
     p.add_argument("--max-train-batches", type=int, default=None, help="cap batches per epoch (smoke tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     return p
+
+
+def _compile_mode(flag: str):
+    """--compile's value as torch.compile's mode."""
+    return None if flag == "default" else flag
 
 
 def _literal(text: str):
@@ -255,7 +260,7 @@ def _wrap(model, args, device, world):
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if args.compile != "off":
-        model = torch.compile(model, mode=None if args.compile == "default" else args.compile)
+        model = torch.compile(model, mode=_compile_mode(args.compile))
     return model
 
 
@@ -329,8 +334,9 @@ def evaluate_checkpoint(argv=None):
         rank=rank,
         world_size=world,
     )
+    step_model = model if args.compile == "off" else torch.compile(model, mode=_compile_mode(args.compile))
     t = time.perf_counter()
-    loss, acc = evaluate(model, loader, autocast(device, args.amp), device, world)
+    loss, acc = evaluate(step_model, loader, autocast(device, args.amp), device, world)
     if rank == 0:
         print(
             f"{args.checkpoint}: test accuracy {100 * acc:.2f}% (loss {loss:.4f}) on {len(test_y)} images, "
