@@ -27,7 +27,7 @@ XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 echo "=== GPU tests (first config of each kernel, no autotuning)"
 # -v: each result is printed as it completes, so a stage cut at its limit still names its failures
-FASTVIT_AUTOTUNE=0 timeout "${TEST_LIMIT:-110}" $PY -m pytest -v -rf --tb=line tests $XDIST -p no:cacheprovider \
+FASTVIT_AUTOTUNE=0 timeout "${TEST_LIMIT:-80}" $PY -m pytest -v -rf --tb=line tests $XDIST -p no:cacheprovider \
   --maxfail=30 2>&1 | tee -a "$OUT_DIR/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -40
 
 bench() {  # bench LIMIT PYTEST-ARGS...   (LIMIT 0 skips the stage)
@@ -37,13 +37,14 @@ bench() {  # bench LIMIT PYTEST-ARGS...   (LIMIT 0 skips the stage)
     --bench-warmup 3 "$@" 2>&1 | tee -a "$OUT_DIR/bench.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -8
 }
 echo "=== benchmarks"
-bench 95 benchmarks/test_kernels.py -k "ours or flash or cudnn or eager or compile"
+bench 60 benchmarks/test_kernels.py -k "ours or flash or cudnn or eager"
 bench 45 benchmarks/test_gemms.py -k cifar10
 bench 60 benchmarks/test_e2e.py -k "cifar10 and bf16 and not compile"
 echo "=== GPU time per kernel, one CIFAR-10 step (ours and eager SDPA)"
-timeout 40 $PY benchmarks/profile_step.py "$OUT_DIR" 2>&1 | grep -E "^(###|\| \`)" | head -60
-bench 80 benchmarks/test_e2e.py -k "cifar10 and bf16 and compile"
-bench 25 benchmarks/test_e2e.py -k "vitb16 and (ours or sdpa)"
-bench "${FP32_LIMIT:-25}" benchmarks/test_e2e.py -k "cifar10 and fp32"
+timeout 25 $PY benchmarks/profile_step.py "$OUT_DIR" 2>&1 | grep -E "^(###|\| \`)" | head -60
+# the issue's peers with CUDA graphs (each row compiles for ~30 s; the plain compile rows are make bench's)
+bench 130 benchmarks/test_e2e.py -k "cifar10 and bf16 and reduce-overhead"
+bench 20 benchmarks/test_e2e.py -k "vitb16 and (ours or sdpa)"
+bench "${FP32_LIMIT:-0}" benchmarks/test_e2e.py -k "cifar10 and fp32"
 echo "=== speedups (median of $ROUNDS rounds, same run)"
 $PY benchmarks/summary.py "$FASTVIT_BENCH_ROWS" "$OUT_DIR"
