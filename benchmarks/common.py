@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from fastvit_kernels.tuning import gpu_ms  # the per-kernel rows time as the GEMM chooser does
+
 ROWS: list[dict] = []  # every measured row of this session, turned into the summary at the end
 _PEAK: dict = {}
 
@@ -82,21 +84,6 @@ def host_ms(fn, reps=3):
         times.append(time.perf_counter() - start)
         torch.cuda.synchronize()
     return 1e3 * sorted(times)[len(times) // 2]
-
-
-def gpu_ms(fn, calls=10):
-    """GPU time of one call of fn: `calls` calls issued back to back behind a ~0.1 s spin kernel, so that they are all
-    queued before the first starts and the GPU never waits on the host; events around them, divided by `calls`.
-    A kernel row timed this way measures the kernels, not the Python that launches them (host_ms says that)."""
-    torch.cuda.synchronize()
-    torch.cuda._sleep(200_000_000)  # clock cycles: ~0.1 s at ~2 GHz, far longer than issuing 10 calls
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / calls
 
 
 def sync(device):
@@ -192,6 +179,23 @@ def chosen_configs(**launchers):
                 tma = " tma" if cfg.kwargs.get("USE_TMA") else ""
                 parts.append(f"{name} {tile} w{cfg.num_warps} s{cfg.num_stages}{tma}")
         return {"config": ", ".join(parts)} if parts else {}
+
+    return describe
+
+
+def gemm_backends():
+    """A describe() for the rows that run the model: which GEMM candidate ran for each shape (tuning.pick_gemm_backend:
+    Triton or cuBLAS, measured per shape on a GPU), as `gemm` in the row and in its table label when cuBLAS ran any."""
+
+    def describe():
+        from fastvit_kernels.tuning import gemm_choices
+
+        choices = gemm_choices()
+        cublas = sorted(f"{k[0]} {k[2]}x{k[3]}" for k, v in choices.items() if v == "cublas")
+        info = {"gemm": {" ".join(map(str, k[:-1])): v for k, v in choices.items()}}
+        if cublas:
+            info["config"] = f"cuBLAS ran {len(cublas)} of {len(choices)} GEMM shapes"
+        return info
 
     return describe
 

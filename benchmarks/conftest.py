@@ -72,7 +72,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_sep("=", f"fastvit_kernels: {ran} rows measured, {sum(reasons.values())} skipped")
     if not torch.cuda.is_available():
         terminalreporter.write_line(
-            "No CUDA GPU here: only the CPU rows ran (eager PyTorch references). Our kernels' rows need a GPU: "
+            "No CUDA GPU here: only the CPU rows ran (eager PyTorch references, and the host time to issue our steps). "
+            "Our kernels' rows need a GPU: "
             "run `make gpu-check` on one. Under the Triton interpreter the kernels are for correctness, not speed."
         )
     for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):

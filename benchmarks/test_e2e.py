@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from common import measure, need_cuda
+from common import gemm_backends, measure, need_cuda
 
 from fastvit_kernels import cuda_graph_step, vit_base_patch16_224, vit_cifar10
 
@@ -17,7 +17,8 @@ WORKLOADS = {
 }
 CPU_WORKLOADS = {"cifar10": (vit_cifar10, dict(depth=2, dim=192, heads=3, mlp_dim=768), 16, 32)}
 ROWS = [
-    "ours",
+    "ours",  # each GEMM by the candidate measured faster for its shape (Triton or cuBLAS; the row's `gemm` says)
+    "ours-triton",  # every GEMM ours (FASTVIT_GEMM=triton): the row the fast-path goals are about
     "ours+cudagraph",
     "ours-compile",
     "ours-compile-reduce-overhead",
@@ -80,7 +81,7 @@ def _make_model(row, base):
 @pytest.mark.parametrize("mode", ["infer", "train"])
 @pytest.mark.parametrize("row", ROWS)
 @pytest.mark.parametrize("workload", list(WORKLOADS))
-def test_e2e(benchmark, bench_opts, device, workload, mode, precision, row):
+def test_e2e(benchmark, bench_opts, device, workload, mode, precision, row, monkeypatch):
     if device.type == "cpu":
         if workload not in CPU_WORKLOADS or precision != "fp32" or row not in ("eager-math", "eager-sdpa"):
             pytest.skip("without CUDA only the eager rows run, at reduced size, in fp32")
@@ -91,6 +92,8 @@ def test_e2e(benchmark, bench_opts, device, workload, mode, precision, row):
             pytest.skip("ViT-B/16 shows the kernels are not tuned to one shape: bf16, no compile rows")
     if row.startswith("ours"):
         need_cuda(device)
+    if row == "ours-triton":
+        monkeypatch.setenv("FASTVIT_GEMM", "triton")
     base, train_b, infer_b = _base_model(workload, device)
     batch = train_b if mode == "train" else infer_b
     model = _make_model(row, base)
@@ -136,5 +139,6 @@ def test_e2e(benchmark, bench_opts, device, workload, mode, precision, row):
         peak_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
         warmup=warmup,
         host=True,
+        describe=gemm_backends() if row.startswith("ours") else None,
     )
     torch.set_float32_matmul_precision("highest")

@@ -166,6 +166,65 @@ def prune_linear_ln(configs, named_args, **kwargs):
     return kept or [min(configs, key=need)]
 
 
+# Triton or cuBLAS, per GEMM (ops/gemm.py): each GEMM of the linear layers has a second candidate, torch's matmul
+# (cuBLAS) with the epilogue as torch ops or our row kernel. On a GPU the faster of the two is measured once per
+# shape and kept; FASTVIT_GEMM=triton or =cublas forces one (the benchmarks' rows for the Triton path force triton,
+# since the fast-path goals are for our kernels). Elsewhere (the interpreter) Triton, whose kernels the tests check.
+GEMM_BACKENDS = ("triton", "cublas")
+_GEMM_CHOICE: dict = {}  # key -> the backend measured faster for it
+
+
+def gemm_backend_mode() -> str:
+    mode = os.environ.get("FASTVIT_GEMM", "auto")
+    if mode not in ("auto", *GEMM_BACKENDS):
+        raise ValueError(f"FASTVIT_GEMM={mode!r}: expected auto, {' or '.join(GEMM_BACKENDS)}")
+    return mode
+
+
+def pick_gemm_backend(key, candidates: dict, timed: bool) -> str:
+    """The backend that runs the GEMM `key`: FASTVIT_GEMM's when it names one; else the faster candidate, timed once
+    per key where timing means something (timed: a CUDA device) and not inside a CUDA graph capture; else Triton.
+    FASTVIT_AUTOTUNE=0 (the GPU tests) also means Triton: those runs are there to check our kernels."""
+    mode = gemm_backend_mode()
+    if mode != "auto":
+        return mode
+    choice = _GEMM_CHOICE.get(key)
+    if choice is None:
+        if not timed or os.environ.get("FASTVIT_AUTOTUNE", "1") == "0":
+            return "triton"
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return "triton"
+        choice = min(candidates, key=lambda name: _warm_gpu_ms(candidates[name]))
+        _GEMM_CHOICE[key] = choice
+    return choice
+
+
+def _warm_gpu_ms(fn):
+    fn()  # the first call autotunes (Triton) or settles cuBLAS's heuristics: not timed
+    return gpu_ms(fn, calls=5, spin_cycles=2_000_000)
+
+
+def gpu_ms(fn, calls=10, spin_cycles=200_000_000):
+    """GPU time of one call of fn: `calls` calls issued behind a spin kernel (spin_cycles clock cycles: 2e8 is ~0.1 s)
+    so that they are all queued before the first starts and the GPU never waits on the host, with events around
+    them, divided by `calls`. Kernel time, not the Python that launches it. (The benchmarks' per-kernel rows and the
+    GEMM chooser both time this way.)"""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(spin_cycles)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def gemm_choices() -> dict:
+    """{key: backend} of the GEMMs timed so far: what the benchmark rows record as having run."""
+    return dict(_GEMM_CHOICE)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Attention (ops/fused_attention.py)
 # ------------------------------------------------------------------------------------------------------------------

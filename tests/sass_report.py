@@ -110,6 +110,7 @@ def report(results: list) -> str:
             epi = f"residual+LayerNorm, {c['N_CHUNKS']} x {c['BLOCK_N']} columns"
         else:
             epi = f"head dim {c['HEAD_DIM']}" if "HEAD_DIM" in c else "-"
+            epi += ", a whole (batch, head) pair per tile" if c.get("WHOLE") else ""
         ops = "/".join(str(p.get(k)) for k in ("A", "C") if k in p) or "/".join(str(v) for v in list(p.values())[:2])
         warn = "yes" if any("C7515" in w for w in r["ptxas_warnings"]) else ""
         lines.append(

@@ -1,10 +1,12 @@
 """The GEMM engine (ops/gemm.py) on its own: every epilogue, through tensor descriptors (TMA) where the operands
-allow them and through pointer loads where they do not, against float64."""
+allow them and through pointer loads where they do not, and through the cuBLAS candidate (torch's matmul and
+epilogue), against float64."""
 
 import pytest
 import torch
 from helpers import assert_matches
 
+from fastvit_kernels import tuning
 from fastvit_kernels.ops import gemm as lin
 
 F = torch.nn.functional
@@ -28,6 +30,13 @@ def _reference(a, w, b, epilogue, pre, res):
     return y
 
 
+@pytest.fixture(params=tuning.GEMM_BACKENDS)
+def backend(request, monkeypatch):
+    """Each GEMM candidate in turn, forced as FASTVIT_GEMM forces it."""
+    monkeypatch.setenv("FASTVIT_GEMM", request.param)
+    return request.param
+
+
 # (M, K, N): K = 48 keeps every row 16-byte aligned (TMA); K = 100 in 16-bit dtypes does not (pointer loads)
 SHAPES = [(70, 48, 40), (33, 100, 24), (130, 64, 200)]
 
@@ -35,7 +44,7 @@ SHAPES = [(70, 48, 40), (33, 100, 24), (130, 64, 200)]
 @pytest.mark.parametrize("epilogue", lin.EPILOGUES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-K{}-N{}".format(*s))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_linear_epilogues(epilogue, shape, dtype, device):
+def test_linear_epilogues(epilogue, shape, dtype, device, backend):
     M, K, N = shape
     a = torch.randn(M, K, device=device).to(dtype)
     w = (torch.randn(N, K, device=device) * K**-0.5).to(dtype)
@@ -55,6 +64,7 @@ def test_linear_epilogues(epilogue, shape, dtype, device):
     args = [t.double() if t is not None else None for t in (a, w, b, pre, res)]
     ref = _reference(args[0], args[1], args[2], epilogue, args[3], args[4])
     low = _reference(a, w, b, epilogue, pre, res)
+    assert lin.last_backend == backend
     assert_matches(ours, low, ref, dtype)
     if epilogue == "gelu":  # the pre-activation written for the backward
         pre_ref = args[0] @ args[1].t() + args[2]
@@ -64,7 +74,7 @@ def test_linear_epilogues(epilogue, shape, dtype, device):
 # R = 300: one split; 2600: three splits (the interpreter counts 4 SMs), whose partials the kernel's last program adds
 @pytest.mark.parametrize("R", [300, 2600])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_weight_grad_and_bias_grad(R, dtype, device):
+def test_weight_grad_and_bias_grad(R, dtype, device, backend):
     g = torch.randn(R, 40, device=device).to(dtype)
     x = torch.randn(R, 24, device=device).to(dtype)
     splits, _ = lin.split_rows(R, 1, torch.device(device))
@@ -91,7 +101,7 @@ def test_bad_epilogue_and_dtype_mismatch_are_refused(device):
 @pytest.mark.parametrize(
     "dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float16, torch.float16)], ids=str
 )
-def test_linear_residual_layernorm(N, dtypes, device):
+def test_linear_residual_layernorm(N, dtypes, device, backend):
     # the stream (X) keeps the residual's dtype; LayerNorm sees X as stored (rounded to a 16-bit stream, as eager)
     dtype, stream = dtypes
     M, K = 67, 48
@@ -112,3 +122,26 @@ def test_linear_residual_layernorm(N, dtypes, device):
     assert_matches(y, y_low, y_ref, dtype, "LayerNorm(X)")
     torch.testing.assert_close(mean.double(), xd.mean(1), rtol=0, atol=1e-5 * xd.abs().max().item())
     torch.testing.assert_close(rstd.double(), (xd.var(1, unbiased=False) + 1e-6).rsqrt(), rtol=1e-4, atol=0)
+
+
+def test_the_faster_candidate_is_measured_once_per_shape_and_kept(monkeypatch):
+    # on a GPU (timed=True) the chooser times each candidate once per key and keeps the faster; FASTVIT_GEMM wins
+    monkeypatch.delenv("FASTVIT_GEMM", raising=False)
+    monkeypatch.delenv("FASTVIT_AUTOTUNE", raising=False)
+    monkeypatch.setattr(tuning, "_GEMM_CHOICE", {})
+    cost = {"triton": 2.0, "cublas": 1.0}
+    timed = []
+    monkeypatch.setattr(tuning, "_warm_gpu_ms", lambda fn: timed.append(fn()) or cost[fn()])
+    candidates = {name: (lambda name=name: name) for name in cost}
+    assert tuning.pick_gemm_backend("k1", candidates, timed=True) == "cublas"
+    assert tuning.pick_gemm_backend("k1", candidates, timed=True) == "cublas" and len(timed) == 2  # kept
+    assert tuning.gemm_choices() == {"k1": "cublas"}
+    assert tuning.pick_gemm_backend("k2", candidates, timed=False) == "triton"  # the interpreter: our kernels
+    monkeypatch.setenv("FASTVIT_AUTOTUNE", "0")  # the GPU tests: our kernels, nothing timed
+    assert tuning.pick_gemm_backend("k3", candidates, timed=True) == "triton" and len(timed) == 2
+    monkeypatch.delenv("FASTVIT_AUTOTUNE")
+    monkeypatch.setenv("FASTVIT_GEMM", "triton")
+    assert tuning.pick_gemm_backend("k1", candidates, timed=True) == "triton"
+    monkeypatch.setenv("FASTVIT_GEMM", "cuda")
+    with pytest.raises(ValueError, match="FASTVIT_GEMM"):
+        tuning.pick_gemm_backend("k1", candidates, timed=True)

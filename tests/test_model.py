@@ -49,9 +49,11 @@ def test_timm_weights_load_into_ours_unchanged():
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 @pytest.mark.parametrize("attn_impl", ["math", "sdpa"])
-def test_triton_and_torch_backends_agree_on_logits_and_gradients(pool, attn_impl, device):
+def test_triton_and_torch_backends_agree_on_logits_and_gradients(pool, attn_impl, gemm, device, monkeypatch):
+    monkeypatch.setenv("FASTVIT_GEMM", gemm)  # the fused path with either GEMM candidate (tuning.pick_gemm_backend)
     model = ViT(**TINY, pool=pool, attn_impl=attn_impl).to(device)
     x = torch.randn(2, 3, 8, 8, device=device)
     results = {}

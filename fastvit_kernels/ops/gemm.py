@@ -4,11 +4,13 @@
   linear_residual_layernorm(a, weight_t, ...)   X = residual + a @ weight_t + bias, Y = LayerNorm(X)
   linear_weight_grad(g, x, need_bias)            (dW, db) of y = x @ W^T + b
 
-Every fused linear of the model goes through these two functions: another GEMM (a TMA kernel, cuBLAS plus an
-epilogue kernel) plugs in here, and nowhere else.
+Every fused linear of the model goes through these functions: another GEMM backend plugs in here, and nowhere else.
+Each has two candidates, our Triton kernel and cuBLAS (torch's matmul) with the epilogue as torch ops or our row
+kernel; fastvit_kernels.tuning.pick_gemm_backend says which runs (measured per shape on a GPU, Triton elsewhere).
 """
 
 import torch
+import torch.nn.functional as F
 import triton
 
 from ..kernels.gemm import linear_dw_kernel, linear_fwd_kernel
@@ -19,6 +21,7 @@ from ..tuning import (
     LINEAR_FWD_CONFIGS,
     LINEAR_LN_CONFIGS,
     autotuned,
+    pick_gemm_backend,
     prune_linear_dw,
     prune_linear_fwd,
     prune_linear_ln,
@@ -73,11 +76,46 @@ def linear(a, weight_t, bias=None, *, epilogue="none", pre=None, residual=None, 
         raise TypeError(f"linear: a is {a.dtype} but the weight is {weight_t.dtype}; both must be the compute dtype")
     M, K = a.shape
     N = weight_t.shape[1]
-    c = torch.empty((M, N), device=a.device, dtype=out_dtype or weight_t.dtype)
+    out_dtype = out_dtype or weight_t.dtype
     res = residual if epilogue == "residual" else None
     pre = pre if epilogue in ("gelu", "gelu_grad") else None
     if M == 0:  # an empty batch: nothing to launch
-        return c
+        return torch.empty((M, N), device=a.device, dtype=out_dtype)
+    key = ("linear", M, N, K, epilogue, a.dtype, out_dtype, bias is not None, pre is not None, weight_t.stride(0))
+    args = (a, weight_t, bias, epilogue, pre, res, out_dtype)
+    return _run(key, a, triton=lambda: _linear_triton(*args), cublas=lambda: _linear_cublas(*args))
+
+
+def _run(key, a, **candidates):
+    """The chosen candidate's result (see fastvit_kernels.tuning.pick_gemm_backend)."""
+    global last_backend
+    last_backend = pick_gemm_backend((*key, a.device), candidates, timed=a.is_cuda)
+    return candidates[last_backend]()
+
+
+last_backend = None  # the backend of the latest GEMM: the per-GEMM benchmark rows record it
+
+
+def _linear_cublas(a, weight_t, bias, epilogue, pre, res, out_dtype):
+    """torch's GEMM (cuBLAS on a GPU) rounding to the compute dtype, then the epilogue as torch ops: eager autocast's
+    sequence, so it rounds the product before the epilogue where eager does."""
+    if epilogue == "gelu" and pre is not None:  # the pre-activation straight into the buffer the backward reads
+        y = torch.addmm(bias, a, weight_t, out=pre) if bias is not None else torch.mm(a, weight_t, out=pre)
+    else:
+        y = torch.addmm(bias, a, weight_t) if bias is not None else a @ weight_t
+    if epilogue == "gelu":
+        return F.gelu(y)
+    if epilogue == "gelu_grad":
+        return torch.ops.aten.gelu_backward(y, pre)
+    if epilogue == "residual":
+        return torch.add(res, y).to(out_dtype)
+    return y
+
+
+def _linear_triton(a, weight_t, bias, epilogue, pre, res, out_dtype):
+    M, K = a.shape
+    N = weight_t.shape[1]
+    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
     tma_ok = _tma_ok(a, weight_t)
     if tma_ok and not interpreting():
         triton.set_allocator(_tma_scratch)  # a context variable, so set where the launch happens
@@ -130,12 +168,30 @@ def linear_residual_layernorm(a, weight_t, bias, residual, norm_weight, norm_bia
     if N > MAX_LN_EPILOGUE_DIM:
         x = linear(a, weight_t, bias, epilogue="residual", residual=residual, out_dtype=out_dtype)
         return (x, *layernorm_fwd(x, norm_weight, norm_bias, eps, norm_dtype))
+    if M == 0:  # an empty batch: nothing to launch
+        stats = torch.empty(0, device=a.device, dtype=torch.float32)
+        return a.new_empty((0, N), dtype=out_dtype), a.new_empty((0, N), dtype=norm_dtype), stats, stats.clone()
+    key = ("layernorm", M, N, K, a.dtype, out_dtype, norm_dtype, bias is not None)
+    args = (a, weight_t, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype)
+    return _run(
+        key, a, triton=lambda: _residual_layernorm_triton(*args), cublas=lambda: _residual_layernorm_cublas(*args)
+    )
+
+
+def _residual_layernorm_cublas(a, weight_t, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype):
+    """cuBLAS's GEMM, the residual add as a torch op, then our LayerNorm row kernel."""
+    y = torch.addmm(bias, a, weight_t) if bias is not None else a @ weight_t
+    x = torch.add(residual, y).to(out_dtype)
+    return (x, *layernorm_fwd(x, norm_weight, norm_bias, eps, norm_dtype))
+
+
+def _residual_layernorm_triton(a, weight_t, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype):
+    M, K = a.shape
+    N = weight_t.shape[1]
     x = torch.empty((M, N), device=a.device, dtype=out_dtype)
     y = torch.empty((M, N), device=a.device, dtype=norm_dtype)
     mean = torch.empty(M, device=a.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    if M == 0:  # an empty batch: nothing to launch
-        return x, y, mean, rstd
     block_n = min(LN_CHUNK, max(16, next_pow2(N)))  # tl.dot takes no dimension under 16
     _fwd_ln[lambda meta: (cdiv(M, meta["BLOCK_M"]),)](
         a,
@@ -172,10 +228,26 @@ def linear_weight_grad(g, x, need_bias=True, out_dtype=torch.float32):
     split (see split_rows); the kernel adds the splits' partials itself (one zero-fill and one launch a call)."""
     R, NF = g.shape
     KF = x.shape[1]
+    if R == 0:  # an empty batch: the sums over no rows
+        zeros = torch.zeros(NF, device=g.device, dtype=out_dtype)
+        return torch.zeros((NF, KF), device=g.device, dtype=out_dtype), (zeros if need_bias else None)
+    key = ("weight_grad", R, NF, KF, g.dtype, out_dtype, need_bias)
+    args = (g, x, need_bias, out_dtype)
+    return _run(key, g, triton=lambda: _weight_grad_triton(*args), cublas=lambda: _weight_grad_cublas(*args))
+
+
+def _weight_grad_cublas(g, x, need_bias, out_dtype):
+    """G^T @ X through cuBLAS (fp32 accumulation, rounded to G's dtype as eager's backward rounds), the bias as a
+    torch sum in fp32."""
+    db = g.sum(0, dtype=torch.float32).to(out_dtype) if need_bias else None
+    return (g.t() @ x).to(out_dtype), db
+
+
+def _weight_grad_triton(g, x, need_bias, out_dtype):
+    R, NF = g.shape
+    KF = x.shape[1]
     dw = torch.empty((NF, KF), device=g.device, dtype=out_dtype)
     db = torch.empty(NF, device=g.device, dtype=out_dtype) if need_bias else None
-    if R == 0:  # an empty batch: the sums over no rows
-        return dw.zero_(), (db.zero_() if need_bias else None)
     splits, rows_per_split = split_rows(R, cdiv(NF, 128) * cdiv(KF, 128), g.device)
     dw_part = db_part = arrived = None
     if splits > 1:
