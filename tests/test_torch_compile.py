@@ -23,6 +23,10 @@ def _samples(device):
     h = torch.randn(2, 5, 16, device=device, requires_grad=True)  # LayerNorm's output, as the previous op wrote it
     o = torch.randn(2, 5, 48, device=device, requires_grad=True)  # attention's output
     none = torch.empty(0, device=device)  # the LayerNorm parameters of an op called without one
+
+    def bf16(t):  # a bf16 leaf: the stream of a bf16 model
+        return t.detach().bfloat16().requires_grad_()
+
     return [
         (at._attention_fwd_op, (torch.randn(2, 9, 96, device=device, requires_grad=True), 2, 0.25)),
         (lm._mlp_fwd, (h, x, w1, b1, w2, b2, nw, nb, 1e-6, torch.float32, True)),
@@ -31,6 +35,7 @@ def _samples(device):
         (fl._linear_fwd, (h, w1, b1)),
         (fl._linear_residual_fwd, (o, w2, b2, x, nw, nb, 1e-6, torch.float32)),
         (fl._linear_residual_fwd, (o, w2, None, x, none, none, 1e-6, torch.float32)),
+        (fl._linear_residual_fwd, (*(bf16(t) for t in (o, w2, b2, x)), none, none, 1e-6, torch.bfloat16)),
         (
             pe._patch_embed_fwd,
             (
@@ -45,7 +50,7 @@ def _samples(device):
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(9))
 def test_opcheck(case, device):
     op, args = _samples(device)[case]
     torch.library.opcheck(op, args)

@@ -63,7 +63,8 @@ def stream_norm_fake(stream, norm_w, normed_dtype):
     """The fake (out-of-LayerNorm) outputs of an op whose stream [M, D] may feed a LayerNorm: normed, mean, rstd."""
     M, D = stream.shape
     if not norm_w.numel():
-        return stream.new_empty(0, dtype=normed_dtype), stream.new_empty(0, dtype=torch.float32), stream.new_empty(0)
+        empty = stream.new_empty(0, dtype=torch.float32)
+        return stream.new_empty(0, dtype=normed_dtype), empty, torch.empty_like(empty)
     stats = stream.new_empty(M, dtype=torch.float32)
     return stream.new_empty((M, D), dtype=normed_dtype), stats, torch.empty_like(stats)
 
@@ -114,18 +115,18 @@ def _layer_norm_setup(ctx, inputs, output):
 
 def _layer_norm_backward(ctx, dy, *unused):
     x, w, mean, rstd = ctx.saved_tensors
-    dx, dw, db = call(_stream_grad_op, dy, x, w, mean, rstd)
+    dx, dw, db = call(_layer_norm_bwd, dy, x, w, mean, rstd)
     return dx, dw, db, None, None
 
 
 @custom_op("fastvit::layer_norm_bwd")
 @on_input_device
-def _stream_grad_op(dy: Tensor, x: Tensor, w: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _layer_norm_bwd(dy: Tensor, x: Tensor, w: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     dx, dw, db = stream_grad(None, dy, rows(x), mean, rstd, w)
     return dx.view(x.shape), dw, db
 
 
-@_stream_grad_op.register_fake
+@_layer_norm_bwd.register_fake
 def _(dy, x, w, mean, rstd):
     return torch.empty_like(x), torch.empty_like(w), torch.empty_like(w)
 
