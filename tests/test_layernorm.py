@@ -30,7 +30,7 @@ def test_layernorm_forward_and_backward(D, out_dtype, device):
     var = x.double().var(1, unbiased=False)
     torch.testing.assert_close(rstd.double(), 1 / torch.sqrt(var + 1e-6), rtol=1e-5, atol=0)
 
-    dx, dw, db = layernorm_bwd(dy, x, mean, rstd, w, dres=dres)
+    dx, (dw, db) = layernorm_bwd(dy, x, mean, rstd, w, dres=dres)  # [2, D]: the weight's row, then the bias's
     ref.backward(dy.double())
     lowp = [t.detach().requires_grad_() for t in (x, w, b)]
     F.layer_norm(*lowp[:1], (D,), lowp[1], lowp[2], 1e-6).backward(dy)

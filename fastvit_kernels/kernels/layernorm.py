@@ -60,6 +60,7 @@ def layernorm_bwd_kernel(
     stride_xm,
     stride_rm,
     stride_dxm,
+    stride_part,  # between two programs' rows of DW_PART (and of DB_PART)
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_DRES: tl.constexpr,
@@ -93,5 +94,5 @@ def layernorm_bwd_kernel(
         tl.store(DX + rows64 * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         dw_acc += tl.sum(dy * xhat, 0)
         db_acc += tl.sum(dy, 0)
-    tl.store(DW_PART + pid * D + cols, dw_acc, mask=mask_d)
-    tl.store(DB_PART + pid * D + cols, db_acc, mask=mask_d)
+    tl.store(DW_PART + pid * stride_part + cols, dw_acc, mask=mask_d)
+    tl.store(DB_PART + pid * stride_part + cols, db_acc, mask=mask_d)

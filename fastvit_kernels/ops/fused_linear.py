@@ -49,14 +49,26 @@ def bias_grad(db, has_b, w):
 
 
 def stream_grad(dout, dnormed, out, mean, rstd, norm_w):
-    """(d stream, d norm weight, d norm bias) where the stream `out` [M, D] feeds the next residual add (gradient
-    dout) and LayerNorm (gradient dnormed): the LayerNorm backward adds dout in the same pass. A gradient that did
-    not flow is None; an op without LayerNorm has an empty norm_w, and its d stream is dout itself."""
+    """(d stream, d norm) where the stream `out` [M, D] feeds the next residual add (gradient dout) and LayerNorm
+    (gradient dnormed): the LayerNorm backward adds dout in the same pass. d norm is [2, D] (the LayerNorm weight's
+    gradient, then its bias's: ops may not return two views of one tensor; zeros when dnormed did not flow), empty
+    without a LayerNorm. A gradient that did not flow is None; an op without LayerNorm has an empty norm_w, and its
+    d stream is dout itself."""
     if dnormed is None or not norm_w.numel():
         dx = rows(dout) if dout is not None else torch.zeros_like(out)
-        return dx, norm_w.new_empty(NO_BIAS), norm_w.new_empty(NO_BIAS)
-    dx, dnw, dnb = layernorm_bwd(rows(dnormed), out, mean, rstd, norm_w, dres=None if dout is None else rows(dout))
-    return dx, dnw.to(norm_w.dtype), dnb.to(norm_w.dtype)
+        dnorm = norm_w.new_zeros((2, norm_w.shape[0])) if norm_w.numel() else norm_w.new_empty(NO_BIAS)
+        return dx, dnorm
+    dx, dnorm = layernorm_bwd(rows(dnormed), out, mean, rstd, norm_w, dres=None if dout is None else rows(dout))
+    return dx, dnorm.to(norm_w.dtype)
+
+
+def norm_grads(dnorm):
+    """(d norm weight, d norm bias), or (None, None), from an op's [2, D] d norm."""
+    return (dnorm[0], dnorm[1]) if dnorm.numel() else (None, None)
+
+
+def norm_grad_fake(norm_w):
+    return norm_w.new_empty((2, norm_w.shape[0]) if norm_w.numel() else NO_BIAS)
 
 
 def stream_norm_fake(stream, norm_w, normed_dtype):
@@ -115,20 +127,20 @@ def _layer_norm_setup(ctx, inputs, output):
 
 def _layer_norm_backward(ctx, dy, *unused):
     x, w, mean, rstd = ctx.saved_tensors
-    dx, dw, db = call(_layer_norm_bwd, dy, x, w, mean, rstd)
-    return dx, dw, db, None, None
+    dx, dnorm = call(_layer_norm_bwd, dy, x, w, mean, rstd)
+    return dx, dnorm[0], dnorm[1], None, None
 
 
 @custom_op("fastvit::layer_norm_bwd")
 @on_input_device
-def _layer_norm_bwd(dy: Tensor, x: Tensor, w: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = stream_grad(None, dy, rows(x), mean, rstd, w)
-    return dx.view(x.shape), dw, db
+def _layer_norm_bwd(dy: Tensor, x: Tensor, w: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    dx, dnorm = stream_grad(None, dy, rows(x), mean, rstd, w)
+    return dx.view(x.shape), dnorm
 
 
 @_layer_norm_bwd.register_fake
 def _(dy, x, w, mean, rstd):
-    return torch.empty_like(x), torch.empty_like(w), torch.empty_like(w)
+    return torch.empty_like(x), w.new_empty((2, w.shape[0]))
 
 
 register_autograd(_layer_norm_fwd, _layer_norm_backward, _layer_norm_setup)
@@ -208,8 +220,8 @@ def _linear_residual_bwd(
     dout: Tensor | None,
     dnormed: Tensor | None,
     has_b: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dstream, dnw, dnb = stream_grad(dout, dnormed, rows(out), mean, rstd, norm_w)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dstream, dnorm = stream_grad(dout, dnormed, rows(out), mean, rstd, norm_w)
     dy = dstream.to(w.dtype)
     dw, db = linear_weight_grad(dy, rows(x), need_bias=has_b, out_dtype=w.dtype)
     dx = torch.matmul(dy, w)  # plain GEMM, nothing to fuse
@@ -218,17 +230,15 @@ def _linear_residual_bwd(
         dw,
         bias_grad(db, has_b, w),
         stream_grad_out(dstream, norm_w, out.shape),
-        dnw,
-        dnb,
+        dnorm,
     )
 
 
 @_linear_residual_bwd.register_fake
 def _(x, w, norm_w, out, mean, rstd, dout, dnormed, has_b):
-    dn = norm_w.new_empty(norm_w.shape if norm_w.numel() and dnormed is not None else NO_BIAS)
     bias = w.new_empty(w.shape[0] if has_b else NO_BIAS)
     dres = torch.empty_like(out) if norm_w.numel() else out.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(w), bias, dres, dn, torch.empty_like(dn)
+    return torch.empty_like(x), torch.empty_like(w), bias, dres, norm_grad_fake(norm_w)
 
 
 def _linear_residual_setup(ctx, inputs, output):
@@ -239,9 +249,9 @@ def _linear_residual_setup(ctx, inputs, output):
 
 
 def _linear_residual_backward(ctx, dout, dnormed, *unused):
-    dx, dw, db, dres, dnw, dnb = call(_linear_residual_bwd, *ctx.saved_tensors, dout, dnormed, ctx.has_b)
+    dx, dw, db, dres, dnorm = call(_linear_residual_bwd, *ctx.saved_tensors, dout, dnormed, ctx.has_b)
     dres = dres if ctx.has_norm else dout
-    return dx, dw, grad_or_none(db), dres, grad_or_none(dnw), grad_or_none(dnb), None, None
+    return dx, dw, grad_or_none(db), dres, *norm_grads(dnorm), None, None
 
 
 register_autograd(_linear_residual_fwd, _linear_residual_backward, _linear_residual_setup)

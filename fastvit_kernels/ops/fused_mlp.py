@@ -26,6 +26,8 @@ from .fused_linear import (
     layer_norm,
     layer_norm_ref,
     no_norm,
+    norm_grad_fake,
+    norm_grads,
     residual_dtype,
     residual_then_norm,
     rows,
@@ -85,8 +87,8 @@ def _mlp_bwd(
     dnormed: Tensor | None,
     has_b1: bool,
     has_b2: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dstream, dnw, dnb = stream_grad(dout, dnormed, rows(out), mean, rstd, norm_w)  # [M, D]
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dstream, dnorm = stream_grad(dout, dnormed, rows(out), mean, rstd, norm_w)  # [M, D], [2, D]
     dy = dstream.to(w2.dtype)  # the GEMMs run in the compute dtype, as eager autocast's backward does
     dw2, db2 = linear_weight_grad(dy, act, need_bias=has_b2, out_dtype=w2.dtype)
     # d(pre-activation) = (dy @ W2) * GELU'(pre): GELU's derivative in the GEMM epilogue
@@ -100,14 +102,12 @@ def _mlp_bwd(
         bias_grad(db1, has_b1, w1),
         dw2,
         bias_grad(db2, has_b2, w2),
-        dnw,
-        dnb,
+        dnorm,
     )
 
 
 @_mlp_bwd.register_fake
 def _(h, w1, w2, norm_w, out, mean, rstd, act, pre, dout, dnormed, has_b1, has_b2):
-    dn = norm_w.new_empty(norm_w.shape if norm_w.numel() and dnormed is not None else NO_BIAS)
     return (
         torch.empty_like(h),
         torch.empty_like(out) if norm_w.numel() else out.new_empty(0),
@@ -115,8 +115,7 @@ def _(h, w1, w2, norm_w, out, mean, rstd, act, pre, dout, dnormed, has_b1, has_b
         w1.new_empty(w1.shape[0] if has_b1 else NO_BIAS),
         torch.empty_like(w2),
         w2.new_empty(w2.shape[0] if has_b2 else NO_BIAS),
-        dn,
-        torch.empty_like(dn),
+        norm_grad_fake(norm_w),
     )
 
 
@@ -129,7 +128,7 @@ def _mlp_setup(ctx, inputs, output):
 
 def _mlp_backward(ctx, dout, dnormed, *unused):
     grads = call(_mlp_bwd, *ctx.saved_tensors, dout, dnormed, ctx.has_b1, ctx.has_b2)
-    dh, dres, dw1, db1, dw2, db2, dnw, dnb = grads
+    dh, dres, dw1, db1, dw2, db2, dnorm = grads
     return (
         dh,
         dres if ctx.has_norm else dout,
@@ -137,8 +136,7 @@ def _mlp_backward(ctx, dout, dnormed, *unused):
         grad_or_none(db1),
         dw2,
         grad_or_none(db2),
-        grad_or_none(dnw),
-        grad_or_none(dnb),
+        *norm_grads(dnorm),
         None,
         None,
         None,

@@ -39,18 +39,18 @@ def layernorm_fwd(x, weight, bias, eps, out_dtype):
 
 
 def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
-    """(dx, dweight, dbias) of LayerNorm, dx += dres in the same pass. dweight/dbias come back in fp32."""
+    """(dx, dnorm) of LayerNorm, dx += dres in the same pass; dnorm [2, D] fp32 holds the weight's gradient (row 0)
+    and the bias's (row 1): one tensor, so that one sum adds up both."""
     M, D = x.shape
     if M == 0:
-        zeros = torch.zeros(D, device=x.device, dtype=torch.float32)
-        return torch.empty_like(x), zeros, zeros.clone()
+        return torch.empty_like(x), torch.zeros((2, D), device=x.device, dtype=torch.float32)
     block_m, block_d, warps = row_kernel_params(D, **LAYERNORM_BWD_PARAMS)
     programs = min(cdiv(M, block_m), 4 * num_sms(x.device))
     rows_per_program = cdiv(cdiv(M, programs), block_m) * block_m
     programs = cdiv(M, rows_per_program)
     dx = torch.empty_like(x)
-    dw_part = torch.empty((programs, D), device=x.device, dtype=torch.float32)
-    db_part = torch.empty_like(dw_part)
+    # [programs, 2, D]: the weight's and the bias's partial sums side by side, so one torch sum adds up both
+    parts = torch.empty((programs, 2, D), device=x.device, dtype=torch.float32)
     layernorm_bwd_kernel[(programs,)](
         dy,
         x,
@@ -59,8 +59,8 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
         weight,
         dres,
         dx,
-        dw_part,
-        db_part,
+        parts[:, 0],
+        parts[:, 1],
         M,
         D,
         rows_per_program,
@@ -68,8 +68,9 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
         x.stride(0),
         dres.stride(0) if dres is not None else 0,
         dx.stride(0),
+        parts.stride(0),
         BLOCK_M=block_m,
         BLOCK_D=block_d,
         num_warps=warps,
     )
-    return dx, dw_part.sum(0), db_part.sum(0)
+    return dx, parts.sum(0)
