@@ -147,15 +147,27 @@ prune_linear_dw = prune_gemm_configs("G", "X")
 # The full-row GEMM with the next LayerNorm in its epilogue (kernels/gemm_layernorm.py): a 64-row tile holds up to
 # four 128-column fp32 accumulators (96 registers a thread for D = 384 with 8 warps), so BLOCK_M stays 64 and the
 # warps 8; the configurations differ in how deep the K pipeline is. The last one fits fp32 operands.
+# The TMA variants come after the pointer ones (the tests and FASTVIT_AUTOTUNE=0 take the first): 158 SASS
+# instructions per 64-wide K step against 185 (sm_90, D = 384, compiled offline), for fc2's 24 K steps per tile.
 LINEAR_LN_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": bk}, num_warps=8, num_stages=stages)
-    for bk, stages in ((64, 3), (32, 4), (64, 2), (16, 2))
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": bk, "USE_TMA": tma}, num_warps=8, num_stages=stages)
+    for bk, stages, tma in (
+        (64, 3, False),
+        (32, 4, False),
+        (64, 2, False),
+        (16, 2, False),
+        (64, 3, True),
+        (32, 4, True),
+    )
 ]
 
 
 def prune_linear_ln(configs, named_args, **kwargs):
-    """Shared memory: stages x (A's 64 x BLOCK_K tile + B's BLOCK_K x (N_CHUNKS x BLOCK_N) tile)."""
+    """Shared memory: stages x (A's 64 x BLOCK_K tile + B's BLOCK_K x (N_CHUNKS x BLOCK_N) tile); the TMA configs
+    only where the operands allow descriptors (TMA_OK) and FASTVIT_TMA is not 0."""
     args = {**named_args, **kwargs}
+    if not args.get("TMA_OK", False) or os.environ.get("FASTVIT_TMA", "1") == "0":
+        configs = [c for c in configs if not c.kwargs.get("USE_TMA")]
     a, row = args["A"], args["N_CHUNKS"] * args["BLOCK_N"]
     limit = smem_limit(a.device)
 
@@ -228,10 +240,11 @@ def gemm_choices() -> dict:
 # ------------------------------------------------------------------------------------------------------------------
 # Attention (ops/fused_attention.py)
 # ------------------------------------------------------------------------------------------------------------------
-def _attention_cfg(bm, bn, warps, stages, maxnreg=None, whole=False):
+def _attention_cfg(bm, bn, warps, stages, maxnreg=None, whole=None):
+    """whole: the forward's WHOLE flag (True or False); None for the backward kernels, which have none."""
     kwargs = {"BLOCK_M": bm, "BLOCK_N": bn}
-    if whole:
-        kwargs["WHOLE"] = True
+    if whole is not None:
+        kwargs["WHOLE"] = whole
     return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
@@ -254,14 +267,14 @@ ATTENTION_FWD_CONFIGS = [
     _attention_cfg(128, 128, 8, 3, whole=True),
     _attention_cfg(64, 64, 4, 3, whole=True),
     _attention_cfg(128, 128, 8, 2, whole=True),
-    _attention_cfg(64, 64, 4, 3),
-    _attention_cfg(32, 32, 4, 2),
-    _attention_cfg(32, 64, 4, 3),
-    _attention_cfg(64, 32, 4, 3),
-    _attention_cfg(128, 64, 8, 3),
-    _attention_cfg(128, 32, 8, 3),
-    _attention_cfg(16, 32, 4, 2),
-    _attention_cfg(64, 64, 4, 3, maxnreg=128),
+    _attention_cfg(64, 64, 4, 3, whole=False),
+    _attention_cfg(32, 32, 4, 2, whole=False),
+    _attention_cfg(32, 64, 4, 3, whole=False),
+    _attention_cfg(64, 32, 4, 3, whole=False),
+    _attention_cfg(128, 64, 8, 3, whole=False),
+    _attention_cfg(128, 32, 8, 3, whole=False),
+    _attention_cfg(16, 32, 4, 2, whole=False),
+    _attention_cfg(64, 64, 4, 3, maxnreg=128, whole=False),
 ]
 ATTENTION_BWD_CONFIGS = [
     _attention_cfg(64, 64, 4, 2),

@@ -134,8 +134,8 @@ def _variants(cap):
         # 512 the widest, 100 one masked chunk
         gln_ptrs = {"A": w, "B": w, "BIAS": w, "RES": stream, "C": stream, "LN_W": f32, "LN_B": f32, "Y": w}
         gln_ptrs.update(MEAN=f32, RSTD=f32)
-        gln_consts = [
-            dict(HAS_BIAS=True, DOT_PRECISION="ieee", BLOCK_N=bn, N_CHUNKS=n)
+        gln_consts = [  # TMA where the launcher allows it: Hopper (K-major operands, 16-byte rows in the models)
+            dict(HAS_BIAS=True, DOT_PRECISION="ieee", BLOCK_N=bn, N_CHUNKS=n, TMA_OK=cap >= 90)
             for bn, n in ((128, 3), (128, 4), (128, 1))
         ]
         hot = lambda c: c["N_CHUNKS"] == 3  # noqa: E731 - D = 384, the CIFAR-10 and ViT-S width
@@ -265,6 +265,10 @@ def _compile(job):
     constexprs = {k: v for k, v in consts.items() if k != "maxnreg"}
     sig, attrs = {}, {}
     constexprs.update({a: None for a, dt in ptrs.items() if dt is None})
+    # a constexpr left out would be compiled as a runtime integer (both sides of its `if` at once): name them all
+    unnamed = [p.name for p in kernel.params if p.is_constexpr and p.name not in constexprs]
+    if unnamed:
+        return dict(kernel=name, cap=cap, ptrs=ptrs, consts=consts, ok=False, error=f"constexprs not given: {unnamed}")
     for i, a in enumerate(kernel.arg_names):
         if a in consts or (a in ptrs and ptrs[a] is None):
             sig[a] = "constexpr"

@@ -145,3 +145,28 @@ def test_the_faster_candidate_is_measured_once_per_shape_and_kept(monkeypatch):
     monkeypatch.setenv("FASTVIT_GEMM", "cuda")
     with pytest.raises(ValueError, match="FASTVIT_GEMM"):
         tuning.pick_gemm_backend("k1", candidates, timed=True)
+
+
+@pytest.mark.parametrize("cfg", range(len(tuning.LINEAR_LN_CONFIGS)))
+def test_every_full_row_layernorm_config(cfg, device, monkeypatch):
+    # each tile the tuner may pick for the LayerNorm-epilogue GEMM, the tensor-descriptor (TMA) ones included:
+    # K = 48 in bf16 keeps rows 16-byte aligned; N = 200 is two chunks, the second masked (and zero-filled by TMA)
+    launcher = lin._fwd_ln
+    if not isinstance(launcher, tuning._FirstConfig):
+        pytest.skip("the configs are forced through the first-config launcher (interpreter or FASTVIT_AUTOTUNE=0)")
+    monkeypatch.setenv("FASTVIT_GEMM", "triton")
+    config = tuning.LINEAR_LN_CONFIGS[cfg]
+    monkeypatch.setattr(launcher, "configs", [config])
+    M, K, N = 70, 48, 200
+    a = torch.randn(M, K, device=device).to(torch.bfloat16)
+    w = (torch.randn(N, K, device=device) * K**-0.5).to(torch.bfloat16)
+    res = torch.randn(M, N, device=device)
+    nw, nb = 1 + 0.2 * torch.randn(N, device=device), 0.2 * torch.randn(N, device=device)
+    assert lin._tma_ok(a, w.t())
+    # the pruning keeps it at this shape (so it runs, not a fallback tile)
+    assert tuning.prune_linear_ln([config], {"A": a, "N_CHUNKS": 2, "BLOCK_N": 128, "TMA_OK": True}) == [config]
+    x, y, _, _ = lin.linear_residual_layernorm(a, w.t(), None, res, nw, nb, 1e-6, torch.bfloat16)
+    x_ref = res.double() + a.double() @ w.double().t()
+    assert_matches(x, res + (a @ w.t()).float(), x_ref, torch.bfloat16, "X")
+    y_ref = F.layer_norm(x.double(), (N,), nw.double(), nb.double(), 1e-6)
+    assert_matches(y, F.layer_norm(x, (N,), nw, nb, 1e-6).to(torch.bfloat16), y_ref, torch.bfloat16, "LayerNorm(X)")

@@ -82,12 +82,12 @@ def linear_residual_layernorm_kernel(
     BLOCK_N: tl.constexpr,  # columns per accumulator
     BLOCK_K: tl.constexpr,
     N_CHUNKS: tl.constexpr,  # accumulators per row, 1 to 4: N <= N_CHUNKS * BLOCK_N
+    TMA_OK: tl.constexpr,  # the launcher's: the operands can be read through tensor descriptors (16-byte rows)
     HAS_BIAS: tl.constexpr,
+    USE_TMA: tl.constexpr = False,  # the config's: load A and B through tensor descriptors where TMA_OK
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if N_CHUNKS > 1:
         acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -95,20 +95,39 @@ def linear_residual_layernorm_kernel(
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if N_CHUNKS > 3:
         acc3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
-        b0 = _b_tile(B, k0, 0, N, K, stride_bk, stride_bn, BLOCK_K, BLOCK_N)
-        acc0 = tl.dot(a, b0, acc0, input_precision=DOT_PRECISION)
-        if N_CHUNKS > 1:
-            b1 = _b_tile(B, k0, 1, N, K, stride_bk, stride_bn, BLOCK_K, BLOCK_N)
-            acc1 = tl.dot(a, b1, acc1, input_precision=DOT_PRECISION)
-        if N_CHUNKS > 2:
-            b2 = _b_tile(B, k0, 2, N, K, stride_bk, stride_bn, BLOCK_K, BLOCK_N)
-            acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
-        if N_CHUNKS > 3:
-            b3 = _b_tile(B, k0, 3, N, K, stride_bk, stride_bn, BLOCK_K, BLOCK_N)
-            acc3 = tl.dot(a, b3, acc3, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
+    if USE_TMA and TMA_OK:
+        # The copy engine computes the addresses and zero-fills past M, N and K: a K step issues no address or mask
+        # arithmetic (fc2's 24 K steps per tile are most of its main loop). B's chunks are read K-major, as
+        # nn.Linear stores its weight, and transposed in shared memory for the dot.
+        row0 = tl.program_id(0) * BLOCK_M
+        a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+        b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([row0, k0])
+            acc0 = tl.dot(a, b_desc.load([0, k0]).T, acc0, input_precision=DOT_PRECISION)
+            if N_CHUNKS > 1:
+                acc1 = tl.dot(a, b_desc.load([BLOCK_N, k0]).T, acc1, input_precision=DOT_PRECISION)
+            if N_CHUNKS > 2:
+                acc2 = tl.dot(a, b_desc.load([2 * BLOCK_N, k0]).T, acc2, input_precision=DOT_PRECISION)
+            if N_CHUNKS > 3:
+                acc3 = tl.dot(a, b_desc.load([3 * BLOCK_N, k0]).T, acc3, input_precision=DOT_PRECISION)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+            b0 = _b_tile(B, k0, 0, N, K, stride_bk, stride_bn, BLOCK_K, BLOCK_N)
+            acc0 = tl.dot(a, b0, acc0, input_precision=DOT_PRECISION)
+            if N_CHUNKS > 1:
+                b1 = _b_tile(B, k0, 1, N, K, stride_bk, stride_bn, BLOCK_K, BLOCK_N)
+                acc1 = tl.dot(a, b1, acc1, input_precision=DOT_PRECISION)
+            if N_CHUNKS > 2:
+                b2 = _b_tile(B, k0, 2, N, K, stride_bk, stride_bn, BLOCK_K, BLOCK_N)
+                acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
+            if N_CHUNKS > 3:
+                b3 = _b_tile(B, k0, 3, N, K, stride_bk, stride_bn, BLOCK_K, BLOCK_N)
+                acc3 = tl.dot(a, b3, acc3, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
 
     # The epilogue: the stream, then LayerNorm of the whole row in fp32 (two passes over registers, mean then centred
     # squares, as the row kernel does), rounded to Y's dtype once, at the store.

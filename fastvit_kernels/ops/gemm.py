@@ -36,7 +36,7 @@ _fwd = autotuned(
     linear_fwd_kernel, LINEAR_FWD_CONFIGS, ["M", "N", "K", "EPILOGUE", "DOT_PRECISION", "TMA_OK"], prune_linear_fwd
 )
 _fwd_ln = autotuned(
-    linear_residual_layernorm_kernel, LINEAR_LN_CONFIGS, ["M", "N", "K", "DOT_PRECISION"], prune_linear_ln
+    linear_residual_layernorm_kernel, LINEAR_LN_CONFIGS, ["M", "N", "K", "DOT_PRECISION", "TMA_OK"], prune_linear_ln
 )
 _dw = autotuned(linear_dw_kernel, LINEAR_DW_CONFIGS, ["R", "NF", "KF", "DOT_PRECISION"], prune_linear_dw)
 
@@ -193,6 +193,9 @@ def _residual_layernorm_triton(a, weight_t, bias, residual, norm_weight, norm_bi
     mean = torch.empty(M, device=a.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block_n = min(LN_CHUNK, max(16, next_pow2(N)))  # tl.dot takes no dimension under 16
+    tma_ok = _tma_ok(a, weight_t)
+    if tma_ok and not interpreting():
+        triton.set_allocator(_tma_scratch)  # a context variable, so set where the launch happens
     _fwd_ln[lambda meta: (cdiv(M, meta["BLOCK_M"]),)](
         a,
         weight_t,
@@ -218,6 +221,7 @@ def _residual_layernorm_triton(a, weight_t, bias, residual, norm_weight, norm_bi
         DOT_PRECISION=dot_precision(weight_t.dtype),
         BLOCK_N=block_n,
         N_CHUNKS=cdiv(N, block_n),
+        TMA_OK=tma_ok,
     )
     return x, y, mean, rstd
 
