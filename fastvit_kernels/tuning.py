@@ -130,13 +130,19 @@ def _serialised(cfg, epilogue, res) -> bool:
     return epilogue == "residual" and res is not None and res.element_size() == 4 and tile == (128, 128, 8, False)
 
 
-def prune_linear_fwd(configs, named_args, **kwargs):
-    """Shared memory as for every GEMM; the TMA tiles only where the operands allow descriptors (TMA_OK), and not
-    with FASTVIT_TMA=0 (which leaves the tuner the pointer-load tiles alone: the A/B switch of the benchmarks); no
-    tile that ptxas serialises."""
-    args = {**named_args, **kwargs}  # the launch keywords are in kwargs when tuning
+def _tma_where_ok(configs, args):
+    """The configs without the TMA ones unless the operands allow descriptors (TMA_OK) and FASTVIT_TMA is not 0 (the
+    benchmarks' A/B switch: the pointer-load tiles alone)."""
     if not args.get("TMA_OK", False) or os.environ.get("FASTVIT_TMA", "1") == "0":
-        configs = [c for c in configs if not c.kwargs.get("USE_TMA")]
+        return [c for c in configs if not c.kwargs.get("USE_TMA")]
+    return configs
+
+
+def prune_linear_fwd(configs, named_args, **kwargs):
+    """Shared memory as for every GEMM; the TMA tiles where _tma_where_ok keeps them; no tile that ptxas
+    serialises."""
+    args = {**named_args, **kwargs}  # the launch keywords are in kwargs when tuning
+    configs = _tma_where_ok(configs, args)
     configs = [c for c in configs if not _serialised(c, args.get("EPILOGUE"), args.get("RES"))]
     return _linear_smem(configs, named_args, **kwargs)
 
@@ -164,10 +170,9 @@ LINEAR_LN_CONFIGS = [
 
 def prune_linear_ln(configs, named_args, **kwargs):
     """Shared memory: stages x (A's 64 x BLOCK_K tile + B's BLOCK_K x (N_CHUNKS x BLOCK_N) tile); the TMA configs
-    only where the operands allow descriptors (TMA_OK) and FASTVIT_TMA is not 0."""
+    where _tma_where_ok keeps them."""
     args = {**named_args, **kwargs}
-    if not args.get("TMA_OK", False) or os.environ.get("FASTVIT_TMA", "1") == "0":
-        configs = [c for c in configs if not c.kwargs.get("USE_TMA")]
+    configs = _tma_where_ok(configs, args)
     a, row = args["A"], args["N_CHUNKS"] * args["BLOCK_N"]
     limit = smem_limit(a.device)
 

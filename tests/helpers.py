@@ -5,6 +5,8 @@
 with err the relative L2 error ||a - ref|| / ||ref||, the fp64 reference computed from the same (rounded) inputs and
 cotangent as ours, plus a guard on the worst element (4x torch's worst + one ulp of the stored dtype, at least atol, of
 the reference's scale) so a few wrong rows cannot hide in a large norm. NaN or inf never passes.
+
+Also force_config, for the tests that run every tile a kernel's tuner may pick.
 """
 
 import torch
@@ -69,3 +71,15 @@ def check_op(op, ref, inputs, dtype, kwargs=None, grad_scale=1.0):
         if c is not None:
             assert_matches(a, b, c, dtype, f"grad of input {i}")
     return out[0] if len(out) == 1 else out
+
+
+def force_config(monkeypatch, launcher, config):
+    """Make a first-config launcher (the interpreter's, or FASTVIT_AUTOTUNE=0's) launch `config`; skip the test where
+    the launcher autotunes, since then the tuner picks."""
+    import pytest
+
+    from fastvit_kernels.tuning import _FirstConfig
+
+    if not isinstance(launcher, _FirstConfig):
+        pytest.skip("the configs are forced through the first-config launcher (interpreter or FASTVIT_AUTOTUNE=0)")
+    monkeypatch.setattr(launcher, "configs", [config])

@@ -1,9 +1,9 @@
 import pytest
 import torch
-from helpers import assert_matches, check_op
+from helpers import assert_matches, check_op, force_config
 
 from fastvit_kernels.ops import _common, attention, attention_ref, fused_attention
-from fastvit_kernels.tuning import ATTENTION_FWD_CONFIGS, _FirstConfig, prune_attention
+from fastvit_kernels.tuning import ATTENTION_FWD_CONFIGS, prune_attention
 
 # (B, N, H, d): odd lengths, the model's 65 and 197, head dims that are not powers of two, batch 1, one token
 SHAPES = [(2, 65, 2, 64), (1, 17, 3, 80), (1, 1, 1, 16), (2, 33, 2, 96), (1, 197, 1, 32), (1, 5, 2, 128)]
@@ -90,13 +90,10 @@ def test_reference_dropout_drops_probabilities_as_the_eager_model_trains(impl):
 @pytest.mark.parametrize("cfg", range(len(ATTENTION_FWD_CONFIGS)))
 def test_every_forward_config_matches_reference(cfg, device, monkeypatch):
     # each tile the tuner may pick, the whole-sequence (WHOLE) ones included, at a length every one of them takes
-    launcher = fused_attention._fwd
-    if not isinstance(launcher, _FirstConfig):
-        pytest.skip("the configs are forced through the first-config launcher (interpreter or FASTVIT_AUTOTUNE=0)")
     config = ATTENTION_FWD_CONFIGS[cfg]
     if config.maxnreg is not None and device == "cpu":
         pytest.skip("a register cap is a GPU compile option")
-    monkeypatch.setattr(launcher, "configs", [config])
+    force_config(monkeypatch, fused_attention._fwd, config)
     qkv = torch.randn(3, 60, 3 * 2 * 64, device=device)
     ours = attention(qkv, 2)
     assert_matches(ours, attention_ref(qkv, 2), attention_ref(qkv.double(), 2), torch.float32)

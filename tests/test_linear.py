@@ -4,7 +4,7 @@ epilogue), against float64."""
 
 import pytest
 import torch
-from helpers import assert_matches
+from helpers import assert_matches, force_config
 
 from fastvit_kernels import tuning
 from fastvit_kernels.ops import gemm as lin
@@ -151,12 +151,9 @@ def test_the_faster_candidate_is_measured_once_per_shape_and_kept(monkeypatch):
 def test_every_full_row_layernorm_config(cfg, device, monkeypatch):
     # each tile the tuner may pick for the LayerNorm-epilogue GEMM, the tensor-descriptor (TMA) ones included:
     # K = 48 in bf16 keeps rows 16-byte aligned; N = 200 is two chunks, the second masked (and zero-filled by TMA)
-    launcher = lin._fwd_ln
-    if not isinstance(launcher, tuning._FirstConfig):
-        pytest.skip("the configs are forced through the first-config launcher (interpreter or FASTVIT_AUTOTUNE=0)")
-    monkeypatch.setenv("FASTVIT_GEMM", "triton")
     config = tuning.LINEAR_LN_CONFIGS[cfg]
-    monkeypatch.setattr(launcher, "configs", [config])
+    force_config(monkeypatch, lin._fwd_ln, config)
+    monkeypatch.setenv("FASTVIT_GEMM", "triton")
     M, K, N = 70, 48, 200
     a = torch.randn(M, K, device=device).to(torch.bfloat16)
     w = (torch.randn(N, K, device=device) * K**-0.5).to(torch.bfloat16)

@@ -297,9 +297,12 @@ def cast(t, dtype):
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def no_norm(like):
-    """The empty LayerNorm parameter of an op called without a LayerNorm."""
-    return like.new_empty(0)
+def norm_or_empty(norm_weight, norm_bias, like):
+    """(norm_weight, norm_bias) for an op's schema: the given pair, or two empty tensors (like's device and dtype) for
+    a call without a LayerNorm (ops take no None where they branch on the LayerNorm's presence by numel)."""
+    if norm_weight is not None:
+        return norm_weight, norm_bias
+    return like.new_empty(0), like.new_empty(0)
 
 
 def layer_norm(x, weight, bias, eps=1e-6, out_dtype=None):
@@ -329,7 +332,7 @@ def _linear_residual(x, weight, bias, residual, norm_weight, norm_bias, eps, nor
     if norm_weight is not None:
         check_norm(weight.shape[0], norm_weight, norm_bias, "the linear's output")
     cdt = compute_dtype(weight)
-    nw, nb = (norm_weight, norm_bias) if norm_weight is not None else (no_norm(weight), no_norm(weight))
+    nw, nb = norm_or_empty(norm_weight, norm_bias, weight)
     args = (cast(x, cdt), cast(weight, cdt), cast(bias, cdt), residual, nw, nb, eps, normed_dtype or cdt)
     return call(_linear_residual_fwd, *args)
 

@@ -25,9 +25,9 @@ from .fused_linear import (
     grad_or_none,
     layer_norm,
     layer_norm_ref,
-    no_norm,
     norm_grad_fake,
     norm_grads,
+    norm_or_empty,
     residual_dtype,
     residual_then_norm,
     rows,
@@ -166,7 +166,7 @@ def _mlp(h, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, norm_weight, n
         check_norm(D, norm_weight, norm_bias, "the MLP's output")
     cdt = compute_dtype(fc1_weight)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, *params.values()))
-    nw, nb = (norm_weight, norm_bias) if norm_weight is not None else (no_norm(fc1_weight), no_norm(fc1_weight))
+    nw, nb = norm_or_empty(norm_weight, norm_bias, fc1_weight)
     w1, b1, w2, b2 = (cast(t, cdt) for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
     return call(_mlp_fwd, cast(h, cdt), residual, w1, b1, w2, b2, nw, nb, eps, normed_dtype or cdt, training)
 

@@ -63,6 +63,15 @@ def _tma_ok(a, weight_t) -> bool:
     )
 
 
+def _tma_ready(a, weight_t) -> bool:
+    """_tma_ok, with Triton's allocator for the on-device descriptors set where it is true (a context variable: set
+    where the launch happens)."""
+    ok = _tma_ok(a, weight_t)
+    if ok and not interpreting():
+        triton.set_allocator(_tma_scratch)
+    return ok
+
+
 def linear(a, weight_t, bias=None, *, epilogue="none", pre=None, residual=None, out_dtype=None):
     """C [M, N] = epilogue(a [M, K] @ weight_t [K, N] + bias), a and weight_t in the compute dtype (a transposed view
     of an nn.Linear weight is fine).
@@ -116,9 +125,7 @@ def _linear_triton(a, weight_t, bias, epilogue, pre, res, out_dtype):
     M, K = a.shape
     N = weight_t.shape[1]
     c = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    tma_ok = _tma_ok(a, weight_t)
-    if tma_ok and not interpreting():
-        triton.set_allocator(_tma_scratch)  # a context variable, so set where the launch happens
+    tma_ok = _tma_ready(a, weight_t)
     sms = num_sms(a.device)
 
     def grid(meta):
@@ -193,9 +200,7 @@ def _residual_layernorm_triton(a, weight_t, bias, residual, norm_weight, norm_bi
     mean = torch.empty(M, device=a.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block_n = min(LN_CHUNK, max(16, next_pow2(N)))  # tl.dot takes no dimension under 16
-    tma_ok = _tma_ok(a, weight_t)
-    if tma_ok and not interpreting():
-        triton.set_allocator(_tma_scratch)  # a context variable, so set where the launch happens
+    tma_ok = _tma_ready(a, weight_t)
     _fwd_ln[lambda meta: (cdiv(M, meta["BLOCK_M"]),)](
         a,
         weight_t,
