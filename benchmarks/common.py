@@ -168,7 +168,7 @@ def measure(
 
 def chosen_configs(**launchers):
     """A describe() for measure(): the config each autotuned launcher picked, as `config` in the row, read after
-    the timing (e.g. "fwd 64x64 w4 s3"). Launchers that did not tune (FASTVIT_AUTOTUNE=0) are left out."""
+    the timing (e.g. "fwd 64x64 w4 s3"): the tuner's choice, or the first config where launches do not tune."""
 
     def describe():
         parts = []

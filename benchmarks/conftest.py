@@ -32,6 +32,17 @@ def bench_opts(request):
     return dict(rounds=request.config.getoption("--bench-rounds"), warmup=request.config.getoption("--bench-warmup"))
 
 
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    """Each row's GEMM backends and configurations are decided afresh (a row may force FASTVIT_GEMM, read when a key is
+    first launched: fastvit_kernels.tuning.forget). Triton's autotuner keeps its timings, so nothing is re-timed."""
+    from fastvit_kernels import tuning
+
+    tuning.forget()
+    yield
+    tuning.forget()
+
+
 @pytest.fixture(scope="session")
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

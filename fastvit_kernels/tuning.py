@@ -49,42 +49,73 @@ def prune_gemm_configs(a_name, b_name):
     return prune
 
 
-def autotuned(kernel, configs, key, prune=None):
-    """The autotuned launcher of `kernel` on a GPU; under the interpreter (or FASTVIT_AUTOTUNE=0) its first config.
-
-    The interpreter runs each config at interpreter speed, so tuning there would only cost time. FASTVIT_AUTOTUNE=0
-    makes GPU test runs fast and deterministic in what they launch; benchmarks keep tuning on.
-    """
-    if interpreting() or os.environ.get("FASTVIT_AUTOTUNE", "1") == "0":
-        return _FirstConfig(kernel, configs, prune)
-    kwargs = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
-    return triton.autotune(configs=configs, key=key, **kwargs)(kernel)
+def tuning_on() -> bool:
+    """Whether launches time their candidate configs: on a GPU, unless FASTVIT_AUTOTUNE=0. The interpreter runs each
+    config at interpreter speed, so tuning there would only cost time; FASTVIT_AUTOTUNE=0 makes GPU test runs fast and
+    deterministic in what they launch. Benchmarks keep tuning on."""
+    return not interpreting() and os.environ.get("FASTVIT_AUTOTUNE", "1") != "0"
 
 
-class _FirstConfig:
-    """Launch `kernel` with the first (pruned) config, with the same call syntax as an autotuned kernel."""
+_LAUNCHERS: list = []  # every Launcher, for forget()
 
-    def __init__(self, kernel, configs, prune):
+
+class Launcher:
+    """The launches of one kernel. Its configuration for a key is chosen at the key's first launch: timed by Triton's
+    autotuner on a GPU (tuning_on), else the first config the prune function keeps. Every later launch with the key
+    goes straight to the kernel with that configuration.
+
+    Why not Triton's autotuner on every call: it rebuilds its key from all the arguments on each launch (a dict of
+    them, str() of every tensor's dtype), host time spent again on every one of a step's ~60-400 launches. Here the
+    caller passes a key it has at hand. That key must hold everything the prune function and the choice depend on
+    (shapes, dtypes, feature flags, the device): configurations are chosen per key, never re-checked. `grid` takes the
+    configuration's keyword arguments (BLOCK_M, ...) and nothing else."""
+
+    def __init__(self, kernel, configs, tuner_key, prune=None):
         self.kernel, self.configs, self.prune = kernel, configs, prune
+        self.tuner_key = tuner_key  # the argument names Triton's autotuner keys its timings on (first launches only)
+        self.chosen = {}  # key -> (config, the keyword arguments its launches take)
+        self.best_config = None  # the configuration of the latest launch (the benchmark rows record it)
+        self._tuner = None
+        _LAUNCHERS.append(self)
 
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            configs = self.configs
-            if self.prune is not None:
-                named = dict(zip(self.kernel.arg_names, args))
-                named.update(kwargs)
-                configs = self.prune(configs, named)
-            cfg = configs[0]
-            meta = dict(kwargs, **cfg.kwargs)
-            g = grid(meta) if callable(grid) else grid
-            extra = {}
-            if not interpreting():  # launch options: the interpreter takes none
-                extra = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-                if cfg.maxnreg is not None:
-                    extra["maxnreg"] = cfg.maxnreg
-            return self.kernel[g](*args, **kwargs, **cfg.kwargs, **extra)
+    def launch(self, key, grid, *args, **consts):
+        chosen = self.chosen.get(key)
+        if chosen is None:
+            return self._first_launch(key, grid, args, consts)
+        self.best_config, opts = chosen
+        self.kernel[grid(opts)](*args, **consts, **opts)
 
-        return launch
+    def _first_launch(self, key, grid, args, consts):
+        if tuning_on():
+            if self._tuner is None:
+                prune = {"prune_configs_by": {"early_config_prune": self.prune}} if self.prune else {}
+                self._tuner = triton.autotune(configs=self.configs, key=self.tuner_key, **prune)(self.kernel)
+            self._tuner[grid](*args, **consts)  # times the configs (once per tuner key), then launches the best
+            self._remember(key, self._tuner.best_config)
+            return
+        configs = self.configs
+        if self.prune is not None:
+            configs = self.prune(configs, {**dict(zip(self.kernel.arg_names, args)), **consts})
+        opts = self._remember(key, configs[0])
+        self.kernel[grid(opts)](*args, **consts, **opts)
+
+    def _remember(self, key, cfg):
+        # launch options (warps, stages, register cap) only on a GPU: the interpreter takes none
+        opts = cfg.kwargs if interpreting() else cfg.all_kwargs()
+        self.chosen[key] = (cfg, opts)
+        self.best_config = cfg
+        return opts
+
+
+def forget() -> None:
+    """Forget every per-key decision (configurations, GEMM backends): the environment switches (FASTVIT_GEMM,
+    FASTVIT_AUTOTUNE, FASTVIT_TMA, FASTVIT_ATTN_WHOLE) are read when a key is first launched, so a process that
+    changes one mid-run calls this after it. Triton's autotuner keeps the timings it made (a key it has timed is not
+    timed again), so on a GPU FASTVIT_TMA and FASTVIT_ATTN_WHOLE, which prune before timing, belong in the
+    environment the process starts with."""
+    for launcher in _LAUNCHERS:
+        launcher.chosen.clear()
+    _GEMM_CHOICE.clear()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -188,7 +219,7 @@ def prune_linear_ln(configs, named_args, **kwargs):
 # shape and kept; FASTVIT_GEMM=triton or =cublas forces one (the benchmarks' rows for the Triton path force triton,
 # since the fast-path goals are for our kernels). Elsewhere (the interpreter) Triton, whose kernels the tests check.
 GEMM_BACKENDS = ("triton", "cublas")
-_GEMM_CHOICE: dict = {}  # key -> the backend measured faster for it
+_GEMM_CHOICE: dict = {}  # key -> the backend that runs it
 
 
 def gemm_backend_mode() -> str:
@@ -199,21 +230,28 @@ def gemm_backend_mode() -> str:
 
 
 def pick_gemm_backend(key, candidates: dict, timed: bool) -> str:
-    """The backend that runs the GEMM `key`: FASTVIT_GEMM's when it names one; else the faster candidate, timed once
-    per key where timing means something (timed: a CUDA device) and not inside a CUDA graph capture; else Triton.
-    FASTVIT_AUTOTUNE=0 (the GPU tests) also means Triton: those runs are there to check our kernels."""
+    """The backend that runs the GEMM `key`, decided at the key's first GEMM and kept (forget() starts over):
+    FASTVIT_GEMM's when it names one; else the faster candidate, timed where timing means something (timed: a CUDA
+    device) and not inside a CUDA graph capture; else Triton. FASTVIT_AUTOTUNE=0 (the GPU tests) also means Triton:
+    those runs are there to check our kernels."""
+    choice = _GEMM_CHOICE.get(key)
+    if choice is None:
+        choice = _choose_gemm_backend(candidates, timed)
+        if choice is None:  # inside a capture: Triton, undecided
+            return "triton"
+        _GEMM_CHOICE[key] = choice
+    return choice
+
+
+def _choose_gemm_backend(candidates, timed):
     mode = gemm_backend_mode()
     if mode != "auto":
         return mode
-    choice = _GEMM_CHOICE.get(key)
-    if choice is None:
-        if not timed or os.environ.get("FASTVIT_AUTOTUNE", "1") == "0":
-            return "triton"
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            return "triton"
-        choice = min(candidates, key=lambda name: _warm_gpu_ms(candidates[name]))
-        _GEMM_CHOICE[key] = choice
-    return choice
+    if not timed or os.environ.get("FASTVIT_AUTOTUNE", "1") == "0":
+        return "triton"
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return None
+    return min(candidates, key=lambda name: _warm_gpu_ms(candidates[name]))
 
 
 def _warm_gpu_ms(fn):
@@ -237,8 +275,11 @@ def gpu_ms(fn, calls=10, spin_cycles=200_000_000):
     return start.elapsed_time(end) / calls
 
 
+known_gemm_backend = _GEMM_CHOICE.get  # key -> the backend decided for it, or None: the engine's per-call lookup
+
+
 def gemm_choices() -> dict:
-    """{key: backend} of the GEMMs timed so far: what the benchmark rows record as having run."""
+    """{key: backend} of the GEMMs decided so far: what the benchmark rows record as having run."""
     return dict(_GEMM_CHOICE)
 
 

@@ -39,6 +39,17 @@ def seed(request):
     return s
 
 
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    """Each test chooses its own configurations and GEMM backends: the environment switches a test sets
+    (FASTVIT_GEMM, FASTVIT_ATTN_WHOLE, ...) are read when a key is first launched (fastvit_kernels.tuning.forget)."""
+    from fastvit_kernels import tuning
+
+    tuning.forget()
+    yield
+    tuning.forget()
+
+
 @pytest.fixture
 def device():
     return DEVICE

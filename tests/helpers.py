@@ -74,12 +74,13 @@ def check_op(op, ref, inputs, dtype, kwargs=None, grad_scale=1.0):
 
 
 def force_config(monkeypatch, launcher, config):
-    """Make a first-config launcher (the interpreter's, or FASTVIT_AUTOTUNE=0's) launch `config`; skip the test where
-    the launcher autotunes, since then the tuner picks."""
+    """Make a Launcher that does not tune (the interpreter, or FASTVIT_AUTOTUNE=0) launch `config`; skip the test
+    where launches tune, since then the tuner picks."""
     import pytest
 
-    from fastvit_kernels.tuning import _FirstConfig
+    from fastvit_kernels.tuning import tuning_on
 
-    if not isinstance(launcher, _FirstConfig):
-        pytest.skip("the configs are forced through the first-config launcher (interpreter or FASTVIT_AUTOTUNE=0)")
+    if tuning_on():
+        pytest.skip("the configs are forced where launches take the first config (interpreter or FASTVIT_AUTOTUNE=0)")
     monkeypatch.setattr(launcher, "configs", [config])
+    monkeypatch.setattr(launcher, "chosen", {})

@@ -87,6 +87,37 @@ def test_weight_grad_and_bias_grad(R, dtype, device, backend):
     assert none is None and torch.equal(dw2, dw)  # the same sums in the same order, with or without the bias
 
 
+class _Twice:
+    """A kernel launched twice on the same arguments, as Triton's autotuner launches it while it times the configs and
+    then once more; keeps the arguments of the last launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.arg_names, self.args = kernel, kernel.arg_names, None
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.args = args
+            self.kernel[grid](*args, **kwargs)
+            self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_weight_grad_launched_again_on_the_same_buffers(device, monkeypatch):
+    # the splits' last program adds the partials when the arrival counter says it is last; it leaves the counter at
+    # zero, so a second launch on the same buffers (the autotuner's) sums again instead of never
+    twice = _Twice(lin._dw.kernel)
+    monkeypatch.setattr(lin._dw, "kernel", twice)
+    monkeypatch.setenv("FASTVIT_GEMM", "triton")
+    g = torch.randn(2600, 40, device=device).to(torch.bfloat16)
+    x = torch.randn(2600, 24, device=device).to(torch.bfloat16)
+    dw, db = lin.linear_weight_grad(g, x, out_dtype=torch.float32)
+    arrived = twice.args[lin._dw.kernel.arg_names.index("ARRIVED")]
+    assert arrived is not None and not arrived.any()  # three splits: the counters were used, and are zero again
+    assert_matches(dw, (g.t() @ x).float(), g.double().t() @ x.double(), torch.bfloat16, "dW")
+    assert_matches(db, g.sum(0).float(), g.double().sum(0), torch.bfloat16, "db")
+
+
 def test_bad_epilogue_and_dtype_mismatch_are_refused(device):
     a = torch.randn(4, 16, device=device)
     with pytest.raises(ValueError, match="unknown epilogue"):
@@ -125,7 +156,8 @@ def test_linear_residual_layernorm(N, dtypes, device, backend):
 
 
 def test_the_faster_candidate_is_measured_once_per_shape_and_kept(monkeypatch):
-    # on a GPU (timed=True) the chooser times each candidate once per key and keeps the faster; FASTVIT_GEMM wins
+    # on a GPU (timed=True) the chooser times each candidate once per key and keeps the faster; FASTVIT_GEMM wins, read
+    # when a key is first seen
     monkeypatch.delenv("FASTVIT_GEMM", raising=False)
     monkeypatch.delenv("FASTVIT_AUTOTUNE", raising=False)
     monkeypatch.setattr(tuning, "_GEMM_CHOICE", {})
@@ -141,8 +173,12 @@ def test_the_faster_candidate_is_measured_once_per_shape_and_kept(monkeypatch):
     assert tuning.pick_gemm_backend("k3", candidates, timed=True) == "triton" and len(timed) == 2
     monkeypatch.delenv("FASTVIT_AUTOTUNE")
     monkeypatch.setenv("FASTVIT_GEMM", "triton")
-    assert tuning.pick_gemm_backend("k1", candidates, timed=True) == "triton"
+    assert tuning.pick_gemm_backend("k1", candidates, timed=True) == "cublas"  # decided: the switch is read once
+    tuning.forget()
+    assert tuning.pick_gemm_backend("k1", candidates, timed=True) == "triton" and len(timed) == 2
+    assert tuning.gemm_choices() == {"k1": "triton"}  # what the rows record: forced choices too
     monkeypatch.setenv("FASTVIT_GEMM", "cuda")
+    tuning.forget()
     with pytest.raises(ValueError, match="FASTVIT_GEMM"):
         tuning.pick_gemm_backend("k1", candidates, timed=True)
 

@@ -271,7 +271,7 @@ def linear_dw_kernel(
     DB_OUT,  # [NF] out: the bias gradient, or None
     DW_PART,  # [splits, NF, KF] fp32 partial weight gradients, one per split of the rows; None with one split
     DB_PART,  # [splits, NF] fp32 partial bias gradients (None with one split, or without a bias)
-    ARRIVED,  # [tiles] int32, zeroed: how many splits of each output tile are done (None with one split)
+    ARRIVED,  # [tiles] int32, zeroed: splits of each output tile done; left zero again (None with one split)
     R,
     NF,
     KF,
@@ -333,7 +333,11 @@ def linear_dw_kernel(
             if pid_n == 0:
                 tl.store(DB_PART + pid_s * stride_dbs + offs_m, bias, mask=mask_m)
         splits = tl.num_programs(2)
-        if tl.atomic_add(ARRIVED + pid_m * tl.num_programs(1) + pid_n, 1, sem="acq_rel") == splits - 1:
+        arrived = ARRIVED + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(arrived, 1, sem="acq_rel") == splits - 1:
+            # back to zero for the next launch on these buffers: Triton's autotuner launches a kernel several times
+            # with the same arguments while it times the configs, then once more
+            tl.store(arrived, 0)
             part = offs_m[:, None] * stride_dwn + offs_n[None, :]
             acc = _sum_partials(DW_PART, stride_dws, part, mask, splits)
             tl.store(DW_OUT + tile, acc.to(DW_OUT.dtype.element_ty), mask=mask)

@@ -15,7 +15,7 @@ from ..kernels.attention import attention_bwd_dkdv_kernel, attention_bwd_dq_kern
 from ..tuning import (
     ATTENTION_BWD_CONFIGS,
     ATTENTION_FWD_CONFIGS,
-    autotuned,
+    Launcher,
     prune_attention,
     whole_programs_per_sm,
 )
@@ -40,9 +40,9 @@ MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register file with a 64-ro
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
 _KEY = ["N", "HEAD_DIM", "DOT_PRECISION"]
-_fwd = autotuned(attention_fwd_kernel, ATTENTION_FWD_CONFIGS, _KEY, prune_attention)
-_bwd_dkdv = autotuned(attention_bwd_dkdv_kernel, ATTENTION_BWD_CONFIGS, _KEY, prune_attention)
-_bwd_dq = autotuned(attention_bwd_dq_kernel, ATTENTION_BWD_CONFIGS, _KEY, prune_attention)
+_fwd = Launcher(attention_fwd_kernel, ATTENTION_FWD_CONFIGS, _KEY, prune_attention)
+_bwd_dkdv = Launcher(attention_bwd_dkdv_kernel, ATTENTION_BWD_CONFIGS, _KEY, prune_attention)
+_bwd_dq = Launcher(attention_bwd_dq_kernel, ATTENTION_BWD_CONFIGS, _KEY, prune_attention)
 
 
 def _check_qkv(qkv: torch.Tensor, num_heads: int) -> int:
@@ -72,12 +72,17 @@ def attention_fwd(qkv, num_heads, scale):
     pairs = B * num_heads
     sms = num_sms(qkv.device)
 
-    def grid(meta):
-        if meta.get("WHOLE"):  # persistent: each program walks (batch, head) pairs
-            return (min(pairs, whole_programs_per_sm(meta["BLOCK_M"]) * sms),)
-        return (cdiv(N, meta["BLOCK_M"]) * pairs,)
+    def grid(cfg):
+        if cfg.get("WHOLE"):  # persistent: each program walks (batch, head) pairs
+            return (min(pairs, whole_programs_per_sm(cfg["BLOCK_M"]) * sms),)
+        return (cdiv(N, cfg["BLOCK_M"]) * pairs,)
 
-    _fwd[grid](
+    dot = dot_precision(qkv.dtype)
+    # everything the configuration depends on (prune_attention: the length, the head dim, the element size)
+    key = (N, d, qkv.dtype, dot, qkv.device)
+    _fwd.launch(
+        key,
+        grid,
         qkv,
         o,
         lse,
@@ -92,7 +97,7 @@ def attention_fwd(qkv, num_heads, scale):
         scale * LOG2E,
         HEAD_DIM=d,
         BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(qkv.dtype),
+        DOT_PRECISION=dot,
     )
     return o, lse, qkv
 
@@ -128,9 +133,11 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
         scale,
         scale * LOG2E,
     )
-    meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot_precision(qkv.dtype))
-    _bwd_dq[lambda m: (cdiv(N, m["BLOCK_M"]) * B * num_heads,)](*args, **meta)  # first: it writes delta
-    _bwd_dkdv[lambda m: (cdiv(N, m["BLOCK_N"]) * B * num_heads,)](*args, **meta)
+    dot = dot_precision(qkv.dtype)
+    key = (N, d, qkv.dtype, dot, qkv.device)
+    meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot)
+    _bwd_dq.launch(key, lambda cfg: (cdiv(N, cfg["BLOCK_M"]) * B * num_heads,), *args, **meta)  # first: writes delta
+    _bwd_dkdv.launch(key, lambda cfg: (cdiv(N, cfg["BLOCK_N"]) * B * num_heads,), *args, **meta)
     return dqkv
 
 

@@ -15,7 +15,7 @@ from ..tuning import (
     GROUP_M,
     PATCH_EMBED_BWD_CONFIGS,
     PATCH_EMBED_FWD_CONFIGS,
-    autotuned,
+    Launcher,
     prune_patch_embed_dw,
     prune_patch_embed_dx,
     prune_patch_embed_fwd,
@@ -38,9 +38,15 @@ from ._common import (
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
 _KEY = ["B", "P", "K", "N", "PH", "PW", "DOT_PRECISION"]
-_fwd = autotuned(patch_embed_fwd_kernel, PATCH_EMBED_FWD_CONFIGS, _KEY, prune_patch_embed_fwd)
-_bwd_dw = autotuned(patch_embed_bwd_dw_kernel, PATCH_EMBED_BWD_CONFIGS, _KEY, prune_patch_embed_dw)
-_bwd_dx = autotuned(patch_embed_bwd_dx_kernel, PATCH_EMBED_BWD_CONFIGS, _KEY, prune_patch_embed_dx)
+_fwd = Launcher(patch_embed_fwd_kernel, PATCH_EMBED_FWD_CONFIGS, _KEY, prune_patch_embed_fwd)
+_bwd_dw = Launcher(patch_embed_bwd_dw_kernel, PATCH_EMBED_BWD_CONFIGS, _KEY, prune_patch_embed_dw)
+_bwd_dx = Launcher(patch_embed_bwd_dx_kernel, PATCH_EMBED_BWD_CONFIGS, _KEY, prune_patch_embed_dx)
+
+
+def _key(images, D, K, ph, pw, a, b, dot):
+    """What a configuration depends on: the geometry, the GEMM operands' dtypes (shared memory), the dot's precision
+    and the device."""
+    return (*images.shape, D, K, ph, pw, a.dtype, b.dtype, dot, images.device)
 
 
 def _geometry(images, weight):
@@ -59,12 +65,16 @@ def patch_embed_fwd(images, weight, bias, cls_token, pos_embed, out_dtype):
     if B == 0:  # an empty batch: nothing to launch (a grid of zero programs is not a launch CUDA accepts)
         return out
 
-    def grid(meta):
-        n_tiles = cdiv(D, meta["BLOCK_N"])
-        cls_tiles = cdiv(B, meta["BLOCK_M"]) * n_tiles if has_cls else 0
-        return (cdiv(B * P, meta["BLOCK_M"]) * n_tiles + cls_tiles,)
+    def grid(cfg):
+        n_tiles = cdiv(D, cfg["BLOCK_N"])
+        cls_tiles = cdiv(B, cfg["BLOCK_M"]) * n_tiles if has_cls else 0
+        return (cdiv(B * P, cfg["BLOCK_M"]) * n_tiles + cls_tiles,)
 
-    _fwd[grid](
+    dot = dot_precision(w2.dtype)
+    key = _key(images, D, K, ph, pw, images, w2, dot) + (has_cls,)
+    _fwd.launch(
+        key,
+        grid,
         images,
         w2,
         bias,
@@ -87,7 +97,7 @@ def patch_embed_fwd(images, weight, bias, cls_token, pos_embed, out_dtype):
         out.stride(1),
         PH=ph,
         PW=pw,
-        DOT_PRECISION=dot_precision(w2.dtype),
+        DOT_PRECISION=dot,
         GROUP_M=GROUP_M,
     )
     return out
@@ -104,7 +114,11 @@ def patch_embed_bwd_weight(g, images, weight):
     tiles = cdiv(D, 64) * cdiv(K, 64)
     splits, rows_per_split = split_rows(R, tiles, g.device)
     dw = torch.empty((splits, D, K), device=g.device, dtype=torch.float32)
-    _bwd_dw[lambda m: (cdiv(D, m["BLOCK_M"]), cdiv(K, m["BLOCK_N"]), splits)](
+    dot = dot_precision(g.dtype)
+    key = _key(images, D, K, ph, pw, g, images, dot)
+    _bwd_dw.launch(
+        key,
+        lambda cfg: (cdiv(D, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_N"]), splits),
         g,
         images,
         dw,
@@ -123,7 +137,7 @@ def patch_embed_bwd_weight(g, images, weight):
         dw.stride(0),
         PH=ph,
         PW=pw,
-        DOT_PRECISION=dot_precision(g.dtype),
+        DOT_PRECISION=dot,
     )
     return dw.sum(0).view(D, C, ph, pw)
 
@@ -136,7 +150,11 @@ def patch_embed_bwd_images(g, weight, images):
     dimg = torch.empty((B, C, H, Wd), device=g.device, dtype=images.dtype)
     if B == 0:
         return dimg
-    _bwd_dx[lambda m: (cdiv(B * P, m["BLOCK_M"]), cdiv(K, m["BLOCK_N"]))](
+    dot = dot_precision(g.dtype)
+    key = _key(images, D, K, ph, pw, g, w2, dot)
+    _bwd_dx.launch(
+        key,
+        lambda cfg: (cdiv(B * P, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_N"])),
         g,
         w2,
         dimg,
@@ -155,7 +173,7 @@ def patch_embed_bwd_images(g, weight, images):
         dimg.stride(3),
         PH=ph,
         PW=pw,
-        DOT_PRECISION=dot_precision(g.dtype),
+        DOT_PRECISION=dot,
     )
     return dimg
 

@@ -20,7 +20,8 @@ from ..tuning import (
     LINEAR_DW_CONFIGS,
     LINEAR_FWD_CONFIGS,
     LINEAR_LN_CONFIGS,
-    autotuned,
+    Launcher,
+    known_gemm_backend,
     pick_gemm_backend,
     prune_linear_dw,
     prune_linear_fwd,
@@ -32,13 +33,13 @@ from .layernorm import layernorm_fwd
 EPILOGUES = ("none", "gelu", "gelu_grad", "residual")
 
 
-_fwd = autotuned(
+_fwd = Launcher(
     linear_fwd_kernel, LINEAR_FWD_CONFIGS, ["M", "N", "K", "EPILOGUE", "DOT_PRECISION", "TMA_OK"], prune_linear_fwd
 )
-_fwd_ln = autotuned(
+_fwd_ln = Launcher(
     linear_residual_layernorm_kernel, LINEAR_LN_CONFIGS, ["M", "N", "K", "DOT_PRECISION", "TMA_OK"], prune_linear_ln
 )
-_dw = autotuned(linear_dw_kernel, LINEAR_DW_CONFIGS, ["R", "NF", "KF", "DOT_PRECISION"], prune_linear_dw)
+_dw = Launcher(linear_dw_kernel, LINEAR_DW_CONFIGS, ["R", "NF", "KF", "DOT_PRECISION"], prune_linear_dw)
 
 
 def _tma_scratch(size: int, alignment: int, stream):
@@ -53,23 +54,23 @@ def _tma_ok(a, weight_t) -> bool:
     if a.is_cuda and device_properties(a.device).major < 9:
         return False
     es = a.element_size()
+    a_row, a_col = a.stride()
+    w_row, w_col = weight_t.stride()
     return (
-        a.stride(1) == 1
-        and weight_t.stride(0) == 1
-        and (a.stride(0) * es) % 16 == 0
-        and (weight_t.stride(1) * es) % 16 == 0
+        a_col == 1
+        and w_row == 1
+        and (a_row * es) % 16 == 0
+        and (w_col * es) % 16 == 0
         and a.data_ptr() % 16 == 0
         and weight_t.data_ptr() % 16 == 0
     )
 
 
-def _tma_ready(a, weight_t) -> bool:
-    """_tma_ok, with Triton's allocator for the on-device descriptors set where it is true (a context variable: set
-    where the launch happens)."""
-    ok = _tma_ok(a, weight_t)
-    if ok and not interpreting():
+def _tma_allocator() -> None:
+    """Triton's allocator for the on-device descriptors of a TMA launch (a context variable: set where the launch
+    happens)."""
+    if not interpreting():
         triton.set_allocator(_tma_scratch)
-    return ok
 
 
 def linear(a, weight_t, bias=None, *, epilogue="none", pre=None, residual=None, out_dtype=None):
@@ -90,22 +91,30 @@ def linear(a, weight_t, bias=None, *, epilogue="none", pre=None, residual=None, 
     pre = pre if epilogue in ("gelu", "gelu_grad") else None
     if M == 0:  # an empty batch: nothing to launch
         return torch.empty((M, N), device=a.device, dtype=out_dtype)
-    key = ("linear", M, N, K, epilogue, a.dtype, out_dtype, bias is not None, pre is not None, weight_t.stride(0))
-    args = (a, weight_t, bias, epilogue, pre, res, out_dtype)
-    return _run(key, a, triton=lambda: _linear_triton(*args), cublas=lambda: _linear_cublas(*args))
+    tma_ok = _tma_ok(a, weight_t)
+    # everything the backend, the configuration and the launch grid depend on
+    key = ("linear", M, N, K, epilogue, a.dtype, out_dtype, res is not None and res.dtype, bias is not None)
+    key += (pre is not None, weight_t.stride(0), tma_ok, dot_precision(a.dtype), a.device)
+    args = (a, weight_t, bias, epilogue, pre, res, out_dtype, tma_ok, key)
+    return _run(key, a.is_cuda, _linear_triton, _linear_cublas, args)
 
 
-def _run(key, a, **candidates):
-    """The chosen candidate's result (see fastvit_kernels.tuning.pick_gemm_backend)."""
+def _run(key, timed, triton_fn, cublas_fn, args):
+    """The chosen candidate's result: fastvit_kernels.tuning.pick_gemm_backend decides at the key's first GEMM."""
     global last_backend
-    last_backend = pick_gemm_backend((*key, a.device), candidates, timed=a.is_cuda)
-    return candidates[last_backend]()
+    backend = known_gemm_backend(key)
+    if backend is None:
+        backend = pick_gemm_backend(
+            key, {"triton": lambda: triton_fn(*args), "cublas": lambda: cublas_fn(*args)}, timed
+        )
+    last_backend = backend
+    return (triton_fn if backend == "triton" else cublas_fn)(*args)
 
 
 last_backend = None  # the backend of the latest GEMM: the per-GEMM benchmark rows record it
 
 
-def _linear_cublas(a, weight_t, bias, epilogue, pre, res, out_dtype):
+def _linear_cublas(a, weight_t, bias, epilogue, pre, res, out_dtype, tma_ok, key):
     """torch's GEMM (cuBLAS on a GPU) rounding to the compute dtype, then the epilogue as torch ops: eager autocast's
     sequence, so it rounds the product before the epilogue where eager does."""
     if epilogue == "gelu" and pre is not None:  # the pre-activation straight into the buffer the backward reads
@@ -121,18 +130,21 @@ def _linear_cublas(a, weight_t, bias, epilogue, pre, res, out_dtype):
     return y
 
 
-def _linear_triton(a, weight_t, bias, epilogue, pre, res, out_dtype):
+def _linear_triton(a, weight_t, bias, epilogue, pre, res, out_dtype, tma_ok, key):
     M, K = a.shape
     N = weight_t.shape[1]
-    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    tma_ok = _tma_ready(a, weight_t)
+    c = torch.empty((M, N), device=a.device, dtype=out_dtype)  # [M, N], rows contiguous
     sms = num_sms(a.device)
+    if tma_ok:
+        _tma_allocator()
 
-    def grid(meta):
-        tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
-        return (min(tiles, sms),) if meta["USE_TMA"] and meta["TMA_OK"] else (tiles,)
+    def grid(cfg):
+        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+        return (min(tiles, sms),) if cfg["USE_TMA"] and tma_ok else (tiles,)
 
-    _fwd[grid](
+    _fwd.launch(
+        key,
+        grid,
         a,
         weight_t,
         c,
@@ -143,18 +155,14 @@ def _linear_triton(a, weight_t, bias, epilogue, pre, res, out_dtype):
         N,
         K,
         sms,
-        a.stride(0),
-        a.stride(1),
-        weight_t.stride(0),
-        weight_t.stride(1),
-        c.stride(0),
-        c.stride(1),
-        res.stride(0) if res is not None else 0,
-        res.stride(1) if res is not None else 0,
-        pre.stride(0) if pre is not None else 0,
-        pre.stride(1) if pre is not None else 0,
+        *a.stride(),
+        *weight_t.stride(),
+        N,
+        1,
+        *(res.stride() if res is not None else (0, 0)),
+        *(pre.stride() if pre is not None else (0, 0)),
         EPILOGUE=epilogue,
-        DOT_PRECISION=dot_precision(weight_t.dtype),
+        DOT_PRECISION=dot_precision(a.dtype),
         GROUP_M=GROUP_M,
         TMA_OK=tma_ok,
     )
@@ -178,30 +186,35 @@ def linear_residual_layernorm(a, weight_t, bias, residual, norm_weight, norm_bia
     if M == 0:  # an empty batch: nothing to launch
         stats = torch.empty(0, device=a.device, dtype=torch.float32)
         return a.new_empty((0, N), dtype=out_dtype), a.new_empty((0, N), dtype=norm_dtype), stats, stats.clone()
-    key = ("layernorm", M, N, K, a.dtype, out_dtype, norm_dtype, bias is not None)
-    args = (a, weight_t, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype)
-    return _run(
-        key, a, triton=lambda: _residual_layernorm_triton(*args), cublas=lambda: _residual_layernorm_cublas(*args)
-    )
+    tma_ok = _tma_ok(a, weight_t)
+    key = ("layernorm", M, N, K, a.dtype, residual.dtype, norm_dtype, bias is not None, tma_ok, dot_precision(a.dtype))
+    key += (a.device,)
+    args = (a, weight_t, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, tma_ok, key)
+    return _run(key, a.is_cuda, _residual_layernorm_triton, _residual_layernorm_cublas, args)
 
 
-def _residual_layernorm_cublas(a, weight_t, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype):
+def _residual_layernorm_cublas(a, weight_t, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, *_):
     """cuBLAS's GEMM, the residual add as a torch op, then our LayerNorm row kernel."""
     y = torch.addmm(bias, a, weight_t) if bias is not None else a @ weight_t
     x = torch.add(residual, y).to(out_dtype)
     return (x, *layernorm_fwd(x, norm_weight, norm_bias, eps, norm_dtype))
 
 
-def _residual_layernorm_triton(a, weight_t, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype):
+def _residual_layernorm_triton(
+    a, weight_t, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, tma_ok, key
+):
     M, K = a.shape
     N = weight_t.shape[1]
-    x = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    x = torch.empty((M, N), device=a.device, dtype=out_dtype)  # the stream, rows contiguous
     y = torch.empty((M, N), device=a.device, dtype=norm_dtype)
     mean = torch.empty(M, device=a.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block_n = min(LN_CHUNK, max(16, next_pow2(N)))  # tl.dot takes no dimension under 16
-    tma_ok = _tma_ready(a, weight_t)
-    _fwd_ln[lambda meta: (cdiv(M, meta["BLOCK_M"]),)](
+    if tma_ok:
+        _tma_allocator()
+    _fwd_ln.launch(
+        key,
+        lambda cfg: (cdiv(M, cfg["BLOCK_M"]),),
         a,
         weight_t,
         bias,
@@ -215,15 +228,13 @@ def _residual_layernorm_triton(a, weight_t, bias, residual, norm_weight, norm_bi
         M,
         N,
         K,
-        a.stride(0),
-        a.stride(1),
-        weight_t.stride(0),
-        weight_t.stride(1),
+        *a.stride(),
+        *weight_t.stride(),
         residual.stride(0),
-        x.stride(0),
-        y.stride(0),
+        N,
+        N,
         eps,
-        DOT_PRECISION=dot_precision(weight_t.dtype),
+        DOT_PRECISION=dot_precision(a.dtype),
         BLOCK_N=block_n,
         N_CHUNKS=cdiv(N, block_n),
         TMA_OK=tma_ok,
@@ -240,19 +251,18 @@ def linear_weight_grad(g, x, need_bias=True, out_dtype=torch.float32):
     if R == 0:  # an empty batch: the sums over no rows
         zeros = torch.zeros(NF, device=g.device, dtype=out_dtype)
         return torch.zeros((NF, KF), device=g.device, dtype=out_dtype), (zeros if need_bias else None)
-    key = ("weight_grad", R, NF, KF, g.dtype, out_dtype, need_bias)
-    args = (g, x, need_bias, out_dtype)
-    return _run(key, g, triton=lambda: _weight_grad_triton(*args), cublas=lambda: _weight_grad_cublas(*args))
+    key = ("weight_grad", R, NF, KF, g.dtype, x.dtype, out_dtype, need_bias, dot_precision(g.dtype), g.device)
+    return _run(key, g.is_cuda, _weight_grad_triton, _weight_grad_cublas, (g, x, need_bias, out_dtype, key))
 
 
-def _weight_grad_cublas(g, x, need_bias, out_dtype):
+def _weight_grad_cublas(g, x, need_bias, out_dtype, key):
     """G^T @ X through cuBLAS (fp32 accumulation, rounded to G's dtype as eager's backward rounds), the bias as a
     torch sum in fp32."""
     db = g.sum(0, dtype=torch.float32).to(out_dtype) if need_bias else None
     return (g.t() @ x).to(out_dtype), db
 
 
-def _weight_grad_triton(g, x, need_bias, out_dtype):
+def _weight_grad_triton(g, x, need_bias, out_dtype, key):
     R, NF = g.shape
     KF = x.shape[1]
     dw = torch.empty((NF, KF), device=g.device, dtype=out_dtype)
@@ -264,10 +274,9 @@ def _weight_grad_triton(g, x, need_bias, out_dtype):
         db_part = torch.empty((splits, NF), device=g.device, dtype=torch.float32) if need_bias else None
         arrived = torch.zeros(cdiv(NF, 16) * cdiv(KF, 16), device=g.device, dtype=torch.int32)  # any tile >= 16
 
-    def grid(meta):
-        return (cdiv(NF, meta["BLOCK_M"]), cdiv(KF, meta["BLOCK_N"]), splits)
-
-    _dw[grid](
+    _dw.launch(
+        key,
+        lambda cfg: (cdiv(NF, cfg["BLOCK_M"]), cdiv(KF, cfg["BLOCK_N"]), splits),
         g,
         x,
         dw,
@@ -279,13 +288,11 @@ def _weight_grad_triton(g, x, need_bias, out_dtype):
         NF,
         KF,
         rows_per_split,
-        g.stride(0),
-        g.stride(1),
-        x.stride(0),
-        x.stride(1),
-        dw_part.stride(0) if dw_part is not None else 0,
-        dw_part.stride(1) if dw_part is not None else 0,
-        db_part.stride(0) if db_part is not None else 0,
+        *g.stride(),
+        *x.stride(),
+        NF * KF if splits > 1 else 0,
+        KF if splits > 1 else 0,
+        NF if db_part is not None else 0,
         DOT_PRECISION=dot_precision(g.dtype),
     )
     return dw, db
