@@ -36,6 +36,27 @@ def check_same_device(**tensors) -> None:
         raise RuntimeError(f"expected every tensor on one device, got {listed}")
 
 
+def check_tensors(**tensors) -> torch.device:
+    """check_same_device, then check_tensor for each named tensor (None: an absent optional one), in one pass where
+    all is well: an op checks its tensors on every call, so this is host time of every launch. Returns the device."""
+    device = None
+    for t in tensors.values():
+        if type(t) in _TENSOR_TYPES:
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                check_same_device(**tensors)
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if type(t) not in _TENSOR_TYPES or t.dtype not in SUPPORTED_DTYPES or (not t.is_cuda and not interpreting()):
+            check_tensor(t, name)
+    return device
+
+
+_TENSOR_TYPES = {torch.Tensor, torch.nn.Parameter}  # anything else (a subclass) takes isinstance's slower way
+
+
 def on_input_device(fn):
     """Run `fn` with its first argument's GPU as the current device. Triton launches on the current device, not on the
     tensors' own: a model on cuda:1 called while cuda:0 is current would otherwise fault."""
@@ -65,9 +86,14 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     This is eager autocast's rule for linear/conv/matmul; the ops follow it so that switching backend never changes
     which precision a GEMM uses.
     """
-    if autocast_on(t.device):
-        return torch.get_autocast_dtype(t.device.type)
-    return t.dtype
+    return autocast_dtype(t.device) or t.dtype
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for device's type, None where autocast is off: an op asks once per call."""
+    if device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -151,7 +177,7 @@ def call(op, *args):
     autograd.Function when a gradient can flow): the custom op's Python dispatch took ~0.5 ms a call under cProfile on
     an H100 with torch 2.11 (`backend_impl`, 50 calls per CIFAR-10 inference step), and made the step host-bound.
     """
-    if torch.compiler.is_compiling() or not all(type(a) in _EAGER_ARG_TYPES for a in args):
+    if torch.compiler.is_compiling() or not _EAGER_ARG_TYPES.issuperset(map(type, args)):
         return op(*args)
     if op.eager_autograd is not None and torch.is_grad_enabled():
         return op.eager_autograd.apply(*args)

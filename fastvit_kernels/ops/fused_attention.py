@@ -193,8 +193,8 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if not 0.0 < scale < math.inf:  # the kernels subtract the raw scores' max: it is the scaled max for scale > 0
         raise ValueError(f"scale must be positive and finite, got {scale}")
-    qkv = qkv.to(compute_dtype(qkv))
-    return call(_attention_fwd_op, qkv, num_heads, scale)[0]
+    cdt = compute_dtype(qkv)
+    return call(_attention_fwd_op, qkv if qkv.dtype == cdt else qkv.to(cdt), num_heads, scale)[0]
 
 
 def attention_ref(

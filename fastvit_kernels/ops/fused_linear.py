@@ -16,10 +16,9 @@ the eager reference. The GEMMs are ops/gemm.py's, the LayerNorm row kernels ops/
 import torch
 
 from ._common import (
-    autocast_on,
+    autocast_dtype,
     call,
-    check_same_device,
-    check_tensor,
+    check_tensors,
     compute_dtype,
     custom_op,
     on_input_device,
@@ -260,9 +259,8 @@ register_autograd(_linear_residual_fwd, _linear_residual_backward, _linear_resid
 # ----------------------------------------------------------------------------------------------------------------
 # Public ops
 # ----------------------------------------------------------------------------------------------------------------
+# The shape and dtype checks of the public ops; check_tensors (ops/_common.py) has checked each tensor already.
 def check_linear(x, weight, bias, name):
-    check_tensor(x, "x")
-    check_tensor(weight, f"{name} weight")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(
             f"{name} weight has shape {tuple(weight.shape)}; expected [out, {x.shape[-1]}] for x {tuple(x.shape)}"
@@ -273,7 +271,8 @@ def check_linear(x, weight, bias, name):
 
 def check_norm(D, norm_weight, norm_bias, what="x"):
     for t, n in ((norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
-        check_tensor(t, n)
+        if t is None:
+            raise TypeError(f"{n} must be a torch.Tensor, got None")
         if t.shape != (D,):
             raise ValueError(f"{n} has shape {tuple(t.shape)}; expected ({D},) for {what}")
     if D > MAX_LN_DIM:
@@ -281,13 +280,13 @@ def check_norm(D, norm_weight, norm_bias, what="x"):
 
 
 def check_residual(residual, lead, width):
-    check_tensor(residual, "residual")
     if residual.shape != (*lead, width):
         raise ValueError(f"residual has shape {tuple(residual.shape)}; expected {(*lead, width)}")
 
 
-def check_same_dtype(x, weight):
-    if not autocast_on(x.device) and x.dtype != weight.dtype:
+def check_same_dtype(x, weight, amp):
+    """amp: the autocast dtype, None without autocast (autocast_dtype)."""
+    if amp is None and x.dtype != weight.dtype:
         raise TypeError(f"input is {x.dtype} but the weights are {weight.dtype}: cast one, or run under autocast")
 
 
@@ -308,30 +307,32 @@ def norm_or_empty(norm_weight, norm_bias, like):
 def layer_norm(x, weight, bias, eps=1e-6, out_dtype=None):
     """LayerNorm over the last dim, statistics in fp32, the output in `out_dtype` (default: the compute dtype, what
     the next linear reads; eager autocast rounds to it at the same place, when that linear casts its input)."""
-    check_same_device(x=x, weight=weight, bias=bias)
-    check_tensor(x, "x")
+    device = check_tensors(x=x, weight=weight, bias=bias)
     check_norm(x.shape[-1], weight, bias, f"x {tuple(x.shape)}")
-    return call(_layer_norm_fwd, x, weight, bias, eps, out_dtype or compute_dtype(weight))[0]
+    return call(_layer_norm_fwd, x, weight, bias, eps, out_dtype or autocast_dtype(device) or weight.dtype)[0]
 
 
 def linear(x, weight, bias=None):
     """x @ weight^T + bias (nn.Linear), in the compute dtype (autocast's rule)."""
-    check_same_device(x=x, weight=weight, bias=bias)
+    amp = autocast_dtype(check_tensors(x=x, weight=weight, bias=bias))
     check_linear(x, weight, bias, "linear")
-    check_same_dtype(x, weight)
-    cdt = compute_dtype(weight)
+    check_same_dtype(x, weight, amp)
+    cdt = amp or weight.dtype
     return call(_linear_fwd, cast(x, cdt), cast(weight, cdt), cast(bias, cdt))
 
 
 def _linear_residual(x, weight, bias, residual, norm_weight, norm_bias, eps, normed_dtype):
-    check_same_device(x=x, weight=weight, bias=bias, residual=residual, norm_weight=norm_weight, norm_bias=norm_bias)
+    device = check_tensors(
+        x=x, weight=weight, bias=bias, residual=residual, norm_weight=norm_weight, norm_bias=norm_bias
+    )
+    amp = autocast_dtype(device)
     check_linear(x, weight, bias, "linear")
     check_residual(residual, x.shape[:-1], weight.shape[0])
-    check_same_dtype(x, weight)
-    check_same_dtype(residual, weight)
+    check_same_dtype(x, weight, amp)
+    check_same_dtype(residual, weight, amp)
     if norm_weight is not None:
         check_norm(weight.shape[0], norm_weight, norm_bias, "the linear's output")
-    cdt = compute_dtype(weight)
+    cdt = amp or weight.dtype
     nw, nb = norm_or_empty(norm_weight, norm_bias, weight)
     args = (cast(x, cdt), cast(weight, cdt), cast(bias, cdt), residual, nw, nb, eps, normed_dtype or cdt)
     return call(_linear_residual_fwd, *args)

@@ -12,7 +12,15 @@ are ops/gemm.py's; the shared stream helpers ops/fused_linear.py's.
 
 import torch
 
-from ._common import call, check_same_device, check_tensor, compute_dtype, custom_op, on_input_device, register_autograd
+from ._common import (
+    autocast_dtype,
+    call,
+    check_tensors,
+    compute_dtype,
+    custom_op,
+    on_input_device,
+    register_autograd,
+)
 from .fused_linear import (
     NO_BIAS,
     Tensor,
@@ -151,23 +159,27 @@ register_autograd(_mlp_fwd, _mlp_backward, _mlp_setup)
 # ----------------------------------------------------------------------------------------------------------------
 def _mlp(h, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, norm_weight, norm_bias, eps, normed_dtype):
     params = dict(fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
-    check_same_device(h=h, residual=residual, norm_weight=norm_weight, norm_bias=norm_bias, **params)
+    device = check_tensors(h=h, residual=residual, norm_weight=norm_weight, norm_bias=norm_bias, **params)
+    amp = autocast_dtype(device)
     check_linear(h, fc1_weight, fc1_bias, "fc1")
-    check_tensor(fc2_weight, "fc2 weight")
     D = h.shape[-1]
-    if fc2_weight.shape != (D, fc1_weight.shape[0]):
-        raise ValueError(f"fc2 weight has shape {tuple(fc2_weight.shape)}; expected {(D, fc1_weight.shape[0])}")
+    if fc2_weight is None or fc2_weight.shape != (D, fc1_weight.shape[0]):
+        shape = None if fc2_weight is None else tuple(fc2_weight.shape)
+        raise ValueError(f"fc2 weight has shape {shape}; expected {(D, fc1_weight.shape[0])}")
     if fc2_bias is not None and fc2_bias.shape != (D,):
         raise ValueError(f"fc2 bias has shape {tuple(fc2_bias.shape)}; expected ({D},)")
     check_residual(residual, h.shape[:-1], D)
-    check_same_dtype(h, fc1_weight)
-    check_same_dtype(residual, fc1_weight)
+    check_same_dtype(h, fc1_weight, amp)
+    check_same_dtype(residual, fc1_weight, amp)
     if norm_weight is not None:
         check_norm(D, norm_weight, norm_bias, "the MLP's output")
-    cdt = compute_dtype(fc1_weight)
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, *params.values()))
+    cdt = amp or fc1_weight.dtype
+    # the pre-activation is kept only when a backward can follow
+    training = torch.is_grad_enabled() and (
+        h.requires_grad or any(t is not None and t.requires_grad for t in params.values())
+    )
     nw, nb = norm_or_empty(norm_weight, norm_bias, fc1_weight)
-    w1, b1, w2, b2 = (cast(t, cdt) for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+    w1, b1, w2, b2 = cast(fc1_weight, cdt), cast(fc1_bias, cdt), cast(fc2_weight, cdt), cast(fc2_bias, cdt)
     return call(_mlp_fwd, cast(h, cdt), residual, w1, b1, w2, b2, nw, nb, eps, normed_dtype or cdt, training)
 
 
@@ -191,7 +203,7 @@ def mlp_residual_layernorm(
 def layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-6):
     """x + fc2(gelu(fc1(layer_norm(x)))): a pre-norm MLP on its own, as layer_norm then mlp_residual."""
     params = dict(fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
-    check_same_device(x=x, norm_weight=norm_weight, norm_bias=norm_bias, **params)
+    check_tensors(x=x, norm_weight=norm_weight, norm_bias=norm_bias, **params)
     h = layer_norm(x, norm_weight, norm_bias, eps, compute_dtype(fc1_weight))
     return mlp_residual(h, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
 
