@@ -56,16 +56,16 @@ def _case(name, row, R, D, Hd, device):
         act = F.gelu if gelu else (lambda t: t)
         epi = "gelu" if gelu else "none"
         fns = {
-            "ours": lambda: lin.linear(xn, w.t(), b, epilogue=epi),
+            "ours": lambda: lin.linear(xn, w, b, epilogue=epi),
             "eager": lambda: act(F.linear(F.layer_norm(x, (D,), nw, nb, eps), w, b)),
             "cublas": lambda: F.linear(xn, w, b),
-            "ln+ours": lambda: lin.linear(lnorm.layernorm_fwd(x, nw, nb, eps, BF16)[0], w.t(), b, epilogue=epi),
+            "ln+ours": lambda: lin.linear(lnorm.layernorm_fwd(x, nw, nb, eps, BF16)[0], w, b, epilogue=epi),
         }
         kernel = lin._fwd
     elif name in ("proj", "fc2"):
         a = rnd(R, K)
         fns = {
-            "ours": lambda: lin.linear(a, w.t(), b, epilogue="residual", residual=x, out_dtype=torch.float32),
+            "ours": lambda: lin.linear(a, w, b, epilogue="residual", residual=x, out_dtype=torch.float32),
             "eager": lambda: x + F.linear(a, w, b),
             "cublas": lambda: F.linear(a, w, b),
         }
@@ -74,7 +74,7 @@ def _case(name, row, R, D, Hd, device):
         a = rnd(R, K)
 
         def ours_then_ln():
-            out = lin.linear(a, w.t(), b, epilogue="residual", residual=x, out_dtype=torch.float32)
+            out = lin.linear(a, w, b, epilogue="residual", residual=x, out_dtype=torch.float32)
             return out, lnorm.layernorm_fwd(out, nw, nb, eps, BF16)
 
         def eager():
@@ -82,7 +82,7 @@ def _case(name, row, R, D, Hd, device):
             return out, F.layer_norm(out, (D,), nw, nb, eps).to(BF16)
 
         fns = {
-            "ours": lambda: lin.linear_residual_layernorm(a, w.t(), b, x, nw, nb, eps, BF16),
+            "ours": lambda: lin.linear_residual_layernorm(a, w, b, x, nw, nb, eps, BF16),
             "eager": eager,
             "cublas": lambda: F.linear(a, w, b),
             "ours+ln": ours_then_ln,
@@ -91,7 +91,7 @@ def _case(name, row, R, D, Hd, device):
     elif name == "fc2-dgelu":  # dpre [R, hidden] = (dy [R, D] @ W2 [D, hidden]) * GELU'(pre)
         w2, dy, pre = rnd(K, N, scale=N**-0.5), rnd(R, K), rnd(R, N)
         fns = {
-            "ours": lambda: lin.linear(dy, w2, epilogue="gelu_grad", pre=pre),
+            "ours": lambda: lin.linear(dy, w2.t(), epilogue="gelu_grad", pre=pre),
             "eager": lambda: torch.ops.aten.gelu_backward(dy @ w2, pre),
             "cublas": lambda: dy @ w2,
         }

@@ -51,15 +51,14 @@ def test_linear_epilogues(epilogue, shape, dtype, device, backend):
     b = (0.1 * torch.randn(N, device=device)).to(dtype) if epilogue != "gelu_grad" else None
     pre = torch.randn(M, N, device=device).to(dtype)
     res = torch.randn(M, N, device=device)  # the residual stream stays fp32, as under autocast
-    # GELU' reads W2 untransposed ([K, N] with N contiguous): never through descriptors
-    wt = w.t().contiguous() if epilogue == "gelu_grad" else w
-    weight_t = wt if epilogue == "gelu_grad" else wt.t()
+    # GELU' reads W2 untransposed: its weight is a transposed view (N contiguous), never read through descriptors
+    weight = w.t().contiguous().t() if epilogue == "gelu_grad" else w
     expect_tma = epilogue != "gelu_grad" and (K * a.element_size()) % 16 == 0
-    assert lin._tma_ok(a, weight_t) == expect_tma
+    assert lin._tma_ok(a, K, weight) == expect_tma
     stored = torch.full((M, N), float("nan"), device=device, dtype=dtype) if epilogue == "gelu" else None
     out_dtype = torch.float32 if epilogue == "residual" else None
     ours = lin.linear(
-        a, weight_t, b, epilogue=epilogue, pre=stored if epilogue == "gelu" else pre, residual=res, out_dtype=out_dtype
+        a, weight, b, epilogue=epilogue, pre=stored if epilogue == "gelu" else pre, residual=res, out_dtype=out_dtype
     )
     args = [t.double() if t is not None else None for t in (a, w, b, pre, res)]
     ref = _reference(args[0], args[1], args[2], epilogue, args[3], args[4])
@@ -69,6 +68,37 @@ def test_linear_epilogues(epilogue, shape, dtype, device, backend):
     if epilogue == "gelu":  # the pre-activation written for the backward
         pre_ref = args[0] @ args[1].t() + args[2]
         assert_matches(stored, a @ w.t() + b, pre_ref, dtype, "pre-activation")
+
+
+def _layouts(B, T, K, device):
+    """[B, T, K] operands: contiguous; rows padded to K + 8 (the leading dims still one stride apart: read in place);
+    tokens sliced out of T + 1 (two strides: copied)."""
+    base = torch.randn(B, T + 1, K + 8, device=device).to(torch.bfloat16)
+    return {
+        "contiguous": (base[:, :T, :K].contiguous(), True),
+        "padded rows": (base[:, :T].contiguous()[..., :K], True),
+        "sliced tokens": (base[:, 1:, :K], False),
+    }
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "padded rows", "sliced tokens"])
+def test_leading_dims_are_read_in_place_where_they_collapse(layout, device, backend):
+    # the ops hand the engine their [B, T, K] tensors as they are: rows through one stride where the leading dims
+    # allow it, a copy where they do not; the output comes back [B, T, N], and so does the LayerNorm GEMM's
+    B, T, K, N = 3, 5, 48, 40
+    a, in_place = _layouts(B, T, K, device)[layout]
+    assert (lin.as_rows(a)[0] is a) == in_place
+    w = (torch.randn(N, K, device=device) * K**-0.5).to(torch.bfloat16)
+    b = (0.1 * torch.randn(N, device=device)).to(torch.bfloat16)
+    res = torch.randn(B, T, N, device=device)
+    ref = a.double() @ w.double().t() + b.double()
+    out = lin.linear(a, w, b)
+    assert out.shape == (B, T, N)
+    assert_matches(out, F.linear(a, w, b), ref, torch.bfloat16)
+    nw, nb = torch.ones(N, device=device), torch.zeros(N, device=device)
+    x, y, mean, _ = lin.linear_residual_layernorm(a, w, b, res, nw, nb, 1e-6, torch.bfloat16)
+    assert x.shape == y.shape == (B, T, N) and mean.shape == (B * T,)
+    assert_matches(x, res + F.linear(a, w, b), res.double() + ref, torch.bfloat16, "X")
 
 
 # R = 300: one split; 2600: three splits (the interpreter counts 4 SMs), whose partials the kernel's last program adds
@@ -141,7 +171,7 @@ def test_linear_residual_layernorm(N, dtypes, device, backend):
     b = (0.1 * torch.randn(N, device=device)).to(dtype)
     res = torch.randn(M, N, device=device).to(stream)
     nw, nb = 1 + 0.2 * torch.randn(N, device=device), 0.2 * torch.randn(N, device=device)
-    x, y, mean, rstd = lin.linear_residual_layernorm(a, w.t(), b, res, nw, nb, 1e-6, dtype)
+    x, y, mean, rstd = lin.linear_residual_layernorm(a, w, b, res, nw, nb, 1e-6, dtype)
     assert (x.dtype, y.dtype) == (stream, dtype)
     x_ref = res.double() + a.double() @ w.double().t() + b.double()
     x_low = (res + a @ w.t() + b).to(stream)
@@ -195,10 +225,10 @@ def test_every_full_row_layernorm_config(cfg, device, monkeypatch):
     w = (torch.randn(N, K, device=device) * K**-0.5).to(torch.bfloat16)
     res = torch.randn(M, N, device=device)
     nw, nb = 1 + 0.2 * torch.randn(N, device=device), 0.2 * torch.randn(N, device=device)
-    assert lin._tma_ok(a, w.t())
+    assert lin._tma_ok(a, K, w)
     # the pruning keeps it at this shape (so it runs, not a fallback tile)
     assert tuning.prune_linear_ln([config], {"A": a, "N_CHUNKS": 2, "BLOCK_N": 128, "TMA_OK": True}) == [config]
-    x, y, _, _ = lin.linear_residual_layernorm(a, w.t(), None, res, nw, nb, 1e-6, torch.bfloat16)
+    x, y, _, _ = lin.linear_residual_layernorm(a, w, None, res, nw, nb, 1e-6, torch.bfloat16)
     x_ref = res.double() + a.double() @ w.double().t()
     assert_matches(x, res + (a @ w.t()).float(), x_ref, torch.bfloat16, "X")
     y_ref = F.layer_norm(x.double(), (N,), nw.double(), nb.double(), 1e-6)

@@ -84,10 +84,10 @@ def residual_then_norm(a, w, b, residual, norm_w, norm_b, eps, normed_dtype):
     """(out, normed, mean, rstd) of residual + a @ w^T + b and its LayerNorm (empty without norm_w): the stream
     tail shared by proj and fc2."""
     if not norm_w.numel():
-        out = gemm(a, w.t(), b, epilogue="residual", residual=residual, out_dtype=residual_dtype(residual, w))
+        out = gemm(a, w, b, epilogue="residual", residual=residual, out_dtype=residual_dtype(residual, w))
         empty = out.new_empty(0, dtype=torch.float32)
         return out, out.new_empty(0, dtype=normed_dtype), empty, empty.clone()
-    return gemm_residual_layernorm(a, w.t(), b, residual, norm_w, norm_b, eps, normed_dtype)
+    return gemm_residual_layernorm(a, w, b, residual, norm_w, norm_b, eps, normed_dtype)
 
 
 def stream_grad_out(dstream, norm_w, shape):
@@ -148,7 +148,7 @@ register_autograd(_layer_norm_fwd, _layer_norm_backward, _layer_norm_setup)
 @custom_op("fastvit::linear_fwd")
 @on_input_device
 def _linear_fwd(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return gemm(rows(x), w.t(), b).view(*x.shape[:-1], w.shape[0])
+    return gemm(x, w, b)  # [..., out]
 
 
 @_linear_fwd.register_fake
@@ -196,8 +196,7 @@ def _linear_residual_fwd(
     eps: float,
     normed_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    out, normed, mean, rstd = residual_then_norm(rows(x), w, b, rows(residual), norm_w, norm_b, eps, normed_dtype)
-    return out.view(residual.shape), normed.view(residual.shape) if norm_w.numel() else normed, mean, rstd
+    return residual_then_norm(x, w, b, residual, norm_w, norm_b, eps, normed_dtype)
 
 
 @_linear_residual_fwd.register_fake

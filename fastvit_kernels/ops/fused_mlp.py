@@ -61,13 +61,11 @@ def _mlp_fwd(
     normed_dtype: torch.dtype,
     training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    h2 = rows(h)  # [M, D], compute dtype
     # the pre-activation is kept only when a backward can follow (inference writes just the GELU output)
-    pre = torch.empty((h2.shape[0], w1.shape[0]), device=h.device, dtype=w1.dtype) if training else None
-    act = linear(h2, w1.t(), b1, epilogue="gelu", pre=pre)  # [M, hidden]
-    out, normed, mean, rstd = residual_then_norm(act, w2, b2, rows(residual), norm_w, norm_b, eps, normed_dtype)
-    normed = normed.view(residual.shape) if norm_w.numel() else normed
-    return out.view(residual.shape), normed, mean, rstd, act, pre if training else act.new_empty(0)
+    pre = torch.empty((*h.shape[:-1], w1.shape[0]), device=h.device, dtype=w1.dtype) if training else None
+    act = linear(h, w1, b1, epilogue="gelu", pre=pre)  # [..., hidden]
+    out, normed, mean, rstd = residual_then_norm(act, w2, b2, residual, norm_w, norm_b, eps, normed_dtype)
+    return out, normed, mean, rstd, act, pre if training else act.new_empty(0)
 
 
 @_mlp_fwd.register_fake
@@ -75,7 +73,7 @@ def _(h, residual, w1, b1, w2, b2, norm_w, norm_b, eps, normed_dtype, training):
     out = residual.new_empty(residual.shape, dtype=residual_dtype(residual, w2))
     normed, mean, rstd = stream_norm_fake(rows(out), norm_w, normed_dtype)
     normed = normed.view(residual.shape) if norm_w.numel() else normed
-    act = h.new_empty((h.numel() // h.shape[-1], w1.shape[0]), dtype=w1.dtype)
+    act = h.new_empty((*h.shape[:-1], w1.shape[0]), dtype=w1.dtype)
     return out, normed, mean, rstd, act, torch.empty_like(act) if training else act.new_empty(0)
 
 
@@ -98,9 +96,9 @@ def _mlp_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dstream, dnorm = stream_grad(dout, dnormed, rows(out), mean, rstd, norm_w)  # [M, D], [2, D]
     dy = dstream.to(w2.dtype)  # the GEMMs run in the compute dtype, as eager autocast's backward does
-    dw2, db2 = linear_weight_grad(dy, act, need_bias=has_b2, out_dtype=w2.dtype)
+    dw2, db2 = linear_weight_grad(dy, rows(act), need_bias=has_b2, out_dtype=w2.dtype)
     # d(pre-activation) = (dy @ W2) * GELU'(pre): GELU's derivative in the GEMM epilogue
-    dpre = linear(dy, w2, epilogue="gelu_grad", pre=pre)
+    dpre = linear(dy, w2.t(), epilogue="gelu_grad", pre=rows(pre))  # [M, hidden]
     dw1, db1 = linear_weight_grad(dpre, rows(h), need_bias=has_b1, out_dtype=w1.dtype)
     dh = torch.matmul(dpre, w1)  # plain GEMM, nothing to fuse: the LayerNorm backward before it needs whole rows
     return (

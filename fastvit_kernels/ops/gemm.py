@@ -1,8 +1,12 @@
 """The GEMM engine of the linear layers: where a GEMM with a fused epilogue, and a weight gradient, are launched.
 
-  linear(a, weight_t, bias, epilogue=..., ...)   C = epilogue(a @ weight_t + bias)
-  linear_residual_layernorm(a, weight_t, ...)   X = residual + a @ weight_t + bias, Y = LayerNorm(X)
+  linear(a, weight, bias, epilogue=..., ...)     C = epilogue(a @ weight^T + bias)
+  linear_residual_layernorm(a, weight, ...)     X = residual + a @ weight^T + bias, Y = LayerNorm(X)
   linear_weight_grad(g, x, need_bias)            (dW, db) of y = x @ W^T + b
+
+a is [..., K] (any leading dims, read as rows without a copy where they collapse to one stride, as in every
+contiguous tensor), weight [N, K] as nn.Linear keeps it (any strides), and C comes back as [..., N]: the ops pass
+their tensors as they are, no reshape or transpose per call (each is ~1.5 us of host time).
 
 Every fused linear of the model goes through these functions: another GEMM backend plugs in here, and nowhere else.
 Each has two candidates, our Triton kernel and cuBLAS (torch's matmul) with the epilogue as torch ops or our row
@@ -47,23 +51,40 @@ def _tma_scratch(size: int, alignment: int, stream):
     return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
-def _tma_ok(a, weight_t) -> bool:
-    """Whether a [M, K] and weight_t [K, N] can be read through tensor descriptors: K contiguous in both, row strides
-    and base addresses 16-byte aligned (the copy engine's rule; D = 100 in bf16 breaks it), and a Hopper GPU or the
-    interpreter."""
+def _tma_ok(a, a_rows, weight) -> bool:
+    """Whether a [..., K] (rows a_rows apart) and weight [N, K] can be read through tensor descriptors: K contiguous in
+    both, row strides and base addresses 16-byte aligned (the copy engine's rule; D = 100 in bf16 breaks it), and a
+    Hopper GPU or the interpreter."""
     if a.is_cuda and device_properties(a.device).major < 9:
         return False
     es = a.element_size()
-    a_row, a_col = a.stride()
-    w_row, w_col = weight_t.stride()
+    w_row, w_col = weight.stride()
     return (
-        a_col == 1
-        and w_row == 1
-        and (a_row * es) % 16 == 0
-        and (w_col * es) % 16 == 0
+        a.stride(-1) == 1
+        and w_col == 1
+        and (a_rows * es) % 16 == 0
+        and (w_row * es) % 16 == 0
         and a.data_ptr() % 16 == 0
-        and weight_t.data_ptr() % 16 == 0
+        and weight.data_ptr() % 16 == 0
     )
+
+
+def as_rows(t):
+    """(t, the stride between its rows) for t [..., C] read as [rows, C]: t itself where its leading dims collapse to
+    one stride (a contiguous tensor; a view such as x[:, 1:]), else a contiguous copy."""
+    if t.is_contiguous():
+        return t, t.shape[-1]
+    row = expect = None
+    for size, stride in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1])):  # the innermost leading dim first
+        if size == 1:
+            continue
+        if row is None:
+            row, expect = stride, stride * size
+        elif stride != expect:  # these leading dims need two strides: a contiguous copy, same shape
+            return t.contiguous(), t.shape[-1]
+        else:
+            expect *= size
+    return t, t.shape[-1] if row is None else row
 
 
 def _tma_allocator() -> None:
@@ -73,29 +94,31 @@ def _tma_allocator() -> None:
         triton.set_allocator(_tma_scratch)
 
 
-def linear(a, weight_t, bias=None, *, epilogue="none", pre=None, residual=None, out_dtype=None):
-    """C [M, N] = epilogue(a [M, K] @ weight_t [K, N] + bias), a and weight_t in the compute dtype (a transposed view
-    of an nn.Linear weight is fine).
+def linear(a, weight, bias=None, *, epilogue="none", pre=None, residual=None, out_dtype=None):
+    """C [..., N] = epilogue(a [..., K] @ weight [N, K]^T + bias), a and weight in the compute dtype.
 
-    epilogue: "none"; "gelu" (exact erf GELU; writes the pre-activation into `pre` when given, for the backward);
-    "gelu_grad" (multiplies by GELU'(pre), `pre` read); "residual" (adds `residual`, C in out_dtype).
+    epilogue: "none"; "gelu" (exact erf GELU; writes the pre-activation into `pre` [..., N] when given, for the
+    backward); "gelu_grad" (multiplies by GELU'(pre), `pre` read); "residual" (adds `residual` [..., N], C in
+    out_dtype).
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"unknown epilogue {epilogue!r}: expected one of {', '.join(EPILOGUES)}")
-    if a.dtype != weight_t.dtype:
-        raise TypeError(f"linear: a is {a.dtype} but the weight is {weight_t.dtype}; both must be the compute dtype")
-    M, K = a.shape
-    N = weight_t.shape[1]
-    out_dtype = out_dtype or weight_t.dtype
+    if a.dtype != weight.dtype:
+        raise TypeError(f"linear: a is {a.dtype} but the weight is {weight.dtype}; both must be the compute dtype")
+    K = a.shape[-1]
+    M = a.numel() // K
+    N = weight.shape[0]
+    out_dtype = out_dtype or weight.dtype
     res = residual if epilogue == "residual" else None
     pre = pre if epilogue in ("gelu", "gelu_grad") else None
     if M == 0:  # an empty batch: nothing to launch
-        return torch.empty((M, N), device=a.device, dtype=out_dtype)
-    tma_ok = _tma_ok(a, weight_t)
+        return torch.empty((*a.shape[:-1], N), device=a.device, dtype=out_dtype)
+    a, a_rows = as_rows(a)
+    tma_ok = _tma_ok(a, a_rows, weight)
     # everything the backend, the configuration and the launch grid depend on
     key = ("linear", M, N, K, epilogue, a.dtype, out_dtype, res is not None and res.dtype, bias is not None)
-    key += (pre is not None, weight_t.stride(0), tma_ok, dot_precision(a.dtype), a.device)
-    args = (a, weight_t, bias, epilogue, pre, res, out_dtype, tma_ok, key)
+    key += (pre is not None, weight.stride(1), tma_ok, dot_precision(a.dtype), a.device)
+    args = (a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, key)
     return _run(key, a.is_cuda, _linear_triton, _linear_cublas, args)
 
 
@@ -114,13 +137,18 @@ def _run(key, timed, triton_fn, cublas_fn, args):
 last_backend = None  # the backend of the latest GEMM: the per-GEMM benchmark rows record it
 
 
-def _linear_cublas(a, weight_t, bias, epilogue, pre, res, out_dtype, tma_ok, key):
+def _linear_cublas(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, key):
     """torch's GEMM (cuBLAS on a GPU) rounding to the compute dtype, then the epilogue as torch ops: eager autocast's
     sequence, so it rounds the product before the epilogue where eager does."""
     if epilogue == "gelu" and pre is not None:  # the pre-activation straight into the buffer the backward reads
-        y = torch.addmm(bias, a, weight_t, out=pre) if bias is not None else torch.mm(a, weight_t, out=pre)
+        a2, pre2 = a.reshape(-1, a.shape[-1]), pre.view(-1, pre.shape[-1])  # [M, K], [M, N]
+        if bias is not None:
+            torch.addmm(bias, a2, weight.t(), out=pre2)
+        else:
+            torch.mm(a2, weight.t(), out=pre2)
+        y = pre
     else:
-        y = torch.addmm(bias, a, weight_t) if bias is not None else a @ weight_t
+        y = F.linear(a, weight, bias)
     if epilogue == "gelu":
         return F.gelu(y)
     if epilogue == "gelu_grad":
@@ -130,23 +158,27 @@ def _linear_cublas(a, weight_t, bias, epilogue, pre, res, out_dtype, tma_ok, key
     return y
 
 
-def _linear_triton(a, weight_t, bias, epilogue, pre, res, out_dtype, tma_ok, key):
-    M, K = a.shape
-    N = weight_t.shape[1]
-    c = torch.empty((M, N), device=a.device, dtype=out_dtype)  # [M, N], rows contiguous
+def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, key):
+    K = a.shape[-1]
+    M = a.numel() // K
+    N = weight.shape[0]
+    c = torch.empty((*a.shape[:-1], N), device=a.device, dtype=out_dtype)  # [..., N], contiguous
     sms = num_sms(a.device)
     if tma_ok:
         _tma_allocator()
+    res, res_rows = as_rows(res) if res is not None else (None, 0)
+    pre_rows = _output_rows(pre) if pre is not None else 0
 
     def grid(cfg):
         tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
         return (min(tiles, sms),) if cfg["USE_TMA"] and tma_ok else (tiles,)
 
+    w_row, w_col = weight.stride()
     _fwd.launch(
         key,
         grid,
         a,
-        weight_t,
+        weight,
         c,
         bias,
         res,
@@ -155,12 +187,16 @@ def _linear_triton(a, weight_t, bias, epilogue, pre, res, out_dtype, tma_ok, key
         N,
         K,
         sms,
-        *a.stride(),
-        *weight_t.stride(),
+        a_rows,
+        a.stride(-1),
+        w_col,  # B = weight^T [K, N]: K steps along the weight's columns
+        w_row,
         N,
         1,
-        *(res.stride() if res is not None else (0, 0)),
-        *(pre.stride() if pre is not None else (0, 0)),
+        res_rows,
+        res.stride(-1) if res is not None else 0,
+        pre_rows,
+        pre.stride(-1) if pre is not None else 0,
         EPILOGUE=epilogue,
         DOT_PRECISION=dot_precision(a.dtype),
         GROUP_M=GROUP_M,
@@ -169,54 +205,78 @@ def _linear_triton(a, weight_t, bias, epilogue, pre, res, out_dtype, tma_ok, key
     return c
 
 
+def _output_rows(t):
+    """The row stride of a buffer a kernel writes (its rows cannot be copied elsewhere)."""
+    t2, rows = as_rows(t)
+    if t2 is not t:
+        raise ValueError(f"an output buffer's rows must be one stride apart, got strides {t.stride()}")
+    return rows
+
+
 LN_CHUNK = 128  # columns per accumulator of the full-row GEMM
 MAX_LN_EPILOGUE_DIM = 4 * LN_CHUNK  # wider rows: the residual GEMM, then the LayerNorm row kernel
 
 
-def linear_residual_layernorm(a, weight_t, bias, residual, norm_weight, norm_bias, eps, norm_dtype):
-    """(X, Y, mean, rstd) with X [M, N] = residual + a @ weight_t + bias in the residual stream's dtype, Y = LayerNorm(X)
-    in norm_dtype (what the next GEMM reads), the fp32 row statistics of X. One launch when a tile can span the row
-    (N <= 512), the residual GEMM and the row kernel otherwise. residual: [M, N] with unit column stride."""
-    M, K = a.shape
-    N = weight_t.shape[1]
-    out_dtype = torch.promote_types(residual.dtype, weight_t.dtype)
+def linear_residual_layernorm(a, weight, bias, residual, norm_weight, norm_bias, eps, norm_dtype):
+    """(X, Y, mean, rstd) with X [..., N] = residual + a @ weight^T + bias in the residual stream's dtype,
+    Y = LayerNorm(X) in norm_dtype (what the next GEMM reads), the fp32 row statistics of X [M]. One launch when a tile
+    can span the row (N <= 512), the residual GEMM and the row kernel otherwise. residual: [..., N] as a."""
+    K = a.shape[-1]
+    M = a.numel() // K
+    N = weight.shape[0]
+    out_dtype = torch.promote_types(residual.dtype, weight.dtype)
     if N > MAX_LN_EPILOGUE_DIM:
-        x = linear(a, weight_t, bias, epilogue="residual", residual=residual, out_dtype=out_dtype)
-        return (x, *layernorm_fwd(x, norm_weight, norm_bias, eps, norm_dtype))
+        x = linear(a, weight, bias, epilogue="residual", residual=residual, out_dtype=out_dtype)
+        return (x, *_layernorm_rows(x, norm_weight, norm_bias, eps, norm_dtype))
     if M == 0:  # an empty batch: nothing to launch
         stats = torch.empty(0, device=a.device, dtype=torch.float32)
-        return a.new_empty((0, N), dtype=out_dtype), a.new_empty((0, N), dtype=norm_dtype), stats, stats.clone()
-    tma_ok = _tma_ok(a, weight_t)
+        shape = (*a.shape[:-1], N)
+        return a.new_empty(shape, dtype=out_dtype), a.new_empty(shape, dtype=norm_dtype), stats, stats.clone()
+    a, a_rows = as_rows(a)
+    tma_ok = _tma_ok(a, a_rows, weight)
     key = ("layernorm", M, N, K, a.dtype, residual.dtype, norm_dtype, bias is not None, tma_ok, dot_precision(a.dtype))
     key += (a.device,)
-    args = (a, weight_t, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, tma_ok, key)
+    args = (a, a_rows, weight, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, tma_ok, key)
     return _run(key, a.is_cuda, _residual_layernorm_triton, _residual_layernorm_cublas, args)
 
 
-def _residual_layernorm_cublas(a, weight_t, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, *_):
+def _layernorm_rows(x, norm_weight, norm_bias, eps, norm_dtype):
+    """(Y [..., N], mean, rstd) of a fresh (contiguous) x [..., N] through the LayerNorm row kernel."""
+    y, mean, rstd = layernorm_fwd(x.view(-1, x.shape[-1]), norm_weight, norm_bias, eps, norm_dtype)
+    return y.view(x.shape), mean, rstd
+
+
+def _residual_layernorm_cublas(
+    a, a_rows, weight, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, *_
+):
     """cuBLAS's GEMM, the residual add as a torch op, then our LayerNorm row kernel."""
-    y = torch.addmm(bias, a, weight_t) if bias is not None else a @ weight_t
-    x = torch.add(residual, y).to(out_dtype)
-    return (x, *layernorm_fwd(x, norm_weight, norm_bias, eps, norm_dtype))
+    x = torch.add(residual, F.linear(a, weight, bias)).to(out_dtype)
+    return (x, *_layernorm_rows(x, norm_weight, norm_bias, eps, norm_dtype))
 
 
 def _residual_layernorm_triton(
-    a, weight_t, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, tma_ok, key
+    a, a_rows, weight, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, tma_ok, key
 ):
-    M, K = a.shape
-    N = weight_t.shape[1]
-    x = torch.empty((M, N), device=a.device, dtype=out_dtype)  # the stream, rows contiguous
-    y = torch.empty((M, N), device=a.device, dtype=norm_dtype)
+    K = a.shape[-1]
+    M = a.numel() // K
+    N = weight.shape[0]
+    shape = (*a.shape[:-1], N)
+    x = torch.empty(shape, device=a.device, dtype=out_dtype)  # the stream, contiguous
+    y = torch.empty(shape, device=a.device, dtype=norm_dtype)
     mean = torch.empty(M, device=a.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
+    residual, res_rows = as_rows(residual)
+    if residual.stride(-1) != 1:  # the kernel reads the residual's rows at unit stride
+        residual, res_rows = residual.contiguous(), N
     block_n = min(LN_CHUNK, max(16, next_pow2(N)))  # tl.dot takes no dimension under 16
     if tma_ok:
         _tma_allocator()
+    w_row, w_col = weight.stride()
     _fwd_ln.launch(
         key,
         lambda cfg: (cdiv(M, cfg["BLOCK_M"]),),
         a,
-        weight_t,
+        weight,
         bias,
         residual,
         x,
@@ -228,9 +288,11 @@ def _residual_layernorm_triton(
         M,
         N,
         K,
-        *a.stride(),
-        *weight_t.stride(),
-        residual.stride(0),
+        a_rows,
+        a.stride(-1),
+        w_col,  # B = weight^T [K, N]
+        w_row,
+        res_rows,
         N,
         N,
         eps,
