@@ -37,3 +37,29 @@ def test_layernorm_forward_and_backward(D, out_dtype, device):
     assert_matches(dx, lowp[0].grad + dres, leaves[0].grad + dres.double(), torch.float32, "dx + residual grad")
     assert_matches(dw, lowp[1].grad, leaves[1].grad, torch.float32, "dweight")
     assert_matches(db, lowp[2].grad, leaves[2].grad, torch.float32, "dbias")
+
+
+@pytest.mark.parametrize("layout", ["padded rows", "sliced tokens", "strided features"])
+def test_layernorm_rows_of_any_layout(layout, device):
+    # the launchers take [..., D] as the ops hold it: rows in place where the leading dims collapse to one stride,
+    # a copy where they do not or where the features are not at unit stride; outputs come back in x's shape
+    B, T, D = 3, 5, 48
+    base = torch.randn(B, T + 1, 2 * D, device=device)
+    x = {
+        "padded rows": base[:, :T].contiguous()[..., :D],
+        "sliced tokens": base[:, 1:, :D],
+        "strided features": base[:, :T, ::2],
+    }[layout]
+    w, b = 1 + 0.1 * torch.randn(D, device=device), 0.1 * torch.randn(D, device=device)
+    dy, dres = torch.randn(B, T, D, device=device), torch.randn(B, T, 2 * D, device=device)[..., :D]
+    y, mean, rstd = layernorm_fwd(x, w, b, 1e-6, torch.float32)
+    assert y.shape == x.shape and mean.shape == (B * T,)
+    xd = x.double().requires_grad_()
+    ref = F.layer_norm(xd, (D,), w.double(), b.double(), 1e-6)
+    assert_matches(y, F.layer_norm(x, (D,), w, b, 1e-6), ref, torch.float32, "normalised rows")
+    dx, _ = layernorm_bwd(dy, x, mean, rstd, w, dres=dres)
+    ref.backward(dy.double())
+    xl = x.detach().requires_grad_()
+    F.layer_norm(xl, (D,), w, b, 1e-6).backward(dy)
+    assert dx.shape == x.shape
+    assert_matches(dx, xl.grad + dres, xd.grad + dres.double(), torch.float32, "dx + residual grad")

@@ -116,6 +116,29 @@ def num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few splits still exercise the split paths
 
 
+def as_rows(t):
+    """(t, the stride between its rows) for t [..., C] read as [rows, C]: t itself where its leading dims collapse to
+    one stride (a contiguous tensor; a view such as x[:, 1:]), else a contiguous copy."""
+    if t.is_contiguous():
+        return t, t.shape[-1]
+    row = expect = None
+    for size, stride in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1])):  # the innermost leading dim first
+        if size == 1:
+            continue
+        if row is None:
+            row, expect = stride, stride * size
+        elif stride != expect:  # these leading dims need two strides: a contiguous copy, same shape
+            return t.contiguous(), t.shape[-1]
+        else:
+            expect *= size
+    return t, t.shape[-1] if row is None else row
+
+
+def as_unit_rows(t):
+    """as_rows for a kernel that reads each row's features at unit stride (a copy where they are not)."""
+    return as_rows(t if t.stride(-1) == 1 else t.contiguous())
+
+
 SPLIT_ALIGN = 256  # rows per split: a multiple of every BLOCK_K, so two splits never share a tile
 
 

@@ -33,12 +33,6 @@ Tensor = torch.Tensor
 NO_BIAS = 0  # a gradient that does not exist comes back from an op as an empty tensor (ops cannot return None)
 
 
-def rows(t: Tensor) -> Tensor:
-    """[..., D] -> [rows, D] without a copy when the layout allows; otherwise one copy (non-viewable strides)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def grad_or_none(t):
     return t if t.numel() else None
 
@@ -48,17 +42,17 @@ def bias_grad(db, has_b, w):
 
 
 def stream_grad(dout, dnormed, out, mean, rstd, norm_w):
-    """(d stream, d norm) where the stream `out` [M, D] feeds the next residual add (gradient dout) and LayerNorm
+    """(d stream, d norm) where the stream `out` [..., D] feeds the next residual add (gradient dout) and LayerNorm
     (gradient dnormed): the LayerNorm backward adds dout in the same pass. d norm is [2, D] (the LayerNorm weight's
     gradient, then its bias's: ops may not return two views of one tensor; zeros when dnormed did not flow), empty
     without a LayerNorm. A gradient that did not flow is None; an op without LayerNorm has an empty norm_w, and its
     d stream is dout itself."""
     if dnormed is None or not norm_w.numel():
-        dx = rows(dout) if dout is not None else torch.zeros_like(out)
+        dx = dout if dout is not None else torch.zeros_like(out)
         dnorm = norm_w.new_zeros((2, norm_w.shape[0])) if norm_w.numel() else norm_w.new_empty(NO_BIAS)
         return dx, dnorm
-    dx, dnorm = layernorm_bwd(rows(dnormed), out, mean, rstd, norm_w, dres=None if dout is None else rows(dout))
-    return dx, dnorm.to(norm_w.dtype)
+    dx, dnorm = layernorm_bwd(dnormed, out, mean, rstd, norm_w, dres=dout)
+    return dx, cast(dnorm, norm_w.dtype)
 
 
 def norm_grads(dnorm):
@@ -71,13 +65,12 @@ def norm_grad_fake(norm_w):
 
 
 def stream_norm_fake(stream, norm_w, normed_dtype):
-    """The fake (out-of-LayerNorm) outputs of an op whose stream [M, D] may feed a LayerNorm: normed, mean, rstd."""
-    M, D = stream.shape
+    """The fake (out-of-LayerNorm) outputs of an op whose stream [..., D] may feed a LayerNorm: normed, mean, rstd."""
     if not norm_w.numel():
         empty = stream.new_empty(0, dtype=torch.float32)
         return stream.new_empty(0, dtype=normed_dtype), empty, torch.empty_like(empty)
-    stats = stream.new_empty(M, dtype=torch.float32)
-    return stream.new_empty((M, D), dtype=normed_dtype), stats, torch.empty_like(stats)
+    stats = stream.new_empty(stream.numel() // stream.shape[-1], dtype=torch.float32)
+    return stream.new_empty(stream.shape, dtype=normed_dtype), stats, torch.empty_like(stats)
 
 
 def residual_then_norm(a, w, b, residual, norm_w, norm_b, eps, normed_dtype):
@@ -90,10 +83,10 @@ def residual_then_norm(a, w, b, residual, norm_w, norm_b, eps, normed_dtype):
     return gemm_residual_layernorm(a, w, b, residual, norm_w, norm_b, eps, normed_dtype)
 
 
-def stream_grad_out(dstream, norm_w, shape):
+def stream_grad_out(dstream, norm_w):
     """d stream as an op returns it: without a LayerNorm it is the incoming gradient itself, which an op may not return
     (it would alias an input), so the op returns an empty tensor and its autograd formula passes dout on."""
-    return dstream.view(shape) if norm_w.numel() else dstream.new_empty(0)
+    return dstream if norm_w.numel() else dstream.new_empty(0)
 
 
 def residual_dtype(residual, w):
@@ -109,8 +102,7 @@ def residual_dtype(residual, w):
 def _layer_norm_fwd(
     x: Tensor, w: Tensor, b: Tensor, eps: float, out_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
-    y, mean, rstd = layernorm_fwd(rows(x), w, b, eps, out_dtype)  # [M, D] in out_dtype
-    return y.view(x.shape), mean, rstd
+    return layernorm_fwd(x, w, b, eps, out_dtype)  # y [..., D] in out_dtype, mean, rstd
 
 
 @_layer_norm_fwd.register_fake
@@ -133,8 +125,7 @@ def _layer_norm_backward(ctx, dy, *unused):
 @custom_op("fastvit::layer_norm_bwd")
 @on_input_device
 def _layer_norm_bwd(dy: Tensor, x: Tensor, w: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    dx, dnorm = stream_grad(None, dy, rows(x), mean, rstd, w)
-    return dx.view(x.shape), dnorm
+    return stream_grad(None, dy, x, mean, rstd, w)
 
 
 @_layer_norm_bwd.register_fake
@@ -159,10 +150,10 @@ def _(x, w, b):
 @custom_op("fastvit::linear_bwd")
 @on_input_device
 def _linear_bwd(dout: Tensor, x: Tensor, w: Tensor, has_b: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dy = rows(dout).to(w.dtype)  # the GEMMs run in the compute dtype, as eager autocast's backward does
-    dw, db = linear_weight_grad(dy, rows(x), need_bias=has_b, out_dtype=w.dtype)
+    dy = cast(dout, w.dtype)  # the GEMMs run in the compute dtype, as eager autocast's backward does
+    dw, db = linear_weight_grad(dy, x, need_bias=has_b, out_dtype=w.dtype)
     dx = torch.matmul(dy, w)  # plain GEMM, nothing to fuse
-    return dx.view(x.shape), dw, bias_grad(db, has_b, w)
+    return dx, dw, bias_grad(db, has_b, w)
 
 
 @_linear_bwd.register_fake
@@ -202,8 +193,7 @@ def _linear_residual_fwd(
 @_linear_residual_fwd.register_fake
 def _(x, w, b, residual, norm_w, norm_b, eps, normed_dtype):
     out = residual.new_empty(residual.shape, dtype=residual_dtype(residual, w))
-    normed, mean, rstd = stream_norm_fake(rows(out), norm_w, normed_dtype)
-    return out, normed.view(residual.shape) if norm_w.numel() else normed, mean, rstd
+    return (out, *stream_norm_fake(out, norm_w, normed_dtype))
 
 
 @custom_op("fastvit::linear_residual_bwd")
@@ -219,17 +209,11 @@ def _linear_residual_bwd(
     dnormed: Tensor | None,
     has_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dstream, dnorm = stream_grad(dout, dnormed, rows(out), mean, rstd, norm_w)
-    dy = dstream.to(w.dtype)
-    dw, db = linear_weight_grad(dy, rows(x), need_bias=has_b, out_dtype=w.dtype)
+    dstream, dnorm = stream_grad(dout, dnormed, out, mean, rstd, norm_w)
+    dy = cast(dstream, w.dtype)
+    dw, db = linear_weight_grad(dy, x, need_bias=has_b, out_dtype=w.dtype)
     dx = torch.matmul(dy, w)  # plain GEMM, nothing to fuse
-    return (
-        dx.view(x.shape),
-        dw,
-        bias_grad(db, has_b, w),
-        stream_grad_out(dstream, norm_w, out.shape),
-        dnorm,
-    )
+    return dx, dw, bias_grad(db, has_b, w), stream_grad_out(dstream, norm_w), dnorm
 
 
 @_linear_residual_bwd.register_fake

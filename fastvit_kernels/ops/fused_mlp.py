@@ -38,7 +38,6 @@ from .fused_linear import (
     norm_or_empty,
     residual_dtype,
     residual_then_norm,
-    rows,
     stream_grad,
     stream_grad_out,
     stream_norm_fake,
@@ -71,8 +70,7 @@ def _mlp_fwd(
 @_mlp_fwd.register_fake
 def _(h, residual, w1, b1, w2, b2, norm_w, norm_b, eps, normed_dtype, training):
     out = residual.new_empty(residual.shape, dtype=residual_dtype(residual, w2))
-    normed, mean, rstd = stream_norm_fake(rows(out), norm_w, normed_dtype)
-    normed = normed.view(residual.shape) if norm_w.numel() else normed
+    normed, mean, rstd = stream_norm_fake(out, norm_w, normed_dtype)
     act = h.new_empty((*h.shape[:-1], w1.shape[0]), dtype=w1.dtype)
     return out, normed, mean, rstd, act, torch.empty_like(act) if training else act.new_empty(0)
 
@@ -94,22 +92,15 @@ def _mlp_bwd(
     has_b1: bool,
     has_b2: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dstream, dnorm = stream_grad(dout, dnormed, rows(out), mean, rstd, norm_w)  # [M, D], [2, D]
-    dy = dstream.to(w2.dtype)  # the GEMMs run in the compute dtype, as eager autocast's backward does
-    dw2, db2 = linear_weight_grad(dy, rows(act), need_bias=has_b2, out_dtype=w2.dtype)
+    dstream, dnorm = stream_grad(dout, dnormed, out, mean, rstd, norm_w)  # [..., D], [2, D]
+    dy = cast(dstream, w2.dtype)  # the GEMMs run in the compute dtype, as eager autocast's backward does
+    dw2, db2 = linear_weight_grad(dy, act, need_bias=has_b2, out_dtype=w2.dtype)
     # d(pre-activation) = (dy @ W2) * GELU'(pre): GELU's derivative in the GEMM epilogue
-    dpre = linear(dy, w2.t(), epilogue="gelu_grad", pre=rows(pre))  # [M, hidden]
-    dw1, db1 = linear_weight_grad(dpre, rows(h), need_bias=has_b1, out_dtype=w1.dtype)
+    dpre = linear(dy, w2.t(), epilogue="gelu_grad", pre=pre)  # [..., hidden]
+    dw1, db1 = linear_weight_grad(dpre, h, need_bias=has_b1, out_dtype=w1.dtype)
     dh = torch.matmul(dpre, w1)  # plain GEMM, nothing to fuse: the LayerNorm backward before it needs whole rows
-    return (
-        dh.view(h.shape),
-        stream_grad_out(dstream, norm_w, out.shape),
-        dw1,
-        bias_grad(db1, has_b1, w1),
-        dw2,
-        bias_grad(db2, has_b2, w2),
-        dnorm,
-    )
+    db1, db2 = bias_grad(db1, has_b1, w1), bias_grad(db2, has_b2, w2)
+    return dh, stream_grad_out(dstream, norm_w), dw1, db1, dw2, db2, dnorm
 
 
 @_mlp_bwd.register_fake

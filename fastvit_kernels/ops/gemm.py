@@ -5,8 +5,8 @@
   linear_weight_grad(g, x, need_bias)            (dW, db) of y = x @ W^T + b
 
 a is [..., K] (any leading dims, read as rows without a copy where they collapse to one stride, as in every
-contiguous tensor), weight [N, K] as nn.Linear keeps it (any strides), and C comes back as [..., N]: the ops pass
-their tensors as they are, no reshape or transpose per call (each is ~1.5 us of host time).
+contiguous tensor: _common.as_rows), weight [N, K] as nn.Linear keeps it (any strides), and C comes back as [..., N]:
+the ops pass their tensors as they are, no reshape or transpose per call (each is ~1.5 us of host time).
 
 Every fused linear of the model goes through these functions: another GEMM backend plugs in here, and nowhere else.
 Each has two candidates, our Triton kernel and cuBLAS (torch's matmul) with the epilogue as torch ops or our row
@@ -31,7 +31,17 @@ from ..tuning import (
     prune_linear_fwd,
     prune_linear_ln,
 )
-from ._common import cdiv, device_properties, dot_precision, interpreting, next_pow2, num_sms, split_rows
+from ._common import (
+    as_rows,
+    as_unit_rows,
+    cdiv,
+    device_properties,
+    dot_precision,
+    interpreting,
+    next_pow2,
+    num_sms,
+    split_rows,
+)
 from .layernorm import layernorm_fwd
 
 EPILOGUES = ("none", "gelu", "gelu_grad", "residual")
@@ -67,24 +77,6 @@ def _tma_ok(a, a_rows, weight) -> bool:
         and a.data_ptr() % 16 == 0
         and weight.data_ptr() % 16 == 0
     )
-
-
-def as_rows(t):
-    """(t, the stride between its rows) for t [..., C] read as [rows, C]: t itself where its leading dims collapse to
-    one stride (a contiguous tensor; a view such as x[:, 1:]), else a contiguous copy."""
-    if t.is_contiguous():
-        return t, t.shape[-1]
-    row = expect = None
-    for size, stride in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1])):  # the innermost leading dim first
-        if size == 1:
-            continue
-        if row is None:
-            row, expect = stride, stride * size
-        elif stride != expect:  # these leading dims need two strides: a contiguous copy, same shape
-            return t.contiguous(), t.shape[-1]
-        else:
-            expect *= size
-    return t, t.shape[-1] if row is None else row
 
 
 def _tma_allocator() -> None:
@@ -227,7 +219,7 @@ def linear_residual_layernorm(a, weight, bias, residual, norm_weight, norm_bias,
     out_dtype = torch.promote_types(residual.dtype, weight.dtype)
     if N > MAX_LN_EPILOGUE_DIM:
         x = linear(a, weight, bias, epilogue="residual", residual=residual, out_dtype=out_dtype)
-        return (x, *_layernorm_rows(x, norm_weight, norm_bias, eps, norm_dtype))
+        return (x, *layernorm_fwd(x, norm_weight, norm_bias, eps, norm_dtype))
     if M == 0:  # an empty batch: nothing to launch
         stats = torch.empty(0, device=a.device, dtype=torch.float32)
         shape = (*a.shape[:-1], N)
@@ -240,18 +232,12 @@ def linear_residual_layernorm(a, weight, bias, residual, norm_weight, norm_bias,
     return _run(key, a.is_cuda, _residual_layernorm_triton, _residual_layernorm_cublas, args)
 
 
-def _layernorm_rows(x, norm_weight, norm_bias, eps, norm_dtype):
-    """(Y [..., N], mean, rstd) of a fresh (contiguous) x [..., N] through the LayerNorm row kernel."""
-    y, mean, rstd = layernorm_fwd(x.view(-1, x.shape[-1]), norm_weight, norm_bias, eps, norm_dtype)
-    return y.view(x.shape), mean, rstd
-
-
 def _residual_layernorm_cublas(
     a, a_rows, weight, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, *_
 ):
     """cuBLAS's GEMM, the residual add as a torch op, then our LayerNorm row kernel."""
     x = torch.add(residual, F.linear(a, weight, bias)).to(out_dtype)
-    return (x, *_layernorm_rows(x, norm_weight, norm_bias, eps, norm_dtype))
+    return (x, *layernorm_fwd(x, norm_weight, norm_bias, eps, norm_dtype))
 
 
 def _residual_layernorm_triton(
@@ -265,9 +251,7 @@ def _residual_layernorm_triton(
     y = torch.empty(shape, device=a.device, dtype=norm_dtype)
     mean = torch.empty(M, device=a.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    residual, res_rows = as_rows(residual)
-    if residual.stride(-1) != 1:  # the kernel reads the residual's rows at unit stride
-        residual, res_rows = residual.contiguous(), N
+    residual, res_rows = as_unit_rows(residual)  # the kernel reads the residual's rows at unit stride
     block_n = min(LN_CHUNK, max(16, next_pow2(N)))  # tl.dot takes no dimension under 16
     if tma_ok:
         _tma_allocator()
@@ -305,11 +289,12 @@ def _residual_layernorm_triton(
 
 
 def linear_weight_grad(g, x, need_bias=True, out_dtype=torch.float32):
-    """(dW [NF, KF], db [NF] or None) for y = x @ W^T + b with dL/dy = g [R, NF], x [R, KF] as the forward's GEMM
-    read it: fp32 sums, written in out_dtype (the weight's, so that no cast follows). The reduction over rows is
-    split (see split_rows); the kernel adds the splits' partials itself (one zero-fill and one launch a call)."""
-    R, NF = g.shape
-    KF = x.shape[1]
+    """(dW [NF, KF], db [NF] or None) for y = x @ W^T + b with dL/dy = g [..., NF], x [..., KF] as the forward's GEMM
+    read it (R rows each): fp32 sums, written in out_dtype (the weight's, so that no cast follows). The reduction over
+    rows is split (see split_rows); the kernel adds the splits' partials itself (one zero-fill and one launch a
+    call)."""
+    NF, KF = g.shape[-1], x.shape[-1]
+    R = g.numel() // NF
     if R == 0:  # an empty batch: the sums over no rows
         zeros = torch.zeros(NF, device=g.device, dtype=out_dtype)
         return torch.zeros((NF, KF), device=g.device, dtype=out_dtype), (zeros if need_bias else None)
@@ -320,13 +305,16 @@ def linear_weight_grad(g, x, need_bias=True, out_dtype=torch.float32):
 def _weight_grad_cublas(g, x, need_bias, out_dtype, key):
     """G^T @ X through cuBLAS (fp32 accumulation, rounded to G's dtype as eager's backward rounds), the bias as a
     torch sum in fp32."""
+    g, x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # [R, NF], [R, KF]
     db = g.sum(0, dtype=torch.float32).to(out_dtype) if need_bias else None
     return (g.t() @ x).to(out_dtype), db
 
 
 def _weight_grad_triton(g, x, need_bias, out_dtype, key):
-    R, NF = g.shape
-    KF = x.shape[1]
+    NF, KF = g.shape[-1], x.shape[-1]
+    R = g.numel() // NF
+    g, g_rows = as_rows(g)
+    x, x_rows = as_rows(x)
     dw = torch.empty((NF, KF), device=g.device, dtype=out_dtype)
     db = torch.empty(NF, device=g.device, dtype=out_dtype) if need_bias else None
     splits, rows_per_split = split_rows(R, cdiv(NF, 128) * cdiv(KF, 128), g.device)
@@ -350,8 +338,10 @@ def _weight_grad_triton(g, x, need_bias, out_dtype, key):
         NF,
         KF,
         rows_per_split,
-        *g.stride(),
-        *x.stride(),
+        g_rows,
+        g.stride(-1),
+        x_rows,
+        x.stride(-1),
         NF * KF if splits > 1 else 0,
         KF if splits > 1 else 0,
         NF if db_part is not None else 0,

@@ -5,19 +5,22 @@ import torch
 
 from ..kernels.layernorm import layernorm_bwd_kernel, layernorm_fwd_kernel
 from ..tuning import LAYERNORM_BWD_PARAMS, LAYERNORM_FWD_PARAMS, row_kernel_params
-from ._common import cdiv, num_sms
+from ._common import as_unit_rows, cdiv, num_sms
 
 MAX_LN_DIM = 8192  # the row kernels keep a whole row in registers
 
 
 def layernorm_fwd(x, weight, bias, eps, out_dtype):
-    """(y, mean, rstd): y = LayerNorm(x) [M, D] in out_dtype, mean and rstd [M] in fp32."""
-    M, D = x.shape
-    y = torch.empty((M, D), device=x.device, dtype=out_dtype)
+    """(y, mean, rstd): y = LayerNorm(x) [..., D] in out_dtype, mean and rstd [M] in fp32 (M rows of x [..., D], read
+    in place where its leading dims collapse to one stride: _common.as_unit_rows)."""
+    D = x.shape[-1]
+    M = x.numel() // D
+    y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if M == 0:  # an empty batch: nothing to launch
         return y, mean, rstd
+    x, x_rows = as_unit_rows(x)
     block_m, block_d, warps = row_kernel_params(D, **LAYERNORM_FWD_PARAMS)
     layernorm_fwd_kernel[(cdiv(M, block_m),)](
         x,
@@ -28,8 +31,8 @@ def layernorm_fwd(x, weight, bias, eps, out_dtype):
         rstd,
         M,
         D,
-        x.stride(0),
-        y.stride(0),
+        x_rows,
+        D,
         eps,
         BLOCK_M=block_m,
         BLOCK_D=block_d,
@@ -40,15 +43,19 @@ def layernorm_fwd(x, weight, bias, eps, out_dtype):
 
 def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
     """(dx, dnorm) of LayerNorm, dx += dres in the same pass; dnorm [2, D] fp32 holds the weight's gradient (row 0)
-    and the bias's (row 1): one tensor, so that one sum adds up both."""
-    M, D = x.shape
+    and the bias's (row 1): one tensor, so that one sum adds up both. dy, x, dres and dx are [..., D] alike."""
+    D = x.shape[-1]
+    M = x.numel() // D
     if M == 0:
         return torch.empty_like(x), torch.zeros((2, D), device=x.device, dtype=torch.float32)
+    dy, dy_rows = as_unit_rows(dy)
+    x, x_rows = as_unit_rows(x)
+    dres, dres_rows = as_unit_rows(dres) if dres is not None else (None, 0)
     block_m, block_d, warps = row_kernel_params(D, **LAYERNORM_BWD_PARAMS)
     programs = min(cdiv(M, block_m), 4 * num_sms(x.device))
     rows_per_program = cdiv(cdiv(M, programs), block_m) * block_m
     programs = cdiv(M, rows_per_program)
-    dx = torch.empty_like(x)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, rows D apart
     # [programs, 2, D]: the weight's and the bias's partial sums side by side, so one torch sum adds up both
     parts = torch.empty((programs, 2, D), device=x.device, dtype=torch.float32)
     layernorm_bwd_kernel[(programs,)](
@@ -64,10 +71,10 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
         M,
         D,
         rows_per_program,
-        dy.stride(0),
-        x.stride(0),
-        dres.stride(0) if dres is not None else 0,
-        dx.stride(0),
+        dy_rows,
+        x_rows,
+        dres_rows,
+        D,
         parts.stride(0),
         BLOCK_M=block_m,
         BLOCK_D=block_d,
