@@ -67,8 +67,9 @@ class PatchEmbed(nn.Module):
         return embed(x, self.proj.weight, self.proj.bias, cls_token, pos_embed)
 
 
-def _refuse_fused_dropout(module: nn.Module, p: float) -> None:
-    if module.training and p > 0:
+def _refuse_fused_dropout(p: float) -> None:
+    """For a module in training mode: its dropout rate, which the fused path does not have."""
+    if p > 0:
         raise NotImplementedError(
             "dropout inside the blocks is not fused into the Triton kernels: train with dropout=0 "
             "(emb_dropout is supported) or use backend='torch'"
@@ -97,9 +98,11 @@ class Attention(nn.Module):
     def forward_fused(self, x, h, norm: nn.LayerNorm):
         """(x + proj(attention(qkv(h))), norm(that)) in three launches, h = norm1(x) in the compute dtype: the
         block's attention half, residual and norm2 included."""
-        _refuse_fused_dropout(self, self.attn_drop.p)
-        o = ops.attention(ops.linear(h, self.qkv.weight, self.qkv.bias), self.num_heads, self.scale)  # (B, N, inner)
-        return ops.linear_residual_layernorm(o, self.proj.weight, self.proj.bias, x, norm.weight, norm.bias, norm.eps)
+        if self.training:
+            _refuse_fused_dropout(self.attn_drop.p)
+        qkv, proj = self.qkv, self.proj
+        o = ops.attention(ops.linear(h, qkv.weight, qkv.bias), self.num_heads, self.scale)  # (B, N, inner)
+        return ops.linear_residual_layernorm(o, proj.weight, proj.bias, x, norm.weight, norm.bias, norm.eps)
 
 
 class Mlp(nn.Module):
@@ -117,8 +120,10 @@ class Mlp(nn.Module):
     def forward_fused(self, x, h, next_norm: nn.LayerNorm | None, normed_dtype=None):
         """(x + fc2(gelu(fc1(h))), next_norm(that)) with h = norm2(x): the block's MLP half, residual and the next
         LayerNorm included (None without one: the last block of a model without a final norm)."""
-        _refuse_fused_dropout(self, self.drop1.p)
-        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        if self.training:
+            _refuse_fused_dropout(self.drop1.p)
+        fc1, fc2 = self.fc1, self.fc2
+        params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         if next_norm is None:
             return ops.mlp_residual(h, x, *params), None
         n = next_norm
@@ -266,12 +271,12 @@ class ViT(nn.Module):
         # each block hands the next its input's LayerNorm; the last one the final norm's, in the stream's dtype (as
         # eager's norm returns it under autocast), or nothing where the model has no final norm (pool='mean')
         final = self.norm if isinstance(self.norm, nn.LayerNorm) else None
-        n1 = self.blocks[0].norm1
+        blocks = list(self.blocks)
+        n1 = blocks[0].norm1
         h = ops.layer_norm(x, n1.weight, n1.bias, n1.eps)
-        for i, blk in enumerate(self.blocks):
-            last = i == len(self.blocks) - 1
-            next_norm = final if last else self.blocks[i + 1].norm1
-            x, h = self._run(blk.forward_fused, x, h, next_norm, x.dtype if last else None)
+        for blk, nxt in zip(blocks, blocks[1:] + [None]):
+            next_norm, normed_dtype = (final, x.dtype) if nxt is None else (nxt.norm1, None)
+            x, h = self._run(blk.forward_fused, x, h, next_norm, normed_dtype)
         return x if final is None else h
 
     def forward_features(self, x):
