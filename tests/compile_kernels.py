@@ -194,7 +194,9 @@ def _variants(cap):
             "CLS": stream,
             "OUT": stream,
             "G": w,
-            "DW": f32,
+            "DW_OUT": f32,
+            "DW_PART": f32,
+            "ARRIVED": "i32",
             "DIMG": stream,
         }
         patches = (4, 16) if full else (4,)
@@ -210,7 +212,7 @@ def _variants(cap):
             pek.patch_embed_bwd_dw_kernel,
             tn.PATCH_EMBED_BWD_CONFIGS,
             pe_ptrs,
-            [dict(PH=ph, PW=ph, DOT_PRECISION="ieee") for ph in patches],
+            [dict(PH=ph, PW=ph, SPLIT=split, DOT_PRECISION="ieee") for ph in patches for split in (True, False)],
             tn.prune_patch_embed_dw,
             full,
         )

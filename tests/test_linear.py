@@ -233,3 +233,21 @@ def test_every_full_row_layernorm_config(cfg, device, monkeypatch):
     assert_matches(x, res + (a @ w.t()).float(), x_ref, torch.bfloat16, "X")
     y_ref = F.layer_norm(x.double(), (N,), nw.double(), nb.double(), 1e-6)
     assert_matches(y, F.layer_norm(x, (N,), nw, nb, 1e-6).to(torch.bfloat16), y_ref, torch.bfloat16, "LayerNorm(X)")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning runs on a GPU only")
+def test_weight_grad_under_the_autotuner(monkeypatch):
+    # The GPU tests run with FASTVIT_AUTOTUNE=0; here a key's first launch goes through Triton's autotuner, which
+    # launches each config several times on the same buffers and then the best once more: the split partials' arrival
+    # counters must count from zero each time. (Two configs to time: a few seconds of compiling.)
+    monkeypatch.setenv("FASTVIT_AUTOTUNE", "1")
+    monkeypatch.setenv("FASTVIT_GEMM", "triton")
+    tuning.forget()
+    R, K, N = 3000, 384, 1152  # several splits on any GPU's SM count
+    a = torch.randn(R, K, device="cuda").to(torch.bfloat16)
+    g = torch.randn(R, N, device="cuda").to(torch.bfloat16)
+    for _ in range(2):  # the tuned first launch, then the direct one
+        dw, db = lin.linear_weight_grad(g, a, out_dtype=torch.float32)
+        assert_matches(dw, (g.t() @ a).float(), g.double().t() @ a.double(), torch.bfloat16, "dW")
+        assert_matches(db, g.sum(0).float(), g.double().sum(0), torch.bfloat16, "db")
+    assert lin._dw.best_config is not None

@@ -4,13 +4,15 @@ from helpers import check_op
 
 from fastvit_kernels.ops import _common, patch_embed, patch_embed_ref
 
-# (B, C, H, W, patch, D, with class token): CIFAR's 32x32/4, non-square 48x64, patches 2/4/8/14/16, 1-4 channels
+# (B, C, H, W, patch, D, with class token): CIFAR's 32x32/4, non-square 48x64, patches 2/4/8/14/16, 1-4 channels,
+# and enough patch rows (5 x 256) for the weight gradient to split them (the interpreter counts 4 SMs)
 SHAPES = [
     (2, 3, 32, 32, 4, 48, True),
     (1, 1, 48, 64, 8, 40, False),
     (3, 4, 6, 6, 2, 24, True),
     (1, 3, 28, 28, 14, 32, True),
     (1, 3, 32, 48, 16, 64, True),
+    (5, 3, 32, 32, 2, 32, True),  # 1,280 patch rows: the weight gradient splits them, its last split adds them up
 ]
 
 

@@ -76,3 +76,26 @@ def gelu_grad(x):
     """d GELU / dx = Phi(x) + x * phi(x); x in fp32. The Gaussian of phi is the one Phi's erfc already computed."""
     cdf, e = _normal_cdf_and_gauss(x)
     return cdf + x * e * INV_SQRT_2PI
+
+
+@triton.jit
+def sum_partials(PART, split_stride, offsets, mask, splits):
+    """The fp32 sum of `splits` partial tiles at PART + s * split_stride + offsets, in split order (deterministic
+    whichever program runs it). .cg loads: the partials were written by other SMs, past this SM's L1."""
+    total = tl.load(PART + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    for s in range(1, splits):
+        total += tl.load(PART + s * split_stride + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def last_to_arrive(ARRIVED):
+    """Count the arrival of this program's split (one per tl.program_id(2)) at its output tile, whose counter is at
+    ARRIVED; True for the tile's last split, which then adds the partials up (sum_partials). The atomic's acq_rel order
+    publishes this program's partials before its arrival, and shows the last one everyone else's. The last leaves the
+    counter at zero: Triton's autotuner launches a kernel several times on the same arguments while it times the
+    configs, then once more, and each launch must count from zero."""
+    last = tl.atomic_add(ARRIVED, 1, sem="acq_rel") == tl.num_programs(2) - 1
+    if last:
+        tl.store(ARRIVED, 0)
+    return last

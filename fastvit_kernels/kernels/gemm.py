@@ -8,7 +8,7 @@ block on sm_90). Absent tensors are None, and the flags that depend on them are 
 import triton
 import triton.language as tl
 
-from .common import gelu, gelu_grad, grouped_pid
+from .common import gelu, gelu_grad, grouped_pid, last_to_arrive, sum_partials
 
 
 # Epilogues: acc [BLOCK_M, BLOCK_N] fp32 in, fp32 out; `rows` (int64) and `cols` index the tile, PTR's strides map
@@ -247,16 +247,6 @@ def linear_fwd_kernel(
         )
 
 
-@triton.jit
-def _sum_partials(PART, split_stride, offsets, mask, splits):
-    """The fp32 sum of `splits` partial tiles at PART + s * split_stride + offsets, in split order (deterministic
-    whichever program runs it). .cg loads: the partials were written by other SMs, past this SM's L1."""
-    total = tl.load(PART + offsets, mask=mask, other=0.0, cache_modifier=".cg")
-    for s in range(1, splits):
-        total += tl.load(PART + s * split_stride + offsets, mask=mask, other=0.0, cache_modifier=".cg")
-    return total
-
-
 @triton.heuristics(
     {
         "HAS_DBIAS": lambda args: args["DB_OUT"] is not None,
@@ -326,24 +316,19 @@ def linear_dw_kernel(
     bias = tl.sum(db, 1)  # [BLOCK_M]; the programs of the first column block store it
     if SPLIT:
         # Split rows: each program leaves an fp32 partial, and the last of a tile's splits to arrive adds them up and
-        # writes the result, so no reduction kernel (and no cast) runs after this one. The atomic's acq_rel order
-        # publishes this program's partials before its arrival, and shows the last one everyone else's.
+        # writes the result, so no reduction kernel (and no cast) runs after this one.
         tl.store(DW_PART + pid_s * stride_dws + offs_m[:, None] * stride_dwn + offs_n[None, :], acc, mask=mask)
         if HAS_DBIAS:
             if pid_n == 0:
                 tl.store(DB_PART + pid_s * stride_dbs + offs_m, bias, mask=mask_m)
-        splits = tl.num_programs(2)
-        arrived = ARRIVED + pid_m * tl.num_programs(1) + pid_n
-        if tl.atomic_add(arrived, 1, sem="acq_rel") == splits - 1:
-            # back to zero for the next launch on these buffers: Triton's autotuner launches a kernel several times
-            # with the same arguments while it times the configs, then once more
-            tl.store(arrived, 0)
+        if last_to_arrive(ARRIVED + pid_m * tl.num_programs(1) + pid_n):
+            splits = tl.num_programs(2)
             part = offs_m[:, None] * stride_dwn + offs_n[None, :]
-            acc = _sum_partials(DW_PART, stride_dws, part, mask, splits)
+            acc = sum_partials(DW_PART, stride_dws, part, mask, splits)
             tl.store(DW_OUT + tile, acc.to(DW_OUT.dtype.element_ty), mask=mask)
             if HAS_DBIAS:
                 if pid_n == 0:
-                    bias = _sum_partials(DB_PART, stride_dbs, offs_m, mask_m, splits)
+                    bias = sum_partials(DB_PART, stride_dbs, offs_m, mask_m, splits)
                     tl.store(DB_OUT + offs_m, bias.to(DB_OUT.dtype.element_ty), mask=mask_m)
     else:
         tl.store(DW_OUT + tile, acc.to(DW_OUT.dtype.element_ty), mask=mask)

@@ -5,6 +5,8 @@ position embedding and the CLS row; the weight and image gradients. The launcher
 import triton
 import triton.language as tl
 
+from .common import last_to_arrive, sum_partials
+
 
 @triton.jit
 def _patch_offsets(rows, P, GW, stride_ib, stride_ih, stride_iw, PH: tl.constexpr, PW: tl.constexpr):
@@ -101,11 +103,14 @@ def patch_embed_fwd_kernel(
             tl.store(out_ptrs, val.to(OUT.dtype.element_ty), mask=(bs[:, None] < B) & mask_n[None, :])
 
 
+@triton.heuristics({"SPLIT": lambda args: args["DW_PART"] is not None})
 @triton.jit
 def patch_embed_bwd_dw_kernel(
     G,  # [B, P, D] gradient of the patch tokens (a view that skips the class row)
     IMG,  # [B, C, H, W] images, any strides
-    DW,  # [splits, D, C * PH * PW] fp32 partial weight gradients, one per split of the rows
+    DW_OUT,  # [D, C * PH * PW] fp32 weight gradient
+    DW_PART,  # [splits, D, C * PH * PW] fp32 partials, one per split of the rows (None with one split)
+    ARRIVED,  # [tiles] int32, zeroed: splits of each output tile done; left zero again (None with one split)
     B,
     P,
     GW,
@@ -125,6 +130,7 @@ def patch_embed_bwd_dw_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     # dW[N, K] = dTokens^T[N, rows] @ patches[rows, K], the patches gathered from the image again (im2col in the load)
     pid_m = tl.program_id(0)
@@ -146,9 +152,14 @@ def patch_embed_bwd_dw_kernel(
         row_off = _patch_offsets(rows, P, GW, stride_ib, stride_ih, stride_iw, PH, PW)
         a = tl.load(IMG + row_off[:, None] + col_off[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(g, a.to(g.dtype), acc, input_precision=DOT_PRECISION)
-    tl.store(
-        DW + pid_s * stride_dws + offs_m[:, None] * K + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :]
-    )
+    tile = offs_m[:, None] * K + offs_n[None, :]  # [BLOCK_M, BLOCK_N] offsets in dW
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT:  # the last split of the tile to arrive adds the partials up: no sum kernel after this one
+        tl.store(DW_PART + pid_s * stride_dws + tile, acc, mask=mask)
+        if last_to_arrive(ARRIVED + pid_m * tl.num_programs(1) + pid_n):
+            tl.store(DW_OUT + tile, sum_partials(DW_PART, stride_dws, tile, mask, tl.num_programs(2)), mask=mask)
+    else:
+        tl.store(DW_OUT + tile, acc, mask=mask)
 
 
 @triton.jit

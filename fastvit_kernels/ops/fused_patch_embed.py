@@ -113,7 +113,11 @@ def patch_embed_bwd_weight(g, images, weight):
         return torch.zeros((D, C, ph, pw), device=g.device, dtype=torch.float32)
     tiles = cdiv(D, 64) * cdiv(K, 64)
     splits, rows_per_split = split_rows(R, tiles, g.device)
-    dw = torch.empty((splits, D, K), device=g.device, dtype=torch.float32)
+    dw = torch.empty((D, K), device=g.device, dtype=torch.float32)
+    part = arrived = None
+    if splits > 1:  # the kernel's last split per tile adds the partials up
+        part = torch.empty((splits, D, K), device=g.device, dtype=torch.float32)
+        arrived = torch.zeros(cdiv(D, 16) * cdiv(K, 16), device=g.device, dtype=torch.int32)  # any tile >= 16
     dot = dot_precision(g.dtype)
     key = _key(images, D, K, ph, pw, g, images, dot)
     _bwd_dw.launch(
@@ -122,6 +126,8 @@ def patch_embed_bwd_weight(g, images, weight):
         g,
         images,
         dw,
+        part,
+        arrived,
         B,
         P,
         GW,
@@ -134,12 +140,12 @@ def patch_embed_bwd_weight(g, images, weight):
         images.stride(1),
         images.stride(2),
         images.stride(3),
-        dw.stride(0),
+        D * K,
         PH=ph,
         PW=pw,
         DOT_PRECISION=dot,
     )
-    return dw.sum(0).view(D, C, ph, pw)
+    return dw.view(D, C, ph, pw)
 
 
 def patch_embed_bwd_images(g, weight, images):
