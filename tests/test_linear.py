@@ -251,3 +251,15 @@ def test_weight_grad_under_the_autotuner(monkeypatch):
         assert_matches(dw, (g.t() @ a).float(), g.double().t() @ a.double(), torch.bfloat16, "dW")
         assert_matches(db, g.sum(0).float(), g.double().sum(0), torch.bfloat16, "db")
     assert lin._dw.best_config is not None
+
+
+def test_an_expanded_input_is_read_through_pointers(device, backend):
+    # one row repeated (stride 0 between rows, as an expand leaves it): every output row the same, no descriptor
+    K, N = 48, 40
+    row = torch.randn(1, 1, K, device=device).to(torch.bfloat16)
+    a = row.expand(3, 5, K)
+    w = (torch.randn(N, K, device=device) * K**-0.5).to(torch.bfloat16)
+    assert not lin._tma_ok(a, 0, w)
+    out = lin.linear(a, w)
+    assert out.shape == (3, 5, N)
+    assert_matches(out, F.linear(a, w), a.double() @ w.double().t(), torch.bfloat16)

@@ -72,6 +72,7 @@ def _tma_ok(a, a_rows, weight) -> bool:
     return (
         a.stride(-1) == 1
         and w_col == 1
+        and a_rows > 0  # an expanded input's rows share memory: fine for pointer loads, not for a descriptor
         and (a_rows * es) % 16 == 0
         and (w_row * es) % 16 == 0
         and a.data_ptr() % 16 == 0
