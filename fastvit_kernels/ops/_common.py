@@ -37,21 +37,30 @@ def check_same_device(**tensors) -> None:
 
 
 def check_tensors(**tensors) -> torch.device:
-    """check_same_device, then check_tensor for each named tensor (None: an absent optional one), in one pass where
-    all is well: an op checks its tensors on every call, so this is host time of every launch. Returns the device."""
+    """check_same_device, then check_tensor for each named tensor (None: an absent optional one). One pass with set
+    lookups where all is well (an op checks its tensors on every call: this is host time of every launch); the
+    per-tensor checks, and their messages, where something is not. Returns the device."""
     device = None
     for t in tensors.values():
-        if type(t) in _TENSOR_TYPES:
-            if device is None:
-                device = t.device
-            elif t.device != device:
-                check_same_device(**tensors)
-    for name, t in tensors.items():
         if t is None:
             continue
-        if type(t) not in _TENSOR_TYPES or t.dtype not in SUPPORTED_DTYPES or (not t.is_cuda and not interpreting()):
-            check_tensor(t, name)
+        if type(t) not in _TENSOR_TYPES or t.dtype not in SUPPORTED_DTYPES:
+            return _check_each(tensors)
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            return _check_each(tensors)
+    if device is None or (device.type != "cuda" and not interpreting()):
+        return _check_each(tensors)
     return device
+
+
+def _check_each(tensors) -> torch.device:
+    check_same_device(**tensors)
+    for name, t in tensors.items():
+        if t is not None:
+            check_tensor(t, name)
+    return next((t.device for t in tensors.values() if t is not None), None)
 
 
 _TENSOR_TYPES = {torch.Tensor, torch.nn.Parameter}  # anything else (a subclass) takes isinstance's slower way
