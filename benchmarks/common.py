@@ -177,6 +177,7 @@ def chosen_configs(**launchers):
             if cfg is not None:
                 tile = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg.kwargs)
                 tma = " tma" if cfg.kwargs.get("USE_TMA") else ""
+                tma += " warpspec" if cfg.kwargs.get("WARP_SPEC") else ""
                 parts.append(f"{name} {tile} w{cfg.num_warps} s{cfg.num_stages}{tma}")
         return {"config": ", ".join(parts)} if parts else {}
 

@@ -109,10 +109,10 @@ class Launcher:
 
 def forget() -> None:
     """Forget every per-key decision (configurations, GEMM backends): the environment switches (FASTVIT_GEMM,
-    FASTVIT_AUTOTUNE, FASTVIT_TMA, FASTVIT_ATTN_WHOLE) are read when a key is first launched, so a process that
+    FASTVIT_AUTOTUNE, FASTVIT_TMA, FASTVIT_WARP_SPEC, FASTVIT_ATTN_WHOLE) are read when a key is first launched, so a process that
     changes one mid-run calls this after it. Triton's autotuner keeps the timings it made (a key it has timed is not
-    timed again), so on a GPU FASTVIT_TMA and FASTVIT_ATTN_WHOLE, which prune before timing, belong in the
-    environment the process starts with."""
+    timed again), so on a GPU FASTVIT_TMA, FASTVIT_WARP_SPEC and FASTVIT_ATTN_WHOLE, which prune before timing,
+    belong in the environment the process starts with."""
     for launcher in _LAUNCHERS:
         launcher.chosen.clear()
     _GEMM_CHOICE.clear()
@@ -124,10 +124,12 @@ def forget() -> None:
 GROUP_M = 8  # row blocks that share B's column blocks in L2 (grouped program order), for every GEMM here
 
 
-def gemm_cfg(bm, bn, bk, warps, stages, tma=False):
+def gemm_cfg(bm, bn, bk, warps, stages, tma=False, ws=False):
+    """tma=None: a kernel without the TMA and warp-specialisation flags (the weight gradient)."""
     kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
     if tma is not None:
         kwargs["USE_TMA"] = tma
+        kwargs["WARP_SPEC"] = ws
     return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
@@ -146,6 +148,12 @@ LINEAR_FWD_CONFIGS = [
     gemm_cfg(64, 64, 64, 4, 4),
     gemm_cfg(128, 64, 64, 4, 3),
     gemm_cfg(64, 128, 64, 4, 3),
+    # warp-specialised: Triton adds warps of its own for the loads and the MMAs (12 in all, registers rebalanced by
+    # setmaxnreg; sm_90, triton 3.6 and 3.8, compiled offline: 168 registers a thread, at most 8 B of stack, one block
+    # per SM; 128 x 128 spills 24 B with fc1's GELU epilogue under triton 3.8 and is not offered). Never run on a GPU
+    # yet: offered only with FASTVIT_WARP_SPEC=1 (warp_spec_on), which the GPU check sets once their tests pass there.
+    gemm_cfg(128, 64, 64, 4, 4, tma=True, ws=True),
+    gemm_cfg(64, 128, 64, 4, 4, tma=True, ws=True),
 ]
 # 128 x 64 and 64 x 64 with 4 warps serialise every wgmma of the weight gradient under ptxas 12.9 (triton 3.8, C7515,
 # compiled offline); the tuner kept 64 x 128 for every weight gradient on the H100 (2026-11-26).
@@ -169,11 +177,18 @@ def _tma_where_ok(configs, args):
     return configs
 
 
+def warp_spec_on() -> bool:
+    """FASTVIT_WARP_SPEC=1 offers the tuner the warp-specialised GEMM tiles (off by default until measured)."""
+    return os.environ.get("FASTVIT_WARP_SPEC", "0") == "1"
+
+
 def prune_linear_fwd(configs, named_args, **kwargs):
-    """Shared memory as for every GEMM; the TMA tiles where _tma_where_ok keeps them; no tile that ptxas
-    serialises."""
+    """Shared memory as for every GEMM; the TMA tiles where _tma_where_ok keeps them; the warp-specialised ones where
+    warp_spec_on; no tile that ptxas serialises."""
     args = {**named_args, **kwargs}  # the launch keywords are in kwargs when tuning
     configs = _tma_where_ok(configs, args)
+    if not warp_spec_on():
+        configs = [c for c in configs if not c.kwargs.get("WARP_SPEC")]
     configs = [c for c in configs if not _serialised(c, args.get("EPILOGUE"), args.get("RES"))]
     return _linear_smem(configs, named_args, **kwargs)
 

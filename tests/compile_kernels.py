@@ -297,7 +297,10 @@ def _compile(job):
             **_resource_usage(c.asm["cubin"]),
         )
         if cap == 90:  # the offline performance report (tests/sass_report.py)
-            res.update(sass_report.analyse(c.asm["cubin"], ptx, cap, warps, res["shared"], res["regs"]))
+            # the warps the kernel launches with: a warp-specialised loop adds partitions beyond the config's warps
+            launched = c.metadata.num_warps
+            res.update(sass_report.analyse(c.asm["cubin"], ptx, cap, launched, res["shared"], res["regs"]))
+            res["launched_warps"] = launched
     except Exception as e:  # noqa: BLE001 - reported per configuration
         res = dict(ok=False, error=f"{type(e).__name__}: {str(e)[-400:]}")
     res["seconds"] = round(time.perf_counter() - start, 2)
@@ -336,6 +339,7 @@ def jobs(caps):
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compile for the GPU, not the interpreter"
+    os.environ["FASTVIT_WARP_SPEC"] = "1"  # every tile the tuner may be offered, the warp-specialised ones included
     # compile_kernels.py [CAP ...] [--report FILE]: JSON lines, and with --report the GEMMs' SASS table in FILE
     argv = sys.argv[1:]
     report_path = argv.pop(argv.index("--report") + 1) if "--report" in argv else None

@@ -51,6 +51,16 @@ def _count(sass, lo, hi):
     return sum(1 for a, _ in sass if lo <= a <= hi)
 
 
+def _loads(body, sass) -> str:
+    """How the K loop gets its operands: TMA or cp.async in the loop itself, or TMA in another warp's loop (a
+    warp-specialised kernel, whose MMA loop only waits on barriers)."""
+    if any("UTMALDG" in ins for ins in body):
+        return "tma"
+    if any("LDGSTS" in ins for ins in body):
+        return "cp.async"
+    return "tma, load warps" if any("UTMALDG" in ins for _, ins in sass) else "ld"
+
+
 def analyse(cubin: bytes, ptx: str, cap: int, warps: int, shared: int, regs: int) -> dict:
     sass = _sass(cubin)
     loops = []  # (start, end) of every backward branch
@@ -73,11 +83,7 @@ def analyse(cubin: bytes, ptx: str, cap: int, warps: int, shared: int, regs: int
             k_step_mma=sum(1 for ins in body if "GMMA" in ins or "HMMA" in ins),
             tile_rest=_count(sass, end + 1, stop),
             wgmma_wait=min(waits) if waits else None,
-            loads="tma"
-            if any("UTMALDG" in ins for ins in body)
-            else "cp.async"
-            if any("LDGSTS" in ins for ins in body)
-            else "ld",
+            loads=_loads(body, sass),
         )
     threads = 32 * warps
     per_block_regs = -(-regs // 8) * 8 * threads if regs else 0
@@ -113,8 +119,10 @@ def report(results: list) -> str:
             epi += ", a whole (batch, head) pair per tile" if c.get("WHOLE") else ""
         ops = "/".join(str(p.get(k)) for k in ("A", "C") if k in p) or "/".join(str(v) for v in list(p.values())[:2])
         warn = "yes" if any("C7515" in w for w in r["ptxas_warnings"]) else ""
+        launched = r.get("launched_warps", r["warps"])  # a warp-specialised tile: the config's warps (all warps)
+        warps = r["warps"] if launched == r["warps"] else f"{r['warps']} ({launched})"
         lines.append(
-            f"| {r['kernel']} | {ops} | {epi} | {tile} | {r['warps']} | {r['stages']} | {r['loads']} | "
+            f"| {r['kernel']} | {ops} | {epi} | {tile} | {warps} | {r['stages']} | {r['loads']} | "
             f"{r['k_step']} ({r['k_step_mma']}) | {r['tile_rest']} | {r['wgmma_wait']} | {r['regs']} | "
             f"{r['shared'] // 1024} | {r['blocks_per_sm']} | {warn} |"
         )
