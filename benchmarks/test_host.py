@@ -6,9 +6,9 @@ the cuBLAS calls of our backward (dx = dy @ W, torch.matmul) return an empty ten
 are CPU tensors, batch 1, bf16 weights: torch's ops around our kernels (allocations, casts, autograd) are dispatched
 as on a GPU and compute next to nothing. What is timed: our Python (checks, the custom-op bypass, autograd, the
 launchers' argument lists) and torch's dispatch, per step. Not timed: Triton's own launcher (JITFunction.run: argument
-binding and specialisation) and the CUDA driver (the e2e rows' `host_ms` on a GPU has them all).
-Rows before commit 491d690 swapped whole launchers and so timed less of ours (NOTES.md, session 5). Without autocast (bf16 weights), the
-casts of fp32 weights that autocast adds (one per linear per step, on a GPU) are not in these numbers.
+binding and specialisation) and the CUDA driver (the e2e rows' `host_ms` on a GPU has them all). Rows measured
+before commit 44f8e85 swapped whole launchers and so timed less of ours (NOTES.md, session 5). Without autocast (bf16
+weights), the casts of fp32 weights that autocast adds (one per linear per step, on a GPU) are not in these numbers.
 
 (The meta device was the first choice and is wrong for this: torch runs many meta shape functions in Python, 0.65 ms
 for one F.linear and 0.1 ms for a sum on this box, so the figure measured meta, not us.)

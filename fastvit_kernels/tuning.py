@@ -109,10 +109,10 @@ class Launcher:
 
 def forget() -> None:
     """Forget every per-key decision (configurations, GEMM backends): the environment switches (FASTVIT_GEMM,
-    FASTVIT_AUTOTUNE, FASTVIT_TMA, FASTVIT_WARP_SPEC, FASTVIT_ATTN_WHOLE) are read when a key is first launched, so a process that
-    changes one mid-run calls this after it. Triton's autotuner keeps the timings it made (a key it has timed is not
-    timed again), so on a GPU FASTVIT_TMA, FASTVIT_WARP_SPEC and FASTVIT_ATTN_WHOLE, which prune before timing,
-    belong in the environment the process starts with."""
+    FASTVIT_AUTOTUNE, FASTVIT_TMA, FASTVIT_WARP_SPEC, FASTVIT_ATTN_WHOLE) are read when a key is first launched, so a
+    process that changes one mid-run calls this after it. Triton's autotuner keeps the timings it made (a key it has
+    timed is not timed again), so on a GPU FASTVIT_TMA, FASTVIT_WARP_SPEC and FASTVIT_ATTN_WHOLE, which prune before
+    timing, belong in the environment the process starts with."""
     for launcher in _LAUNCHERS:
         launcher.chosen.clear()
     _GEMM_CHOICE.clear()
