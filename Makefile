@@ -24,6 +24,10 @@ bench: venv
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
+# On a CUDA machine, first: a few minutes of the GEMM tests and the CIFAR-10 e2e rows, to catch a failure early.
+gpu-focus:
+	bash benchmarks/gpu_focus.sh
+
 # The lent GPUs run triton 3.6 (with torch 2.11); `make test` runs triton 3.8. This builds a second environment with
 # triton 3.6 (torch 2.13 for the CPU from this machine's wheels; numpy < 2.3, which triton 3.6's interpreter needs)
 # and runs the kernel tests under its interpreter and the compile check with its compiler (~5 min).
@@ -51,4 +55,4 @@ lint: venv
 	$(BIN)/ruff check fastvit_kernels tests benchmarks
 	$(BIN)/ruff format --check fastvit_kernels tests benchmarks
 
-.PHONY: venv test bench gpu-check test-triton36 report lint
+.PHONY: venv test bench gpu-check gpu-focus test-triton36 report lint
