@@ -337,6 +337,10 @@ ATTENTION_FWD_CONFIGS = [
     _attention_cfg(16, 32, 4, 2, whole=False),
     _attention_cfg(64, 64, 4, 3, maxnreg=128, whole=False),
 ]
+# The last: N <= 128 (CIFAR-10's 65) in one 128 x 128 tile per (batch, head) pair for dQ and for dK/dV, where 64-row
+# tiles take two (the second one row deep at N = 65). Single-stage: one K/V (or Q/dO) block per pair leaves nothing
+# to pipeline. sm_90, bf16, head dim 64, compiled offline: dQ 201/206 registers (triton 3.6/3.8), dK/dV 255, no
+# spill, no C7515 (two stages serialise dK/dV's wgmma). Unmeasured.
 ATTENTION_BWD_CONFIGS = [
     _attention_cfg(64, 64, 4, 2),
     _attention_cfg(32, 32, 4, 2),
@@ -344,6 +348,7 @@ ATTENTION_BWD_CONFIGS = [
     _attention_cfg(64, 32, 4, 2),
     _attention_cfg(16, 32, 4, 2),
     _attention_cfg(128, 64, 8, 2),
+    _attention_cfg(128, 128, 8, 1),
 ]
 ATTENTION_FALLBACK_CONFIG = _attention_cfg(16, 16, 4, 1)  # fits any head dim <= 256 in fp32 on sm_80 and sm_90
 ATTENTION_SMEM_BUDGET = 160 * 1024  # under sm_80's 164 KB and sm_90's 228 KB per block

@@ -3,7 +3,7 @@ import torch
 from helpers import assert_matches, check_op, force_config
 
 from fastvit_kernels.ops import _common, attention, attention_ref, fused_attention
-from fastvit_kernels.tuning import ATTENTION_FWD_CONFIGS, prune_attention
+from fastvit_kernels.tuning import ATTENTION_BWD_CONFIGS, ATTENTION_FWD_CONFIGS, prune_attention
 
 # (B, N, H, d): odd lengths, the model's 65 and 197, head dims that are not powers of two, batch 1, one token
 SHAPES = [(2, 65, 2, 64), (1, 17, 3, 80), (1, 1, 1, 16), (2, 33, 2, 96), (1, 197, 1, 32), (1, 5, 2, 128)]
@@ -99,6 +99,18 @@ def test_every_forward_config_matches_reference(cfg, device, monkeypatch):
     assert_matches(ours, attention_ref(qkv, 2), attention_ref(qkv.double(), 2), torch.float32)
     # the softmax statistics the backward reads are the same function of the input whichever tile wrote them
     check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv.requires_grad_()], torch.float32)
+
+
+@pytest.mark.parametrize("cfg", range(len(ATTENTION_BWD_CONFIGS)))
+def test_every_backward_config_matches_reference(cfg, device, monkeypatch):
+    # each tile the tuner may pick for dQ and for dK/dV, at CIFAR-10's 65 tokens (64 + 1: a 64-row tile leaves a
+    # one-row second tile, the 128 x 128 one holds the whole sequence)
+    config = ATTENTION_BWD_CONFIGS[cfg]
+    force_config(monkeypatch, fused_attention._bwd_dq, config)
+    force_config(monkeypatch, fused_attention._bwd_dkdv, config)
+    qkv = torch.randn(2, 65, 3 * 2 * 64, device=device, requires_grad=True)
+    assert prune_attention([config], {"QKV": qkv, "N": 65}, BLOCK_D=64) == [config]  # it runs, not the fallback
+    check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], torch.float32)
 
 
 def test_whole_sequence_tiles_are_left_out_when_switched_off(device, monkeypatch):
