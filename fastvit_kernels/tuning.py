@@ -53,7 +53,12 @@ def tuning_on() -> bool:
     """Whether launches time their candidate configs: on a GPU, unless FASTVIT_AUTOTUNE=0. The interpreter runs each
     config at interpreter speed, so tuning there would only cost time; FASTVIT_AUTOTUNE=0 makes GPU test runs fast and
     deterministic in what they launch. Benchmarks keep tuning on."""
-    return not interpreting() and os.environ.get("FASTVIT_AUTOTUNE", "1") != "0"
+    return not interpreting() and autotune_allowed()
+
+
+def autotune_allowed() -> bool:
+    """FASTVIT_AUTOTUNE is not 0: what anything that would time candidates asks (configs, GEMM backends)."""
+    return os.environ.get("FASTVIT_AUTOTUNE", "1") != "0"
 
 
 _LAUNCHERS: list = []  # every Launcher, for forget()
@@ -262,7 +267,7 @@ def _choose_gemm_backend(candidates, timed):
     mode = gemm_backend_mode()
     if mode != "auto":
         return mode
-    if not timed or os.environ.get("FASTVIT_AUTOTUNE", "1") == "0":
+    if not timed or not autotune_allowed():
         return "triton"
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return None

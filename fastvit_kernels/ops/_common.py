@@ -100,9 +100,7 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype for device's type, None where autocast is off: an op asks once per call."""
-    if device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
+    return torch.get_autocast_dtype(device.type) if autocast_on(device) else None
 
 
 def dot_precision(dtype: torch.dtype) -> str:
