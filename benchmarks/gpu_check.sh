@@ -4,20 +4,12 @@
 # time limit, and every benchmark row is streamed to $OUT_DIR/rows.jsonl as it is measured, so a cut-short run still
 # reports what it saw. Rows carry the commit measured: git's HEAD, or FASTVIT_COMMIT where the tree came without .git
 # (a lent GPU: `FASTVIT_COMMIT=<hash> make gpu-check`). At most 8 files come back from a lent GPU: the run writes 7.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-OUT_DIR=${OUT:-benchmarks/results}
-mkdir -p "$OUT_DIR"
-export FASTVIT_BENCH_ROWS="$OUT_DIR/rows.jsonl" FASTVIT_BENCH_OUT="$OUT_DIR"
+source "$(dirname "$0")/gpu_env.sh"
 : > "$FASTVIT_BENCH_ROWS"
 ROUNDS=${ROUNDS:-15}
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv || true
 
-XDIST=""
-$PY -c "import xdist" 2>/dev/null && XDIST="-n 8"  # each worker compiles its own kernels: ~35 in test_linear alone
 echo "=== the TMA GEMM path first (new kernels): if it fails here, the benchmarks run without it (FASTVIT_TMA=0)"
 # the warp-specialised tiles (never run on a GPU before this check) are offered to the tuner only if they pass here
 export FASTVIT_WARP_SPEC=1

@@ -4,15 +4,7 @@
 # the GEMM tests (every tile the tuner may pick, the warp-specialised ones included, and the weight gradient's first
 # launch under Triton's autotuner), then the CIFAR-10 end-to-end `ours` and eager rows, a few rounds each. Rows go to
 # $OUT_DIR/rows.jsonl with their commit (FASTVIT_COMMIT=<hash> where the tree came without .git).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-OUT_DIR=${OUT:-benchmarks/results}
-mkdir -p "$OUT_DIR"
-export FASTVIT_BENCH_ROWS="$OUT_DIR/rows.jsonl" FASTVIT_BENCH_OUT="$OUT_DIR"
-XDIST=""
-$PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+source "$(dirname "$0")/gpu_env.sh"
 echo "=== the GEMM engine's tests (first config of each launch, every linear tile forced once)"
 FASTVIT_AUTOTUNE=0 timeout 90 $PY -m pytest -q -rf --tb=short tests/test_linear.py $XDIST -p no:cacheprovider \
   2>&1 | tee "$OUT_DIR/focus_tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -20
