@@ -13,8 +13,10 @@ weights), the casts of fp32 weights that autocast adds (one per linear per step,
 (The meta device was the first choice and is wrong for this: torch runs many meta shape functions in Python, 0.65 ms
 for one F.linear and 0.1 ms for a sum on this box, so the figure measured meta, not us.)
 
-One row each, `ours` (backend='triton'), in `host/cifar10/infer` and `host/cifar10/train` (zero_grad, forward,
-backward; no optimizer step). The issue's goals on the 2-core CPU box: 1.0 ms and 3 ms.
+Rows (backend='triton'): `ours` in `host/cifar10/infer` and `host/cifar10/train` (zero_grad, forward, backward; no
+optimizer step), and `ours-unplanned` in `host/cifar10/infer`: inference with FASTVIT_PLAN=0, the model's forward on
+every call, where `ours` replays its inference plan (fastvit_kernels/plan.py; the same launches, counted in both rows).
+The issue's goals on the 2-core CPU box: 1.0 ms and 3 ms.
 """
 
 import sys
@@ -24,7 +26,7 @@ import pytest
 import torch
 from common import measure
 
-from fastvit_kernels import vit_cifar10
+from fastvit_kernels import plan, vit_cifar10
 from fastvit_kernels.ops import _common
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
@@ -43,8 +45,12 @@ def no_launches(monkeypatch):
     return launches
 
 
-@pytest.mark.parametrize("mode", ["infer", "train"])
-def test_host_time(benchmark, bench_opts, no_launches, mode):
+@pytest.mark.parametrize(
+    ("mode", "row"), [("infer", "ours"), ("infer", "ours-unplanned"), ("train", "ours")], ids=lambda v: v
+)
+def test_host_time(benchmark, bench_opts, no_launches, monkeypatch, mode, row):
+    if row == "ours-unplanned":
+        monkeypatch.setenv("FASTVIT_PLAN", "0")
     model = vit_cifar10(backend="triton").to(CPU, torch.bfloat16)
     model.train(mode == "train")
     x = torch.empty(1, 3, 32, 32, dtype=torch.bfloat16)
@@ -58,6 +64,7 @@ def test_host_time(benchmark, bench_opts, no_launches, mode):
                 model(x)
 
     step()
+    step()  # inference: the plan is recorded
     no_launches.clear()
     step()
     launches = len(no_launches)
@@ -67,9 +74,17 @@ def test_host_time(benchmark, bench_opts, no_launches, mode):
         device=CPU,
         opts=dict(bench_opts, rounds=max(bench_opts["rounds"], 100)),
         group=f"host/cifar10/{mode}",
-        row="ours",
+        row=row,
         items=1,
         item_name="step",
         warmup=3,
-        describe=lambda: {"our_launches_per_step": launches},
+        describe=lambda: {"our_launches_per_step": launches, "plan": _plan_state(model)},
     )
+
+
+def _plan_state(model) -> str:
+    """What the row's calls ran: 'replayed' (an inference plan), 'none' (the forward), or why not (Unplannable)."""
+    states = list(plan.plans(model).values())
+    if any(isinstance(p, plan.Plan) for p in states):
+        return "replayed"
+    return next((p.reason for p in states if isinstance(p, plan.Unplannable)), "none")

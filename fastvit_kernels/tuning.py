@@ -63,6 +63,32 @@ def autotune_allowed() -> bool:
 
 _LAUNCHERS: list = []  # every Launcher, for forget()
 
+# The decisions so far, counted: every configuration or GEMM backend chosen for a new key, and every forget(), moves
+# it on. An inference plan (fastvit_kernels/plan.py) recorded while it moved saw first launches (autotuning, candidate
+# timings), not the steady state, and one recorded before a forget() would replay choices made under old switches.
+_epoch = 0
+
+
+def epoch() -> int:
+    return _epoch
+
+
+def new_epoch() -> None:
+    global _epoch
+    _epoch += 1
+
+
+# While an inference plan is recorded: its recorder, told of every kernel launch (launch_kernel); else None.
+recorder = None
+
+
+def launch_kernel(kernel, grid, args, consts):
+    """kernel[grid](*args, **consts): every launch of ours goes through here or Launcher.launch, so that a plan's
+    recorder sees it."""
+    if recorder is not None:
+        return recorder.launch(kernel, grid, args, consts)
+    kernel[grid](*args, **consts)
+
 
 class Launcher:
     """The launches of one kernel. Its configuration for a key is chosen at the key's first launch: timed by Triton's
@@ -88,6 +114,8 @@ class Launcher:
         if chosen is None:
             return self._first_launch(key, grid, args, consts)
         self.best_config, opts = chosen
+        if recorder is not None:
+            return recorder.launch(self.kernel, grid(opts), args, {**consts, **opts})
         self.kernel[grid(opts)](*args, **consts, **opts)
 
     def _first_launch(self, key, grid, args, consts):
@@ -102,13 +130,14 @@ class Launcher:
         if self.prune is not None:
             configs = self.prune(configs, {**dict(zip(self.kernel.arg_names, args)), **consts})
         opts = self._remember(key, configs[0])
-        self.kernel[grid(opts)](*args, **consts, **opts)
+        launch_kernel(self.kernel, grid(opts), args, {**consts, **opts})
 
     def _remember(self, key, cfg):
         # launch options (warps, stages, register cap) only on a GPU: the interpreter takes none
         opts = cfg.kwargs if interpreting() else cfg.all_kwargs()
         self.chosen[key] = (cfg, opts)
         self.best_config = cfg
+        new_epoch()
         return opts
 
 
@@ -121,6 +150,7 @@ def forget() -> None:
     for launcher in _LAUNCHERS:
         launcher.chosen.clear()
     _GEMM_CHOICE.clear()
+    new_epoch()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -260,6 +290,7 @@ def pick_gemm_backend(key, candidates: dict, timed: bool) -> str:
         if choice is None:  # inside a capture: Triton, undecided
             return "triton"
         _GEMM_CHOICE[key] = choice
+        new_epoch()
     return choice
 
 

@@ -4,7 +4,7 @@ the fp32 statistics; the backward adds the residual gradient in the same pass.""
 import torch
 
 from ..kernels.layernorm import layernorm_bwd_kernel, layernorm_fwd_kernel
-from ..tuning import LAYERNORM_BWD_PARAMS, LAYERNORM_FWD_PARAMS, row_kernel_params
+from ..tuning import LAYERNORM_BWD_PARAMS, LAYERNORM_FWD_PARAMS, launch_kernel, row_kernel_params
 from ._common import as_unit_rows, cdiv, num_sms
 
 MAX_LN_DIM = 8192  # the row kernels keep a whole row in registers
@@ -22,21 +22,9 @@ def layernorm_fwd(x, weight, bias, eps, out_dtype):
         return y, mean, rstd
     x, x_rows = as_unit_rows(x)
     block_m, block_d, warps = row_kernel_params(D, **LAYERNORM_FWD_PARAMS)
-    layernorm_fwd_kernel[(cdiv(M, block_m),)](
-        x,
-        weight,
-        bias,
-        y,
-        mean,
-        rstd,
-        M,
-        D,
-        x_rows,
-        D,
-        eps,
-        BLOCK_M=block_m,
-        BLOCK_D=block_d,
-        num_warps=warps,
+    args = (x, weight, bias, y, mean, rstd, M, D, x_rows, D, eps)
+    launch_kernel(
+        layernorm_fwd_kernel, (cdiv(M, block_m),), args, dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
     )
     return y, mean, rstd
 
@@ -58,26 +46,7 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, rows D apart
     # [programs, 2, D]: the weight's and the bias's partial sums side by side, so one torch sum adds up both
     parts = torch.empty((programs, 2, D), device=x.device, dtype=torch.float32)
-    layernorm_bwd_kernel[(programs,)](
-        dy,
-        x,
-        mean,
-        rstd,
-        weight,
-        dres,
-        dx,
-        parts[:, 0],
-        parts[:, 1],
-        M,
-        D,
-        rows_per_program,
-        dy_rows,
-        x_rows,
-        dres_rows,
-        D,
-        parts.stride(0),
-        BLOCK_M=block_m,
-        BLOCK_D=block_d,
-        num_warps=warps,
-    )
+    args = (dy, x, mean, rstd, weight, dres, dx, parts[:, 0], parts[:, 1], M, D, rows_per_program, dy_rows, x_rows)
+    args += (dres_rows, D, parts.stride(0))
+    launch_kernel(layernorm_bwd_kernel, (programs,), args, dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps))
     return dx, parts.sum(0)

@@ -1,0 +1,237 @@
+"""Inference plans (fastvit_kernels/plan.py): a replay computes what the model's forward computes, bit for bit, on
+fresh inputs; every guard sends a changed model or input back to the forward; what cannot be replayed is not."""
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from launches import record_launches
+
+from fastvit_kernels import ViT, plan, tuning
+
+SMALL = dict(image_size=8, patch_size=4, num_classes=5, dim=32, depth=2, heads=2, mlp_dim=64)
+
+
+def _model(device, **kw):
+    return ViT(**{**SMALL, **kw}, backend="triton").to(device).eval()
+
+
+def _unplanned(model, x, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setenv("FASTVIT_PLAN", "0")
+        with torch.no_grad():
+            return model(x)
+
+
+def _calls(model, x, n):
+    """n no-grad calls; the plan of x's signature after them (None: none)."""
+    with torch.no_grad():
+        outs = [model(x) for _ in range(n)]
+    return outs, _plan_for(model, x)
+
+
+def _plan_for(model, x):
+    (p,) = [p for s, p in plan.plans(model).items() if s[0] == x.shape and s[2] == x.dtype] or [None]
+    return p
+
+
+def _plan(model):
+    (p,) = plan.plans(model).values()
+    assert isinstance(p, plan.Plan), p
+    return p
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_replay_matches_the_forward_bit_for_bit_on_fresh_inputs(pool, device, monkeypatch):
+    model = _model(device, pool=pool)
+    x = torch.randn(3, 3, 8, 8, device=device)
+    _, p = _calls(model, x, 2)  # the first call chooses, the second records
+    assert isinstance(p, plan.Plan), p
+    for _ in range(3):
+        x = torch.randn(3, 3, 8, 8, device=device)
+        with torch.no_grad():
+            replayed = model(x)
+        assert torch.equal(replayed, _unplanned(model, x, monkeypatch))
+    assert torch.isfinite(replayed).all()
+
+
+def test_replay_under_autocast_matches_the_forward(device, monkeypatch):
+    model = _model(device)
+    kind = torch.device(device).type
+    outs = []
+    for _ in range(4):
+        x = torch.randn(2, 3, 8, 8, device=device)
+        with torch.autocast(kind, dtype=torch.bfloat16):
+            with torch.no_grad():
+                replayed = model(x)
+            with monkeypatch.context() as m:
+                m.setenv("FASTVIT_PLAN", "0")
+                with torch.no_grad():
+                    outs.append((replayed, model(x)))
+        assert not torch.is_autocast_enabled(kind)  # the replay gives autocast back as it found it
+    _plan(model)
+    for replayed, forward in outs:
+        assert replayed.dtype == forward.dtype == torch.bfloat16
+        assert torch.equal(replayed, forward)
+
+
+def test_replay_launches_what_the_forward_launches(device, monkeypatch):
+    launches = record_launches(monkeypatch, first_config_only=True)
+    model = _model(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    per_call = []
+    with torch.no_grad():
+        for _ in range(4):
+            launches.clear()
+            model(x)
+            per_call.append([(name, grid) for name, grid in launches])
+    _plan(model)
+    assert per_call[0] == per_call[2] == per_call[3]  # the forward, then two replays
+    assert len(per_call[0]) == 2 + 5 * SMALL["depth"]  # the patch embedding, the first norm1, five a block
+
+
+def test_replay_deletes_each_intermediate_after_its_last_use(device):
+    model = _model(device)
+    _calls(model, torch.randn(2, 3, 8, 8, device=device), 2)
+    source = _plan(model).source
+    made = re.findall(r"^\s+(?:\w+, )*(t\d+)(?:, \w+)* = ", source, flags=re.M)
+    made = set(re.findall(r"\bt\d+\b", " ".join(re.findall(r"^\s+(.*?) = ", source, flags=re.M))))
+    deleted = set(re.findall(r"\bt\d+\b", " ".join(re.findall(r"^\s+del (.*)$", source, flags=re.M))))
+    (returned,) = re.findall(r"return (\w+)", source)
+    assert made and made == deleted | {returned}
+
+
+def test_different_batch_sizes_get_their_own_plans(device, monkeypatch):
+    model = _model(device)
+    for batch in (1, 4, 1, 4, 1, 4):
+        x = torch.randn(batch, 3, 8, 8, device=device)
+        with torch.no_grad():
+            out = model(x)
+        assert out.shape == (batch, SMALL["num_classes"])
+    assert [type(p) for p in plan.plans(model).values()] == [plan.Plan, plan.Plan]
+    assert torch.equal(out, _unplanned(model, x, monkeypatch))
+
+
+def test_weights_changed_in_place_are_read_by_the_replay(device, monkeypatch):
+    model = _model(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    before, _ = _calls(model, x, 3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    with torch.no_grad():
+        after = model(x)
+    _plan(model)  # still the same plan: nothing it depends on changed
+    assert not torch.equal(after, before[-1])
+    assert torch.equal(after, _unplanned(model, x, monkeypatch))
+
+
+def _replayed_after(model, change, device, monkeypatch):
+    """The model's outputs for a fresh input after change(model), once its plan has been made, the forward's, and
+    the plan for the input after them."""
+    x = torch.randn(2, 3, 8, 8, device=device)
+    _, p = _calls(model, x, 3)
+    assert isinstance(p, plan.Plan)
+    change(model)
+    x = torch.randn(2, 3, 8, 8, device=device).to(model.cls_token.dtype)
+    outs, p = _calls(model, x, 3)  # the forward (a guard failed), a recording, a replay
+    return outs, _unplanned(model, x, monkeypatch), p
+
+
+def _to_bf16(m):
+    m.to(torch.bfloat16)
+
+
+def _transpose_qkv_storage(m):
+    w = m.blocks[0].attn.qkv.weight
+    w.data = w.data.t().contiguous().t()  # the same values, column-major: other strides
+
+
+def _new_head(m):
+    m.head = nn.Linear(SMALL["dim"], SMALL["num_classes"]).to(m.cls_token.device)
+
+
+def _forget_choices(m):
+    tuning.forget()
+
+
+def test_weights_moved_in_memory_keep_their_plan(device, monkeypatch):
+    model = _model(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    _, p = _calls(model, x, 3)
+    for w in model.parameters():
+        w.data = w.data.clone() * 2  # new memory, the same shapes, strides and dtypes
+    with torch.no_grad():
+        out = model(x)
+    assert _plan_for(model, x) is p
+    assert torch.equal(out, _unplanned(model, x, monkeypatch))
+
+
+@pytest.mark.parametrize("change", [_to_bf16, _transpose_qkv_storage, _new_head, _forget_choices])
+def test_a_changed_model_is_not_replayed_from_the_old_plan(change, device, monkeypatch):
+    model = _model(device)
+    outs, forward, p = _replayed_after(model, change, device, monkeypatch)
+    for out in outs:
+        assert torch.equal(out, forward)
+    assert isinstance(p, plan.Plan)  # and a new plan is made for it
+
+
+def test_no_plan_with_gradients_or_when_switched_off(device, monkeypatch):
+    model = _model(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    for _ in range(3):
+        model(x).sum().backward()
+    assert plan.plans(model) == {}
+    assert model.head.weight.grad is not None
+    monkeypatch.setenv("FASTVIT_PLAN", "0")
+    _calls(model, x, 3)
+    assert plan.plans(model) == {}
+
+
+def test_a_forward_that_reads_a_result_is_not_replayed(device, monkeypatch):
+    model = _model(device)
+    head = model.forward_head
+    seen = []
+
+    def forward_head(x):  # Python reads a value of the tensor: a replay would not
+        seen.append(x.abs().max().item())
+        return head(x)
+
+    monkeypatch.setattr(model, "forward_head", forward_head)
+    _calls(model, torch.randn(2, 3, 8, 8, device=device), 4)
+    (p,) = plan.plans(model).values()
+    assert isinstance(p, plan.Unplannable) and "depends on the data" in p.reason
+    assert len(seen) == 4
+
+
+def test_a_tensor_from_outside_the_model_is_not_replayed(device, monkeypatch):
+    model = _model(device)
+    head = model.forward_head
+    shift = torch.zeros(SMALL["num_classes"], device=device)
+
+    def forward_head(x):
+        return head(x) + shift
+
+    monkeypatch.setattr(model, "forward_head", forward_head)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    _calls(model, x, 3)
+    (p,) = plan.plans(model).values()
+    assert isinstance(p, plan.Unplannable) and "outside the model" in p.reason
+    shift += 1  # the forward still runs, and reads it
+    with torch.no_grad():
+        assert torch.equal(model(x), _unplanned(model, x, monkeypatch))
+
+
+def test_a_copied_model_has_its_own_plans(device, monkeypatch):
+    model = _model(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    _calls(model, x, 3)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.head.bias.add_(1.0)
+    assert plan.plans(twin) == {}
+    outs, _ = _calls(twin, x, 3)
+    assert torch.equal(outs[-1], _unplanned(twin, x, monkeypatch))
+    assert not torch.equal(outs[-1], _calls(model, x, 1)[0][0])
