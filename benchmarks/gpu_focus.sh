@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# On a CUDA machine, before `make gpu-check`: the few minutes that show whether what changed since the last GPU run
-# works there, so that the 8-minute check is not spent on a failure. What it runs (each with its own limit):
-# the GEMM tests (every tile the tuner may pick, the warp-specialised ones included, and the weight gradient's first
-# launch under Triton's autotuner), then the CIFAR-10 end-to-end `ours` and eager rows, a few rounds each. Rows go to
-# $OUT_DIR/rows.jsonl with their commit (FASTVIT_COMMIT=<hash> where the tree came without .git).
+# On a CUDA machine, before `make gpu-check`: the few minutes (at most 260 s) that show whether what changed since the
+# last GPU run works there, so that the 8-minute check is not spent on a failure. What it runs (each with its own
+# limit): the GEMM tests (every tile the tuner may pick, the warp-specialised ones included, and the weight gradient's
+# first launch under Triton's autotuner) and the step plans' tests (CUDA tensors, autograd's device thread), then the
+# CIFAR-10 end-to-end `ours` and eager rows at batch 512 and 8, with and without step plans, a few rounds each. Rows
+# go to $OUT_DIR/rows.jsonl with their commit (FASTVIT_COMMIT=<hash> where the tree came without .git).
 source "$(dirname "$0")/gpu_env.sh"
-echo "=== the GEMM engine's tests (first config of each launch, every linear tile forced once)"
-FASTVIT_AUTOTUNE=0 timeout 90 $PY -m pytest -q -rf --tb=short tests/test_linear.py $XDIST -p no:cacheprovider \
+echo "=== the GEMM engine's tests (first config of each launch, every linear tile forced once), the step plans'"
+FASTVIT_AUTOTUNE=0 timeout 100 $PY -m pytest -q -rf --tb=short tests/test_linear.py tests/test_plan.py $XDIST \
+  -p no:cacheprovider \
   2>&1 | tee "$OUT_DIR/focus_tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -20
-echo "=== CIFAR-10 bf16, ours and eager (host_ms: the host's issue time per step)"
-timeout 150 $PY -m pytest --benchmark-only -q -p no:cacheprovider --bench-rounds 5 --bench-warmup 2 \
+echo "=== CIFAR-10 bf16, batch 512 and 8, ours and eager (host_ms: the host's issue time per step)"
+timeout 160 $PY -m pytest --benchmark-only -q -p no:cacheprovider --bench-rounds 5 --bench-warmup 2 \
   benchmarks/test_e2e.py -k "cifar10 and bf16 and (ours or eager-sdpa) and not compile and not triton" \
   2>&1 | tee "$OUT_DIR/focus_bench.log" | grep -E "^\| cifar10|^(FAILED|ERROR)|passed|failed" | tail -20

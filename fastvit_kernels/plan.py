@@ -1,47 +1,51 @@
-"""Inference plans: a no-grad forward of the model, recorded once per input signature and replayed as straight-line
-code, so that a call costs the host little more than its allocations and launches.
+"""Step plans: a forward of the model (and in training its backward), recorded once per input signature and replayed
+as straight-line code, so that a step costs the host little more than its allocations and launches.
 
 Why: a call of the fused ViT passes each of its ~60 launches through ~8 Python frames (checks, autocast, the
-custom-op bypass, the GEMM's key, the launcher): ~1.9 ms of host time per CIFAR-10 inference step on the 2-core CPU
-box (benchmarks/test_host.py), more than a small batch takes on the GPU. None of it changes between two calls with the
-same input signature.
+custom-op bypass, the GEMM's key, the launcher), and a training step's backward its ~110 more: ~1.9 ms of host time
+per CIFAR-10 inference step and ~7 ms per training step on the 2-core CPU box (benchmarks/test_host.py), more than
+a small batch takes on the GPU. None of it changes between two steps with the same input signature.
 
 How: the first call with a signature runs as usual (it chooses configurations and GEMM backends); the second runs
-under a recorder that notes every torch operation as it reaches the kernels (a TorchDispatchMode: below autograd and
-autocast, so autocast's casts are operations like any other) and every launch of ours (tuning.launch_kernel and
-Launcher.launch), each tensor argument by where it came from: the input, a parameter or buffer of the model, or an
-earlier step. The steps become one generated Python function that deletes each intermediate after its last use, as
-eager frees it; later calls with the signature run it: the same operations and the same kernels with the same
-arguments, without the Python around them.
+under a recorder (fastvit_kernels/recording.py) that notes every torch operation below autograd and autocast and
+every launch of ours. Inference: the lines become one function; later calls run it. Training: the second call runs
+the forward inside one autograd Function (_Step) whose backward runs the model's own backward (torch.autograd.grad)
+under the recorder; the lines become two functions, the forward (returning what the backward reads) and the
+backward (returning the gradients of the input and of every trainable parameter, which autograd accumulates as
+usual). Both replays run the same operations and the same kernels with the same arguments as the steps they were
+recorded from, without the Python around them.
 
-A call runs the model's own forward instead when: gradients are enabled; torch.compile traces it; a CUDA graph is
-being captured; FASTVIT_PLAN=0; or the recording saw what a replay cannot repeat (an operation whose result Python
-reads, such as .item(); a tensor from outside the model, such as autocast's cache of a cast weight kept from an earlier
-call: `Unplannable.reason` says which). Before each replay, the guards: the input's shape, strides, dtype, device and
-16-byte alignment, the model's training flag and backend, autocast and float32 matmul precision (the signature); the
-addresses of the parameters and buffers the plan reads, and where one has moved, their shapes, strides, dtypes,
-devices and alignment (Plan.valid); no parameter, buffer or submodule registered anywhere, and no tuning decision made
-or forgotten, since the recording. Not seen: a plain attribute of a module changed after the recording (a LayerNorm's
-eps, an Attention's scale), or a parameter's .data replaced by another view of its own memory: forget(model) after
-such a change.
+A call runs the model's own forward instead when: torch.compile traces it; a CUDA graph is being captured; gradient
+checkpointing is on (its recomputation restores RNG state outside the operations); FASTVIT_PLAN=0; a trainable
+parameter has a gradient hook (the recording's backward would call it once more); or the recording saw what a replay
+cannot repeat (an operation whose result Python reads, such as .item(); a tensor from outside the model, such as
+autocast's cache of a cast weight kept from an earlier call): `plans(model)` says which.
+
+Before each replay, the guards: the input's shape, strides, dtype, device and 16-byte alignment, whether gradients
+are on and the input needs one, the model's training flag and backend, autocast and float32 matmul precision (the
+signature); the addresses of the parameters and buffers the plan reads, and where one has moved, their shapes,
+strides, dtypes, devices and alignment, and in training which of them require a gradient (Plan.valid); no
+parameter, buffer or submodule registered anywhere, and no tuning decision made or forgotten, since the recording.
+Not seen: a plain attribute of a module changed after the recording (a LayerNorm's eps, an Attention's scale), or a
+parameter's .data replaced by another view of its own memory: forget(model) after such a change. A replayed
+training step's backward runs once (retain_graph=True and a second backward raise; FASTVIT_PLAN=0 allows them).
 """
 
 import os
-import threading
 import weakref
+from operator import attrgetter
 
 import torch
 from torch.nn.modules import module as _module
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from . import tuning
 from ._interpreter import interpreting
 from .ops._common import autocast_dtype
 from .ops.gemm import _tma_allocator
+from .recording import Line, Recorder, recording
 
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {signature: Plan or a state}
-_SEEN = "seen"  # a signature's first call ran as usual; the next records
+_SEEN = "seen"  # a signature's first call ran as usual (or its recording did not finish); the next records
 
 _registrations = 0  # parameters, buffers and submodules registered anywhere in the process
 
@@ -87,14 +91,17 @@ class Unplannable:
 
 def run(model, forward, x):
     """forward(x), replayed from the model's plan for x's signature where there is one (see the module's docstring)."""
-    if torch.is_grad_enabled() or type(x) is not torch.Tensor or torch.compiler.is_compiling() or not plans_on():
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling() or not plans_on():
         return forward(x)
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return forward(x)
+    grad = torch.is_grad_enabled()
+    if grad and model.grad_checkpointing:
+        return forward(x)
     device = x.device
     amp = autocast_dtype(device)
-    sig = (x.shape, x.stride(), x.dtype, device, x.data_ptr() % 16, model.training, model.backend, amp)
-    sig += (torch.get_float32_matmul_precision(),)
+    sig = (x.shape, x.stride(), x.dtype, device, x.data_ptr() % 16, grad, grad and x.requires_grad, model.training)
+    sig += (model.backend, amp, torch.get_float32_matmul_precision())
     table = _PLANS.get(model)
     if table is None:
         table = _PLANS[model] = {}
@@ -103,10 +110,12 @@ def run(model, forward, x):
         table[sig] = _SEEN
         return forward(x)
     if plan is _SEEN:
+        if grad:
+            return _record_training(model, forward, x, amp, table, sig)
         plan, out = _record(model, forward, x, amp)
         table[sig] = plan
         return out
-    if type(plan) is Plan:
+    if isinstance(plan, Plan):
         if plan.valid():
             return plan(x)
         table[sig] = _SEEN  # something it depends on changed: this call runs as usual, the next records again
@@ -119,15 +128,16 @@ def _epoch():
 
 def _meta(t):
     """What the recorded launches depend on in a tensor the plan reads from the model (its values may change)."""
-    return (t.dtype, t.shape, t.stride(), t.device, t.data_ptr() % 16)
+    return (t.dtype, t.shape, t.stride(), t.device, t.data_ptr() % 16, t.requires_grad)
 
 
 _address = torch.Tensor.data_ptr
+_requires_grad = attrgetter("requires_grad")
 
 
 class Plan:
-    """One signature's replay: the generated function, the model's tensors it reads, the state of the tuning decisions
-    and module registrations it was recorded under."""
+    """One signature's inference replay: the generated function, the model's tensors it reads, the state of the
+    tuning decisions and module registrations it was recorded under."""
 
     def __init__(self, fn, tensors, epoch, device, amp, tma, source):
         self.fn, self.epoch, self.source = fn, epoch, source
@@ -151,205 +161,160 @@ class Plan:
         return True
 
     def __call__(self, x):
+        return self.run(self.fn, x)
+
+    def run(self, fn, *args):
+        """fn(*args) on the device the recording ran on, with autocast off: the recorded operations are autocast's
+        output already (replayed under it, they would be cast again)."""
         if self.tma:
             _tma_allocator()  # a context variable: the thread that replays may not be the one that recorded
         if self.device.type == "cuda" and self.device.index != torch.cuda.current_device():
             with torch.cuda.device(self.device):
-                return self._replay(x)
-        return self._replay(x)
+                return self._without_autocast(fn, args)
+        return self._without_autocast(fn, args)
 
-    def _replay(self, x):
-        if self.amp is None:
-            return self.fn(x)
-        # the recorded operations are autocast's output already: replayed under it, they would be cast again
+    def _without_autocast(self, fn, args):
         kind = self.device.type
+        if self.amp is None or not torch.is_autocast_enabled(kind):
+            return fn(*args)
         torch.set_autocast_enabled(kind, False)
         try:
-            return self.fn(x)
+            return fn(*args)
         finally:
             torch.set_autocast_enabled(kind, True)
 
 
 def _record(model, forward, x, amp):
-    """(Plan or Unplannable, forward(x)): the forward run once under the recorder."""
-    externals = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    recorder = _Recorder(x, externals)
+    """(Plan or Unplannable or _SEEN, forward(x)): a no-grad forward run once under the recorder."""
+    recorder = Recorder(_model_tensors(model))
+    recorder.bind(x, "x")
     epoch = _epoch()
-    tuning.recorder = recorder
-    try:
-        with recorder:
-            out = forward(x)
-    finally:
-        tuning.recorder = None
+    with recording(recorder):
+        out = forward(x)
     if _epoch() != epoch:  # a first launch or a registration during the call: not the steady state
         return _SEEN, out
-    if recorder.failure is None:
-        recorder.finish(out)
+    returns = _output_source(recorder, out)
     if recorder.failure is not None:
         return Unplannable(recorder.failure), out
-    fn, source = recorder.compile()
-    plan = Plan(fn, recorder.read, epoch, x.device, amp, recorder.tma and not interpreting(), source)
-    return plan, out
+    fn, source = recorder.function(["x"], recorder.lines, returns, recorder.take_reads())
+    return Plan(fn, recorder.read, epoch, x.device, amp, recorder.tma and not interpreting(), source), out
 
 
-_aten = torch.ops.aten
-# The allocations (~160 of a CIFAR-10 step's ~170 operations) through torch's own bindings, which take the same
-# arguments: 1.2-1.9 us a call on the CPU box against 3-5 us through the operator object.
-_BINDINGS = {
-    _aten.empty.memory_format: torch.empty,
-    _aten.empty_like.default: torch.empty_like,
-    _aten.new_empty.default: torch.Tensor.new_empty,
-}
+def _model_tensors(model) -> dict:
+    return {id(t): t for t in (*model.parameters(), *model.buffers())}
 
 
-def _callable(func):
-    """What a replay calls for an operation: a binding of torch's, else the operator itself (past
-    OpOverload.__call__'s Python frame)."""
-    return _BINDINGS.get(func) or getattr(func, "_op", func)
+def _output_source(recorder, out) -> str:
+    if not isinstance(out, torch.Tensor):
+        recorder.fail(f"the forward returned {type(out).__name__}, not a tensor")
+        return "None"
+    return recorder.source(out)
 
 
-def _has_tensor(tree) -> bool:
-    return any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(tree))
+# ----------------------------------------------------------------------------------------------------------------------
+# Training: the forward and its backward as one autograd Function
+# ----------------------------------------------------------------------------------------------------------------------
+class _Step(torch.autograd.Function):
+    """The model's forward as one node of the autograd graph; `step` runs it: a _Recording, or a TrainingPlan."""
+
+    @staticmethod
+    def forward(ctx, step, x, *params):
+        ctx.step = step
+        return step.forward(ctx, x)
+
+    @staticmethod
+    def backward(ctx, g):
+        # the recorded backward read a contiguous, aligned gradient: every replay hands it the same
+        g = g.contiguous()
+        if g.data_ptr() % 16:
+            g = g.clone()
+        return (None, *ctx.step.backward(ctx, g))
 
 
-_INLINE = (int, bool, str, type(None))  # constants written into the code as they are (repr)
+def _trainable(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-class _Recorder(TorchDispatchMode):
-    """Writes the replay function's lines while the forward runs: one per torch operation, one per kernel launch."""
+def _record_training(model, forward, x, amp, table, sig):
+    params = _trainable(model)
+    if any(p._backward_hooks for p in params):
+        table[sig] = Unplannable("a trainable parameter has a gradient hook, which the recording would call twice")
+        return forward(x)
+    return _Step.apply(_Recording(model, forward, amp, table, sig, params), x, *params)
 
-    def __init__(self, x, externals):
-        super().__init__()
-        self.lines, self.consts, self.const_names = [], {}, {}
-        self.names = {}  # id(tensor) -> (name, weakref): a tensor an earlier step made (weak: ids are reused)
-        self.last_use = {}  # name -> the line that reads it last
-        self.externals, self.external_names, self.read = externals, {}, []  # read: the model's tensors used
-        self.failure = None
-        self.launching = False  # inside a launch: the operations there are the launcher's (the interpreter's)
-        self.tma = False
-        self.thread = threading.get_ident()
-        self._bind(x, "x")
 
-    # -- what the forward does --------------------------------------------------------------------------------------
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self.launching or self.failure is not None:
-            return out
-        if not _has_tensor(out) and not _has_tensor((args, kwargs)):
-            return out  # a function of constants (torch.promote_types): its result is in the code already
-        if torch.Tag.data_dependent_output in func.tags or torch.Tag.dynamic_output_shape in func.tags:
-            self.failure = f"{func} computes a result that depends on the data"
-            return out
-        call = f"{self._const(_callable(func))}({self._call_args(args, kwargs)})"
-        if self.failure is None:
-            self._bind_outputs(out, call, str(func))
+class _Recording:
+    """A training step run and recorded: the forward with gradients inside _Step.forward, its backward
+    (torch.autograd.grad) inside _Step.backward; the TrainingPlan is made when the backward has run."""
+
+    def __init__(self, model, forward, amp, table, sig, params):
+        self.model_forward, self.amp, self.table, self.sig, self.params = forward, amp, table, sig, params
+        self.recorder = Recorder(_model_tensors(model))
+        self.epoch = _epoch()
+
+    def forward(self, ctx, x):
+        x_in = x.detach().requires_grad_(x.requires_grad)
+        self.recorder.bind(x_in, "x")
+        with torch.enable_grad(), recording(self.recorder):
+            out = self.model_forward(x_in)
+        self.returns = _output_source(self.recorder, out)
+        self.forward_lines = len(self.recorder.lines)
+        ctx.inner = (x_in, out)
+        return out.detach()
+
+    def backward(self, ctx, g):
+        x_in, out = ctx.inner
+        ctx.inner = None
+        inputs = ([x_in] if x_in.requires_grad else []) + self.params
+        recorder = self.recorder
+        recorder.bind(g, "g")
+        with recording(recorder):
+            grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
+        grads = ([] if x_in.requires_grad else [None]) + list(grads)
+        self.table[self.sig] = self._plan(grads, x_in.device)
+        return grads
+
+    def _plan(self, grads, device):
+        recorder = self.recorder
+        if _epoch() != self.epoch:
+            return _SEEN
+        returns = "(" + ", ".join(recorder.source(g) if g is not None else "None" for g in grads) + ",)"
+        grad_reads = recorder.take_reads()
+        if recorder.failure is not None:
+            return Unplannable(recorder.failure)
+        fwd_lines, bwd_lines = recorder.lines[: self.forward_lines], recorder.lines[self.forward_lines :]
+        made_before = {n for line in fwd_lines for n in line.makes} | {"x"}
+        saved = sorted({n for line in bwd_lines for n in line.reads} & made_before | set(grad_reads) & made_before)
+        unpack = [Line(f"{', '.join(saved)}, = saved", ["saved"], saved), Line("saved.clear()")] if saved else []
+        fwd, fwd_source = recorder.function(["x"], fwd_lines, f"({self.returns}, [{', '.join(saved)}])", saved)
+        bwd, bwd_source = recorder.function(["g", "saved"], unpack + bwd_lines, returns, grad_reads)
+        tma = recorder.tma and not interpreting()
+        plan = TrainingPlan(fwd, bwd, recorder.read, self.epoch, device, self.amp, tma, fwd_source + bwd_source)
+        plan.params = self.params  # the order of the backward's gradients
+        return plan
+
+
+class TrainingPlan(Plan):
+    """One signature's training replay: the forward function (the output and what the backward reads) and the
+    backward function (the gradients of the input and of the trainable parameters), run as one _Step."""
+
+    def __init__(self, fwd, bwd, tensors, epoch, device, amp, tma, source):
+        super().__init__(fwd, tensors, epoch, device, amp, tma, source)
+        self.bwd = bwd
+        self.params = []  # the trainable parameters, in the order of the backward's gradients
+
+    def __call__(self, x):
+        return _Step.apply(self, x, *self.params)
+
+    def forward(self, ctx, x):
+        out, ctx.saved = self.run(self.fn, x)
         return out
 
-    def launch(self, kernel, grid, args, consts):
-        """tuning's launch hook: the launch's line, then the launch itself. (Another thread's launches are its own.)"""
-        if threading.get_ident() != self.thread:
-            kernel[grid](*args, **consts)
-            return
-        if self.failure is None:
-            self.tma = self.tma or bool(consts.get("TMA_OK"))
-            self._line(f"{self._const(kernel)}[{self._source(tuple(grid))}]({self._call_args(args, consts)})")
-        self.launching = True
-        try:
-            kernel[grid](*args, **consts)
-        finally:
-            self.launching = False
-
-    def finish(self, out):
-        if not isinstance(out, torch.Tensor):
-            self.failure = f"the forward returned {type(out).__name__}, not a tensor"
-            return
-        self._line(f"return {self._source(out)}")
-
-    # -- the code ---------------------------------------------------------------------------------------------------
-    def compile(self):
-        """(the replay function, its source): the lines, each intermediate deleted after the line that reads it last."""
-        body = []
-        dead_after = {}
-        for name, i in self.last_use.items():
-            dead_after.setdefault(i, []).append(name)
-        for i, line in enumerate(self.lines):
-            body.append(line)
-            dead = [n for n in dead_after.get(i, ()) if n != "x" and n not in self.external_names.values()]
-            if dead and not line.startswith("return"):
-                body.append(f"del {', '.join(dead)}")
-        source = "def replay(x):\n" + "".join(f"    {line}\n" for line in body)
-        scope = dict(self.consts)
-        exec(compile(source, "<fastvit_kernels.plan>", "exec"), scope)
-        return scope["replay"], source
-
-    def _line(self, line):
-        self.lines.append(line)
-
-    def _bind(self, t, name):
-        self.names[id(t)] = (name, weakref.ref(t))
-        self.last_use[name] = len(self.lines)  # a tensor nothing reads dies after the line that made it
-
-    def _bind_outputs(self, out, call, what):
-        if out is None:
-            self._line(call)
-            return
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        targets = []
-        for t in outs:
-            if t is None:
-                targets.append("_")
-            elif not isinstance(t, torch.Tensor):
-                self.failure = f"{what} returns {type(t).__name__}, which Python reads"
-                return
-            elif self._name(t) is not None:  # an in-place operation hands back its input
-                targets.append("_")
-            else:
-                targets.append(f"t{len(self.last_use)}")
-                self._bind(t, targets[-1])
-        lhs = ", ".join(targets) + ("," if isinstance(out, (tuple, list)) else "")
-        self._line(f"{lhs} = {call}")
-
-    def _name(self, t):
-        entry = self.names.get(id(t))
-        if entry is not None and entry[1]() is t:
-            return entry[0]
-        return None
-
-    def _call_args(self, args, kwargs):
-        parts = [self._source(a) for a in args] + [f"{k}={self._source(v)}" for k, v in kwargs.items()]
-        return ", ".join(parts)
-
-    def _source(self, v):
-        if isinstance(v, torch.Tensor):
-            name = self._name(v) or self._external(v)
-            if name is None:
-                self.failure = (
-                    "a tensor from outside the model (neither the input, a parameter or buffer, nor made here)"
-                )
-                return "None"
-            self.last_use[name] = len(self.lines)
-            return name
-        if isinstance(v, (list, tuple)):
-            inner = ", ".join(self._source(i) for i in v)
-            return f"[{inner}]" if isinstance(v, list) else f"({inner}{',' if len(v) == 1 else ''})"
-        if type(v) in _INLINE:
-            return repr(v)
-        return self._const(v)
-
-    def _external(self, t):
-        if id(t) not in self.externals or self.externals[id(t)] is not t:
-            return None
-        name = self.external_names.get(id(t))
-        if name is None:
-            name = self.external_names[id(t)] = f"p{len(self.external_names)}"
-            self.consts[name] = t
-            self.read.append(t)
-        return name
-
-    def _const(self, v):
-        name = self.const_names.get(id(v))
-        if name is None:
-            name = self.const_names[id(v)] = f"c{len(self.consts)}"
-            self.consts[name] = v  # held: the id stays this object's
-        return name
+    def backward(self, ctx, g):
+        saved, ctx.saved = ctx.saved, None
+        if saved is None:
+            raise RuntimeError(
+                "a replayed training step (fastvit_kernels.plan) runs its backward once; for retain_graph=True or a "
+                "second backward set FASTVIT_PLAN=0"
+            )
+        return self.run(self.bwd, g, saved)

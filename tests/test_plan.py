@@ -178,15 +178,13 @@ def test_a_changed_model_is_not_replayed_from_the_old_plan(change, device, monke
     assert isinstance(p, plan.Plan)  # and a new plan is made for it
 
 
-def test_no_plan_with_gradients_or_when_switched_off(device, monkeypatch):
+def test_no_plan_when_switched_off(device, monkeypatch):
     model = _model(device)
     x = torch.randn(2, 3, 8, 8, device=device)
-    for _ in range(3):
-        model(x).sum().backward()
-    assert plan.plans(model) == {}
-    assert model.head.weight.grad is not None
     monkeypatch.setenv("FASTVIT_PLAN", "0")
     _calls(model, x, 3)
+    for _ in range(3):
+        model(x).sum().backward()
     assert plan.plans(model) == {}
 
 
@@ -235,3 +233,137 @@ def test_a_copied_model_has_its_own_plans(device, monkeypatch):
     outs, _ = _calls(twin, x, 3)
     assert torch.equal(outs[-1], _unplanned(twin, x, monkeypatch))
     assert not torch.equal(outs[-1], _calls(model, x, 1)[0][0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training: the forward and its backward replayed as one autograd Function
+# ----------------------------------------------------------------------------------------------------------------------
+def _train_step(model, x, planned=True, monkeypatch=None, seed=0):
+    """(output, {name: gradient}) of one step: zero_grad, forward, a loss, backward."""
+    ctx = monkeypatch.context() if monkeypatch is not None else _nothing()
+    with ctx as m:
+        if not planned:
+            m.setenv("FASTVIT_PLAN", "0")
+        model.zero_grad(set_to_none=True)
+        if x.grad is not None:
+            x.grad = None
+        torch.manual_seed(seed)  # the same dropout masks for both paths
+        out = model(x)
+        (out.float().square().sum() + out.float().sum()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    if x.grad is not None:
+        grads["input"] = x.grad
+    return out.detach(), grads
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _assert_same_step(model, x, monkeypatch, seed=0):
+    out, grads = _train_step(model, x, seed=seed)
+    ref, ref_grads = _train_step(model, x, planned=False, monkeypatch=monkeypatch, seed=seed)
+    assert torch.equal(out, ref)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+        assert torch.isfinite(grads[name]).all(), name
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_training_replay_matches_the_step_in_output_and_every_gradient(input_grad, device, monkeypatch):
+    model = _model(device).train()
+    for step in range(4):
+        x = torch.randn(3, 3, 8, 8, device=device, requires_grad=input_grad)
+        _assert_same_step(model, x, monkeypatch, seed=step)
+    assert isinstance(_plan_for(model, x), plan.TrainingPlan)
+
+
+def test_training_replay_under_autocast_with_embedding_dropout(device, monkeypatch):
+    model = _model(device, emb_dropout=0.25).train()
+    kind = torch.device(device).type
+    for step in range(4):
+        x = torch.randn(2, 3, 8, 8, device=device)
+        with torch.autocast(kind, dtype=torch.bfloat16):
+            _assert_same_step(model, x, monkeypatch, seed=step)
+    assert isinstance(_plan_for(model, x), plan.TrainingPlan)
+
+
+def test_training_replay_reads_the_weights_an_optimizer_updates(device, monkeypatch):
+    """Three SGD steps replayed and three run as usual, from the same weights: the same weights after them."""
+    weights = {}
+    for planned in (True, False):
+        torch.manual_seed(0)
+        model = _model(device).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for step in range(5):
+            torch.manual_seed(100 + step)
+            x = torch.randn(2, 3, 8, 8, device=device)
+            _train_step(model, x, planned=planned, monkeypatch=monkeypatch)
+            opt.step()
+        weights[planned] = [p.detach().clone() for p in model.parameters()]
+        assert isinstance(_plan_for(model, x), plan.TrainingPlan) == planned
+    for a, b in zip(weights[True], weights[False]):
+        assert torch.equal(a, b)
+
+
+def test_frozen_parameters_get_a_plan_of_their_own(device, monkeypatch):
+    model = _model(device).train()
+    x = torch.randn(2, 3, 8, 8, device=device)
+    for _ in range(3):
+        _assert_same_step(model, x, monkeypatch)
+    model.patch_embed.requires_grad_(False)  # fine-tuning without the patch embedding
+    for _ in range(3):
+        _assert_same_step(model, x, monkeypatch)
+    assert model.patch_embed.proj.weight.grad is None
+    assert isinstance(_plan_for(model, x), plan.TrainingPlan)
+
+
+def test_a_replayed_step_runs_one_backward_and_says_so(device, monkeypatch):
+    model = _model(device).train()
+    x = torch.randn(2, 3, 8, 8, device=device)
+    for _ in range(3):
+        _train_step(model, x)
+    out = model(x).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs its backward once.*FASTVIT_PLAN=0"):
+        out.backward()
+    monkeypatch.setenv("FASTVIT_PLAN", "0")
+    out = model(x).sum()
+    out.backward(retain_graph=True)
+    out.backward()
+
+
+def test_no_training_plan_with_checkpointing_or_gradient_hooks(device, monkeypatch):
+    model = _model(device).train()
+    x = torch.randn(2, 3, 8, 8, device=device)
+    model.set_grad_checkpointing(True)
+    for _ in range(3):
+        _train_step(model, x)
+    assert plan.plans(model) == {}
+    model.set_grad_checkpointing(False)
+    calls = []
+    model.head.weight.register_hook(lambda g: calls.append(1))
+    for _ in range(3):
+        _assert_same_step(model, x, monkeypatch)
+    assert isinstance(_plan_for(model, x), plan.Unplannable)
+    assert len(calls) == 6  # once a backward
+
+
+def test_training_replay_launches_what_the_step_launches(device, monkeypatch):
+    launches = record_launches(monkeypatch, first_config_only=True)
+    model = _model(device).train()
+    x = torch.randn(2, 3, 8, 8, device=device)
+    per_step = []
+    for _ in range(4):
+        launches.clear()
+        _train_step(model, x)
+        per_step.append([(name, grid) for name, grid in launches])
+    assert isinstance(_plan_for(model, x), plan.TrainingPlan)
+    assert per_step[0] == per_step[2] == per_step[3]
+    source = _plan_for(model, x).source
+    assert "saved.clear()" in source  # the backward lets each activation go after its last use

@@ -1,0 +1,236 @@
+"""The recorder of fastvit_kernels/plan.py: what a forward (and its backward) did, as lines of Python to replay.
+
+While it is active, every torch operation reaches it as it reaches the kernels (a TorchDispatchMode: below autograd and
+autocast) and every launch of ours through tuning's launch hook; each becomes one line, its tensor arguments named by
+where they came from: an input of the function (x, g), a parameter or buffer of the model (read at replay, never
+copied), or an earlier line. `function` turns a run of lines into a Python function that deletes each intermediate
+after the line that reads it last, as eager frees it.
+
+What a replay cannot repeat makes `failure` say why, and no plan is made: an operation whose result Python reads
+(.item(), a shape that depends on the data), a tensor from outside (neither an input, the model's, nor made by a line).
+"""
+
+import threading
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from . import tuning
+
+_aten = torch.ops.aten
+# The allocations (~160 of a CIFAR-10 inference step's ~170 operations) through torch's own bindings, which take the
+# same arguments: 1.2-1.9 us a call on the CPU box against 3-5 us through the operator object.
+_BINDINGS = {
+    _aten.empty.memory_format: torch.empty,
+    _aten.empty_like.default: torch.empty_like,
+    _aten.new_empty.default: torch.Tensor.new_empty,
+}
+_INLINE = (int, bool, str, type(None))  # constants written into the code as they are (repr)
+
+
+def _callable(func):
+    """What a replay calls for an operation: a binding of torch's, else the operator itself (past
+    OpOverload.__call__'s Python frame)."""
+    return _BINDINGS.get(func) or getattr(func, "_op", func)
+
+
+def _has_tensor(tree) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(tree))
+
+
+def _view_key(t):
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+
+
+class Line:
+    """One line of a replay: its text, the names it reads and the names it makes."""
+
+    def __init__(self, text, reads=(), makes=()):
+        self.text, self.reads, self.makes = text, list(reads), list(makes)
+
+
+class Recorder(TorchDispatchMode):
+    """Lines for what runs while it is active (`with recording(recorder):`)."""
+
+    def __init__(self, externals: dict):
+        super().__init__()
+        self.lines: list[Line] = []
+        self.consts, self._const_names = {}, {}  # name -> object the lines refer to
+        self._names = {}  # id(tensor) -> (name, weakref): a tensor a line made (weak: ids are reused)
+        # (address, shape, strides, dtype, device) -> name: autograd hands its saved tensors back as new objects
+        self._views = {}
+        self._externals = externals  # id -> the model's parameters and buffers
+        self._external_names = {}
+        self.read = []  # the model's tensors the lines read, in order of first use
+        self.failure = None
+        self.tma = False  # a launch may read through tensor descriptors
+        self._count = 0
+        self._launching = False  # inside a launch: the operations there are the launcher's (the interpreter's)
+        self._reads = []  # the names the line being written reads
+        self.thread = None
+
+    def __enter__(self):
+        self.thread = threading.get_ident()  # the backward may run on autograd's thread for the device
+        return super().__enter__()
+
+    # -- what runs ----------------------------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self._launching or self.failure is not None:
+            return out
+        if not _has_tensor(out) and not _has_tensor((args, kwargs)):
+            return out  # a function of constants (torch.promote_types): its result is in the code already
+        if torch.Tag.data_dependent_output in func.tags or torch.Tag.dynamic_output_shape in func.tags:
+            self.fail(f"{func} computes a result that depends on the data")
+            return out
+        call = f"{self._const(_callable(func))}({self._call_args(args, kwargs)})"
+        if self.failure is None:
+            self._bind_outputs(out, call, str(func))
+        return out
+
+    def launch(self, kernel, grid, args, consts):
+        """tuning's launch hook: the launch's line, then the launch itself. (Another thread's launches are its own.)"""
+        if threading.get_ident() != self.thread:
+            kernel[grid](*args, **consts)
+            return
+        if self.failure is None:
+            self.tma = self.tma or bool(consts.get("TMA_OK"))
+            text = f"{self._const(kernel)}[{self.source(tuple(grid))}]({self._call_args(args, consts)})"
+            self._line(text)
+        self._launching = True
+        try:
+            kernel[grid](*args, **consts)
+        finally:
+            self._launching = False
+
+    # -- names --------------------------------------------------------------------------------------------------------
+    def bind(self, t, name=None):
+        """Name t (an input of a function, or what a line made); returns the name."""
+        if name is None:
+            name = f"t{self._count}"
+            self._count += 1
+        self._names[id(t)] = (name, weakref.ref(t))
+        self._views[_view_key(t)] = name
+        return name
+
+    def source(self, v) -> str:
+        """v as the code writes it: a tensor by its name, a constant inline or by a name of its own."""
+        if isinstance(v, torch.Tensor):
+            name = self._name(v)
+            if name is not None:
+                self._reads.append(name)
+                return name
+            name = self._external(v)
+            if name is None:
+                self.fail("a tensor from outside the model (neither an input, a parameter or buffer, nor made here)")
+                return "None"
+            return name
+        if isinstance(v, (list, tuple)):
+            inner = ", ".join(self.source(i) for i in v)
+            return f"[{inner}]" if isinstance(v, list) else f"({inner}{',' if len(v) == 1 else ''})"
+        if type(v) in _INLINE:
+            return repr(v)
+        return self._const(v)
+
+    def fail(self, reason):
+        self.failure = self.failure or reason  # the first reason: what followed it was not recorded
+
+    def take_reads(self) -> list:
+        """The names read by the sources written since the last line (for a return expression)."""
+        reads, self._reads = self._reads, []
+        return reads
+
+    def _same_object(self, t) -> bool:
+        entry = self._names.get(id(t))
+        return entry is not None and entry[1]() is t
+
+    def _name(self, t):
+        if self._same_object(t):
+            return self._names[id(t)][0]
+        return self._views.get(_view_key(t))
+
+    def _external(self, t):
+        if self._externals.get(id(t)) is not t:
+            return None
+        name = self._external_names.get(id(t))
+        if name is None:
+            name = self._external_names[id(t)] = f"p{len(self._external_names)}"
+            self.consts[name] = t
+            self.read.append(t)
+        return name
+
+    def _const(self, v):
+        name = self._const_names.get(id(v))
+        if name is None:
+            name = self._const_names[id(v)] = f"c{len(self.consts)}"
+            self.consts[name] = v  # held: the id stays this object's
+        return name
+
+    # -- lines --------------------------------------------------------------------------------------------------------
+    def _line(self, text, makes=()):
+        self.lines.append(Line(text, self.take_reads(), makes))
+
+    def _call_args(self, args, kwargs):
+        parts = [self.source(a) for a in args] + [f"{k}={self.source(v)}" for k, v in kwargs.items()]
+        return ", ".join(parts)
+
+    def _bind_outputs(self, out, call, what):
+        if out is None:
+            self._line(call)
+            return
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        targets = []
+        for t in outs:
+            if t is None:
+                targets.append("_")
+            elif not isinstance(t, torch.Tensor):
+                self.fail(f"{what} returns {type(t).__name__}, which Python reads")
+                return
+            elif self._same_object(t):  # an in-place operation hands back its input
+                targets.append("_")
+            else:
+                targets.append(self.bind(t))
+        lhs = ", ".join(targets) + ("," if isinstance(out, (tuple, list)) else "")
+        self._line(f"{lhs} = {call}", [n for n in targets if n != "_"])
+
+    # -- the code -----------------------------------------------------------------------------------------------------
+    def function(self, params: list, lines: list, returns: str, returned: list):
+        """(the function of `lines` taking `params` and returning the expression `returns` (which reads the names
+        `returned`), its source): each name a line made or an input deleted after the line that reads it last."""
+        last = {}
+        for i, line in enumerate(lines):
+            for n in (*line.makes, *line.reads):
+                last[n] = i
+        keep = set(returned) | set(params)
+        dead_after = {}
+        for n, i in last.items():
+            if n not in keep:
+                dead_after.setdefault(i, []).append(n)
+        body = []
+        for i, line in enumerate(lines):
+            body.append(line.text)
+            if i in dead_after:
+                body.append(f"del {', '.join(dead_after[i])}")
+        body.append(f"return {returns}")
+        source = f"def replay({', '.join(params)}):\n" + "".join(f"    {t}\n" for t in body)
+        scope = dict(self.consts)
+        exec(compile(source, "<fastvit_kernels.plan>", "exec"), scope)
+        return scope["replay"], source
+
+
+class recording:
+    """with recording(recorder): the recorder sees the operations (its dispatch mode) and our launches (tuning)."""
+
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+
+    def __enter__(self):
+        self.recorder.__enter__()
+        tuning.recorder = self.recorder
+
+    def __exit__(self, *exc):
+        tuning.recorder = None
+        return self.recorder.__exit__(*exc)
