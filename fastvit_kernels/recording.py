@@ -20,13 +20,21 @@ from torch.utils._pytree import tree_leaves
 from . import tuning
 
 _aten = torch.ops.aten
-# The allocations (~160 of a CIFAR-10 inference step's ~170 operations) through torch's own bindings, which take the
-# same arguments: 1.2-1.9 us a call on the CPU box against 3-5 us through the operator object.
+# The allocations (~160 of a CIFAR-10 inference step's ~170 operations) and the views and sums of a backward through
+# torch's own bindings, which take the same arguments and resolve to the same overload: 0.5-3 us a call on the CPU
+# box against 1.3-5 us through the operator object.
 _BINDINGS = {
     _aten.empty.memory_format: torch.empty,
     _aten.empty_like.default: torch.empty_like,
     _aten.new_empty.default: torch.Tensor.new_empty,
+    _aten.select.int: torch.select,
+    _aten.t.default: torch.t,
+    _aten.view.default: torch.Tensor.view,
+    _aten.sum.dim_IntList: torch.sum,
 }
+# the same memory and values under another tensor object (autograd detaches what it saves): the replay reads the
+# original, with no line
+_ALIASES = {_aten.detach.default, _aten.alias.default}
 _INLINE = (int, bool, str, type(None))  # constants written into the code as they are (repr)
 
 
@@ -45,10 +53,15 @@ def _view_key(t):
 
 
 class Line:
-    """One line of a replay: its text, the names it reads and the names it makes."""
+    """One line of a replay: its text, the names it reads and the names it makes; pure: an operation without effects
+    beyond its outputs (no mutation, no random numbers), which a replay may leave out where nothing reads them."""
 
-    def __init__(self, text, reads=(), makes=()):
-        self.text, self.reads, self.makes = text, list(reads), list(makes)
+    def __init__(self, text, reads=(), makes=(), pure=False):
+        self.text, self.reads, self.makes, self.pure = text, list(reads), list(makes), pure
+
+
+def _pure(func) -> bool:
+    return not func._schema.is_mutable and torch.Tag.nondeterministic_seeded not in func.tags
 
 
 class Recorder(TorchDispatchMode):
@@ -86,9 +99,14 @@ class Recorder(TorchDispatchMode):
         if torch.Tag.data_dependent_output in func.tags or torch.Tag.dynamic_output_shape in func.tags:
             self.fail(f"{func} computes a result that depends on the data")
             return out
+        if func in _ALIASES:
+            name = self._name(args[0]) or self._external(args[0])
+            if name is not None:
+                self._names[id(out)] = (name, weakref.ref(out))
+                return out
         call = f"{self._const(_callable(func))}({self._call_args(args, kwargs)})"
         if self.failure is None:
-            self._bind_outputs(out, call, str(func))
+            self._bind_outputs(out, call, str(func), _pure(func))
         return out
 
     def launch(self, kernel, grid, args, consts):
@@ -121,16 +139,17 @@ class Recorder(TorchDispatchMode):
         if isinstance(v, torch.Tensor):
             name = self._name(v)
             if name is not None:
-                self._reads.append(name)
+                if name not in self.consts:  # an alias of a parameter reads the parameter, a global of the code
+                    self._reads.append(name)
                 return name
             name = self._external(v)
             if name is None:
                 self.fail("a tensor from outside the model (neither an input, a parameter or buffer, nor made here)")
                 return "None"
             return name
-        if isinstance(v, (list, tuple)):
+        if isinstance(v, (list, tuple)):  # a list as a tuple too: torch takes either, and a tuple of ints is a constant
             inner = ", ".join(self.source(i) for i in v)
-            return f"[{inner}]" if isinstance(v, list) else f"({inner}{',' if len(v) == 1 else ''})"
+            return f"({inner}{',' if len(v) == 1 else ''})"
         if type(v) in _INLINE:
             return repr(v)
         return self._const(v)
@@ -170,14 +189,14 @@ class Recorder(TorchDispatchMode):
         return name
 
     # -- lines --------------------------------------------------------------------------------------------------------
-    def _line(self, text, makes=()):
-        self.lines.append(Line(text, self.take_reads(), makes))
+    def _line(self, text, makes=(), pure=False):
+        self.lines.append(Line(text, self.take_reads(), makes, pure))
 
     def _call_args(self, args, kwargs):
         parts = [self.source(a) for a in args] + [f"{k}={self.source(v)}" for k, v in kwargs.items()]
         return ", ".join(parts)
 
-    def _bind_outputs(self, out, call, what):
+    def _bind_outputs(self, out, call, what, pure):
         if out is None:
             self._line(call)
             return
@@ -194,12 +213,21 @@ class Recorder(TorchDispatchMode):
             else:
                 targets.append(self.bind(t))
         lhs = ", ".join(targets) + ("," if isinstance(out, (tuple, list)) else "")
-        self._line(f"{lhs} = {call}", [n for n in targets if n != "_"])
+        self._line(f"{lhs} = {call}", [n for n in targets if n != "_"], pure)
 
     # -- the code -----------------------------------------------------------------------------------------------------
     def function(self, params: list, lines: list, returns: str, returned: list):
         """(the function of `lines` taking `params` and returning the expression `returns` (which reads the names
-        `returned`), its source): each name a line made or an input deleted after the line that reads it last."""
+        `returned`), its source): each name a line made or an input deleted after the line that reads it last, and the
+        pure lines whose results nothing reads left out (the placeholders an op returns for a gradient that does not
+        exist, the pre-activation slot of an inference MLP)."""
+        needed = set(returned)
+        kept = []
+        for line in reversed(lines):
+            if not line.pure or needed.intersection(line.makes):
+                kept.append(line)
+                needed.update(line.reads)
+        lines = kept[::-1]
         last = {}
         for i, line in enumerate(lines):
             for n in (*line.makes, *line.reads):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from launches import record_launches
 
-from fastvit_kernels import ViT, plan, tuning
+from fastvit_kernels import ViT, plan, recording, tuning
 
 SMALL = dict(image_size=8, patch_size=4, num_classes=5, dim=32, depth=2, heads=2, mlp_dim=64)
 
@@ -367,3 +367,36 @@ def test_training_replay_launches_what_the_step_launches(device, monkeypatch):
     assert per_step[0] == per_step[2] == per_step[3]
     source = _plan_for(model, x).source
     assert "saved.clear()" in source  # the backward lets each activation go after its last use
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The recorder's code
+# ----------------------------------------------------------------------------------------------------------------------
+def test_the_code_leaves_out_pure_lines_nothing_reads_and_keeps_the_rest():
+    rec = recording.Recorder({})
+    lines = [
+        recording.Line("t0 = x + 1", ["x"], ["t0"], pure=True),  # read by the launch below: kept
+        recording.Line("t1 = x * 2", ["x"], ["t1"], pure=True),  # read by nothing: left out
+        recording.Line("t2 = x - 1", ["x"], ["t2"], pure=True),  # read only by t3, which nothing reads: left out
+        recording.Line("t3 = t2 * 3", ["t2"], ["t3"], pure=True),
+        recording.Line("out.append(t0)", ["t0"]),  # an effect: kept
+        recording.Line("t4 = x + 4", ["x"], ["t4"], pure=True),  # returned: kept
+    ]
+    fn, source = rec.function(["x", "out"], lines, "t4", ["t4"])
+    assert "t1" not in source and "t2" not in source and "t3" not in source
+    out = []
+    assert fn(10, out) == 14 and out == [11]
+    assert "del t0" in source
+
+
+def test_a_detached_tensor_is_read_as_the_original(device):
+    rec = recording.Recorder({})
+    x = torch.randn(4, device=device)
+    rec.bind(x, "x")
+    with recording.recording(rec):
+        y = (x * 2).detach()
+        z = y + 1
+    fn, source = rec.function(["x"], rec.lines, rec.source(z), rec.take_reads())
+    assert "detach" not in source and source.count(" = ") == 2
+    x2 = torch.randn(4, device=device)
+    assert torch.equal(fn(x2), x2 * 2 + 1)
