@@ -400,3 +400,37 @@ def test_a_detached_tensor_is_read_as_the_original(device):
     assert "detach" not in source and source.count(" = ") == 2
     x2 = torch.randn(4, device=device)
     assert torch.equal(fn(x2), x2 * 2 + 1)
+
+
+def test_a_deleted_model_takes_its_plans_with_it(device):
+    import gc
+
+    model = _model(device)
+    _calls(model, torch.randn(2, 3, 8, 8, device=device), 3)
+    assert len(plan._PLANS) >= 1
+    ref = __import__("weakref").ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+    assert all(m is not None for m in plan._PLANS.keys())
+
+
+def test_launches_from_another_thread_are_not_recorded():
+    """While one thread records, another thread's launches run and stay out of its lines."""
+    import threading
+
+    ran = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: ran.append((threading.get_ident(), grid))
+
+    rec = recording.Recorder({})
+    with recording.recording(rec):
+        other = threading.Thread(target=tuning.launch_kernel, args=(Kernel(), (2,), (), {}))
+        other.start()
+        other.join()
+        tuning.launch_kernel(Kernel(), (3,), (), {})
+    assert [grid for _, grid in ran] == [(2,), (3,)]
+    assert ran[0][0] != ran[1][0] == threading.get_ident()
+    assert [line.text.split("[")[1] for line in rec.lines] == ["(3,)]()"]
