@@ -24,7 +24,7 @@ autocast's cache of a cast weight kept from an earlier call): `plans(model)` say
 Before each replay, the guards: the input's shape, strides, dtype, device and 16-byte alignment, whether gradients
 are on and the input needs one, the model's training flag and backend, autocast and float32 matmul precision (the
 signature); the addresses of the parameters and buffers the plan reads, and where one has moved, their shapes,
-strides, dtypes, devices and alignment, and in training which of them require a gradient (Plan.valid); no
+strides, dtypes, devices and alignment, and in training which of them require a gradient (the plans' valid()); no
 parameter, buffer or submodule registered anywhere, and no tuning decision made or forgotten, since the recording.
 Not seen: a plain attribute of a module changed after the recording (a LayerNorm's eps, an Attention's scale), or a
 parameter's .data replaced by another view of its own memory: forget(model) after such a change. A replayed
@@ -128,7 +128,7 @@ def _epoch():
 
 def _meta(t):
     """What the recorded launches depend on in a tensor the plan reads from the model (its values may change)."""
-    return (t.dtype, t.shape, t.stride(), t.device, t.data_ptr() % 16, t.requires_grad)
+    return (t.dtype, t.shape, t.stride(), t.device, t.data_ptr() % 16)
 
 
 _address = torch.Tensor.data_ptr
@@ -302,6 +302,11 @@ class TrainingPlan(Plan):
         super().__init__(fwd, tensors, epoch, device, amp, tma, source)
         self.bwd = bwd
         self.params = []  # the trainable parameters, in the order of the backward's gradients
+        self.requires = list(map(_requires_grad, tensors))
+
+    def valid(self) -> bool:
+        """Plan.valid, and the same tensors require a gradient (a parameter frozen or unfrozen since: 10 us)."""
+        return super().valid() and list(map(_requires_grad, self.tensors)) == self.requires
 
     def __call__(self, x):
         return _Step.apply(self, x, *self.params)

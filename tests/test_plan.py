@@ -311,16 +311,18 @@ def test_training_replay_reads_the_weights_an_optimizer_updates(device, monkeypa
         assert torch.equal(a, b)
 
 
-def test_frozen_parameters_get_a_plan_of_their_own(device, monkeypatch):
+def test_freezing_or_unfreezing_parameters_records_the_step_again(device, monkeypatch):
     model = _model(device).train()
     x = torch.randn(2, 3, 8, 8, device=device)
-    for _ in range(3):
-        _assert_same_step(model, x, monkeypatch)
-    model.patch_embed.requires_grad_(False)  # fine-tuning without the patch embedding
-    for _ in range(3):
-        _assert_same_step(model, x, monkeypatch)
-    assert model.patch_embed.proj.weight.grad is None
-    assert isinstance(_plan_for(model, x), plan.TrainingPlan)
+    plans_seen = []
+    for requires in (True, False, True):  # fine-tuning without the patch embedding, then with it again
+        model.patch_embed.requires_grad_(requires)
+        for _ in range(3):
+            _assert_same_step(model, x, monkeypatch)
+        assert (model.patch_embed.proj.weight.grad is not None) == requires
+        plans_seen.append(_plan_for(model, x))
+    assert all(isinstance(p, plan.TrainingPlan) for p in plans_seen)
+    assert len({id(p) for p in plans_seen}) == 3
 
 
 def test_a_replayed_step_runs_one_backward_and_says_so(device, monkeypatch):
