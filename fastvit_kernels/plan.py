@@ -145,13 +145,14 @@ class Plan:
         self.tensors = tensors  # the model's parameters and buffers that the replay reads
         self.metas = [_meta(t) for t in tensors]
         self.addresses = list(map(_address, tensors))
+        self.modules = []  # the modules whose __call__ the recorded forward ran (their hooks: _hooked)
 
     def valid(self) -> bool:
         """Nothing the replay depends on has changed. Each call compares the tensors' addresses (13 us for
         CIFAR-10's 152 on the CPU box, against 88 us for all of _meta): a tensor moved, cast or given new .data has
         a new one, and then all of _meta is compared (the same tensors elsewhere in memory: the replay goes on).
         Not seen: .data replaced by another view of the same memory (p.data = p.data.t()); forget(model) then."""
-        if self.epoch != _epoch():
+        if self.epoch != _epoch() or _hooked(self.modules):
             return False
         addresses = list(map(_address, self.tensors))
         if addresses != self.addresses:
@@ -189,15 +190,51 @@ def _record(model, forward, x, amp):
     recorder = Recorder(_model_tensors(model))
     recorder.bind(x, "x")
     epoch = _epoch()
-    with recording(recorder):
+    with recording(recorder), _called_modules() as called:
         out = forward(x)
     if _epoch() != epoch:  # a first launch or a registration during the call: not the steady state
         return _SEEN, out
     returns = _output_source(recorder, out)
+    if _hooked(called.modules.values()):
+        recorder.fail(_HOOKED)
     if recorder.failure is not None:
         return Unplannable(recorder.failure), out
     fn, source = recorder.function(["x"], recorder.lines, returns, recorder.take_reads())
-    return Plan(fn, recorder.read, epoch, x.device, amp, recorder.tma and not interpreting(), source), out
+    plan = Plan(fn, recorder.read, epoch, x.device, amp, recorder.tma and not interpreting(), source)
+    plan.modules = list(called.modules.values())
+    return plan, out
+
+
+class _called_modules:
+    """with _called_modules() as called: the modules whose __call__ ran inside (a global pre-hook, for the recording
+    only). Their hooks are Python a replay would not run: a plan is not made, or not replayed, while they have any."""
+
+    def __enter__(self):
+        self.modules = {}
+        self._handle = _module.register_module_forward_pre_hook(self._called)
+        return self
+
+    def _called(self, module, args):
+        self.modules[id(module)] = module  # and None: a pre-hook's result would replace the arguments
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+def _hooked(modules) -> bool:
+    """Whether a forward calls module hooks: a global one, or one on a module it calls."""
+    g = _module
+    if (
+        g._global_forward_pre_hooks
+        or g._global_forward_hooks
+        or g._global_backward_pre_hooks
+        or g._global_backward_hooks
+    ):
+        return True
+    return any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks for m in modules)
+
+
+_HOOKED = "a module the forward calls has hooks (or a global module hook is set), which a replay would not call"
 
 
 def _model_tensors(model) -> dict:
@@ -255,8 +292,11 @@ class _Recording:
     def forward(self, ctx, x):
         x_in = x.detach().requires_grad_(x.requires_grad)
         self.recorder.bind(x_in, "x")
-        with torch.enable_grad(), recording(self.recorder):
+        with torch.enable_grad(), recording(self.recorder), _called_modules() as called:
             out = self.model_forward(x_in)
+        self.modules = list(called.modules.values())
+        if _hooked(self.modules):
+            self.recorder.fail(_HOOKED)
         self.returns = _output_source(self.recorder, out)
         self.forward_lines = len(self.recorder.lines)
         ctx.inner = (x_in, out)
@@ -291,6 +331,7 @@ class _Recording:
         tma = recorder.tma and not interpreting()
         plan = TrainingPlan(fwd, bwd, recorder.read, self.epoch, device, self.amp, tma, fwd_source + bwd_source)
         plan.params = self.params  # the order of the backward's gradients
+        plan.modules = self.modules
         return plan
 
 

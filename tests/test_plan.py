@@ -222,6 +222,29 @@ def test_a_tensor_from_outside_the_model_is_not_replayed(device, monkeypatch):
         assert torch.equal(model(x), _unplanned(model, x, monkeypatch))
 
 
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_module_hooks_are_called_on_every_call(when, device, monkeypatch):
+    """A forward hook on the head (to grab the pooled features, say) runs on every call: no plan is made while a
+    module the forward calls has one, and one registered after a plan was made sends the calls back to the forward."""
+    model = _model(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    seen = []
+
+    def hook():
+        model.head.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+
+    if when == "before":
+        hook()
+    _calls(model, x, 3)
+    if when == "after":
+        assert isinstance(_plan_for(model, x), plan.Plan)
+        hook()
+    outs, p = _calls(model, x, 3)
+    assert len(seen) == (6 if when == "before" else 3)
+    assert isinstance(p, plan.Unplannable) and "hooks" in p.reason
+    assert torch.equal(outs[-1], _unplanned(model, x, monkeypatch))
+
+
 def test_a_copied_model_has_its_own_plans(device, monkeypatch):
     model = _model(device)
     x = torch.randn(2, 3, 8, 8, device=device)
