@@ -133,6 +133,7 @@ def _meta(t):
 
 _address = torch.Tensor.data_ptr
 _requires_grad = attrgetter("requires_grad")
+_version = attrgetter("_version")
 
 
 class Plan:
@@ -354,6 +355,8 @@ class TrainingPlan(Plan):
 
     def forward(self, ctx, x):
         out, ctx.saved = self.run(self.fn, x)
+        # autograd refuses a backward whose saved tensors were changed in place since the forward; so does this
+        ctx.versions = list(map(_version, ctx.saved)), list(map(_version, self.tensors))
         return out
 
     def backward(self, ctx, g):
@@ -362,5 +365,10 @@ class TrainingPlan(Plan):
             raise RuntimeError(
                 "a replayed training step (fastvit_kernels.plan) runs its backward once; for retain_graph=True or a "
                 "second backward set FASTVIT_PLAN=0"
+            )
+        if ctx.versions != (list(map(_version, saved)), list(map(_version, self.tensors))):
+            raise RuntimeError(
+                "a tensor this step's backward reads (the input, a parameter or an activation) was modified by an "
+                "in-place operation after the forward (fastvit_kernels.plan: a replayed step)"
             )
         return self.run(self.bwd, g, saved)

@@ -363,6 +363,21 @@ def test_a_replayed_step_runs_one_backward_and_says_so(device, monkeypatch):
     out.backward()
 
 
+def test_a_weight_changed_between_forward_and_backward_is_refused_as_autograd_refuses_it(device, monkeypatch):
+    model = _model(device).train()
+    x = torch.randn(2, 3, 8, 8, device=device)
+    for planned in (False, True):
+        monkeypatch.setenv("FASTVIT_PLAN", "1" if planned else "0")
+        for _ in range(3):
+            _train_step(model, x)
+        loss = model(x).sum()
+        with torch.no_grad():
+            model.blocks[0].mlp.fc1.weight.mul_(2)  # an optimizer step before the backward: a bug
+        with pytest.raises(RuntimeError, match="modified by an inplace operation|modified by an in-place operation"):
+            loss.backward()
+    assert isinstance(_plan_for(model, x), plan.TrainingPlan)
+
+
 def test_no_training_plan_with_checkpointing_or_gradient_hooks(device, monkeypatch):
     model = _model(device).train()
     x = torch.randn(2, 3, 8, 8, device=device)
