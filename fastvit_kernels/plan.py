@@ -46,6 +46,9 @@ from .recording import Line, Recorder, recording
 
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {signature: Plan or a state}
 _SEEN = "seen"  # a signature's first call ran as usual (or its recording did not finish); the next records
+# Signatures a model keeps plans for: enough for every batch size of a serving loop's dynamic batching; past it a new
+# signature runs the forward (a plan is small, but each costs a recorded call and its code)
+MAX_PLANS = 64
 
 _registrations = 0  # parameters, buffers and submodules registered anywhere in the process
 
@@ -107,7 +110,8 @@ def run(model, forward, x):
         table = _PLANS[model] = {}
     plan = table.get(sig)
     if plan is None:  # the first call with this signature: it makes the choices
-        table[sig] = _SEEN
+        if len(table) < MAX_PLANS:
+            table[sig] = _SEEN
         return forward(x)
     if plan is _SEEN:
         if grad:

@@ -114,6 +114,16 @@ def test_different_batch_sizes_get_their_own_plans(device, monkeypatch):
     assert torch.equal(out, _unplanned(model, x, monkeypatch))
 
 
+def test_plans_per_model_are_bounded(device, monkeypatch):
+    monkeypatch.setattr(plan, "MAX_PLANS", 2)
+    model = _model(device)
+    for batch in (1, 2, 3, 3, 3, 1):
+        x = torch.randn(batch, 3, 8, 8, device=device)
+        with torch.no_grad():
+            assert torch.equal(model(x), _unplanned(model, x, monkeypatch))
+    assert sorted(s[0][0] for s in plan.plans(model)) == [1, 2]  # batch 3 came third: it runs the forward
+
+
 def test_weights_changed_in_place_are_read_by_the_replay(device, monkeypatch):
     model = _model(device)
     x = torch.randn(2, 3, 8, 8, device=device)
