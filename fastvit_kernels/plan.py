@@ -18,8 +18,8 @@ recorded from, without the Python around them.
 A call runs the model's own forward instead when: torch.compile traces it; a CUDA graph is being captured; gradient
 checkpointing is on (its recomputation restores RNG state outside the operations); FASTVIT_PLAN=0; a trainable
 parameter has a gradient hook (the recording's backward would call it once more); or the recording saw what a replay
-cannot repeat (an operation whose result Python reads, such as .item(); a tensor from outside the model, such as
-autocast's cache of a cast weight kept from an earlier call): `plans(model)` says which.
+cannot repeat (an operation whose result Python reads, such as .item(); a tensor from outside the model, such as a
+global the forward adds): `plans(model)` says which.
 
 Before each replay, the guards: the input's shape, strides, dtype, device and 16-byte alignment, whether gradients
 are on and the input needs one, the model's training flag and backend, autocast and float32 matmul precision (the

@@ -250,15 +250,21 @@ class Recorder(TorchDispatchMode):
 
 
 class recording:
-    """with recording(recorder): the recorder sees the operations (its dispatch mode) and our launches (tuning)."""
+    """with recording(recorder): the recorder sees the operations (its dispatch mode) and our launches (tuning).
+
+    Autocast's cache of cast weights is off inside: under a long-lived autocast context a weight cast by an earlier
+    call would reach the recording as a tensor from outside; uncached, its cast is a line like any other."""
 
     def __init__(self, recorder: Recorder):
         self.recorder = recorder
 
     def __enter__(self):
+        self._cache = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)
         self.recorder.__enter__()
         tuning.recorder = self.recorder
 
     def __exit__(self, *exc):
         tuning.recorder = None
+        torch.set_autocast_cache_enabled(self._cache)
         return self.recorder.__exit__(*exc)

@@ -77,6 +77,22 @@ def test_replay_under_autocast_matches_the_forward(device, monkeypatch):
         assert torch.equal(replayed, forward)
 
 
+def test_replay_inside_one_long_autocast_context(device, monkeypatch):
+    """A serving loop inside one autocast context: autocast caches the head's cast weight across calls, and the plan
+    still records and replays (the recording casts afresh)."""
+    model = _model(device)
+    kind = torch.device(device).type
+    with torch.autocast(kind, dtype=torch.bfloat16), torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(2, 3, 8, 8, device=device)
+            out = model(x)
+            with monkeypatch.context() as m:
+                m.setenv("FASTVIT_PLAN", "0")
+                assert torch.equal(out, model(x))
+        assert torch.is_autocast_cache_enabled()
+    assert isinstance(_plan_for(model, x), plan.Plan)
+
+
 def test_replay_launches_what_the_forward_launches(device, monkeypatch):
     launches = record_launches(monkeypatch, first_config_only=True)
     model = _model(device)
