@@ -1,0 +1,36 @@
+"""Shared by the step-plan tests (tests/test_plan*.py): a small fused ViT, its calls with and without plans."""
+
+import torch
+
+from fastvit_kernels import ViT, plan
+
+SMALL = dict(image_size=8, patch_size=4, num_classes=5, dim=32, depth=2, heads=2, mlp_dim=64)
+
+
+def small_model(device, **kw):
+    return ViT(**{**SMALL, **kw}, backend="triton").to(device).eval()
+
+
+def unplanned(model, x, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setenv("FASTVIT_PLAN", "0")
+        with torch.no_grad():
+            return model(x)
+
+
+def calls(model, x, n):
+    """n no-grad calls; the plan of x's signature after them (None: none)."""
+    with torch.no_grad():
+        outs = [model(x) for _ in range(n)]
+    return outs, plan_for(model, x)
+
+
+def plan_for(model, x):
+    (p,) = [p for s, p in plan.plans(model).items() if s[0] == x.shape and s[2] == x.dtype] or [None]
+    return p
+
+
+def only_plan(model):
+    (p,) = plan.plans(model).values()
+    assert isinstance(p, plan.Plan), p
+    return p
