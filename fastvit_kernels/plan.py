@@ -25,7 +25,8 @@ Before each replay, the guards: the input's shape, strides, dtype, device and 16
 are on and the input needs one, the model's training flag and backend, autocast and float32 matmul precision (the
 signature); the addresses of the parameters and buffers the plan reads, and where one has moved, their shapes,
 strides, dtypes, devices and alignment, and in training which of them require a gradient (the plans' valid()); no
-parameter, buffer or submodule registered anywhere, and no tuning decision made or forgotten, since the recording.
+parameter, buffer or submodule registered on the model, and no tuning decision made or forgotten, since the
+recording.
 Not seen: a plain attribute of a module changed after the recording (a LayerNorm's eps, an Attention's scale), or a
 parameter's .data replaced by another view of its own memory: forget(model) after such a change. A replayed
 training step's backward runs once (retain_graph=True and a second backward raise; FASTVIT_PLAN=0 allows them).
@@ -50,12 +51,17 @@ _SEEN = "seen"  # a signature's first call ran as usual (or its recording did no
 # signature runs the forward (a plan is small, but each costs a recorded call and its code)
 MAX_PLANS = 64
 
-_registrations = 0  # parameters, buffers and submodules registered anywhere in the process
+_registrations = 0  # parameters, buffers and submodules registered on the modules of models with plans
+# those modules (a loss module built every step registers a buffer: that must not send the plans back to recording)
+_watched: "weakref.WeakSet" = weakref.WeakSet()
 
 
-def _registered(*_):
+def _registered(module, name, value):
     global _registrations
-    _registrations += 1
+    if module in _watched:
+        _registrations += 1
+        if isinstance(value, _module.Module):
+            _watched.update(value.modules())
 
 
 for _hook in (
@@ -108,6 +114,7 @@ def run(model, forward, x):
     table = _PLANS.get(model)
     if table is None:
         table = _PLANS[model] = {}
+        _watched.update(model.modules())
     plan = table.get(sig)
     if plan is None:  # the first call with this signature: it makes the choices
         if len(table) < MAX_PLANS:

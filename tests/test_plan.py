@@ -175,6 +175,19 @@ def test_a_changed_model_is_not_replayed_from_the_old_plan(change, device, monke
     assert isinstance(p, plan.Plan)  # and a new plan is made for it
 
 
+def test_modules_built_elsewhere_leave_the_plan_alone(device, monkeypatch):
+    """A loss module built every step (it registers a buffer) is not a change of the model."""
+    model = small_model(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    _, p = calls(model, x, 3)
+    for _ in range(3):
+        nn.CrossEntropyLoss()
+        nn.Linear(3, 3)
+        with torch.no_grad():
+            model(x)
+        assert plan_for(model, x) is p
+
+
 def test_no_plan_when_switched_off(device, monkeypatch):
     model = small_model(device)
     x = torch.randn(2, 3, 8, 8, device=device)
