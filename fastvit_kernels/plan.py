@@ -25,8 +25,7 @@ Before each replay, the guards: the input's shape, strides, dtype, device and 16
 are on and the input needs one, the model's training flag and backend, autocast and float32 matmul precision (the
 signature); the addresses of the parameters and buffers the plan reads, and where one has moved, their shapes,
 strides, dtypes, devices and alignment, and in training which of them require a gradient (the plans' valid()); no
-parameter, buffer or submodule registered on the model, and no tuning decision made or forgotten, since the
-recording.
+parameter, buffer or submodule registered on the model, and no tuning.forget(), since the recording.
 Not seen: a plain attribute of a module changed after the recording (a LayerNorm's eps, an Attention's scale), or a
 parameter's .data replaced by another view of its own memory: forget(model) after such a change. A replayed
 training step's backward runs once (retain_graph=True and a second backward raise; FASTVIT_PLAN=0 allows them).
@@ -134,7 +133,13 @@ def run(model, forward, x):
 
 
 def _epoch():
-    return (tuning.epoch(), _registrations)
+    """What a plan stays valid under: no forget() (switches may have changed), no registration on the model."""
+    return (tuning.forgets(), _registrations)
+
+
+def _steady():
+    """What must not move while a step is recorded: _epoch, and no first launch (a decision) inside it."""
+    return (_epoch(), tuning.decisions())
 
 
 def _meta(t):
@@ -201,11 +206,12 @@ def _record(model, forward, x, amp):
     """(Plan or Unplannable or _SEEN, forward(x)): a no-grad forward run once under the recorder."""
     recorder = Recorder(_model_tensors(model))
     recorder.bind(x, "x")
-    epoch = _epoch()
+    steady = _steady()
     with recording(recorder), _called_modules() as called:
         out = forward(x)
-    if _epoch() != epoch:  # a first launch or a registration during the call: not the steady state
+    if _steady() != steady:  # a first launch or a registration during the call: not the steady state
         return _SEEN, out
+    epoch = steady[0]
     returns = _output_source(recorder, out)
     if _hooked(called.modules.values()):
         recorder.fail(_HOOKED)
@@ -299,7 +305,7 @@ class _Recording:
     def __init__(self, model, forward, amp, table, sig, params):
         self.model_forward, self.amp, self.table, self.sig, self.params = forward, amp, table, sig, params
         self.recorder = Recorder(_model_tensors(model))
-        self.epoch = _epoch()
+        self.steady = _steady()
 
     def forward(self, ctx, x):
         x_in = x.detach().requires_grad_(x.requires_grad)
@@ -328,7 +334,7 @@ class _Recording:
 
     def _plan(self, grads, device):
         recorder = self.recorder
-        if _epoch() != self.epoch:
+        if _steady() != self.steady:  # a first launch in the forward or the backward, or a registration
             return _SEEN
         returns = "(" + ", ".join(recorder.source(g) if g is not None else "None" for g in grads) + ",)"
         grad_reads = recorder.take_reads()
@@ -341,7 +347,8 @@ class _Recording:
         fwd, fwd_source = recorder.function(["x"], fwd_lines, f"({self.returns}, [{', '.join(saved)}])", saved)
         bwd, bwd_source = recorder.function(["g", "saved"], unpack + bwd_lines, returns, grad_reads)
         tma = recorder.tma and not interpreting()
-        plan = TrainingPlan(fwd, bwd, recorder.read, self.epoch, device, self.amp, tma, fwd_source + bwd_source)
+        epoch = self.steady[0]
+        plan = TrainingPlan(fwd, bwd, recorder.read, epoch, device, self.amp, tma, fwd_source + bwd_source)
         plan.params = self.params  # the order of the backward's gradients
         plan.modules = self.modules
         return plan

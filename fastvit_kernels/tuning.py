@@ -63,19 +63,24 @@ def autotune_allowed() -> bool:
 
 _LAUNCHERS: list = []  # every Launcher, for forget()
 
-# The decisions so far, counted: every configuration or GEMM backend chosen for a new key, and every forget(), moves
-# it on. An inference plan (fastvit_kernels/plan.py) recorded while it moved saw first launches (autotuning, candidate
-# timings), not the steady state, and one recorded before a forget() would replay choices made under old switches.
-_epoch = 0
+# Counted for the step plans (fastvit_kernels/plan.py): the decisions (a configuration or GEMM backend chosen for a
+# new key) and the forget()s. A plan recorded while a decision was made saw a first launch (autotuning, candidate
+# timings), not the steady state; one recorded before a forget() would replay choices made under old switches.
+# Decisions for other keys leave a plan as it is.
+_decisions = _forgets = 0
 
 
-def epoch() -> int:
-    return _epoch
+def decisions() -> int:
+    return _decisions
 
 
-def new_epoch() -> None:
-    global _epoch
-    _epoch += 1
+def forgets() -> int:
+    return _forgets
+
+
+def _decided() -> None:
+    global _decisions
+    _decisions += 1
 
 
 # While an inference plan is recorded: its recorder, told of every kernel launch (launch_kernel); else None.
@@ -137,7 +142,7 @@ class Launcher:
         opts = cfg.kwargs if interpreting() else cfg.all_kwargs()
         self.chosen[key] = (cfg, opts)
         self.best_config = cfg
-        new_epoch()
+        _decided()
         return opts
 
 
@@ -150,7 +155,8 @@ def forget() -> None:
     for launcher in _LAUNCHERS:
         launcher.chosen.clear()
     _GEMM_CHOICE.clear()
-    new_epoch()
+    global _forgets
+    _forgets += 1
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -290,7 +296,7 @@ def pick_gemm_backend(key, candidates: dict, timed: bool) -> str:
         if choice is None:  # inside a capture: Triton, undecided
             return "triton"
         _GEMM_CHOICE[key] = choice
-        new_epoch()
+        _decided()
     return choice
 
 

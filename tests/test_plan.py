@@ -101,6 +101,18 @@ def test_different_batch_sizes_get_their_own_plans(device, monkeypatch):
     assert torch.equal(out, unplanned(model, x, monkeypatch))
 
 
+def test_another_shape_choosing_its_configurations_leaves_the_plan_alone(device):
+    model = small_model(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    _, p = calls(model, x, 3)
+    decided = tuning.decisions()
+    calls(model, torch.randn(5, 3, 8, 8, device=device), 1)  # new GEMM shapes: their configurations are chosen
+    assert tuning.decisions() > decided
+    with torch.no_grad():
+        model(x)
+    assert plan_for(model, x) is p
+
+
 def test_plans_per_model_are_bounded(device, monkeypatch):
     monkeypatch.setattr(plan, "MAX_PLANS", 2)
     model = small_model(device)
