@@ -291,8 +291,9 @@ class ViT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x):
-        """The logits [B, num_classes]. On our kernels without gradients, replayed from the inference plan for x's
-        signature after two calls (fastvit_kernels.plan: the same kernels and operations, little host time)."""
+        """The logits [B, num_classes]. On our kernels, from the third call with x's signature on, the step plan
+        recorded at the second is replayed (fastvit_kernels.plan: the same kernels and operations, forward and, when
+        gradients are on, backward, with little host time)."""
         if self._fused(x):
             return plan.run(self, self._forward, x)
         return self._forward(x)

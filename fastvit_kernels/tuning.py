@@ -83,7 +83,7 @@ def _decided() -> None:
     _decisions += 1
 
 
-# While an inference plan is recorded: its recorder, told of every kernel launch (launch_kernel); else None.
+# While a step plan is recorded: its recorder (fastvit_kernels/recording.py), told of every kernel launch; else None.
 recorder = None
 
 
@@ -151,11 +151,11 @@ def forget() -> None:
     FASTVIT_AUTOTUNE, FASTVIT_TMA, FASTVIT_WARP_SPEC, FASTVIT_ATTN_WHOLE) are read when a key is first launched, so a
     process that changes one mid-run calls this after it. Triton's autotuner keeps the timings it made (a key it has
     timed is not timed again), so on a GPU FASTVIT_TMA, FASTVIT_WARP_SPEC and FASTVIT_ATTN_WHOLE, which prune before
-    timing, belong in the environment the process starts with."""
+    timing, belong in the environment the process starts with. Step plans recorded before it are not replayed."""
+    global _forgets
     for launcher in _LAUNCHERS:
         launcher.chosen.clear()
     _GEMM_CHOICE.clear()
-    global _forgets
     _forgets += 1
 
 
