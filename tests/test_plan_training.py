@@ -156,3 +156,40 @@ def test_training_replay_launches_what_the_step_launches(device, monkeypatch):
     assert per_step[0] == per_step[2] == per_step[3]
     source = plan_for(model, x).source
     assert "saved.clear()" in source  # the backward lets each activation go after its last use
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CIFAR-10 model at batch 64 is a GPU's work")
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_cifar10_steps_replayed_on_the_gpu_match_the_unplanned_steps(mode, monkeypatch):
+    """vit_cifar10 under bf16 autocast with an AdamW step after each backward, as benchmarks/test_e2e.py runs it: the
+    backward on autograd's device thread, TMA launches, the GEMM chooser's decisions made in the first step."""
+    from fastvit_kernels import vit_cifar10
+
+    results = {}
+    for planned in (True, False):
+        monkeypatch.setenv("FASTVIT_PLAN", "1" if planned else "0")
+        torch.manual_seed(0)
+        model = vit_cifar10().cuda().train(mode == "train")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        outs = []
+        for step in range(4):
+            torch.manual_seed(10 + step)
+            x = torch.randn(64, 3, 32, 32, device="cuda")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if mode == "infer":
+                    with torch.no_grad():
+                        outs.append(model(x).float())
+                    continue
+                out = model(x)
+                loss = torch.nn.functional.cross_entropy(out.float(), torch.arange(64, device="cuda") % 10)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            outs.append(out.detach().float())
+        results[planned] = (outs, [p.detach().clone() for p in model.parameters()])
+        x_sig = plan_for(model, x)
+        assert isinstance(x_sig, plan.TrainingPlan if mode == "train" else plan.Plan) == planned
+    for a, b in zip(results[True][0], results[False][0]):
+        assert torch.equal(a, b)
+    for a, b in zip(results[True][1], results[False][1]):
+        assert torch.equal(a, b)
