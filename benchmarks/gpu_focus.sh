@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a CUDA machine, before `make gpu-check`: the few minutes (at most 260 s) that show whether what changed since the
+# On a CUDA machine, before `make gpu-check`: the few minutes (at most 280 s) that show whether what changed since the
 # last GPU run works there, so that the 8-minute check is not spent on a failure. What it runs (each with its own
 # limit): the GEMM tests (every tile the tuner may pick, the warp-specialised ones included, and the weight gradient's
 # first launch under Triton's autotuner) and the step plans' tests (CUDA tensors, autograd's device thread), then the
@@ -7,7 +7,7 @@
 # go to $OUT_DIR/rows.jsonl with their commit (FASTVIT_COMMIT=<hash> where the tree came without .git).
 source "$(dirname "$0")/gpu_env.sh"
 echo "=== the GEMM engine's tests (first config of each launch, every linear tile forced once), the step plans'"
-FASTVIT_AUTOTUNE=0 timeout 100 $PY -m pytest -q -rf --tb=short tests/test_linear.py tests/test_plan.py \
+FASTVIT_AUTOTUNE=0 timeout 120 $PY -m pytest -q -rf --tb=short tests/test_linear.py tests/test_plan.py \
   tests/test_plan_training.py $XDIST -p no:cacheprovider \
   2>&1 | tee "$OUT_DIR/focus_tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -20
 echo "=== CIFAR-10 bf16, batch 512 and 8, ours and eager (host_ms: the host's issue time per step)"
