@@ -280,8 +280,15 @@ class ViT(nn.Module):
         return x if final is None else h
 
     def forward_features(self, x):
-        """Tokens after the last block and the final norm: [B, 1 + P, D] (timm's forward_features)."""
-        return self._features(x, self._fused(x))
+        """Tokens after the last block and the final norm: [B, 1 + P, D] (timm's forward_features); replayed from
+        its own step plans as forward is (a feature extractor's calls)."""
+        fused = self._fused(x)
+        if fused:
+            return plan.run(self, self._forward_features, x, what="features")
+        return self._features(x, fused)
+
+    def _forward_features(self, x):
+        return self._features(x, True)
 
     def forward_head(self, x, pre_logits: bool = False):
         """Pooling, fc_norm and the head on forward_features' tokens (timm's signature: pre_logits=True stops before
@@ -295,11 +302,11 @@ class ViT(nn.Module):
         recorded at the second is replayed (fastvit_kernels.plan: the same kernels and operations, forward and, when
         gradients are on, backward, with little host time)."""
         if self._fused(x):
-            return plan.run(self, self._forward, x)
-        return self._forward(x)
+            return plan.run(self, self._forward_fused, x, what="logits")
+        return self.forward_head(self._features(x, False))
 
-    def _forward(self, x):
-        return self.forward_head(self.forward_features(x))
+    def _forward_fused(self, x):
+        return self.forward_head(self._features(x, True))
 
     # -- timm's model API, so training code written for timm's VisionTransformer runs unchanged -----------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:

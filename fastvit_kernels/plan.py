@@ -97,8 +97,9 @@ class Unplannable:
         return f"Unplannable({self.reason!r})"
 
 
-def run(model, forward, x):
-    """forward(x), replayed from the model's plan for x's signature where there is one (see the module's docstring)."""
+def run(model, forward, x, what="logits"):
+    """forward(x), replayed from the model's plan for x's signature where there is one (see the module's docstring);
+    `what` names the function (the model's logits, its features): each has plans of its own."""
     if type(x) is not torch.Tensor or torch.compiler.is_compiling() or not plans_on():
         return forward(x)
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -109,7 +110,7 @@ def run(model, forward, x):
     device = x.device
     amp = autocast_dtype(device)
     sig = (x.shape, x.stride(), x.dtype, device, x.data_ptr() % 16, grad, grad and x.requires_grad, model.training)
-    sig += (model.backend, amp, torch.get_float32_matmul_precision())
+    sig += (model.backend, amp, torch.get_float32_matmul_precision(), what)
     table = _PLANS.get(model)
     if table is None:
         table = _PLANS[model] = {}

@@ -28,6 +28,20 @@ def test_replay_matches_the_forward_bit_for_bit_on_fresh_inputs(pool, device, mo
     assert torch.isfinite(replayed).all()
 
 
+def test_forward_features_has_plans_of_its_own(device, monkeypatch):
+    model = small_model(device)
+    for _ in range(4):
+        x = torch.randn(3, 3, 8, 8, device=device)
+        with torch.no_grad():
+            feats, logits = model.forward_features(x), model(x)
+        with monkeypatch.context() as m:
+            m.setenv("FASTVIT_PLAN", "0")
+            with torch.no_grad():
+                assert torch.equal(feats, model.forward_features(x)) and torch.equal(logits, model(x))
+    assert feats.shape == (3, 5, SMALL["dim"])
+    assert sorted(s[-1] for s, p in plan.plans(model).items() if isinstance(p, plan.Plan)) == ["features", "logits"]
+
+
 def test_replay_under_autocast_matches_the_forward(device, monkeypatch):
     model = small_model(device)
     kind = torch.device(device).type
