@@ -22,10 +22,11 @@ cannot repeat (an operation whose result Python reads, such as .item(); a tensor
 global the forward adds): `plans(model)` says which.
 
 Before each replay, the guards: the input's shape, strides, dtype, device and 16-byte alignment, whether gradients
-are on and the input needs one, the model's training flag and backend, autocast and float32 matmul precision (the
-signature); the addresses of the parameters and buffers the plan reads, and where one has moved, their shapes,
-strides, dtypes, devices and alignment, and in training which of them require a gradient (the plans' valid()); no
-parameter, buffer or submodule registered on the model, and no tuning.forget(), since the recording.
+are on and the input needs one, the model's training flag, autocast and float32 matmul precision (the signature;
+the model calls run() only on its fused path); the addresses of the parameters and buffers the plan reads, and where
+one has moved, their shapes, strides, dtypes, devices and alignment, and in training which of them require a
+gradient (the plans' valid()); no parameter, buffer or submodule registered on the model, and no tuning.forget(),
+since the recording.
 Not seen: a plain attribute of a module changed after the recording (a LayerNorm's eps, an Attention's scale), or a
 parameter's .data replaced by another view of its own memory: forget(model) after such a change. A replayed
 training step's backward runs once (retain_graph=True and a second backward raise; FASTVIT_PLAN=0 allows them).
@@ -110,7 +111,7 @@ def run(model, forward, x, what="logits"):
     device = x.device
     amp = autocast_dtype(device)
     sig = (x.shape, x.stride(), x.dtype, device, x.data_ptr() % 16, grad, grad and x.requires_grad, model.training)
-    sig += (model.backend, amp, torch.get_float32_matmul_precision(), what)
+    sig += (amp, torch.get_float32_matmul_precision(), what)
     table = _PLANS.get(model)
     if table is None:
         table = _PLANS[model] = {}
@@ -157,13 +158,15 @@ class Plan:
     """One signature's inference replay: the generated function, the model's tensors it reads, the state of the
     tuning decisions and module registrations it was recorded under."""
 
-    def __init__(self, fn, tensors, epoch, device, amp, tma, source):
+    def __init__(self, fn, recorded, epoch, device, amp, source):
+        """recorded: the _Forward whose recorder wrote fn."""
         self.fn, self.epoch, self.source = fn, epoch, source
-        self.device, self.amp, self.tma = device, amp, tma
-        self.tensors = tensors  # the model's parameters and buffers that the replay reads
-        self.metas = [_meta(t) for t in tensors]
-        self.addresses = list(map(_address, tensors))
-        self.modules = []  # the modules whose __call__ the recorded forward ran (their hooks: _hooked)
+        self.device, self.amp = device, amp
+        self.tma = recorded.recorder.tma and not interpreting()
+        self.tensors = recorded.recorder.read  # the model's parameters and buffers that the replay reads
+        self.metas = [_meta(t) for t in self.tensors]
+        self.addresses = list(map(_address, self.tensors))
+        self.modules = recorded.modules  # the modules whose __call__ the recorded forward ran (their hooks: _hooked)
 
     def valid(self) -> bool:
         """Nothing the replay depends on has changed. Each call compares the tensors' addresses (13 us for
@@ -203,25 +206,34 @@ class Plan:
             torch.set_autocast_enabled(kind, True)
 
 
+class _Forward:
+    """The model's forward run once under a recorder (x named "x"): its output, the source of that output in the
+    recorder's code and the names it reads (`returns`, `returned`), the modules whose __call__ ran; the recorder
+    fails where one of them has hooks."""
+
+    def __init__(self, model, forward, x):
+        self.recorder = recorder = Recorder(_model_tensors(model))
+        recorder.bind(x, "x")
+        with recording(recorder), _called_modules() as called:
+            self.out = forward(x)
+        self.modules = list(called.modules.values())
+        if _hooked(self.modules):
+            recorder.fail(_HOOKED)
+        self.returns = _output_source(recorder, self.out)
+        self.returned = recorder.take_reads()
+
+
 def _record(model, forward, x, amp):
     """(Plan or Unplannable or _SEEN, forward(x)): a no-grad forward run once under the recorder."""
-    recorder = Recorder(_model_tensors(model))
-    recorder.bind(x, "x")
     steady = _steady()
-    with recording(recorder), _called_modules() as called:
-        out = forward(x)
+    recorded = _Forward(model, forward, x)
+    recorder = recorded.recorder
     if _steady() != steady:  # a first launch or a registration during the call: not the steady state
-        return _SEEN, out
-    epoch = steady[0]
-    returns = _output_source(recorder, out)
-    if _hooked(called.modules.values()):
-        recorder.fail(_HOOKED)
+        return _SEEN, recorded.out
     if recorder.failure is not None:
-        return Unplannable(recorder.failure), out
-    fn, source = recorder.function(["x"], recorder.lines, returns, recorder.take_reads())
-    plan = Plan(fn, recorder.read, epoch, x.device, amp, recorder.tma and not interpreting(), source)
-    plan.modules = list(called.modules.values())
-    return plan, out
+        return Unplannable(recorder.failure), recorded.out
+    fn, source = recorder.function(["x"], recorder.lines, recorded.returns, recorded.returned)
+    return Plan(fn, recorded, steady[0], x.device, amp, source), recorded.out
 
 
 class _called_modules:
@@ -304,28 +316,23 @@ class _Recording:
     (torch.autograd.grad) inside _Step.backward; the TrainingPlan is made when the backward has run."""
 
     def __init__(self, model, forward, amp, table, sig, params):
-        self.model_forward, self.amp, self.table, self.sig, self.params = forward, amp, table, sig, params
-        self.recorder = Recorder(_model_tensors(model))
+        self.model, self.model_forward, self.amp, self.table, self.sig = model, forward, amp, table, sig
+        self.params = params
         self.steady = _steady()
 
     def forward(self, ctx, x):
         x_in = x.detach().requires_grad_(x.requires_grad)
-        self.recorder.bind(x_in, "x")
-        with torch.enable_grad(), recording(self.recorder), _called_modules() as called:
-            out = self.model_forward(x_in)
-        self.modules = list(called.modules.values())
-        if _hooked(self.modules):
-            self.recorder.fail(_HOOKED)
-        self.returns = _output_source(self.recorder, out)
-        self.forward_lines = len(self.recorder.lines)
-        ctx.inner = (x_in, out)
-        return out.detach()
+        with torch.enable_grad():
+            self.recorded = _Forward(self.model, self.model_forward, x_in)
+        self.forward_lines = len(self.recorded.recorder.lines)
+        ctx.inner = (x_in, self.recorded.out)
+        return self.recorded.out.detach()
 
     def backward(self, ctx, g):
         x_in, out = ctx.inner
         ctx.inner = None
         inputs = ([x_in] if x_in.requires_grad else []) + self.params
-        recorder = self.recorder
+        recorder = self.recorded.recorder
         recorder.bind(g, "g")
         with recording(recorder):
             grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
@@ -334,7 +341,7 @@ class _Recording:
         return grads
 
     def _plan(self, grads, device):
-        recorder = self.recorder
+        recorder = self.recorded.recorder
         if _steady() != self.steady:  # a first launch in the forward or the backward, or a registration
             return _SEEN
         returns = "(" + ", ".join(recorder.source(g) if g is not None else "None" for g in grads) + ",)"
@@ -345,25 +352,22 @@ class _Recording:
         made_before = {n for line in fwd_lines for n in line.makes} | {"x"}
         saved = sorted({n for line in bwd_lines for n in line.reads} & made_before | set(grad_reads) & made_before)
         unpack = [Line(f"{', '.join(saved)}, = saved", ["saved"], saved), Line("saved.clear()")] if saved else []
-        fwd, fwd_source = recorder.function(["x"], fwd_lines, f"({self.returns}, [{', '.join(saved)}])", saved)
+        fwd_returns = f"({self.recorded.returns}, [{', '.join(saved)}])"
+        fwd, fwd_source = recorder.function(["x"], fwd_lines, fwd_returns, self.recorded.returned + saved)
         bwd, bwd_source = recorder.function(["g", "saved"], unpack + bwd_lines, returns, grad_reads)
-        tma = recorder.tma and not interpreting()
-        epoch = self.steady[0]
-        plan = TrainingPlan(fwd, bwd, recorder.read, epoch, device, self.amp, tma, fwd_source + bwd_source)
-        plan.params = self.params  # the order of the backward's gradients
-        plan.modules = self.modules
-        return plan
+        source = fwd_source + bwd_source
+        return TrainingPlan(fwd, bwd, self.params, self.recorded, self.steady[0], device, self.amp, source)
 
 
 class TrainingPlan(Plan):
     """One signature's training replay: the forward function (the output and what the backward reads) and the
     backward function (the gradients of the input and of the trainable parameters), run as one _Step."""
 
-    def __init__(self, fwd, bwd, tensors, epoch, device, amp, tma, source):
-        super().__init__(fwd, tensors, epoch, device, amp, tma, source)
+    def __init__(self, fwd, bwd, params, recorded, epoch, device, amp, source):
+        super().__init__(fwd, recorded, epoch, device, amp, source)
         self.bwd = bwd
-        self.params = []  # the trainable parameters, in the order of the backward's gradients
-        self.requires = list(map(_requires_grad, tensors))
+        self.params = params  # the trainable parameters, in the order of the backward's gradients
+        self.requires = list(map(_requires_grad, self.tensors))
 
     def valid(self) -> bool:
         """Plan.valid, and the same tensors require a gradient (a parameter frozen or unfrozen since: 10 us)."""
