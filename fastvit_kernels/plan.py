@@ -324,9 +324,11 @@ class _Recording:
         x_in = x.detach().requires_grad_(x.requires_grad)
         with torch.enable_grad():
             self.recorded = _Forward(self.model, self.model_forward, x_in)
+        out, self.recorded.out = self.recorded.out, None  # the inner graph lives in ctx.inner until the backward only
+        self.model = self.model_forward = None
         self.forward_lines = len(self.recorded.recorder.lines)
-        ctx.inner = (x_in, self.recorded.out)
-        return self.recorded.out.detach()
+        ctx.inner = (x_in, out)
+        return out.detach()
 
     def backward(self, ctx, g):
         x_in, out = ctx.inner
