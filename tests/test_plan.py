@@ -359,3 +359,36 @@ def test_launches_from_another_thread_are_not_recorded():
     assert [grid for _, grid in ran] == [(2,), (3,)]
     assert ran[0][0] != ran[1][0] == threading.get_ident()
     assert [line.text.split("[")[1] for line in rec.lines] == ["(3,)]()"]
+
+
+def test_allocations_replay_from_templates_only_where_they_make_the_same_tensor(device):
+    """A fresh contiguous allocation replays as empty_like of a template (cheaper than torch.empty with its keywords);
+    one with other strides (channels_last, empty_strided, a transposed empty_like, a zero-size one: empty_like keeps
+    its strides) or in pinned memory replays as recorded."""
+    rec = recording.Recorder({})
+    x = torch.randn(2, 3, device=device)
+    rec.bind(x, "x")
+    with recording.recording(rec):
+        plain = [
+            torch.empty((2, 5), dtype=torch.bfloat16, device=device),
+            torch.empty_like(x),
+            x.new_empty((7,), dtype=torch.int32),
+            torch.empty((1, 3, 1, 4), device=device),
+        ]
+        other = [
+            torch.empty((2, 3, 4, 5), device=device, memory_format=torch.channels_last),
+            torch.empty_like(x.t()),
+            torch.empty_strided((3, 2), (1, 3), device=device),
+            torch.empty((2, 0, 5), device=device),
+        ]
+    made = plain + other
+    fn, source = rec.function(["x"], rec.lines, rec.source(tuple(made)), rec.take_reads())
+    calls = dict(line.strip().split(" = ") for line in source.splitlines()[1:-1] if " = " in line)
+    for i, t in enumerate(made):
+        callee, arg = calls[rec.source(t)].rstrip(")").split("(", 1)
+        from_template = rec.consts[callee] is torch.empty_like and arg in rec.consts
+        assert from_template == (i < len(plain)), calls[rec.source(t)]
+        if from_template:
+            assert rec.consts[arg].shape == t.shape and rec.consts[arg].stride() == (0,) * t.dim()
+    for a, b in zip(fn(x), made):
+        assert (a.shape, a.stride(), a.dtype, a.device) == (b.shape, b.stride(), b.dtype, b.device)
