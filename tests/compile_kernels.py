@@ -167,8 +167,7 @@ def _variants(cap):
             "W": f32,
             "DRES": stream,
             "DX": stream,
-            "DW_PART": f32,
-            "DB_PART": f32,
+            "PART": f32,
         }
         for dim in (100, 384, 768, 1024, 8192) if full else (768,):
             bm, bd, warps = tn.row_kernel_params(dim, **tn.LAYERNORM_FWD_PARAMS)

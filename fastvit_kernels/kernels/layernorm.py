@@ -51,8 +51,7 @@ def layernorm_bwd_kernel(
     W,  # [D] LayerNorm weight
     DRES,  # [M, D] residual gradient added to dx in the same pass, or None
     DX,  # [M, D] input gradient, in X's dtype
-    DW_PART,  # [programs, D] fp32 partial sums of the weight gradient, one row per program
-    DB_PART,  # [programs, D] fp32 partial sums of the bias gradient
+    PART,  # [programs, 2, D] fp32, contiguous: per program the weight gradient's partial sums, then the bias's
     M,
     D,
     rows_per_program,
@@ -60,7 +59,6 @@ def layernorm_bwd_kernel(
     stride_xm,
     stride_rm,
     stride_dxm,
-    stride_part,  # between two programs' rows of DW_PART (and of DB_PART)
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_DRES: tl.constexpr,
@@ -94,5 +92,6 @@ def layernorm_bwd_kernel(
         tl.store(DX + rows64 * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         dw_acc += tl.sum(dy * xhat, 0)
         db_acc += tl.sum(dy, 0)
-    tl.store(DW_PART + pid * stride_part + cols, dw_acc, mask=mask_d)
-    tl.store(DB_PART + pid * stride_part + cols, db_acc, mask=mask_d)
+    part = PART + pid * 2 * D + cols
+    tl.store(part, dw_acc, mask=mask_d)
+    tl.store(part + D, db_acc, mask=mask_d)

@@ -46,7 +46,6 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, rows D apart
     # [programs, 2, D]: the weight's and the bias's partial sums side by side, so one torch sum adds up both
     parts = torch.empty((programs, 2, D), device=x.device, dtype=torch.float32)
-    args = (dy, x, mean, rstd, weight, dres, dx, parts[:, 0], parts[:, 1], M, D, rows_per_program, dy_rows, x_rows)
-    args += (dres_rows, D, parts.stride(0))
+    args = (dy, x, mean, rstd, weight, dres, dx, parts, M, D, rows_per_program, dy_rows, x_rows, dres_rows, D)
     launch_kernel(layernorm_bwd_kernel, (programs,), args, dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps))
     return dx, parts.sum(0)
