@@ -13,7 +13,8 @@ the forward inside one autograd Function (_Step) whose backward runs the model's
 under the recorder; the lines become two functions, the forward (returning what the backward reads) and the
 backward (returning the gradients of the input and of every trainable parameter, which autograd accumulates as
 usual). Both replays run the same operations and the same kernels with the same arguments as the steps they were
-recorded from, without the Python around them.
+recorded from, without the Python around them; on a GPU each launch calls the compiled kernel's launcher with the
+arguments Triton passed it when recording (fastvit_kernels/direct_launch.py), without Triton's per-call binding.
 
 A call runs the model's own forward instead when: torch.compile traces it; a CUDA graph is being captured; gradient
 checkpointing is on (its recomputation restores RNG state outside the operations); FASTVIT_PLAN=0; a trainable
@@ -26,7 +27,7 @@ are on and the input needs one, the model's training flag, autocast and float32 
 the model calls run() only on its fused path); the addresses of the parameters and buffers the plan reads, and where
 one has moved, their shapes, strides, dtypes, devices and alignment, and in training which of them require a
 gradient (the plans' valid()); no parameter, buffer or submodule registered on the model, and no tuning.forget(),
-since the recording.
+since the recording; no Triton launch hooks installed since (a profiler's), where the plan launches directly.
 Not seen: a plain attribute of a module changed after the recording (a LayerNorm's eps, an Attention's scale), or a
 parameter's .data replaced by another view of its own memory: forget(model) after such a change. A replayed
 training step's backward runs once (retain_graph=True and a second backward raise; FASTVIT_PLAN=0 allows them).
@@ -39,7 +40,7 @@ from operator import attrgetter
 import torch
 from torch.nn.modules import module as _module
 
-from . import tuning
+from . import direct_launch, tuning
 from ._interpreter import interpreting
 from .ops._common import autocast_dtype
 from .ops.gemm import _tma_allocator
@@ -163,6 +164,7 @@ class Plan:
         self.fn, self.epoch, self.source = fn, epoch, source
         self.device, self.amp = device, amp
         self.tma = recorded.recorder.tma and not interpreting()
+        self.direct = recorded.recorder.direct  # compiled kernels launched directly: valid while no launch hooks
         self.tensors = recorded.recorder.read  # the model's parameters and buffers that the replay reads
         self.metas = [_meta(t) for t in self.tensors]
         self.addresses = list(map(_address, self.tensors))
@@ -173,7 +175,7 @@ class Plan:
         CIFAR-10's 152 on the CPU box, against 88 us for all of _meta): a tensor moved, cast or given new .data has
         a new one, and then all of _meta is compared (the same tensors elsewhere in memory: the replay goes on).
         Not seen: .data replaced by another view of the same memory (p.data = p.data.t()); forget(model) then."""
-        if self.epoch != _epoch() or _hooked(self.modules):
+        if self.epoch != _epoch() or _hooked(self.modules) or (self.direct and direct_launch.hooks_set()):
             return False
         addresses = list(map(_address, self.tensors))
         if addresses != self.addresses:

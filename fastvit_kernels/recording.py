@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from . import tuning
+from . import direct_launch, tuning
 
 _aten = torch.ops.aten
 # The allocations (~160 of a CIFAR-10 inference step's ~170 operations) and the views and sums of a backward through
@@ -93,6 +93,7 @@ class Recorder(TorchDispatchMode):
         self.read = []  # the model's tensors the lines read, in order of first use
         self.failure = None
         self.tma = False  # a launch may read through tensor descriptors
+        self.direct = False  # a launch calls a compiled kernel's launcher (direct_launch): no launch hooks at replay
         self._count = 0
         self._launching = False  # inside a launch: the operations there are the launcher's (the interpreter's)
         self._reads = []  # the names the line being written reads
@@ -132,15 +133,23 @@ class Recorder(TorchDispatchMode):
         if threading.get_ident() != self.thread:
             kernel[grid](*args, **consts)
             return
-        if self.failure is None:
-            self.tma = self.tma or bool(consts.get("TMA_OK"))
-            text = f"{self._const(kernel)}[{self.source(tuple(grid))}]({self._call_args(args, consts)})"
-            self._line(text)
         self._launching = True
         try:
-            kernel[grid](*args, **consts)
+            direct = direct_launch.launch(kernel, grid, args, consts)
         finally:
             self._launching = False
+        if self.failure is None:
+            self.tma = self.tma or bool(consts.get("TMA_OK"))
+            self.direct = self.direct or direct is not None
+            self._line(self._launch_text(kernel, grid, args, consts, direct))
+
+    def _launch_text(self, kernel, grid, args, consts, direct):
+        if direct is None:
+            return f"{self._const(kernel)}[{self.source(tuple(grid))}]({self._call_args(args, consts)})"
+        grid3 = (*grid, 1, 1)[:3]
+        head = f"{self._const(direct.run)}({self._call_args(grid3, {})}, {self._const(direct.stream)}({direct.device})"
+        head += f", {self.source(direct.function)}, {self._const(direct.packed_metadata)}, None, None, None"
+        return f"{head}, {self._call_args(direct.args, {})})"
 
     # -- names --------------------------------------------------------------------------------------------------------
     def bind(self, t, name=None):

@@ -2,6 +2,8 @@
 bit for bit; what a training step may do between calls (optimizer steps, freezing, hooks, a second backward) is
 replayed, or refused, as autograd would."""
 
+import re
+
 import pytest
 import torch
 from launches import record_launches
@@ -162,7 +164,8 @@ def test_training_replay_launches_what_the_step_launches(device, monkeypatch):
 @pytest.mark.parametrize("mode", ["infer", "train"])
 def test_cifar10_steps_replayed_on_the_gpu_match_the_unplanned_steps(mode, monkeypatch):
     """vit_cifar10 under bf16 autocast with an AdamW step after each backward, as benchmarks/test_e2e.py runs it: the
-    backward on autograd's device thread, TMA launches, the GEMM chooser's decisions made in the first step."""
+    backward on autograd's device thread, TMA launches, the GEMM chooser's decisions made in the first step, the
+    replays' direct launches."""
     from fastvit_kernels import vit_cifar10
 
     results = {}
@@ -189,6 +192,8 @@ def test_cifar10_steps_replayed_on_the_gpu_match_the_unplanned_steps(mode, monke
         results[planned] = (outs, [p.detach().clone() for p in model.parameters()])
         x_sig = plan_for(model, x)
         assert isinstance(x_sig, plan.TrainingPlan if mode == "train" else plan.Plan) == planned
+        if planned:  # every launch calls the compiled kernel's launcher (direct_launch), none goes through Triton's
+            assert x_sig.direct and not re.search(r"c\d+\[\(", x_sig.source), x_sig.source
     for a, b in zip(results[True][0], results[False][0]):
         assert torch.equal(a, b)
     for a, b in zip(results[True][1], results[False][1]):
