@@ -73,9 +73,21 @@ for _hook in (
     _hook(_registered)
 
 
+_PLAN_MODES = ("1", "0", "triton")
+
+
+def plan_mode() -> str:
+    """FASTVIT_PLAN: 1 (the default) plans with direct launches where Triton allows them (direct_launch.py); triton:
+    plans whose launches go through Triton's JITFunction.run as the model's own calls do; 0: no plans (every call
+    runs the model's forward). Read at each call (0) and at each recording (triton)."""
+    mode = os.environ.get("FASTVIT_PLAN", "1")
+    if mode not in _PLAN_MODES:
+        raise ValueError(f"FASTVIT_PLAN={mode!r}: expected one of {', '.join(_PLAN_MODES)}")
+    return mode
+
+
 def plans_on() -> bool:
-    """FASTVIT_PLAN=0 turns the plans off (every call runs the model's forward)."""
-    return os.environ.get("FASTVIT_PLAN", "1") != "0"
+    return plan_mode() != "0"
 
 
 def forget(model) -> None:
@@ -214,7 +226,7 @@ class _Forward:
     fails where one of them has hooks."""
 
     def __init__(self, model, forward, x):
-        self.recorder = recorder = Recorder(_model_tensors(model))
+        self.recorder = recorder = Recorder(_model_tensors(model), launch_directly=plan_mode() == "1")
         recorder.bind(x, "x")
         with recording(recorder), _called_modules() as called:
             self.out = forward(x)

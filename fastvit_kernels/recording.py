@@ -80,8 +80,11 @@ def _pure(func) -> bool:
 class Recorder(TorchDispatchMode):
     """Lines for what runs while it is active (`with recording(recorder):`)."""
 
-    def __init__(self, externals: dict):
+    def __init__(self, externals: dict, launch_directly: bool = True):
+        """externals: id -> the model's parameters and buffers; launch_directly: lines call compiled kernels'
+        launchers where direct_launch allows it (else every launch line goes through Triton's JITFunction.run)."""
         super().__init__()
+        self.launch_directly = launch_directly
         self.lines: list[Line] = []
         self.consts, self._const_names = {}, {}  # name -> object the lines refer to
         self._names = {}  # id(tensor) -> (name, weakref): a tensor a line made (weak: ids are reused)
@@ -135,7 +138,11 @@ class Recorder(TorchDispatchMode):
             return
         self._launching = True
         try:
-            direct = direct_launch.launch(kernel, grid, args, consts)
+            direct = None
+            if self.launch_directly:
+                direct = direct_launch.launch(kernel, grid, args, consts)
+            else:
+                kernel[grid](*args, **consts)
         finally:
             self._launching = False
         if self.failure is None:

@@ -2,9 +2,11 @@
 kernel's launcher with what Triton's JITFunction.run passed it. On a GPU the plan tests (test_plan*.py) run them for
 real; here Triton's side is a stand-in that follows the convention `supported()` reads in Triton's own source."""
 
+import pytest
 import torch
+from plans import calls, small_model
 
-from fastvit_kernels import direct_launch, recording, tuning
+from fastvit_kernels import direct_launch, plan, recording, tuning
 
 
 def test_the_installed_triton_launches_as_direct_launches_assume():
@@ -98,3 +100,27 @@ def test_launches_go_through_triton_where_hooks_or_stand_ins_are(monkeypatch):
         fn(x)
         assert len(jit.compiled.calls) == 2
         jit.compiled.calls.clear()
+
+
+def test_fastvit_plan_triton_records_launches_through_triton(monkeypatch):
+    """FASTVIT_PLAN=triton: plans whose launches go through JITFunction.run (the fallback should a direct launch
+    misbehave on some Triton); another value is refused in one line."""
+    jit = _Jit()
+    monkeypatch.setattr(direct_launch, "_jit", lambda kernel: jit if kernel is jit else None)
+    monkeypatch.setattr(direct_launch, "driver", _Driver)
+    made = []
+    monkeypatch.setattr(plan, "Recorder", lambda *a, **kw: made.append(kw) or recording.Recorder(*a, **kw))
+    for mode, direct in (("1", True), ("triton", False)):
+        monkeypatch.setenv("FASTVIT_PLAN", mode)
+        model = small_model("cpu")
+        calls(model, torch.randn(2, 3, 8, 8), 3)
+        assert made.pop()["launch_directly"] is direct and not made
+        rec = recording.Recorder({}, launch_directly=direct)
+        x = torch.randn(8)
+        rec.bind(x, "x")
+        with recording.recording(rec):
+            tuning.launch_kernel(jit, (3,), (x, x, 8), {})
+        assert rec.direct is direct
+    monkeypatch.setenv("FASTVIT_PLAN", "yes")
+    with pytest.raises(ValueError, match="FASTVIT_PLAN='yes': expected one of 1, 0, triton"):
+        small_model("cpu")(torch.randn(2, 3, 8, 8))
