@@ -61,6 +61,7 @@ class Direct:
     """What a direct launch passes the compiled kernel's launcher besides the grid, the stream and the arguments."""
 
     def __init__(self, compiled, device: int, args: tuple):
+        self.compiled = compiled  # whoever launches `function` holds it: its __del__ unloads the function's module
         self.run = compiled.run  # the launcher, initialised by the launch that made this
         self.function, self.packed_metadata = compiled.function, compiled.packed_metadata
         self.stream = driver.active.get_current_stream  # called with the device at each launch: the caller's stream

@@ -153,6 +153,7 @@ class Recorder(TorchDispatchMode):
     def _launch_text(self, kernel, grid, args, consts, direct):
         if direct is None:
             return f"{self._const(kernel)}[{self.source(tuple(grid))}]({self._call_args(args, consts)})"
+        self._const(direct.compiled)  # in the function's globals, unread: the compiled kernel lives as long as the plan
         grid3 = (*grid, 1, 1)[:3]
         head = f"{self._const(direct.run)}({self._call_args(grid3, {})}, {self._const(direct.stream)}({direct.device})"
         head += f", {self.source(direct.function)}, {self._const(direct.packed_metadata)}, None, None, None"

@@ -79,6 +79,8 @@ def test_a_recorded_launch_replays_as_a_call_of_the_compiled_launcher(monkeypatc
     recorded, replayed = jit.compiled.calls
     assert replayed[:9] == recorded[:9] == (3, 1, 1, "stream0", 1234, (4, 1, 0), None, None, None)
     assert replayed[9] is x2 and replayed[10] is out2 and replayed[11:] == recorded[11:] == (8, 16)
+    # the compiled kernel (whose __del__ unloads the function the line launches) lives as long as the replay
+    assert any(v is jit.compiled for v in fn.__globals__.values())
 
 
 def test_launches_go_through_triton_where_hooks_or_stand_ins_are(monkeypatch):
