@@ -19,6 +19,11 @@ forward, backward; no optimizer step), replayed from the model's step plans (fas
 kernels (counted in the rows). Rows before 2026-11-27 timed nn.Module.zero_grad (0.22 ms of the training step:
 it walks the modules; an optimizer's walks its list) and let the launch recorder's list grow during the timing.
 The issue's goals on the 2-core CPU box: 1.0 ms and 3 ms.
+
+`host/launch/layernorm_bwd` (rows `triton`, `direct`): the host time of one kernel launch through Triton's own
+JITFunction.run against a step plan's direct launch of it (fastvit_kernels/direct_launch.py), the launcher itself a
+no-op: what the plans' direct launches save per launch, the part of a GPU step's host time the step rows above do not
+time.
 """
 
 import sys
@@ -28,11 +33,13 @@ import pytest
 import torch
 from common import measure
 
-from fastvit_kernels import plan, vit_cifar10
+from fastvit_kernels import plan, recording, tuning, vit_cifar10
+from fastvit_kernels.kernels.layernorm import layernorm_bwd_kernel
 from fastvit_kernels.ops import _common
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from launches import record_launches  # noqa: E402
+from offline_triton import OfflineDriver, offline_kernel  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -93,3 +100,49 @@ def _plan_state(model) -> str:
     if any(isinstance(p, plan.Plan) for p in states):
         return "replayed"
     return next((p.reason for p in states if isinstance(p, plan.Unplannable)), "none")
+
+
+LAUNCHES = 100  # per round: one launch is a few microseconds, below the timer's resolution for a round of its own
+
+
+@pytest.mark.parametrize("row", ["triton", "direct"])
+def test_launch_host_time(benchmark, bench_opts, monkeypatch, row):
+    """One launch of the LayerNorm backward kernel (18 arguments, a heuristics wrapper): `triton` through Triton's
+    own JITFunction.run (binding, specialisation, cache key, launch metadata), `direct` as a step plan replays it
+    (fastvit_kernels/direct_launch.py). Triton's real JITFunction.run runs, for an sm_90 target; the driver answers
+    without a GPU and the compiled kernel's launcher is a no-op (tests/offline_triton.py), so what a launcher and the
+    CUDA driver cost is in neither row: on a GPU both pay it alike."""
+    from triton.runtime import driver
+
+    monkeypatch.setattr(driver, "_active", OfflineDriver())
+    _, kernel = offline_kernel(layernorm_bwd_kernel, record=False)
+    t = [torch.randn(40, 96), torch.randn(40, 96), torch.randn(40), torch.randn(40), torch.randn(96)]
+    args = (*t, None, torch.empty(40, 96), torch.empty(3, 2, 96), 40, 96, 16, 96, 96, 0, 96)
+    consts = dict(BLOCK_M=8, BLOCK_D=128, num_warps=4)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    rec = recording.Recorder({})
+    names = [rec.bind(a, f"a{i}") for i, a in enumerate(tensors)]
+    with recording.recording(rec):  # a replay of LAUNCHES lines, as a plan's
+        for _ in range(LAUNCHES):
+            tuning.launch_kernel(kernel, (3,), args, consts)
+    assert rec.direct
+    replay, _ = rec.function(names, rec.lines, "None", [])
+
+    def step():
+        if row == "direct":
+            replay(*tensors)
+        else:
+            for _ in range(LAUNCHES):
+                kernel[(3,)](*args, **consts)
+
+    measure(
+        benchmark,
+        step,
+        device=CPU,
+        opts=dict(bench_opts, rounds=max(bench_opts["rounds"], 100)),
+        group="host/launch/layernorm_bwd",
+        row=row,
+        items=LAUNCHES,
+        item_name="launch",
+        warmup=3,
+    )

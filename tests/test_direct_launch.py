@@ -1,12 +1,50 @@
 """Direct launches (fastvit_kernels/direct_launch.py): a plan's recorded launch replays as a call of the compiled
 kernel's launcher with what Triton's JITFunction.run passed it. On a GPU the plan tests (test_plan*.py) run them for
-real; here Triton's side is a stand-in that follows the convention `supported()` reads in Triton's own source."""
+real; here Triton's own JITFunction.run runs with only the driver and the compiled kernel stood in for
+(tests/offline_triton.py)."""
 
 import pytest
 import torch
+from launches import _KernelRecorder
+from offline_triton import OfflineDriver, offline_kernel
 from plans import calls, small_model
+from triton import knobs
+from triton.runtime import driver
 
 from fastvit_kernels import direct_launch, plan, recording, tuning
+from fastvit_kernels.kernels.layernorm import layernorm_bwd_kernel
+
+CONSTS = dict(BLOCK_M=8, BLOCK_D=128, num_warps=4)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """(stand-in compiled kernel, Triton's JITFunction of the LayerNorm backward under its heuristics)."""
+    monkeypatch.setattr(driver, "_active", OfflineDriver())  # driver.active (reset_active would look for a GPU)
+    return offline_kernel(layernorm_bwd_kernel)
+
+
+def _ln_bwd_args():
+    """The LayerNorm backward of 40 rows of 96 without a residual gradient (DRES None: HAS_DRES by the heuristic)."""
+    t = [torch.randn(40, 96), torch.randn(40, 96), torch.randn(40), torch.randn(40), torch.randn(96)]
+    return (*t, None, torch.empty(40, 96), torch.empty(3, 2, 96), 40, 96, 16, 96, 96, 0, 96)
+
+
+def _record(kernel, args, launch_directly=True):
+    """(recorder, replay function taking the tensors of args) of one launch."""
+    rec = recording.Recorder({}, launch_directly=launch_directly)
+    names = []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            names.append(rec.bind(a, f"a{i}"))
+    with recording.recording(rec):
+        tuning.launch_kernel(kernel, (3,), args, CONSTS)
+    fn, source = rec.function(names, rec.lines, "None", [])
+    return rec, fn, source
+
+
+def _tensors(args):
+    return [a for a in args if isinstance(a, torch.Tensor)]
 
 
 def test_the_installed_triton_launches_as_direct_launches_assume():
@@ -16,112 +54,55 @@ def test_the_installed_triton_launches_as_direct_launches_assume():
     assert not direct_launch.hooks_set()
 
 
-class _Compiled:
-    """A compiled kernel: its launcher records what it is called with."""
-
-    function, packed_metadata = 1234, (4, 1, 0)
-
-    def __init__(self):
-        self.calls = []
-
-    def run(self, *args):
-        self.calls.append(args)
-
-
-class _Jit:
-    """JITFunction as run() uses it: pre-run hooks, then its binder (all parameters, defaults filled in), then
-    kernel.run; returns the compiled kernel."""
-
-    arg_names = ["X", "OUT", "n", "BLOCK"]
-
-    def __init__(self):
-        self.pre_run_hooks = []
-        self.compiled = _Compiled()
-        self.device_caches = {0: (None, None, None, None, self._binder)}
-
-    @staticmethod
-    def _binder(X, OUT, n, BLOCK=16, **options):
-        return {"X": X, "OUT": OUT, "n": n, "BLOCK": BLOCK}, [], options
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            kwargs["debug"] = False
-            for hook in self.pre_run_hooks:
-                hook(*args, **kwargs)
-            bound, _, _ = self._binder(*args, **kwargs)
-            self.compiled.run(*(*grid, 1, 1)[:3], "stream0", 1234, (4, 1, 0), None, None, None, *bound.values())
-            return self.compiled
-
-        return run
-
-
-class _Driver:
-    class active:
-        get_current_device = staticmethod(lambda: 0)
-        get_current_stream = staticmethod(lambda device: f"stream{device}")
-
-
-def test_a_recorded_launch_replays_as_a_call_of_the_compiled_launcher(monkeypatch):
-    jit = _Jit()
-    monkeypatch.setattr(direct_launch, "_jit", lambda kernel: jit)
-    monkeypatch.setattr(direct_launch, "driver", _Driver)
-    rec = recording.Recorder({})
-    x = torch.randn(8)
-    rec.bind(x, "x")
-    with recording.recording(rec):
-        out = torch.empty_like(x)
-        tuning.launch_kernel(jit, (3,), (x, out, 8), {"num_warps": 4})
-    assert rec.direct and not jit.pre_run_hooks  # the capturing hook is gone
-    fn, source = rec.function(["x"], rec.lines, rec.source(out), rec.take_reads())
-    assert "[(3,)]" not in source  # not through Triton's launch
-    x2 = torch.randn(8)
-    out2 = fn(x2)
-    recorded, replayed = jit.compiled.calls
-    assert replayed[:9] == recorded[:9] == (3, 1, 1, "stream0", 1234, (4, 1, 0), None, None, None)
-    assert replayed[9] is x2 and replayed[10] is out2 and replayed[11:] == recorded[11:] == (8, 16)
+def test_direct_launches_pass_what_tritons_own_run_passes(offline):
+    """A recorded launch replays as the call of the launcher that JITFunction.run itself makes for the same
+    arguments (Triton's binder, the heuristics wrapper, None for DRES, the constexprs)."""
+    compiled, kernel = offline
+    rec, fn, source = _record(kernel, _ln_bwd_args())
+    assert rec.direct and "[(3,)]" not in source
+    fresh = _ln_bwd_args()
+    fn(*_tensors(fresh))
+    kernel[(3,)](*fresh, **CONSTS)  # Triton's own launch of the same arguments
+    assert len(compiled.calls) == 3
+    replayed, by_triton = compiled.calls[1:]
+    assert replayed[:6] == by_triton[:6] == (3, 1, 1, 4242, 99, (8, 1, 0))
+    assert replayed[6:9] == (None, None, None)  # no metadata, no hooks: Triton's hook chains are empty
+    assert len(replayed) == len(by_triton) and all(a is b or a == b for a, b in zip(replayed[9:], by_triton[9:]))
+    assert replayed[9] is fresh[0] and replayed[9 + 5] is None  # the replay's tensors; DRES stays None
     # the compiled kernel (whose __del__ unloads the function the line launches) lives as long as the replay
-    assert any(v is jit.compiled for v in fn.__globals__.values())
+    assert any(v is compiled for v in fn.__globals__.values())
 
 
-def test_launches_go_through_triton_where_hooks_or_stand_ins_are(monkeypatch):
-    """A kernel that is not Triton's (the interpreter's, a test's stand-in) or launch hooks (a profiler): the replay
-    launches through kernel[grid] as recorded."""
-    jit = _Jit()
-    monkeypatch.setattr(direct_launch, "driver", _Driver)
-    for hooked in (False, True):
-        monkeypatch.setattr(direct_launch, "_jit", lambda kernel, hooked=hooked: jit if hooked else None)
-        monkeypatch.setattr(direct_launch, "hooks_set", lambda hooked=hooked: hooked)
-        rec = recording.Recorder({})
-        x = torch.randn(8)
-        rec.bind(x, "x")
-        with recording.recording(rec):
-            tuning.launch_kernel(jit, (2,), (x, x, 8), {})
-        assert not rec.direct
-        fn, source = rec.function(["x"], rec.lines, "None", [])
-        assert "[(2,)](x, x, 8)" in source
-        fn(x)
-        assert len(jit.compiled.calls) == 2
-        jit.compiled.calls.clear()
+def test_launches_go_through_triton_where_hooks_or_stand_ins_are(offline, monkeypatch):
+    """Launch hooks installed (a profiler reads their metadata), or a kernel that is not Triton's (the interpreter's,
+    the test suite's launch recorders): the replay launches through kernel[grid] as recorded."""
+    compiled, kernel = offline
+    hook = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert direct_launch.hooks_set()
+        rec, fn, source = _record(kernel, _ln_bwd_args())
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert not rec.direct and "[(3,)](a0, a1, a2, a3, a4, None, a6, a7, 40, 96" in source
+    fn(*_tensors(_ln_bwd_args()))
+    assert len(compiled.calls) == 2 and compiled.calls[1][7] is knobs.runtime.launch_enter_hook  # through run()
+    launched = []
+    rec, fn, source = _record(_KernelRecorder("k", launched), _ln_bwd_args())
+    assert not rec.direct and "[(3,)](a0" in source
 
 
-def test_fastvit_plan_triton_records_launches_through_triton(monkeypatch):
+def test_fastvit_plan_triton_records_launches_through_triton(offline, monkeypatch):
     """FASTVIT_PLAN=triton: plans whose launches go through JITFunction.run (the fallback should a direct launch
     misbehave on some Triton); another value is refused in one line."""
-    jit = _Jit()
-    monkeypatch.setattr(direct_launch, "_jit", lambda kernel: jit if kernel is jit else None)
-    monkeypatch.setattr(direct_launch, "driver", _Driver)
+    compiled, kernel = offline
     made = []
     monkeypatch.setattr(plan, "Recorder", lambda *a, **kw: made.append(kw) or recording.Recorder(*a, **kw))
     for mode, direct in (("1", True), ("triton", False)):
         monkeypatch.setenv("FASTVIT_PLAN", mode)
-        model = small_model("cpu")
-        calls(model, torch.randn(2, 3, 8, 8), 3)
+        calls(small_model("cpu"), torch.randn(2, 3, 8, 8), 3)
         assert made.pop()["launch_directly"] is direct and not made
-        rec = recording.Recorder({}, launch_directly=direct)
-        x = torch.randn(8)
-        rec.bind(x, "x")
-        with recording.recording(rec):
-            tuning.launch_kernel(jit, (3,), (x, x, 8), {})
+        rec, _, _ = _record(kernel, _ln_bwd_args(), launch_directly=direct)
         assert rec.direct is direct
     monkeypatch.setenv("FASTVIT_PLAN", "yes")
     with pytest.raises(ValueError, match="FASTVIT_PLAN='yes': expected one of 1, 0, triton"):
