@@ -94,16 +94,23 @@ def test_launches_go_through_triton_where_hooks_or_stand_ins_are(offline, monkey
 
 def test_fastvit_plan_triton_records_launches_through_triton(offline, monkeypatch):
     """FASTVIT_PLAN=triton: plans whose launches go through JITFunction.run (the fallback should a direct launch
-    misbehave on some Triton); another value is refused in one line."""
+    misbehave on some Triton)."""
     compiled, kernel = offline
+    rec, fn, source = _record(kernel, _ln_bwd_args(), launch_directly=False)
+    assert not rec.direct and "[(3,)](a0" in source
+    fn(*_tensors(_ln_bwd_args()))
+    assert len(compiled.calls) == 2 and compiled.calls[1][7] is knobs.runtime.launch_enter_hook  # through run()
+
+
+def test_fastvit_plan_picks_the_recording_mode(device, monkeypatch):
+    """FASTVIT_PLAN=1 records with direct launches, =triton without; another value is refused in one line."""
     made = []
     monkeypatch.setattr(plan, "Recorder", lambda *a, **kw: made.append(kw) or recording.Recorder(*a, **kw))
+    x = torch.randn(2, 3, 8, 8, device=device)
     for mode, direct in (("1", True), ("triton", False)):
         monkeypatch.setenv("FASTVIT_PLAN", mode)
-        calls(small_model("cpu"), torch.randn(2, 3, 8, 8), 3)
+        calls(small_model(device), x, 3)
         assert made.pop()["launch_directly"] is direct and not made
-        rec, _, _ = _record(kernel, _ln_bwd_args(), launch_directly=direct)
-        assert rec.direct is direct
     monkeypatch.setenv("FASTVIT_PLAN", "yes")
     with pytest.raises(ValueError, match="FASTVIT_PLAN='yes': expected one of 1, 0, triton"):
-        small_model("cpu")(torch.randn(2, 3, 8, 8))
+        small_model(device)(x)
