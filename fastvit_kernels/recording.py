@@ -3,8 +3,9 @@
 While it is active, every torch operation reaches it as it reaches the kernels (a TorchDispatchMode: below autograd and
 autocast) and every launch of ours through tuning's launch hook; each becomes one line, its tensor arguments named by
 where they came from: an input of the function (x, g), a parameter or buffer of the model (read at replay, never
-copied), or an earlier line. `function` turns a run of lines into a Python function that deletes each intermediate
-after the line that reads it last, as eager frees it.
+copied), or an earlier line. A launch's line calls the compiled kernel's launcher where direct_launch.py allows it,
+and a fresh contiguous allocation's is empty_like of a template. `function` turns a run of lines into a Python
+function that deletes each intermediate after the line that reads it last, as eager frees it.
 
 What a replay cannot repeat makes `failure` say why, and no plan is made: an operation whose result Python reads
 (.item(), a shape that depends on the data), a tensor from outside (neither an input, the model's, nor made by a line).
@@ -132,7 +133,8 @@ class Recorder(TorchDispatchMode):
         return out
 
     def launch(self, kernel, grid, args, consts):
-        """tuning's launch hook: the launch's line, then the launch itself. (Another thread's launches are its own.)"""
+        """tuning's launch hook: the launch (through direct_launch, which says how a replay may repeat it), then its
+        line. (Another thread's launches are its own.)"""
         if threading.get_ident() != self.thread:
             kernel[grid](*args, **consts)
             return
