@@ -8,7 +8,7 @@
 source "$(dirname "$0")/gpu_env.sh"
 echo "=== the GEMM engine's tests (first config of each launch, every linear tile forced once), the step plans'"
 FASTVIT_AUTOTUNE=0 timeout 120 $PY -m pytest -q -rf --tb=short tests/test_linear.py tests/test_plan.py \
-  tests/test_plan_training.py tests/test_direct_launch.py $XDIST -p no:cacheprovider \
+  tests/test_plan_training.py tests/test_direct_launch.py tests/test_recording.py $XDIST -p no:cacheprovider \
   2>&1 | tee "$OUT_DIR/focus_tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -20
 echo "=== CIFAR-10 bf16, batch 512 and 8, ours and eager (host_ms: the host's issue time per step)"
 timeout 160 $PY -m pytest --benchmark-only -q -p no:cacheprovider --bench-rounds 5 --bench-warmup 2 \

@@ -68,10 +68,21 @@ def _view_key(t):
 
 class Line:
     """One line of a replay: its text, the names it reads and the names it makes; pure: an operation without effects
-    beyond its outputs (no mutation, no random numbers), which a replay may leave out where nothing reads them."""
+    beyond its outputs (no mutation, no random numbers), which a replay may leave out where nothing reads them; cast:
+    for a dtype cast that a batch of casts may replace (_batch_casts), the Cast."""
 
-    def __init__(self, text, reads=(), makes=(), pure=False):
+    def __init__(self, text, reads=(), makes=(), pure=False, cast=None):
         self.text, self.reads, self.makes, self.pure = text, list(reads), list(makes), pure
+        self.cast = cast
+
+
+class Cast:
+    """A cast line's parts: the name of its input (read: a name of the function's, not one of its globals such as a
+    parameter), the allocation of its output (a line's text, empty_like of a template) and the (source dtype,
+    destination dtype, device) that one batch of casts shares."""
+
+    def __init__(self, src: str, read: bool, alloc: str, key: tuple):
+        self.src, self.read, self.alloc, self.key = src, read, alloc, key
 
 
 def _pure(func) -> bool:
@@ -129,8 +140,30 @@ class Recorder(TorchDispatchMode):
         else:
             call = f"{self._const(_callable(func))}({self._call_args(args, kwargs)})"
         if self.failure is None:
-            self._bind_outputs(out, call, str(func), _pure(func))
+            self._bind_outputs(out, call, str(func), _pure(func), self._cast(func, args, kwargs, out))
         return out
+
+    def _cast(self, func, args, kwargs, out):
+        """The Cast of a dtype conversion that a batch may do instead (a contiguous tensor to a new one of the same
+        shape: autocast's casts of the weights, and of their gradients back), else None."""
+        if func is not _aten._to_copy.default or len(args) != 1 or not isinstance(out, torch.Tensor):
+            return None
+        src = args[0]
+        if src.shape != out.shape or src.device != out.device or not src.is_contiguous():
+            return None
+        plain = {"layout": torch.strided, "pin_memory": False, "non_blocking": False}
+        memory_format = kwargs.get("memory_format")
+        if any(kwargs[k] not in (None, plain[k]) for k in kwargs.keys() & plain.keys()) or (
+            kwargs.keys() - plain.keys() - {"dtype", "device", "memory_format"}
+            or memory_format not in (None, torch.preserve_format, torch.contiguous_format)
+        ):
+            return None
+        template = self._template(out, {})
+        name = self._name(src) or self._external(src)
+        if template is None or name is None:
+            return None
+        alloc = f"{self._const(torch.empty_like)}({self._const(template)})"
+        return Cast(name, name not in self.consts, alloc, (src.dtype, out.dtype, out.device))
 
     def launch(self, kernel, grid, args, consts):
         """tuning's launch hook: the launch (through direct_launch, which says how a replay may repeat it), then its
@@ -238,14 +271,14 @@ class Recorder(TorchDispatchMode):
         return name
 
     # -- lines --------------------------------------------------------------------------------------------------------
-    def _line(self, text, makes=(), pure=False):
-        self.lines.append(Line(text, self.take_reads(), makes, pure))
+    def _line(self, text, makes=(), pure=False, cast=None):
+        self.lines.append(Line(text, self.take_reads(), makes, pure, cast))
 
     def _call_args(self, args, kwargs):
         parts = [self.source(a) for a in args] + [f"{k}={self.source(v)}" for k, v in kwargs.items()]
         return ", ".join(parts)
 
-    def _bind_outputs(self, out, call, what, pure):
+    def _bind_outputs(self, out, call, what, pure, cast=None):
         if out is None:
             self._line(call)
             return
@@ -262,7 +295,7 @@ class Recorder(TorchDispatchMode):
             else:
                 targets.append(self.bind(t))
         lhs = ", ".join(targets) + ("," if isinstance(out, (tuple, list)) else "")
-        self._line(f"{lhs} = {call}", [n for n in targets if n != "_"], pure)
+        self._line(f"{lhs} = {call}", [n for n in targets if n != "_"], pure, cast)
 
     # -- the code -----------------------------------------------------------------------------------------------------
     def function(self, params: list, lines: list, returns: str, returned: list):
@@ -276,7 +309,7 @@ class Recorder(TorchDispatchMode):
             if not line.pure or needed.intersection(line.makes):
                 kept.append(line)
                 needed.update(line.reads)
-        lines = kept[::-1]
+        lines = _batch_casts(kept[::-1], set(returned), self._const(torch._foreach_copy_))
         last = {}
         for i, line in enumerate(lines):
             for n in (*line.makes, *line.reads):
@@ -296,6 +329,62 @@ class Recorder(TorchDispatchMode):
         scope = dict(self.consts)
         exec(compile(source, "<fastvit_kernels.plan>", "exec"), scope)
         return scope["replay"], source
+
+
+def _batch_casts(lines: list, returned: set, foreach_copy: str) -> list:
+    """lines with their casts in batches, one torch._foreach_copy_ each (one launch for a list of tensors on a GPU,
+    where each cast is a launch of its own: ~100 casts of weights in an autocast forward, ~100 of their gradients in
+    the backward). Two kinds move, the values they compute unchanged:
+    - casts of the model's tensors and the function's inputs (names no line makes) run together where the first of
+      them ran, unless a line with effects reads one of them in between (an input written in place keeps its name;
+      a weight written in place is named by that line from then on, so its later casts read a name a line makes);
+    - casts whose output only the function's return reads, and whose input no later line reads, run together at the
+      end (the gradients' casts to the weights' dtype: each input then lives until the end, one weight's size).
+    """
+    made = {n for line in lines for n in line.makes}
+    readers = {}
+    for i, line in enumerate(lines):
+        for n in line.reads:
+            readers.setdefault(n, []).append(i)
+    early, late = [], []
+    first = next((i for i, line in enumerate(lines) if line.cast and line.cast.src not in made), None)
+    for i, line in enumerate(lines):
+        cast = line.cast
+        if cast is None:
+            continue
+        if cast.src not in made:
+            between = lines[first + 1 : i]
+            if not any(not other.pure and cast.src in other.reads for other in between):
+                early.append(i)
+        elif line.makes[0] in returned and readers.get(line.makes[0], []) == [] and readers[cast.src][-1] == i:
+            late.append(i)
+    batches = [(ids, ids[0]) for ids in (early, late) if len(ids) > 1]
+    if not batches:
+        return lines
+    out, moved = [], {i for ids, _ in batches for i in ids}
+    placed = {at: ids for ids, at in batches if ids is early}
+    for i, line in enumerate(lines):
+        if i in placed:
+            out += _batch(lines, placed[i], foreach_copy)
+        if i not in moved:
+            out.append(line)
+    if len(late) > 1:
+        out += _batch(lines, late, foreach_copy)
+    return out
+
+
+def _batch(lines: list, ids: list, foreach_copy: str) -> list:
+    """The lines that do the casts of lines[ids]: their outputs' allocations, then one copy per dtype pair."""
+    out, groups = [], {}
+    for i in ids:
+        line = lines[i]
+        out.append(Line(f"{line.makes[0]} = {line.cast.alloc}", [], line.makes, pure=True))
+        groups.setdefault(line.cast.key, []).append((line.makes[0], line.cast))
+    for pairs in groups.values():
+        dsts, srcs = [d for d, _ in pairs], [c.src for _, c in pairs]
+        reads = dsts + [c.src for _, c in pairs if c.read]
+        out.append(Line(f"{foreach_copy}(({', '.join(dsts)},), ({', '.join(srcs)},))", reads))
+    return out
 
 
 class recording:

@@ -34,3 +34,9 @@ def only_plan(model):
     (p,) = plan.plans(model).values()
     assert isinstance(p, plan.Plan), p
     return p
+
+
+def lines_calling(p, fn) -> int:
+    """How many lines of plan p's code (forward and backward) call fn."""
+    names = [n for n, v in p.fn.__globals__.items() if v is fn]
+    return sum(line.strip().split(" = ")[-1].startswith(f"{n}(") for line in p.source.splitlines() for n in names)

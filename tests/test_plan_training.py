@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 from launches import record_launches
-from plans import plan_for, small_model
+from plans import lines_calling, plan_for, small_model
 
 from fastvit_kernels import plan
 
@@ -64,7 +64,10 @@ def test_training_replay_under_autocast_with_embedding_dropout(device, monkeypat
         x = torch.randn(2, 3, 8, 8, device=device)
         with torch.autocast(kind, dtype=torch.bfloat16):
             _assert_same_step(model, x, monkeypatch, seed=step)
-    assert isinstance(plan_for(model, x), plan.TrainingPlan)
+    p = plan_for(model, x)
+    assert isinstance(p, plan.TrainingPlan)
+    # the weights' casts in the forward, their gradients' casts back to fp32 in the backward: a batch each
+    assert lines_calling(p, torch._foreach_copy_) == 2
 
 
 def test_training_replay_reads_the_weights_an_optimizer_updates(device, monkeypatch):
