@@ -147,7 +147,7 @@ def test_a_cast_after_an_in_place_write_to_its_weight_stays_after_it(device):
 
 def test_a_cast_of_an_input_written_in_place_before_it_stays_after_the_write(device):
     """An input written in place keeps its name (an in-place op hands back its input): the line with effects that
-    reads it keeps its later cast from moving before it."""
+    reads it ends the batch before its later cast, which starts one of its own after the write."""
     weights = [torch.randn(8, 8, device=device) for _ in range(2)]
 
     def body(x, w):
@@ -159,7 +159,10 @@ def test_a_cast_of_an_input_written_in_place_before_it_stays_after_the_write(dev
 
     rec, x, out = _recorded_casts(device, weights, body)
     fn, source = rec.function(["x"], rec.lines, rec.source(out), rec.take_reads())
-    assert source.count(",), (p") == 1 and ", x,)" not in source  # w[0] and w[1] in a batch, x's cast in place
+    lines = source.splitlines()
+    add = next(i for i, line in enumerate(lines) if line.strip().startswith("_ = "))  # x.add_: hands back x
+    batch = next(i for i, line in enumerate(lines) if ",), (" in line)
+    assert batch > add and "(x, p" in lines[batch]  # x's cast after the write, in a batch with w[1]'s
     x2 = torch.randn(4, 8, device=device)
     expected = body(x2.clone(), weights)
     assert torch.equal(fn(x2), expected)
@@ -188,4 +191,28 @@ def test_casts_only_the_return_reads_run_as_one_batch_at_the_end(device):
     assert all(",), (" in line for line in body_lines[-2:]) and not any(",), (" in line for line in body_lines[:-2])
     assert _casts_left(source) == 3 + 2
     for a, b in zip(fn(x), body(x, weights)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_batches_hold_at_most_cast_batch_bytes(device, monkeypatch):
+    """CAST_BATCH_BYTES bounds what a batch makes early (or keeps late): five weights' casts at two a batch make
+    batches of two, two and one (left in place); a late batch runs where its last cast ran."""
+    weights = [torch.randn(8, 8, device=device) for _ in range(5)]
+    monkeypatch.setattr(recording, "CAST_BATCH_BYTES", 2 * 8 * 8 * 2)  # two bf16 8x8 casts
+
+    def body(x, w):
+        h = x
+        for wi in w:
+            h = h @ wi.to(torch.bfloat16).float().t()
+        g = [(h * k).to(torch.bfloat16) for k in range(4)]
+        return h, *[gi.to(torch.float32) for gi in g]  # read by the return only: late casts, 128 B each
+
+    rec, x, out = _recorded_casts(device, weights, body)
+    fn, source = rec.function(["x"], rec.lines, rec.source(out), rec.take_reads())
+    batches = [line for line in source.splitlines() if ",), (" in line]
+    assert [line.count(", p") + line.count("(p") for line in batches[:2]] == [2, 2]  # early: w0-w1, w2-w3
+    assert sum("(p4, dtype=" in line for line in source.splitlines()) == 1  # w4 alone: in place
+    assert len(batches) == 2 + 2  # late: four 4x8 fp32 outputs (128 B each), two a batch
+    x2 = torch.randn(4, 8, device=device)
+    for a, b in zip(fn(x2), body(x2, weights)):
         assert a.dtype == b.dtype and torch.equal(a, b)
