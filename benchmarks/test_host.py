@@ -39,19 +39,27 @@ import pytest
 import torch
 from common import measure
 
-from fastvit_kernels import plan, recording, tuning, vit_cifar10
+from fastvit_kernels import plan, vit_cifar10
 from fastvit_kernels.kernels.layernorm import layernorm_bwd_kernel
 from fastvit_kernels.ops import _common
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from launches import record_launches  # noqa: E402
-from offline_triton import OfflineDriver, offline_kernel, offline_kernels  # noqa: E402
+from offline_triton import (  # noqa: E402
+    LN_BWD_CONSTS,
+    ln_bwd_args,
+    offline_kernel,
+    offline_kernels,
+    record_launch,
+    tensors,
+    use_offline_driver,
+)
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(params=["no-op", "triton-run"])
-def no_launches(request, monkeypatch):
+def stand_ins(request, monkeypatch):
     """Our kernel launches and the backward's matmuls as no-ops; CPU tensors accepted as under the interpreter.
     no-op: each kernel a recorder (tests/launches.py); triton-run: Triton's own JITFunction.run of each kernel, with
     a no-op launcher (tests/offline_triton.py). (the kind, the list each launch appends to)"""
@@ -67,8 +75,8 @@ def no_launches(request, monkeypatch):
 
 @pytest.mark.parametrize("row", ["ours", "ours-indirect", "ours-unplanned"])
 @pytest.mark.parametrize("mode", ["infer", "train"])
-def test_host_time(benchmark, bench_opts, no_launches, monkeypatch, mode, row):
-    kind, no_launches = no_launches
+def test_host_time(benchmark, bench_opts, stand_ins, monkeypatch, mode, row):
+    kind, launches_made = stand_ins
     if row == "ours-indirect" and kind == "no-op":
         pytest.skip("with recorders for kernels every plan launches through kernel[grid]: the same as `ours`")
     monkeypatch.setenv("FASTVIT_PLAN", {"ours": "1", "ours-indirect": "triton", "ours-unplanned": "0"}[row])
@@ -80,7 +88,7 @@ def test_host_time(benchmark, bench_opts, no_launches, monkeypatch, mode, row):
     def step():
         # the recorder's list would grow by a step's launches every step, and the garbage collector's passes over it
         # (~3 ms a training step by step 300) would be timed as ours
-        no_launches.clear()
+        launches_made.clear()
         if mode == "train":
             opt.zero_grad(set_to_none=True)
             model(x).float().sum().backward()
@@ -90,9 +98,9 @@ def test_host_time(benchmark, bench_opts, no_launches, monkeypatch, mode, row):
 
     step()
     step()  # the plan is recorded
-    no_launches.clear()
+    launches_made.clear()
     step()
-    launches = len(no_launches)
+    launches = len(launches_made)
     measure(
         benchmark,
         step,
@@ -125,28 +133,19 @@ def test_launch_host_time(benchmark, bench_opts, monkeypatch, row):
     (fastvit_kernels/direct_launch.py). Triton's real JITFunction.run runs, for an sm_90 target; the driver answers
     without a GPU and the compiled kernel's launcher is a no-op (tests/offline_triton.py), so what a launcher and the
     CUDA driver cost is in neither row: on a GPU both pay it alike."""
-    from triton.runtime import driver
-
-    monkeypatch.setattr(driver, "_active", OfflineDriver())
+    use_offline_driver(monkeypatch)
     _, kernel = offline_kernel(layernorm_bwd_kernel, record=False)
-    t = [torch.randn(40, 96), torch.randn(40, 96), torch.randn(40), torch.randn(40), torch.randn(96)]
-    args = (*t, None, torch.empty(40, 96), torch.empty(3, 2, 96), 40, 96, 16, 96, 96, 0, 96)
-    consts = dict(BLOCK_M=8, BLOCK_D=128, num_warps=4)
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    rec = recording.Recorder({})
-    names = [rec.bind(a, f"a{i}") for i, a in enumerate(tensors)]
-    with recording.recording(rec):  # a replay of LAUNCHES lines, as a plan's
-        for _ in range(LAUNCHES):
-            tuning.launch_kernel(kernel, (3,), args, consts)
+    args = ln_bwd_args()
+    rec, replay, _ = record_launch(kernel, args, times=LAUNCHES)  # a replay of LAUNCHES lines, as a plan's
     assert rec.direct
-    replay, _ = rec.function(names, rec.lines, "None", [])
+    inputs = tensors(args)
 
     def step():
         if row == "direct":
-            replay(*tensors)
+            replay(*inputs)
         else:
             for _ in range(LAUNCHES):
-                kernel[(3,)](*args, **consts)
+                kernel[(3,)](*args, **LN_BWD_CONSTS)
 
     measure(
         benchmark,

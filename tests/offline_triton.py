@@ -2,6 +2,7 @@
 answers for an sm_90 target and the kernel cache hands out a stand-in compiled kernel whose launcher records its
 calls. Used by tests/test_direct_launch.py and benchmarks/test_host.py (the host time of a step and of one launch)."""
 
+import torch
 import triton
 from launches import OP_MODULES
 from triton.backends.compiler import GPUTarget
@@ -9,6 +10,7 @@ from triton.runtime import KernelInterface, driver
 from triton.runtime.autotuner import Heuristics
 from triton.runtime.jit import JITFunction
 
+from fastvit_kernels import recording, tuning
 from fastvit_kernels.tuning import Launcher
 
 
@@ -65,10 +67,40 @@ def offline_kernel(kernel, record=True, name=None, launches=None):
     return compiled, jit
 
 
+def use_offline_driver(monkeypatch):
+    monkeypatch.setattr(driver, "_active", OfflineDriver())  # driver.active (reset_active would look for a GPU)
+
+
+# The LayerNorm backward kernel's launch of 40 rows of 96 without a residual gradient (DRES None: HAS_DRES by the
+# heuristic): 18 arguments, a heuristics wrapper.
+LN_BWD_CONSTS = dict(BLOCK_M=8, BLOCK_D=128, num_warps=4)
+
+
+def ln_bwd_args() -> tuple:
+    t = [torch.randn(40, 96), torch.randn(40, 96), torch.randn(40), torch.randn(40), torch.randn(96)]
+    return (*t, None, torch.empty(40, 96), torch.empty(3, 2, 96), 40, 96, 16, 96, 96, 0, 96)
+
+
+def tensors(args) -> list:
+    return [a for a in args if isinstance(a, torch.Tensor)]
+
+
+def record_launch(kernel, args, times=1, launch_directly=True):
+    """(recorder, replay function taking tensors(args), its source): kernel[(3,)](*args, **LN_BWD_CONSTS) launched
+    `times` times under a recorder."""
+    rec = recording.Recorder({}, launch_directly=launch_directly)
+    names = [rec.bind(a, f"a{i}") for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    with recording.recording(rec):
+        for _ in range(times):
+            tuning.launch_kernel(kernel, (3,), args, LN_BWD_CONSTS)
+    fn, source = rec.function(names, rec.lines, "None", [])
+    return rec, fn, source
+
+
 def offline_kernels(monkeypatch) -> list:
     """Every kernel of ours (tests/launches.py's OP_MODULES) swapped for Triton's own JITFunction of it, compiled
     offline, with the offline driver active; returns the list each launch appends its kernel's name to."""
-    monkeypatch.setattr(driver, "_active", OfflineDriver())  # driver.active (reset_active would look for a GPU)
+    use_offline_driver(monkeypatch)
     launches, copies = [], {}
 
     def copy(name, kernel):

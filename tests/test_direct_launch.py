@@ -6,45 +6,19 @@ real; here Triton's own JITFunction.run runs with only the driver and the compil
 import pytest
 import torch
 from launches import _KernelRecorder
-from offline_triton import OfflineDriver, offline_kernel
+from offline_triton import LN_BWD_CONSTS, ln_bwd_args, offline_kernel, record_launch, tensors, use_offline_driver
 from plans import calls, small_model
 from triton import knobs
-from triton.runtime import driver
 
-from fastvit_kernels import direct_launch, plan, recording, tuning
+from fastvit_kernels import direct_launch, plan, recording
 from fastvit_kernels.kernels.layernorm import layernorm_bwd_kernel
-
-CONSTS = dict(BLOCK_M=8, BLOCK_D=128, num_warps=4)
 
 
 @pytest.fixture
 def offline(monkeypatch):
     """(stand-in compiled kernel, Triton's JITFunction of the LayerNorm backward under its heuristics)."""
-    monkeypatch.setattr(driver, "_active", OfflineDriver())  # driver.active (reset_active would look for a GPU)
+    use_offline_driver(monkeypatch)
     return offline_kernel(layernorm_bwd_kernel)
-
-
-def _ln_bwd_args():
-    """The LayerNorm backward of 40 rows of 96 without a residual gradient (DRES None: HAS_DRES by the heuristic)."""
-    t = [torch.randn(40, 96), torch.randn(40, 96), torch.randn(40), torch.randn(40), torch.randn(96)]
-    return (*t, None, torch.empty(40, 96), torch.empty(3, 2, 96), 40, 96, 16, 96, 96, 0, 96)
-
-
-def _record(kernel, args, launch_directly=True):
-    """(recorder, replay function taking the tensors of args) of one launch."""
-    rec = recording.Recorder({}, launch_directly=launch_directly)
-    names = []
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor):
-            names.append(rec.bind(a, f"a{i}"))
-    with recording.recording(rec):
-        tuning.launch_kernel(kernel, (3,), args, CONSTS)
-    fn, source = rec.function(names, rec.lines, "None", [])
-    return rec, fn, source
-
-
-def _tensors(args):
-    return [a for a in args if isinstance(a, torch.Tensor)]
 
 
 def test_the_installed_triton_launches_as_direct_launches_assume():
@@ -58,11 +32,11 @@ def test_direct_launches_pass_what_tritons_own_run_passes(offline):
     """A recorded launch replays as the call of the launcher that JITFunction.run itself makes for the same
     arguments (Triton's binder, the heuristics wrapper, None for DRES, the constexprs)."""
     compiled, kernel = offline
-    rec, fn, source = _record(kernel, _ln_bwd_args())
+    rec, fn, source = record_launch(kernel, ln_bwd_args())
     assert rec.direct and "[(3,)]" not in source
-    fresh = _ln_bwd_args()
-    fn(*_tensors(fresh))
-    kernel[(3,)](*fresh, **CONSTS)  # Triton's own launch of the same arguments
+    fresh = ln_bwd_args()
+    fn(*tensors(fresh))
+    kernel[(3,)](*fresh, **LN_BWD_CONSTS)  # Triton's own launch of the same arguments
     assert len(compiled.calls) == 3
     replayed, by_triton = compiled.calls[1:]
     assert replayed[:6] == by_triton[:6] == (3, 1, 1, 4242, 99, (8, 1, 0))
@@ -81,14 +55,14 @@ def test_launches_go_through_triton_where_hooks_or_stand_ins_are(offline, monkey
     knobs.runtime.launch_enter_hook.add(hook)
     try:
         assert direct_launch.hooks_set()
-        rec, fn, source = _record(kernel, _ln_bwd_args())
+        rec, fn, source = record_launch(kernel, ln_bwd_args())
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
     assert not rec.direct and "[(3,)](a0, a1, a2, a3, a4, None, a6, a7, 40, 96" in source
-    fn(*_tensors(_ln_bwd_args()))
+    fn(*tensors(ln_bwd_args()))
     assert len(compiled.calls) == 2 and compiled.calls[1][7] is knobs.runtime.launch_enter_hook  # through run()
     launched = []
-    rec, fn, source = _record(_KernelRecorder("k", launched), _ln_bwd_args())
+    rec, fn, source = record_launch(_KernelRecorder("k", launched), ln_bwd_args())
     assert not rec.direct and "[(3,)](a0" in source
 
 
@@ -96,9 +70,9 @@ def test_fastvit_plan_triton_records_launches_through_triton(offline, monkeypatc
     """FASTVIT_PLAN=triton: plans whose launches go through JITFunction.run (the fallback should a direct launch
     misbehave on some Triton)."""
     compiled, kernel = offline
-    rec, fn, source = _record(kernel, _ln_bwd_args(), launch_directly=False)
+    rec, fn, source = record_launch(kernel, ln_bwd_args(), launch_directly=False)
     assert not rec.direct and "[(3,)](a0" in source
-    fn(*_tensors(_ln_bwd_args()))
+    fn(*tensors(ln_bwd_args()))
     assert len(compiled.calls) == 2 and compiled.calls[1][7] is knobs.runtime.launch_enter_hook  # through run()
 
 
