@@ -343,19 +343,23 @@ def gemm_choices() -> dict:
 # ------------------------------------------------------------------------------------------------------------------
 # Attention (ops/fused_attention.py)
 # ------------------------------------------------------------------------------------------------------------------
-def _attention_cfg(bm, bn, warps, stages, maxnreg=None, whole=None):
-    """whole: the forward's WHOLE flag (True or False); None for the backward kernels, which have none."""
+def _attention_cfg(bm, bn, warps, stages, maxnreg=None, whole=None, tail=0):
+    """whole: the forward's WHOLE flag (True or False); None for the backward kernels, which have none. tail: a WHOLE
+    tile's TAIL rows past BLOCK_M."""
     kwargs = {"BLOCK_M": bm, "BLOCK_N": bn}
     if whole is not None:
-        kwargs["WHOLE"] = whole
+        kwargs.update(WHOLE=whole, TAIL=tail)
     return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
-def whole_programs_per_sm(block: int) -> int:
+def whole_programs_per_sm(block: int, tail: int = 0) -> int:
     """Persistent forward programs per SM for a WHOLE tile: as many as fit at once (sm_90, bf16, head dim 64,
     compiled offline: the 128-row tile with 8 warps takes 189-254 registers, one block per SM; the 64-row tile with 4
-    warps 167, three blocks), so that no program waits for another to finish before it starts."""
-    return 1 if block >= 128 else 3
+    warps 167, three blocks; with a 16-row tail 190 (two stages) or 255 (three), two blocks), so that no program
+    waits for another to finish before it starts."""
+    if block >= 128:
+        return 1
+    return 2 if tail else 3
 
 
 # Short sequences are the normal case (65 tokens for CIFAR-10, 197 for ImageNet): small tiles keep N = 65 from
@@ -365,8 +369,12 @@ def whole_programs_per_sm(block: int) -> int:
 # flight. Offered to the tuner, unmeasured.
 # WHOLE: where the sequence fits one tile (N <= 128: CIFAR-10's 65), one tile per (batch, head) pair and persistent
 # programs whose loop keeps the next pairs' loads in flight (issue: attention at ViT lengths is memory-latency bound).
+# With a tail (64 < N <= 80: CIFAR-10's 65 = 64 + 1), the rows past 64 in a 16-row tile: 80 x 80 scores a pair
+# instead of the 128-row tile's 128 x 128, at 5,970 SASS instructions a pair against 8,780 (sm_90, triton 3.8).
 # Unmeasured; first in the list so that the tests and FASTVIT_AUTOTUNE=0 run them wherever they apply.
 ATTENTION_FWD_CONFIGS = [
+    _attention_cfg(64, 64, 4, 2, whole=True, tail=16),
+    _attention_cfg(64, 64, 4, 3, whole=True, tail=16),
     _attention_cfg(128, 128, 8, 3, whole=True),
     _attention_cfg(64, 64, 4, 3, whole=True),
     _attention_cfg(128, 128, 8, 2, whole=True),
@@ -401,7 +409,7 @@ def _attention_smem(cfg, block_d, elem):
     # the compiler's own numbers by tests/test_compile_targets.py
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     if cfg.kwargs.get("WHOLE"):
-        return cfg.num_stages * 3 * bm * block_d * elem
+        return cfg.num_stages * 3 * (bm + cfg.kwargs.get("TAIL", 0)) * block_d * elem
     return (cfg.num_stages * 2 * max(bm, bn) + min(bm, bn)) * block_d * elem
 
 
@@ -411,16 +419,18 @@ def prune_attention(configs, named_args, **kwargs):
     block_d = kwargs["BLOCK_D"] if "BLOCK_D" in kwargs else named_args["BLOCK_D"]
     elem = named_args["QKV"].element_size()
     kept = [c for c in configs if _attention_smem(c, block_d, elem) <= ATTENTION_SMEM_BUDGET]
-    # a WHOLE tile must hold the sequence (N is unknown when the compile check asks: keep them all)
+    # a WHOLE tile must hold the sequence, and its tail must hold some of it (else a tail-less tile does the same
+    # work); N is unknown when the compile check asks: keep them all
     n = named_args.get("N")
-    kept = [
-        c
-        for c in kept
-        if not c.kwargs.get("WHOLE") or (whole_attention_on() and (n is None or n <= c.kwargs["BLOCK_M"]))
-    ]
+    kept = [c for c in kept if not c.kwargs.get("WHOLE") or (whole_attention_on() and (n is None or _whole_fits(c, n)))]
     # a register cap fits 16-bit tiles of head dim <= 64 only; wider heads and fp32 tiles would spill under it
     kept = [c for c in kept if c.maxnreg is None or (elem == 2 and block_d <= 64)]
     return kept or [ATTENTION_FALLBACK_CONFIG]
+
+
+def _whole_fits(cfg, n: int) -> bool:
+    block, tail = cfg.kwargs["BLOCK_M"], cfg.kwargs.get("TAIL", 0)
+    return n <= block + tail and (not tail or n > block)
 
 
 def whole_attention_on() -> bool:

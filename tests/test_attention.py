@@ -89,16 +89,45 @@ def test_reference_dropout_drops_probabilities_as_the_eager_model_trains(impl):
 
 @pytest.mark.parametrize("cfg", range(len(ATTENTION_FWD_CONFIGS)))
 def test_every_forward_config_matches_reference(cfg, device, monkeypatch):
-    # each tile the tuner may pick, the whole-sequence (WHOLE) ones included, at a length every one of them takes
+    # each tile the tuner may pick, the whole-sequence (WHOLE) ones included, at a length it takes: 60 tokens, or 65
+    # for a tile with a 16-row tail (64 + 1, CIFAR-10's)
     config = ATTENTION_FWD_CONFIGS[cfg]
     if config.maxnreg is not None and device == "cpu":
         pytest.skip("a register cap is a GPU compile option")
     force_config(monkeypatch, fused_attention._fwd, config)
-    qkv = torch.randn(3, 60, 3 * 2 * 64, device=device)
-    ours = attention(qkv, 2)
-    assert_matches(ours, attention_ref(qkv, 2), attention_ref(qkv.double(), 2), torch.float32)
+    n = 65 if config.kwargs.get("TAIL") else 60
+    qkv = torch.randn(3, n, 3 * 2 * 64, device=device)
+    # in fp32 where it fits shared memory there, else in bf16 (a three-stage tile of 80 fp32 rows does not)
+    dtype = next(
+        dt
+        for dt in (torch.float32, torch.bfloat16)
+        if prune_attention([config], {"QKV": qkv.to(dt), "N": n}, BLOCK_D=64) == [config]
+    )
+    ours = attention(qkv.to(dtype), 2)
+    assert_matches(ours, attention_ref(qkv.to(dtype), 2), attention_ref(qkv.to(dtype).double(), 2), dtype)
     # the softmax statistics the backward reads are the same function of the input whichever tile wrote them
-    check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv.requires_grad_()], torch.float32)
+    check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv.requires_grad_()], dtype)
+
+
+@pytest.mark.parametrize("n", [65, 71, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tail_tiles_match_reference(n, dtype, device, monkeypatch):
+    # every length a 64 + 16-row tile holds, with a head dim that is not a power of two (48: a masked 64-wide tile)
+    config = next(c for c in ATTENTION_FWD_CONFIGS if c.kwargs.get("TAIL"))
+    force_config(monkeypatch, fused_attention._fwd, config)
+    qkv = torch.randn(2, n, 3 * 2 * 48, device=device, requires_grad=True)
+    assert prune_attention([config], {"QKV": qkv.to(dtype), "N": n}, BLOCK_D=64) == [config]
+    check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], dtype)
+
+
+def test_tail_tiles_take_only_the_lengths_they_hold():
+    # 64 < N <= 80: below, a tail-less tile does the same work; above, the sequence does not fit
+    config = next(c for c in ATTENTION_FWD_CONFIGS if c.kwargs.get("TAIL"))
+    qkv = torch.empty(1, 1, 3 * 64, dtype=torch.bfloat16)
+    kept = [
+        n for n in (1, 64, 65, 80, 81, 128) if prune_attention([config], {"QKV": qkv, "N": n}, BLOCK_D=64) == [config]
+    ]
+    assert kept == [65, 80]
 
 
 @pytest.mark.parametrize("cfg", range(len(ATTENTION_BWD_CONFIGS)))

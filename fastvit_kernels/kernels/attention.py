@@ -89,27 +89,86 @@ def _attend_sequence(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK: tl.constexpr,
+    TAIL: tl.constexpr,
 ):
-    """A whole (batch, head) pair in one tile, N <= BLOCK: the online softmax of _attend_rows with its one key block,
-    the same arithmetic in the same order (the backward recomputes P from the statistics either path stores)."""
+    """A whole (batch, head) pair, N <= BLOCK + TAIL: tokens [0, BLOCK) in one tile and, where TAIL > 0, the rest in
+    a TAIL-row tile, so that N = 65 = 64 + 1 computes 80 x 80 scores instead of 128 x 128. No loop: the softmax of
+    every row over all its keys at once (the backward recomputes P from the statistics either path stores)."""
     b = pid_bh // H
     h = pid_bh % H
     offs = tl.arange(0, BLOCK)  # the query rows, and the key columns
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs < N
     mask_d = offs_d < HEAD_DIM
+    base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
+    q, k, v = _load_qkv(base, offs, offs_d, mask_n, mask_d, stride_qn, D)
+    if TAIL == 0:
+        acc, m_i, l_i = _softmax_pv(q, k, v, k, v, mask_n, mask_n, qk_scale_log2, DOT_PRECISION, False)
+        _store_rows(
+            OUT, LSE, acc, m_i, l_i, b, h, pid_bh, offs, offs_d, mask_n, mask_d, stride_ob, stride_on, N, HEAD_DIM
+        )
+    else:
+        offs_t = BLOCK + tl.arange(0, TAIL)
+        mask_t = offs_t < N
+        q_t, k_t, v_t = _load_qkv(base, offs_t, offs_d, mask_t, mask_d, stride_qn, D)
+        acc, m_i, l_i = _softmax_pv(q, k, v, k_t, v_t, mask_n, mask_t, qk_scale_log2, DOT_PRECISION, True)
+        _store_rows(
+            OUT, LSE, acc, m_i, l_i, b, h, pid_bh, offs, offs_d, mask_n, mask_d, stride_ob, stride_on, N, HEAD_DIM
+        )
+        acc, m_i, l_i = _tail_rows(q_t, k, v, k_t, v_t, mask_n, mask_t, qk_scale_log2, DOT_PRECISION)
+        _store_rows(
+            OUT, LSE, acc, m_i, l_i, b, h, pid_bh, offs_t, offs_d, mask_t, mask_d, stride_ob, stride_on, N, HEAD_DIM
+        )
+
+
+@triton.jit
+def _tail_rows(q_t, k, v, k_t, v_t, mask_n, mask_t, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+    """_softmax_pv for the TAIL rows, computed transposed (keys by rows) so that the matrix products over the main
+    keys have the head dim or the BLOCK keys as their M, as wgmma needs (64 rows per warp group); only the small
+    tail-by-tail block of scores takes the older mma."""
+    st = tl.dot(k, tl.trans(q_t), input_precision=DOT_PRECISION)  # [BLOCK keys, TAIL rows]
+    st = tl.where(mask_n[:, None], st, float("-inf"))
+    st_t = tl.dot(k_t, tl.trans(q_t), input_precision=DOT_PRECISION)  # [TAIL keys, TAIL rows]
+    st_t = tl.where(mask_t[:, None], st_t, float("-inf"))
+    m_i = tl.maximum(tl.max(st, 0), tl.max(st_t, 0))
+    p = tl.exp2((st - m_i[None, :]) * qk_scale_log2)
+    p_t = tl.exp2((st_t - m_i[None, :]) * qk_scale_log2)
+    l_i = tl.sum(p, 0) + tl.sum(p_t, 0)
+    acc = tl.dot(tl.trans(v), p.to(v.dtype), input_precision=DOT_PRECISION)  # [BLOCK_D, TAIL rows]
+    acc = tl.dot(tl.trans(v_t), p_t.to(v_t.dtype), acc, input_precision=DOT_PRECISION)
+    return tl.trans(acc), m_i, l_i
+
+
+@triton.jit
+def _load_qkv(base, offs, offs_d, mask_n, mask_d, stride_qn, D):
+    """q, k and v of the tokens `offs` of one (batch, head) pair; `base` points at its q of token 0."""
+    ptrs = base + offs[:, None] * stride_qn + offs_d[None, :]
     mask = mask_n[:, None] & mask_d[None, :]
-    ptrs = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM + offs[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(ptrs, mask=mask, other=0.0)
     k = tl.load(ptrs + D, mask=mask, other=0.0)
     v = tl.load(ptrs + 2 * D, mask=mask, other=0.0)
+    return q, k, v
+
+
+@triton.jit
+def _softmax_pv(q, k, v, k_t, v_t, mask_n, mask_t, qk_scale_log2, DOT_PRECISION: tl.constexpr, WITH_TAIL: tl.constexpr):
+    """Unnormalised softmax(q k^T) v of q's rows over the keys k (and, WITH_TAIL, also the keys k_t), with the row
+    max of the raw scores and the row sum: the online softmax of _attend_rows in one step (see there)."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     qk = tl.where(mask_n[None, :], qk, float("-inf"))
     m_i = tl.max(qk, 1)
+    if WITH_TAIL:
+        qk_t = tl.dot(q, tl.trans(k_t), input_precision=DOT_PRECISION)
+        qk_t = tl.where(mask_t[None, :], qk_t, float("-inf"))
+        m_i = tl.maximum(m_i, tl.max(qk_t, 1))
     p = tl.exp2((qk - m_i[:, None]) * qk_scale_log2)
     l_i = tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    _store_rows(OUT, LSE, acc, m_i, l_i, b, h, pid_bh, offs, offs_d, mask_n, mask_d, stride_ob, stride_on, N, HEAD_DIM)
+    if WITH_TAIL:
+        p_t = tl.exp2((qk_t - m_i[:, None]) * qk_scale_log2)
+        l_i += tl.sum(p_t, 1)
+        acc = tl.dot(p_t.to(v_t.dtype), v_t, acc, input_precision=DOT_PRECISION)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -159,7 +218,8 @@ def attention_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    WHOLE: tl.constexpr = False,  # a config's choice where N <= BLOCK_M = BLOCK_N: one tile per (batch, head)
+    WHOLE: tl.constexpr = False,  # a config's choice where N <= BLOCK_M + TAIL: one tile per (batch, head)
+    TAIL: tl.constexpr = 0,  # WHOLE only: rows past BLOCK_M in a tile of TAIL rows (0: none)
 ):
     if WHOLE:
         # Short sequences (65 tokens): a few persistent programs per SM walk the (batch, head) pairs. The loop has
@@ -183,6 +243,7 @@ def attention_fwd_kernel(
                 BLOCK_D,
                 DOT_PRECISION,
                 BLOCK_M,
+                TAIL,
             )
     else:
         pid_m, pid_bh = block_and_head(N, BLOCK_M)

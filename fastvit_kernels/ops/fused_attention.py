@@ -74,7 +74,7 @@ def attention_fwd(qkv, num_heads, scale):
 
     def grid(cfg):
         if cfg.get("WHOLE"):  # persistent: each program walks (batch, head) pairs
-            return (min(pairs, whole_programs_per_sm(cfg["BLOCK_M"]) * sms),)
+            return (min(pairs, whole_programs_per_sm(cfg["BLOCK_M"], cfg.get("TAIL", 0)) * sms),)
         return (cdiv(N, cfg["BLOCK_M"]) * pairs,)
 
     dot = dot_precision(qkv.dtype)
