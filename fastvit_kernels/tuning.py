@@ -344,11 +344,12 @@ def gemm_choices() -> dict:
 # Attention (ops/fused_attention.py)
 # ------------------------------------------------------------------------------------------------------------------
 def _attention_cfg(bm, bn, warps, stages, maxnreg=None, whole=None, tail=0):
-    """whole: the forward's WHOLE flag (True or False); None for the backward kernels, which have none. tail: a WHOLE
-    tile's TAIL rows past BLOCK_M."""
-    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn}
+    """whole: the forward's WHOLE flag (True or False); None for the backward kernels, which have none. tail: TAIL,
+    the width of a last partial block of at most that many keys (queries, in the dK/dV kernel's loop), or a WHOLE
+    tile's rows past BLOCK_M."""
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "TAIL": tail}
     if whole is not None:
-        kwargs.update(WHOLE=whole, TAIL=tail)
+        kwargs["WHOLE"] = whole
     return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
@@ -372,32 +373,39 @@ def whole_programs_per_sm(block: int, tail: int = 0) -> int:
 # With a tail (64 < N <= 80: CIFAR-10's 65 = 64 + 1), the rows past 64 in a 16-row tile: 80 x 80 scores a pair
 # instead of the 128-row tile's 128 x 128, at 5,970 SASS instructions a pair against 8,780 (sm_90, triton 3.8).
 # Unmeasured; first in the list so that the tests and FASTVIT_AUTOTUNE=0 run them wherever they apply.
+# tail=16 on a query-block tile: a last key block of at most 16 keys (197 = 3 x 64 + 5) runs 16 wide. Given only to
+# the tiles where it costs no block per SM and no spill (sm_90, bf16, head dim 64, triton 3.8: 64 x 64 134 -> 132
+# registers, 128 x 64 131 -> 127; the 64 x 32 tile would go from 5 blocks per SM to 4 for 16 columns of 32 saved).
 ATTENTION_FWD_CONFIGS = [
     _attention_cfg(64, 64, 4, 2, whole=True, tail=16),
     _attention_cfg(64, 64, 4, 3, whole=True, tail=16),
     _attention_cfg(128, 128, 8, 3, whole=True),
     _attention_cfg(64, 64, 4, 3, whole=True),
     _attention_cfg(128, 128, 8, 2, whole=True),
-    _attention_cfg(64, 64, 4, 3, whole=False),
+    _attention_cfg(64, 64, 4, 3, whole=False, tail=16),
     _attention_cfg(32, 32, 4, 2, whole=False),
     _attention_cfg(32, 64, 4, 3, whole=False),
     _attention_cfg(64, 32, 4, 3, whole=False),
-    _attention_cfg(128, 64, 8, 3, whole=False),
+    _attention_cfg(128, 64, 8, 3, whole=False, tail=16),
     _attention_cfg(128, 32, 8, 3, whole=False),
     _attention_cfg(16, 32, 4, 2, whole=False),
-    _attention_cfg(64, 64, 4, 3, maxnreg=128, whole=False),
+    _attention_cfg(64, 64, 4, 3, maxnreg=128, whole=False, tail=16),
 ]
 # The last: N <= 128 (CIFAR-10's 65) in one 128 x 128 tile per (batch, head) pair for dQ and for dK/dV, where 64-row
 # tiles take two (the second one row deep at N = 65). Single-stage: one K/V (or Q/dO) block per pair leaves nothing
 # to pipeline. sm_90, bf16, head dim 64, compiled offline: dQ 201/206 registers (triton 3.6/3.8), dK/dV 255, no
 # spill, no C7515 (two stages serialise dK/dV's wgmma). Unmeasured.
+# tail=16: a last block of at most 16 keys (dQ) or queries (dK/dV) runs 16 wide: at N = 65 with the 64 x 32 tiles the
+# H100 kept, 80 columns of scores a row instead of 96. Given where neither kernel loses a block per SM or spills
+# (sm_90, bf16, head dim 64, triton 3.8: 64 x 32 dQ 122 -> 110 registers, dK/dV 182 -> 180; 64 x 64 dK/dV
+# 206 -> 242, two blocks either way; 128 x 64 dK/dV 172 -> 233, and its C7515 gone). The 32-row tiles lose a block.
 ATTENTION_BWD_CONFIGS = [
-    _attention_cfg(64, 64, 4, 2),
+    _attention_cfg(64, 64, 4, 2, tail=16),
     _attention_cfg(32, 32, 4, 2),
     _attention_cfg(32, 64, 4, 2),
-    _attention_cfg(64, 32, 4, 2),
+    _attention_cfg(64, 32, 4, 2, tail=16),
     _attention_cfg(16, 32, 4, 2),
-    _attention_cfg(128, 64, 8, 2),
+    _attention_cfg(128, 64, 8, 2, tail=16),
     _attention_cfg(128, 128, 8, 1),
 ]
 ATTENTION_FALLBACK_CONFIG = _attention_cfg(16, 16, 4, 1)  # fits any head dim <= 256 in fp32 on sm_80 and sm_90
@@ -409,7 +417,7 @@ def _attention_smem(cfg, block_d, elem):
     # the compiler's own numbers by tests/test_compile_targets.py
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     if cfg.kwargs.get("WHOLE"):
-        return cfg.num_stages * 3 * (bm + cfg.kwargs.get("TAIL", 0)) * block_d * elem
+        return cfg.num_stages * 3 * (bm + cfg.kwargs["TAIL"]) * block_d * elem
     return (cfg.num_stages * 2 * max(bm, bn) + min(bm, bn)) * block_d * elem
 
 
@@ -429,7 +437,7 @@ def prune_attention(configs, named_args, **kwargs):
 
 
 def _whole_fits(cfg, n: int) -> bool:
-    block, tail = cfg.kwargs["BLOCK_M"], cfg.kwargs.get("TAIL", 0)
+    block, tail = cfg.kwargs["BLOCK_M"], cfg.kwargs["TAIL"]
     return n <= block + tail and (not tail or n > block)
 
 

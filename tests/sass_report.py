@@ -117,7 +117,8 @@ def report(results: list) -> str:
         else:
             epi = f"head dim {c['HEAD_DIM']}" if "HEAD_DIM" in c else "-"
             epi += ", a whole (batch, head) pair per tile" if c.get("WHOLE") else ""
-            epi += f" + {c['TAIL']}-row tail" if c.get("TAIL") else ""
+            if c.get("TAIL"):
+                epi += f" + {c['TAIL']}-row tail" if c.get("WHOLE") else f", last block {c['TAIL']} wide"
         ops = "/".join(str(p.get(k)) for k in ("A", "C") if k in p) or "/".join(str(v) for v in list(p.values())[:2])
         warn = "yes" if any("C7515" in w for w in r["ptxas_warnings"]) else ""
         launched = r.get("launched_warps", r["warps"])  # a warp-specialised tile: the config's warps (all warps)

@@ -89,13 +89,15 @@ def test_reference_dropout_drops_probabilities_as_the_eager_model_trains(impl):
 
 @pytest.mark.parametrize("cfg", range(len(ATTENTION_FWD_CONFIGS)))
 def test_every_forward_config_matches_reference(cfg, device, monkeypatch):
-    # each tile the tuner may pick, the whole-sequence (WHOLE) ones included, at a length it takes: 60 tokens, or 65
-    # for a tile with a 16-row tail (64 + 1, CIFAR-10's)
+    # each tile the tuner may pick, the whole-sequence (WHOLE) ones included, at a length it takes: 65 (64 + 1,
+    # CIFAR-10's) for a whole-sequence tile with a 16-row tail, 60 for the 64-row one, else 70 (64 + 6: a 16-wide
+    # last key block where the tile has one)
     config = ATTENTION_FWD_CONFIGS[cfg]
     if config.maxnreg is not None and device == "cpu":
         pytest.skip("a register cap is a GPU compile option")
     force_config(monkeypatch, fused_attention._fwd, config)
-    n = 65 if config.kwargs.get("TAIL") else 60
+    whole, tail = config.kwargs["WHOLE"], config.kwargs["TAIL"]
+    n = 65 if whole and tail else 60 if whole and config.kwargs["BLOCK_M"] == 64 else 70
     qkv = torch.randn(3, n, 3 * 2 * 64, device=device)
     # in fp32 where it fits shared memory there, else in bf16 (a three-stage tile of 80 fp32 rows does not)
     dtype = next(
@@ -111,18 +113,18 @@ def test_every_forward_config_matches_reference(cfg, device, monkeypatch):
 
 @pytest.mark.parametrize("n", [65, 71, 80])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_tail_tiles_match_reference(n, dtype, device, monkeypatch):
+def test_whole_tail_tiles_match_reference(n, dtype, device, monkeypatch):
     # every length a 64 + 16-row tile holds, with a head dim that is not a power of two (48: a masked 64-wide tile)
-    config = next(c for c in ATTENTION_FWD_CONFIGS if c.kwargs.get("TAIL"))
+    config = next(c for c in ATTENTION_FWD_CONFIGS if c.kwargs["WHOLE"] and c.kwargs["TAIL"])
     force_config(monkeypatch, fused_attention._fwd, config)
     qkv = torch.randn(2, n, 3 * 2 * 48, device=device, requires_grad=True)
     assert prune_attention([config], {"QKV": qkv.to(dtype), "N": n}, BLOCK_D=64) == [config]
     check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], dtype)
 
 
-def test_tail_tiles_take_only_the_lengths_they_hold():
+def test_whole_tail_tiles_take_only_the_lengths_they_hold():
     # 64 < N <= 80: below, a tail-less tile does the same work; above, the sequence does not fit
-    config = next(c for c in ATTENTION_FWD_CONFIGS if c.kwargs.get("TAIL"))
+    config = next(c for c in ATTENTION_FWD_CONFIGS if c.kwargs["WHOLE"] and c.kwargs["TAIL"])
     qkv = torch.empty(1, 1, 3 * 64, dtype=torch.bfloat16)
     kept = [
         n for n in (1, 64, 65, 80, 81, 128) if prune_attention([config], {"QKV": qkv, "N": n}, BLOCK_D=64) == [config]
@@ -133,7 +135,7 @@ def test_tail_tiles_take_only_the_lengths_they_hold():
 @pytest.mark.parametrize("cfg", range(len(ATTENTION_BWD_CONFIGS)))
 def test_every_backward_config_matches_reference(cfg, device, monkeypatch):
     # each tile the tuner may pick for dQ and for dK/dV, at CIFAR-10's 65 tokens (64 + 1: a 64-row tile leaves a
-    # one-row second tile, the 128 x 128 one holds the whole sequence)
+    # one-row second tile, which a tile with a tail sweeps 16 wide; the 128 x 128 one holds the whole sequence)
     config = ATTENTION_BWD_CONFIGS[cfg]
     force_config(monkeypatch, fused_attention._bwd_dq, config)
     force_config(monkeypatch, fused_attention._bwd_dkdv, config)

@@ -1,4 +1,5 @@
-"""Fused multi-head attention kernels, forward and backward, reading q, k and v from the packed qkv.
+"""Fused multi-head attention, forward kernel, reading q, k and v from the packed qkv (the backward's kernels are in
+attention_bwd.py).
 
 qkv is [B, N, 3*D] laid out as timm's qkv Linear writes it: [B, N, 3, H, d]. The launchers are ops/fused_attention.py's.
 """
@@ -6,7 +7,7 @@ qkv is [B, N, 3*D] laid out as timm's qkv Linear writes it: [B, N, 3, H, d]. The
 import triton
 import triton.language as tl
 
-from .common import block_and_head
+from .common import block_and_head, full_blocks_end
 
 
 @triton.jit
@@ -29,17 +30,16 @@ def _attend_rows(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TAIL: tl.constexpr,
 ):
-    """One block of query rows of one (batch, head) pair against all keys, BLOCK_N at a time."""
+    """One block of query rows of one (batch, head) pair against all keys, BLOCK_N at a time, and a last partial
+    block of at most TAIL keys TAIL at a time (N = 197 = 3 x 64 + 5: 16 columns of scores there instead of 64)."""
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM  # head dims such as 80 or 96 run in a power-of-two tile, masked
     q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
-    k_base = q_base + D
-    v_base = q_base + 2 * D
 
     mask_m = offs_m < N
     q = tl.load(
@@ -53,22 +53,39 @@ def _attend_rows(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # accumulate in fp32 whatever the input dtype
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        mask_kv = (cols[:, None] < N) & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        qk = tl.where(cols[None, :] < N, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds at least one real column
-        p = tl.exp2((qk - m_new[:, None]) * qk_scale_log2)
-        alpha = tl.exp2((m_i - m_new) * qk_scale_log2)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    n_full = full_blocks_end(N, BLOCK_N, TAIL)
+    for start_n in range(0, n_full, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        acc, m_i, l_i = _online_step(
+            q, acc, m_i, l_i, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION
+        )
+    if TAIL > 0:
+        if n_full < N:
+            cols = n_full + tl.arange(0, TAIL)
+            acc, m_i, l_i = _online_step(
+                q, acc, m_i, l_i, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION
+            )
     _store_rows(
         OUT, LSE, acc, m_i, l_i, b, h, pid_bh, offs_m, offs_d, mask_m, mask_d, stride_ob, stride_on, N, HEAD_DIM
     )
+
+
+@triton.jit
+def _online_step(
+    q, acc, m_i, l_i, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION: tl.constexpr
+):
+    """The online softmax's update of (acc, m_i, l_i) with the keys `cols`, at least one of them < N."""
+    mask_kv = (cols[:, None] < N) & mask_d[None, :]
+    k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    qk = tl.where(cols[None, :] < N, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every block holds at least one real column
+    p = tl.exp2((qk - m_new[:, None]) * qk_scale_log2)
+    alpha = tl.exp2((m_i - m_new) * qk_scale_log2)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -219,7 +236,7 @@ def attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WHOLE: tl.constexpr = False,  # a config's choice where N <= BLOCK_M + TAIL: one tile per (batch, head)
-    TAIL: tl.constexpr = 0,  # WHOLE only: rows past BLOCK_M in a tile of TAIL rows (0: none)
+    TAIL: tl.constexpr = 0,  # the last partial block in a TAIL-wide tile where it fits (0: none); WHOLE: its rows
 ):
     if WHOLE:
         # Short sequences (65 tokens): a few persistent programs per SM walk the (batch, head) pairs. The loop has
@@ -266,147 +283,5 @@ def attention_fwd_kernel(
             DOT_PRECISION,
             BLOCK_M,
             BLOCK_N,
+            TAIL,
         )
-
-
-@triton.jit
-def _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION: tl.constexpr):
-    # P rebuilt from the forward's row statistics, as the forward computed it (see there). One helper for every
-    # recomputation, so the dQ kernel's two passes and the dK/dV kernel evaluate the very same expression. Padded rows
-    # and columns contribute exactly zero (exp2(0 - 0) would be 1).
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    p = tl.exp2((qk - m[:, None]) * qk_scale_log2 - log_l[:, None])
-    return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-
-
-@triton.jit
-def attention_bwd_dkdv_kernel(
-    QKV,  # [B, N, 3 * H * d] packed q | k | v
-    DO,  # [B, N, H * d] gradient of the output
-    LSE,  # [B * H, 2, N] fp32 softmax statistics from the forward
-    DELTA,  # [B * H, N] fp32 rowsum(dO * O): written by the dQ kernel, read by the dK/dV kernel
-    DQKV,  # [B, N, 3 * H * d] packed gradient: dq from the dQ kernel, dk | dv from the dK/dV kernel
-    stride_qb,
-    stride_qn,
-    stride_dob,
-    stride_don,
-    stride_gb,
-    stride_gn,
-    N,
-    H,
-    D,
-    sm_scale,
-    qk_scale_log2,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    # One program owns a block of keys/values and sweeps all query blocks: dK and dV accumulate in registers and
-    # are written once, no atomics. Non-causal: every query block contributes, none is skipped.
-    pid_n, pid_bh = block_and_head(N, BLOCK_N)  # over key blocks
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    mask_n = offs_n < N
-    q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
-    do_base = DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM
-    mask_kv = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(q_base + D + offs_n[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-    v = tl.load(q_base + 2 * D + offs_n[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        rows = start_m + offs_m
-        mask_m = rows < N
-        mask_q = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :], mask=mask_q, other=0.0)
-        m = tl.load(LSE + pid_bh * 2 * N + rows, mask=mask_m, other=0.0)
-        log_l = tl.load(LSE + pid_bh * 2 * N + N + rows, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + pid_bh * N + rows, mask=mask_m, other=0.0)
-        p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-    g_base = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_n[:, None] * stride_gn + offs_d[None, :]
-    tl.store(g_base + D, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=mask_kv)
-    tl.store(g_base + 2 * D, dv.to(DQKV.dtype.element_ty), mask=mask_kv)
-
-
-@triton.jit
-def attention_bwd_dq_kernel(
-    QKV,  # [B, N, 3 * H * d] packed q | k | v
-    DO,  # [B, N, H * d] gradient of the output
-    LSE,  # [B * H, 2, N] fp32 softmax statistics from the forward
-    DELTA,  # [B * H, N] fp32 rowsum(dO * O): written by the dQ kernel, read by the dK/dV kernel
-    DQKV,  # [B, N, 3 * H * d] packed gradient: dq from the dQ kernel, dk | dv from the dK/dV kernel
-    stride_qb,
-    stride_qn,
-    stride_dob,
-    stride_don,
-    stride_gb,
-    stride_gn,
-    N,
-    H,
-    D,
-    sm_scale,
-    qk_scale_log2,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    # One program owns a block of queries and sweeps all keys twice: first for delta_i = rowsum(P * dP), then for
-    # dQ. Flash attention takes delta = rowsum(dO * O) instead, with O rounded to bf16: when the softmax saturates
-    # (logits in the thousands) that rounding swamps the true, tiny gradient. This pass costs two small GEMMs per
-    # key block and keeps the gradient as exact as eager's. delta is written for the dK/dV kernel, which runs next.
-    # (P is not renormalised by this pass's own row sum: the forward's sum is exact enough, see the forward, and
-    # dividing delta and P by a sum one ulp off 1 made saturated rows' gradients up to 20x worse than eager's.)
-    pid_m, pid_bh = block_and_head(N, BLOCK_M)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    mask_m = offs_m < N
-    mask_q = mask_m[:, None] & mask_d[None, :]
-    q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
-    do = tl.load(
-        DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM + offs_m[:, None] * stride_don + offs_d[None, :],
-        mask=mask_q,
-        other=0.0,
-    )
-    m = tl.load(LSE + pid_bh * 2 * N + offs_m, mask=mask_m, other=0.0)
-    log_l = tl.load(LSE + pid_bh * 2 * N + N + offs_m, mask=mask_m, other=0.0)
-    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < N
-        mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
-        delta += tl.sum(p * tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION), 1)
-    tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < N
-        mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-        p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    g_ptrs = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_m[:, None] * stride_gn + offs_d[None, :]
-    tl.store(g_ptrs, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask_q)

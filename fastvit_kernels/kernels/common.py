@@ -40,6 +40,16 @@ def block_and_head(N, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def full_blocks_end(N, BLOCK: tl.constexpr, TAIL: tl.constexpr):
+    """Where a loop over N in blocks of BLOCK stops when its last, partial block has at most TAIL (> 0) elements and
+    takes a TAIL-wide block of its own: a multiple of BLOCK (else N, every block BLOCK-wide, the last one masked)."""
+    rem = N % BLOCK
+    if TAIL > 0:
+        return tl.where((rem > 0) & (rem <= TAIL), N - rem, N)
+    return N
+
+
+@triton.jit
 def _erfc_poly(a):
     """erfc(a) / exp(-a^2) for a >= 0 (fp32). The division is the approximate one (2 ulp), far below the fit's error."""
     t = 1.0 / (1.0 + ERFC_P * a)

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from ..kernels.attention import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, attention_fwd_kernel
+from ..kernels.attention import attention_fwd_kernel
+from ..kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from ..tuning import (
     ATTENTION_BWD_CONFIGS,
     ATTENTION_FWD_CONFIGS,
@@ -74,7 +75,7 @@ def attention_fwd(qkv, num_heads, scale):
 
     def grid(cfg):
         if cfg.get("WHOLE"):  # persistent: each program walks (batch, head) pairs
-            return (min(pairs, whole_programs_per_sm(cfg["BLOCK_M"], cfg.get("TAIL", 0)) * sms),)
+            return (min(pairs, whole_programs_per_sm(cfg["BLOCK_M"], cfg["TAIL"]) * sms),)
         return (cdiv(N, cfg["BLOCK_M"]) * pairs,)
 
     dot = dot_precision(qkv.dtype)

@@ -1,0 +1,302 @@
+"""Fused multi-head attention, backward kernels: dQ (with delta) and dK/dV, reading the packed qkv and the forward's
+softmax statistics, writing the packed dqkv.
+
+Each program sweeps the other side of the scores in blocks, and a last partial block of at most TAIL rows or columns
+in a TAIL-wide block (N = 65 = 64 + 1: 16 of them there instead of 64). The launchers are ops/fused_attention.py's.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import block_and_head, full_blocks_end
+
+
+@triton.jit
+def _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+    # P rebuilt from the forward's row statistics, as the forward computed it (see there). One helper for every
+    # recomputation, so the dQ kernel's two passes and the dK/dV kernel evaluate the very same expression. Padded rows
+    # and columns contribute exactly zero (exp2(0 - 0) would be 1).
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    p = tl.exp2((qk - m[:, None]) * qk_scale_log2 - log_l[:, None])
+    return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+
+
+@triton.jit
+def _dkdv_step(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    stats,
+    DELTA,
+    rows,
+    offs_d,
+    mask_d,
+    mask_n,
+    stride_qn,
+    stride_don,
+    N,
+    qk_scale_log2,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dK and dV of the program's keys from the query rows `rows`; `stats` points at this pair's [2, N] row max and
+    log2 row sum, DELTA at its [N] delta."""
+    mask_m = rows < N
+    mask_q = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
+    do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :], mask=mask_q, other=0.0)
+    m = tl.load(stats + rows, mask=mask_m, other=0.0)
+    log_l = tl.load(stats + N + rows, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + rows, mask=mask_m, other=0.0)
+    p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    QKV,  # [B, N, 3 * H * d] packed q | k | v
+    DO,  # [B, N, H * d] gradient of the output
+    LSE,  # [B * H, 2, N] fp32 softmax statistics from the forward
+    DELTA,  # [B * H, N] fp32 rowsum(dO * O): written by the dQ kernel, read by the dK/dV kernel
+    DQKV,  # [B, N, 3 * H * d] packed gradient: dq from the dQ kernel, dk | dv from the dK/dV kernel
+    stride_qb,
+    stride_qn,
+    stride_dob,
+    stride_don,
+    stride_gb,
+    stride_gn,
+    N,
+    H,
+    D,
+    sm_scale,
+    qk_scale_log2,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TAIL: tl.constexpr = 0,  # the last partial query block in a TAIL-row block where it fits (0: none)
+):
+    # One program owns a block of keys/values and sweeps all query blocks: dK and dV accumulate in registers and
+    # are written once, no atomics. Non-causal: every query block contributes, none is skipped.
+    pid_n, pid_bh = block_and_head(N, BLOCK_N)  # over key blocks
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_n = offs_n < N
+    q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
+    do_base = DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM
+    stats = LSE + pid_bh * 2 * N
+    delta = DELTA + pid_bh * N
+    mask_kv = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(q_base + D + offs_n[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+    v = tl.load(q_base + 2 * D + offs_n[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    m_full = full_blocks_end(N, BLOCK_M, TAIL)
+    for start_m in range(0, m_full, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        dk, dv = _dkdv_step(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            stats,
+            delta,
+            rows,
+            offs_d,
+            mask_d,
+            mask_n,
+            stride_qn,
+            stride_don,
+            N,
+            qk_scale_log2,
+            DOT_PRECISION,
+        )
+    if TAIL > 0:
+        if m_full < N:
+            rows = m_full + tl.arange(0, TAIL)
+            dk, dv = _dkdv_step(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                stats,
+                delta,
+                rows,
+                offs_d,
+                mask_d,
+                mask_n,
+                stride_qn,
+                stride_don,
+                N,
+                qk_scale_log2,
+                DOT_PRECISION,
+            )
+    g_base = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_n[:, None] * stride_gn + offs_d[None, :]
+    tl.store(g_base + D, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=mask_kv)
+    tl.store(g_base + 2 * D, dv.to(DQKV.dtype.element_ty), mask=mask_kv)
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    QKV,  # [B, N, 3 * H * d] packed q | k | v
+    DO,  # [B, N, H * d] gradient of the output
+    LSE,  # [B * H, 2, N] fp32 softmax statistics from the forward
+    DELTA,  # [B * H, N] fp32 rowsum(dO * O): written by the dQ kernel, read by the dK/dV kernel
+    DQKV,  # [B, N, 3 * H * d] packed gradient: dq from the dQ kernel, dk | dv from the dK/dV kernel
+    stride_qb,
+    stride_qn,
+    stride_dob,
+    stride_don,
+    stride_gb,
+    stride_gn,
+    N,
+    H,
+    D,
+    sm_scale,
+    qk_scale_log2,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TAIL: tl.constexpr = 0,  # the last partial key block in a TAIL-column block where it fits (0: none)
+):
+    # One program owns a block of queries and sweeps all keys twice: first for delta_i = rowsum(P * dP), then for
+    # dQ. Flash attention takes delta = rowsum(dO * O) instead, with O rounded to bf16: when the softmax saturates
+    # (logits in the thousands) that rounding swamps the true, tiny gradient. This pass costs two small GEMMs per
+    # key block and keeps the gradient as exact as eager's. delta is written for the dK/dV kernel, which runs next.
+    # (P is not renormalised by this pass's own row sum: the forward's sum is exact enough, see the forward, and
+    # dividing delta and P by a sum one ulp off 1 made saturated rows' gradients up to 20x worse than eager's.)
+    pid_m, pid_bh = block_and_head(N, BLOCK_M)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_m = offs_m < N
+    mask_q = mask_m[:, None] & mask_d[None, :]
+    q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
+    do = tl.load(
+        DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM + offs_m[:, None] * stride_don + offs_d[None, :],
+        mask=mask_q,
+        other=0.0,
+    )
+    m = tl.load(LSE + pid_bh * 2 * N + offs_m, mask=mask_m, other=0.0)
+    log_l = tl.load(LSE + pid_bh * 2 * N + N + offs_m, mask=mask_m, other=0.0)
+    n_full = full_blocks_end(N, BLOCK_N, TAIL)
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, n_full, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        delta = _delta_step(
+            delta, q, do, m, log_l, mask_m, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION
+        )
+    if TAIL > 0:
+        if n_full < N:
+            cols = n_full + tl.arange(0, TAIL)
+            delta = _delta_step(
+                delta,
+                q,
+                do,
+                m,
+                log_l,
+                mask_m,
+                q_base,
+                cols,
+                offs_d,
+                mask_d,
+                stride_qn,
+                N,
+                D,
+                qk_scale_log2,
+                DOT_PRECISION,
+            )
+    tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, n_full, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        dq = _dq_step(
+            dq,
+            q,
+            do,
+            m,
+            log_l,
+            delta,
+            mask_m,
+            q_base,
+            cols,
+            offs_d,
+            mask_d,
+            stride_qn,
+            N,
+            D,
+            qk_scale_log2,
+            DOT_PRECISION,
+        )
+    if TAIL > 0:
+        if n_full < N:
+            cols = n_full + tl.arange(0, TAIL)
+            dq = _dq_step(
+                dq,
+                q,
+                do,
+                m,
+                log_l,
+                delta,
+                mask_m,
+                q_base,
+                cols,
+                offs_d,
+                mask_d,
+                stride_qn,
+                N,
+                D,
+                qk_scale_log2,
+                DOT_PRECISION,
+            )
+    g_ptrs = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_m[:, None] * stride_gn + offs_d[None, :]
+    tl.store(g_ptrs, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask_q)
+
+
+@triton.jit
+def _load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D):
+    mask_kv = (cols < N)[:, None] & mask_d[None, :]
+    k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+    v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _delta_step(
+    delta, q, do, m, log_l, mask_m, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION
+):
+    """delta += rowsum(P * dP) over the keys `cols`."""
+    k, v = _load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D)
+    p = _probs(q, k, m, log_l, mask_m, cols < N, qk_scale_log2, DOT_PRECISION)
+    return delta + tl.sum(p * tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION), 1)
+
+
+@triton.jit
+def _dq_step(
+    dq, q, do, m, log_l, delta, mask_m, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION
+):
+    """dq += dS k over the keys `cols`, dS = P * (dP - delta)."""
+    k, v = _load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D)
+    p = _probs(q, k, m, log_l, mask_m, cols < N, qk_scale_log2, DOT_PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
