@@ -30,13 +30,13 @@ def smem_limit(device) -> int:
 
 
 def prune_gemm_configs(a_name, b_name):
-    """An autotune prune hook: drop the configs whose pipelined A and B tiles (stages x (BM x BK + BK x BN), in the
+    """A prune function (configs, the launch's arguments by name -> the configs kept): drop the configs whose pipelined A and B tiles (stages x (BM x BK + BK x BN), in the
     operands' own dtypes) would not fit the device's shared memory, as fp32 tiles of 128 x 256 do not on an A100.
     The estimate is at or above what Triton allocated in every configuration tests/test_compile_targets.py builds
     (equal for 16-bit operands); the smallest config is always kept."""
 
-    def prune(configs, named_args, **kwargs):
-        a, b = named_args[a_name], named_args[b_name]
+    def prune(configs, args):
+        a, b = args[a_name], args[b_name]
         limit = smem_limit(a.device)
 
         def need(c):
@@ -111,7 +111,7 @@ class Launcher:
         self.tuner_key = tuner_key  # the argument names Triton's autotuner keys its timings on (first launches only)
         self.chosen = {}  # key -> (config, the keyword arguments its launches take)
         self.best_config = None  # the configuration of the latest launch (the benchmark rows record it)
-        self._tuner = None
+        self._tuners = {}  # the candidates the prune kept (their ids) -> the Triton autotuner that times them
         _LAUNCHERS.append(self)
 
     def launch(self, key, grid, *args, **consts):
@@ -124,16 +124,20 @@ class Launcher:
         self.kernel[grid(opts)](*args, **consts, **opts)
 
     def _first_launch(self, key, grid, args, consts):
-        if tuning_on():
-            if self._tuner is None:
-                prune = {"prune_configs_by": {"early_config_prune": self.prune}} if self.prune else {}
-                self._tuner = triton.autotune(configs=self.configs, key=self.tuner_key, **prune)(self.kernel)
-            self._tuner[grid](*args, **consts)  # times the configs (once per tuner key), then launches the best
-            self._remember(key, self._tuner.best_config)
-            return
         configs = self.configs
         if self.prune is not None:
             configs = self.prune(configs, {**dict(zip(self.kernel.arg_names, args)), **consts})
+        if tuning_on():
+            # One Triton autotuner per list of candidates: it keeps its timings per tuner key for the life of the
+            # process, so a switch that changes what the prune keeps (FASTVIT_ATTN_WHOLE, FASTVIT_TMA) gets a tuner
+            # of its own instead of the choice timed without it.
+            tuner = self._tuners.get(tuple(map(id, configs)))
+            if tuner is None:
+                tuner = triton.autotune(configs=configs, key=self.tuner_key)(self.kernel)
+                self._tuners[tuple(map(id, configs))] = tuner
+            tuner[grid](*args, **consts)  # times the configs (once per tuner key), then launches the best
+            self._remember(key, tuner.best_config)
+            return
         opts = self._remember(key, configs[0])
         launch_kernel(self.kernel, grid(opts), args, {**consts, **opts})
 
@@ -149,9 +153,8 @@ class Launcher:
 def forget() -> None:
     """Forget every per-key decision (configurations, GEMM backends): the environment switches (FASTVIT_GEMM,
     FASTVIT_AUTOTUNE, FASTVIT_TMA, FASTVIT_WARP_SPEC, FASTVIT_ATTN_WHOLE) are read when a key is first launched, so a
-    process that changes one mid-run calls this after it. Triton's autotuner keeps the timings it made (a key it has
-    timed is not timed again), so on a GPU FASTVIT_TMA, FASTVIT_WARP_SPEC and FASTVIT_ATTN_WHOLE, which prune before
-    timing, belong in the environment the process starts with. Step plans recorded before it are not replayed."""
+    process that changes one mid-run calls this after it. Timings are kept (each list of candidates a switch leaves has
+    its own autotuner, which times a tuner key once). Step plans recorded before it are not replayed."""
     global _forgets
     for launcher in _LAUNCHERS:
         launcher.chosen.clear()
@@ -223,15 +226,14 @@ def warp_spec_on() -> bool:
     return os.environ.get("FASTVIT_WARP_SPEC", "0") == "1"
 
 
-def prune_linear_fwd(configs, named_args, **kwargs):
+def prune_linear_fwd(configs, args):
     """Shared memory as for every GEMM; the TMA tiles where _tma_where_ok keeps them; the warp-specialised ones where
     warp_spec_on; no tile that ptxas serialises."""
-    args = {**named_args, **kwargs}  # the launch keywords are in kwargs when tuning
     configs = _tma_where_ok(configs, args)
     if not warp_spec_on():
         configs = [c for c in configs if not c.kwargs.get("WARP_SPEC")]
     configs = [c for c in configs if not _serialised(c, args.get("EPILOGUE"), args.get("RES"))]
-    return _linear_smem(configs, named_args, **kwargs)
+    return _linear_smem(configs, args)
 
 
 prune_linear_dw = prune_gemm_configs("G", "X")
@@ -255,10 +257,9 @@ LINEAR_LN_CONFIGS = [
 ]
 
 
-def prune_linear_ln(configs, named_args, **kwargs):
+def prune_linear_ln(configs, args):
     """Shared memory: stages x (A's 64 x BLOCK_K tile + B's BLOCK_K x (N_CHUNKS x BLOCK_N) tile); the TMA configs
     where _tma_where_ok keeps them."""
-    args = {**named_args, **kwargs}
     configs = _tma_where_ok(configs, args)
     a, row = args["A"], args["N_CHUNKS"] * args["BLOCK_N"]
     limit = smem_limit(a.device)
@@ -421,15 +422,14 @@ def _attention_smem(cfg, block_d, elem):
     return (cfg.num_stages * 2 * max(bm, bn) + min(bm, bn)) * block_d * elem
 
 
-def prune_attention(configs, named_args, **kwargs):
+def prune_attention(configs, args):
     # fp32 with big head dims: the tiles outgrow shared memory, so only the smaller ones stay
-    # triton passes the launch's keyword arguments (BLOCK_D here) apart from the positional ones
-    block_d = kwargs["BLOCK_D"] if "BLOCK_D" in kwargs else named_args["BLOCK_D"]
-    elem = named_args["QKV"].element_size()
+    block_d = args["BLOCK_D"]
+    elem = args["QKV"].element_size()
     kept = [c for c in configs if _attention_smem(c, block_d, elem) <= ATTENTION_SMEM_BUDGET]
     # a WHOLE tile must hold the sequence, and its tail must hold some of it (else a tail-less tile does the same
     # work); N is unknown when the compile check asks: keep them all
-    n = named_args.get("N")
+    n = args.get("N")
     kept = [c for c in kept if not c.kwargs.get("WHOLE") or (whole_attention_on() and (n is None or _whole_fits(c, n)))]
     # a register cap fits 16-bit tiles of head dim <= 64 only; wider heads and fp32 tiles would spill under it
     kept = [c for c in kept if c.maxnreg is None or (elem == 2 and block_d <= 64)]

@@ -103,7 +103,7 @@ def test_every_forward_config_matches_reference(cfg, device, monkeypatch):
     dtype = next(
         dt
         for dt in (torch.float32, torch.bfloat16)
-        if prune_attention([config], {"QKV": qkv.to(dt), "N": n}, BLOCK_D=64) == [config]
+        if prune_attention([config], {"QKV": qkv.to(dt), "N": n, "BLOCK_D": 64}) == [config]
     )
     ours = attention(qkv.to(dtype), 2)
     assert_matches(ours, attention_ref(qkv.to(dtype), 2), attention_ref(qkv.to(dtype).double(), 2), dtype)
@@ -118,7 +118,7 @@ def test_whole_tail_tiles_match_reference(n, dtype, device, monkeypatch):
     config = next(c for c in ATTENTION_FWD_CONFIGS if c.kwargs["WHOLE"] and c.kwargs["TAIL"])
     force_config(monkeypatch, fused_attention._fwd, config)
     qkv = torch.randn(2, n, 3 * 2 * 48, device=device, requires_grad=True)
-    assert prune_attention([config], {"QKV": qkv.to(dtype), "N": n}, BLOCK_D=64) == [config]
+    assert prune_attention([config], {"QKV": qkv.to(dtype), "N": n, "BLOCK_D": 64}) == [config]
     check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], dtype)
 
 
@@ -127,7 +127,9 @@ def test_whole_tail_tiles_take_only_the_lengths_they_hold():
     config = next(c for c in ATTENTION_FWD_CONFIGS if c.kwargs["WHOLE"] and c.kwargs["TAIL"])
     qkv = torch.empty(1, 1, 3 * 64, dtype=torch.bfloat16)
     kept = [
-        n for n in (1, 64, 65, 80, 81, 128) if prune_attention([config], {"QKV": qkv, "N": n}, BLOCK_D=64) == [config]
+        n
+        for n in (1, 64, 65, 80, 81, 128)
+        if prune_attention([config], {"QKV": qkv, "N": n, "BLOCK_D": 64}) == [config]
     ]
     assert kept == [65, 80]
 
@@ -140,7 +142,7 @@ def test_every_backward_config_matches_reference(cfg, device, monkeypatch):
     force_config(monkeypatch, fused_attention._bwd_dq, config)
     force_config(monkeypatch, fused_attention._bwd_dkdv, config)
     qkv = torch.randn(2, 65, 3 * 2 * 64, device=device, requires_grad=True)
-    assert prune_attention([config], {"QKV": qkv, "N": 65}, BLOCK_D=64) == [config]  # it runs, not the fallback
+    assert prune_attention([config], {"QKV": qkv, "N": 65, "BLOCK_D": 64}) == [config]  # it runs, not the fallback
     check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], torch.float32)
 
 
@@ -148,6 +150,39 @@ def test_whole_sequence_tiles_are_left_out_when_switched_off(device, monkeypatch
     # FASTVIT_ATTN_WHOLE=0 (the benchmarks' A/B switch): the query-block tiles only, with the same results
     monkeypatch.setenv("FASTVIT_ATTN_WHOLE", "0")
     qkv = torch.randn(2, 65, 3 * 2 * 64, device=device, requires_grad=True)
-    kept = prune_attention(ATTENTION_FWD_CONFIGS, {"QKV": qkv, "N": 65}, BLOCK_D=64)
+    kept = prune_attention(ATTENTION_FWD_CONFIGS, {"QKV": qkv, "N": 65, "BLOCK_D": 64})
     assert kept and not any(c.kwargs.get("WHOLE") for c in kept)
     check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], torch.float32)
+
+
+def test_a_switch_that_changes_the_candidates_is_timed_apart(device, monkeypatch):
+    # On a GPU the first launch of a key times its candidates with Triton's autotuner, which keeps its choice per tuner
+    # key for the process's life: the benchmarks' A/B row (FASTVIT_ATTN_WHOLE=0 after the default) must get a tuner
+    # of its own, not the whole-sequence tile timed before. Triton's autotuner stood in for (it needs a GPU).
+    from fastvit_kernels import tuning
+
+    made = []
+
+    class Tuner:  # times nothing: launches the first candidate, as the autotuner launches its best
+        def __init__(self, kernel, configs):
+            self.kernel, self.configs, self.best_config = kernel, configs, None
+            made.append(self)
+
+        def __getitem__(self, grid):
+            def run(*args, **consts):
+                self.best_config = self.configs[0]
+                self.kernel[grid(self.best_config.kwargs)](*args, **consts, **self.best_config.kwargs)
+
+            return run
+
+    monkeypatch.setattr(tuning, "tuning_on", lambda: True)
+    monkeypatch.setattr(tuning.triton, "autotune", lambda configs, key: lambda kernel: Tuner(kernel, configs))
+    qkv = torch.randn(2, 65, 3 * 2 * 64, device=device)
+    expected = attention_ref(qkv, 2)
+    for whole in ("1", "0", "1"):
+        monkeypatch.setenv("FASTVIT_ATTN_WHOLE", whole)
+        tuning.forget()
+        assert_matches(attention(qkv, 2), expected, attention_ref(qkv.double(), 2), torch.float32)
+    assert len(made) == 2  # the third launch's candidates are the first's: its tuner, timed once
+    assert made[0].configs[0].kwargs["WHOLE"] and not any(c.kwargs["WHOLE"] for c in made[1].configs)
+    assert fused_attention._fwd.best_config is made[0].best_config
