@@ -42,7 +42,7 @@ bench() {  # bench LIMIT PYTEST-ARGS...   (LIMIT 0 skips the stage)
     --bench-warmup 3 "$@" 2>&1 | tee -a "$OUT_DIR/bench.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -8
 }
 echo "=== benchmarks"
-bench 60 benchmarks/test_kernels.py -k "ours or flash or cudnn or eager"
+bench 60 benchmarks/test_kernels.py -k "(ours or flash or cudnn or eager) and not no-whole"  # the A/B row: make bench
 bench 45 benchmarks/test_gemms.py -k cifar10
 bench 60 benchmarks/test_e2e.py -k "cifar10 and bf16 and not compile and not b8 and not unplanned"  # those: gpu-focus
 echo "=== GPU time per kernel, one CIFAR-10 step (ours and eager SDPA)"

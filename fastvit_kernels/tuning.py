@@ -30,10 +30,11 @@ def smem_limit(device) -> int:
 
 
 def prune_gemm_configs(a_name, b_name):
-    """A prune function (configs, the launch's arguments by name -> the configs kept): drop the configs whose pipelined A and B tiles (stages x (BM x BK + BK x BN), in the
-    operands' own dtypes) would not fit the device's shared memory, as fp32 tiles of 128 x 256 do not on an A100.
-    The estimate is at or above what Triton allocated in every configuration tests/test_compile_targets.py builds
-    (equal for 16-bit operands); the smallest config is always kept."""
+    """A prune function (configs, the launch's arguments by name -> the configs kept): drop the configs whose
+    pipelined A and B tiles (stages x (BM x BK + BK x BN), in the operands' own dtypes) would not fit the device's
+    shared memory, as fp32 tiles of 128 x 256 do not on an A100. The estimate is at or above what Triton allocated in
+    every configuration tests/test_compile_targets.py builds (equal for 16-bit operands); the smallest config is always
+    kept."""
 
     def prune(configs, args):
         a, b = args[a_name], args[b_name]
@@ -375,8 +376,9 @@ def whole_programs_per_sm(block: int, tail: int = 0) -> int:
 # instead of the 128-row tile's 128 x 128, at 5,970 SASS instructions a pair against 8,780 (sm_90, triton 3.8).
 # Unmeasured; first in the list so that the tests and FASTVIT_AUTOTUNE=0 run them wherever they apply.
 # tail=16 on a query-block tile: a last key block of at most 16 keys (197 = 3 x 64 + 5) runs 16 wide. Given only to
-# the tiles where it costs no block per SM and no spill (sm_90, bf16, head dim 64, triton 3.8: 64 x 64 134 -> 132
-# registers, 128 x 64 131 -> 127; the 64 x 32 tile would go from 5 blocks per SM to 4 for 16 columns of 32 saved).
+# the tiles where it costs no block per SM and no spill (sm_90, bf16, head dim 64, triton 3.6 / 3.8: 64 x 64
+# 131 / 134 -> 131 / 132 registers, 128 x 64 141 / 131 -> 147 / 127; the 64 x 32 tile would go from 5 blocks per SM to
+# 4 with 3.8 for 16 columns of 32 saved).
 ATTENTION_FWD_CONFIGS = [
     _attention_cfg(64, 64, 4, 2, whole=True, tail=16),
     _attention_cfg(64, 64, 4, 3, whole=True, tail=16),
@@ -396,15 +398,25 @@ ATTENTION_FWD_CONFIGS = [
 # tiles take two (the second one row deep at N = 65). Single-stage: one K/V (or Q/dO) block per pair leaves nothing
 # to pipeline. sm_90, bf16, head dim 64, compiled offline: dQ 201/206 registers (triton 3.6/3.8), dK/dV 255, no
 # spill, no C7515 (two stages serialise dK/dV's wgmma). Unmeasured.
-# tail=16: a last block of at most 16 keys (dQ) or queries (dK/dV) runs 16 wide: at N = 65 with the 64 x 32 tiles the
-# H100 kept, 80 columns of scores a row instead of 96. Given where neither kernel loses a block per SM or spills
-# (sm_90, bf16, head dim 64, triton 3.8: 64 x 32 dQ 122 -> 110 registers, dK/dV 182 -> 180; 64 x 64 dK/dV
-# 206 -> 242, two blocks either way; 128 x 64 dK/dV 172 -> 233, and its C7515 gone). The 32-row tiles lose a block.
-ATTENTION_BWD_CONFIGS = [
+# tail=16: a last block of at most 16 queries (dK/dV) or keys (dQ) runs 16 wide: at N = 65 with the 64 x 32 tiles the
+# H100 kept, dK/dV sweeps 80 query rows instead of 128. Given where it costs no block per SM and no spill in triton
+# 3.6 (the lent GPUs') and 3.8 (sm_90, bf16, head dim 64; 3.6: dK/dV 64 x 32 140 -> 142 registers, 64 x 64 222 -> 241
+# (two blocks either way), 128 x 64 192 -> 250 and its C7515 gone). dQ keeps it on 128 x 64 only: with 3.6 its 64 x 32
+# and 64 x 64 tiles lose a block per SM (114 -> 146, 128 -> 157 registers) for 16 columns of 96 or 128.
+ATTENTION_BWD_DKDV_CONFIGS = [
     _attention_cfg(64, 64, 4, 2, tail=16),
     _attention_cfg(32, 32, 4, 2),
     _attention_cfg(32, 64, 4, 2),
     _attention_cfg(64, 32, 4, 2, tail=16),
+    _attention_cfg(16, 32, 4, 2),
+    _attention_cfg(128, 64, 8, 2, tail=16),
+    _attention_cfg(128, 128, 8, 1),
+]
+ATTENTION_BWD_DQ_CONFIGS = [  # the same tiles, in the same order (the tests pair them)
+    _attention_cfg(64, 64, 4, 2),
+    _attention_cfg(32, 32, 4, 2),
+    _attention_cfg(32, 64, 4, 2),
+    _attention_cfg(64, 32, 4, 2),
     _attention_cfg(16, 32, 4, 2),
     _attention_cfg(128, 64, 8, 2, tail=16),
     _attention_cfg(128, 128, 8, 1),

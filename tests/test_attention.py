@@ -3,7 +3,12 @@ import torch
 from helpers import assert_matches, check_op, force_config
 
 from fastvit_kernels.ops import _common, attention, attention_ref, fused_attention
-from fastvit_kernels.tuning import ATTENTION_BWD_CONFIGS, ATTENTION_FWD_CONFIGS, prune_attention
+from fastvit_kernels.tuning import (
+    ATTENTION_BWD_DKDV_CONFIGS,
+    ATTENTION_BWD_DQ_CONFIGS,
+    ATTENTION_FWD_CONFIGS,
+    prune_attention,
+)
 
 # (B, N, H, d): odd lengths, the model's 65 and 197, head dims that are not powers of two, batch 1, one token
 SHAPES = [(2, 65, 2, 64), (1, 17, 3, 80), (1, 1, 1, 16), (2, 33, 2, 96), (1, 197, 1, 32), (1, 5, 2, 128)]
@@ -134,15 +139,17 @@ def test_whole_tail_tiles_take_only_the_lengths_they_hold():
     assert kept == [65, 80]
 
 
-@pytest.mark.parametrize("cfg", range(len(ATTENTION_BWD_CONFIGS)))
+@pytest.mark.parametrize("cfg", range(len(ATTENTION_BWD_DKDV_CONFIGS)))
 def test_every_backward_config_matches_reference(cfg, device, monkeypatch):
     # each tile the tuner may pick for dQ and for dK/dV, at CIFAR-10's 65 tokens (64 + 1: a 64-row tile leaves a
     # one-row second tile, which a tile with a tail sweeps 16 wide; the 128 x 128 one holds the whole sequence)
-    config = ATTENTION_BWD_CONFIGS[cfg]
-    force_config(monkeypatch, fused_attention._bwd_dq, config)
-    force_config(monkeypatch, fused_attention._bwd_dkdv, config)
+    dq, dkdv = ATTENTION_BWD_DQ_CONFIGS[cfg], ATTENTION_BWD_DKDV_CONFIGS[cfg]
+    assert (dq.kwargs["BLOCK_M"], dq.kwargs["BLOCK_N"]) == (dkdv.kwargs["BLOCK_M"], dkdv.kwargs["BLOCK_N"])
+    force_config(monkeypatch, fused_attention._bwd_dq, dq)
+    force_config(monkeypatch, fused_attention._bwd_dkdv, dkdv)
     qkv = torch.randn(2, 65, 3 * 2 * 64, device=device, requires_grad=True)
-    assert prune_attention([config], {"QKV": qkv, "N": 65, "BLOCK_D": 64}) == [config]  # it runs, not the fallback
+    for config in (dq, dkdv):  # it runs, not the fallback
+        assert prune_attention([config], {"QKV": qkv, "N": 65, "BLOCK_D": 64}) == [config]
     check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], torch.float32)
 
 

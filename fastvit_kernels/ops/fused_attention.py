@@ -14,7 +14,8 @@ import torch
 from ..kernels.attention import attention_fwd_kernel
 from ..kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from ..tuning import (
-    ATTENTION_BWD_CONFIGS,
+    ATTENTION_BWD_DKDV_CONFIGS,
+    ATTENTION_BWD_DQ_CONFIGS,
     ATTENTION_FWD_CONFIGS,
     Launcher,
     prune_attention,
@@ -42,8 +43,8 @@ MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register file with a 64-ro
 # ----------------------------------------------------------------------------------------------------------------
 _KEY = ["N", "HEAD_DIM", "DOT_PRECISION"]
 _fwd = Launcher(attention_fwd_kernel, ATTENTION_FWD_CONFIGS, _KEY, prune_attention)
-_bwd_dkdv = Launcher(attention_bwd_dkdv_kernel, ATTENTION_BWD_CONFIGS, _KEY, prune_attention)
-_bwd_dq = Launcher(attention_bwd_dq_kernel, ATTENTION_BWD_CONFIGS, _KEY, prune_attention)
+_bwd_dkdv = Launcher(attention_bwd_dkdv_kernel, ATTENTION_BWD_DKDV_CONFIGS, _KEY, prune_attention)
+_bwd_dq = Launcher(attention_bwd_dq_kernel, ATTENTION_BWD_DQ_CONFIGS, _KEY, prune_attention)
 
 
 def _check_qkv(qkv: torch.Tensor, num_heads: int) -> int:
