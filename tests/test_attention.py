@@ -127,6 +127,20 @@ def test_whole_tail_tiles_match_reference(n, dtype, device, monkeypatch):
     check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], dtype)
 
 
+@pytest.mark.parametrize("n", [65, 71, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_whole_dq_tiles_match_reference(n, dtype, device, monkeypatch):
+    # dQ's whole-pair tile (delta and dQ from one P and one dP) beside each dK/dV tile shape it may run with, at
+    # every length it holds, head dim 48 (a masked 64-wide tile); the dK/dV kernel reads the delta it wrote
+    whole = [c for c in ATTENTION_BWD_DQ_CONFIGS if c.kwargs.get("WHOLE")]
+    assert whole
+    qkv = torch.randn(2, n, 3 * 2 * 48, device=device, requires_grad=True)
+    for config in whole:
+        force_config(monkeypatch, fused_attention._bwd_dq, config)
+        assert prune_attention([config], {"QKV": qkv.to(dtype), "N": n, "BLOCK_D": 64}) == [config]
+        check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], dtype)
+
+
 def test_whole_tail_tiles_take_only_the_lengths_they_hold():
     # 64 < N <= 80: below, a tail-less tile does the same work; above, the sequence does not fit
     config = next(c for c in ATTENTION_FWD_CONFIGS if c.kwargs["WHOLE"] and c.kwargs["TAIL"])
@@ -143,7 +157,7 @@ def test_whole_tail_tiles_take_only_the_lengths_they_hold():
 def test_every_backward_config_matches_reference(cfg, device, monkeypatch):
     # each tile the tuner may pick for dQ and for dK/dV, at CIFAR-10's 65 tokens (64 + 1: a 64-row tile leaves a
     # one-row second tile, which a tile with a tail sweeps 16 wide; the 128 x 128 one holds the whole sequence)
-    dq, dkdv = ATTENTION_BWD_DQ_CONFIGS[cfg], ATTENTION_BWD_DKDV_CONFIGS[cfg]
+    dq, dkdv = [c for c in ATTENTION_BWD_DQ_CONFIGS if not c.kwargs.get("WHOLE")][cfg], ATTENTION_BWD_DKDV_CONFIGS[cfg]
     assert (dq.kwargs["BLOCK_M"], dq.kwargs["BLOCK_N"]) == (dkdv.kwargs["BLOCK_M"], dkdv.kwargs["BLOCK_N"])
     force_config(monkeypatch, fused_attention._bwd_dq, dq)
     force_config(monkeypatch, fused_attention._bwd_dkdv, dkdv)

@@ -8,17 +8,8 @@ in a TAIL-wide block (N = 65 = 64 + 1: 16 of them there instead of 64). The laun
 import triton
 import triton.language as tl
 
-from .common import block_and_head, full_blocks_end
-
-
-@triton.jit
-def _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION: tl.constexpr):
-    # P rebuilt from the forward's row statistics, as the forward computed it (see there). One helper for every
-    # recomputation, so the dQ kernel's two passes and the dK/dV kernel evaluate the very same expression. Padded rows
-    # and columns contribute exactly zero (exp2(0 - 0) would be 1).
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    p = tl.exp2((qk - m[:, None]) * qk_scale_log2 - log_l[:, None])
-    return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+from .attention_bwd_whole import dq_pair
+from .common import attention_probs, block_and_head, full_blocks_end
 
 
 @triton.jit
@@ -50,7 +41,7 @@ def _dkdv_step(
     m = tl.load(stats + rows, mask=mask_m, other=0.0)
     log_l = tl.load(stats + N + rows, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + rows, mask=mask_m, other=0.0)
-    p = _probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
+    p = attention_probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
@@ -166,6 +157,7 @@ def attention_bwd_dq_kernel(
     N,
     H,
     D,
+    BH,  # B * H, the (batch, head) pairs: the WHOLE path's persistent loop walks them
     sm_scale,
     qk_scale_log2,
     HEAD_DIM: tl.constexpr,
@@ -173,7 +165,8 @@ def attention_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    TAIL: tl.constexpr = 0,  # the last partial key block in a TAIL-column block where it fits (0: none)
+    TAIL: tl.constexpr = 0,  # the last partial key block in a TAIL-column block where it fits (0: none); WHOLE: rows
+    WHOLE: tl.constexpr = False,  # a config's choice where N <= BLOCK_M + TAIL: a (batch, head) pair per step
 ):
     # One program owns a block of queries and sweeps all keys twice: first for delta_i = rowsum(P * dP), then for
     # dQ. Flash attention takes delta = rowsum(dO * O) instead, with O rounded to bf16: when the softmax saturates
@@ -181,33 +174,57 @@ def attention_bwd_dq_kernel(
     # key block and keeps the gradient as exact as eager's. delta is written for the dK/dV kernel, which runs next.
     # (P is not renormalised by this pass's own row sum: the forward's sum is exact enough, see the forward, and
     # dividing delta and P by a sum one ulp off 1 made saturated rows' gradients up to 20x worse than eager's.)
-    pid_m, pid_bh = block_and_head(N, BLOCK_M)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    mask_m = offs_m < N
-    mask_q = mask_m[:, None] & mask_d[None, :]
-    q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
-    do = tl.load(
-        DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM + offs_m[:, None] * stride_don + offs_d[None, :],
-        mask=mask_q,
-        other=0.0,
-    )
-    m = tl.load(LSE + pid_bh * 2 * N + offs_m, mask=mask_m, other=0.0)
-    log_l = tl.load(LSE + pid_bh * 2 * N + N + offs_m, mask=mask_m, other=0.0)
-    n_full = full_blocks_end(N, BLOCK_N, TAIL)
-    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, n_full, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        delta = _delta_step(
-            delta, q, do, m, log_l, mask_m, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION
+    if WHOLE:
+        # Short sequences: persistent programs walk the pairs, and each row sees all its keys in one step, so delta
+        # and dS come from one P and one dP (kernels/attention_bwd_whole.py). Its config has one stage (two spill):
+        # the programs sharing an SM hide each other's loads.
+        for pid_bh in tl.range(tl.program_id(0), BH, tl.num_programs(0)):
+            dq_pair(
+                QKV,
+                DO,
+                LSE,
+                DELTA,
+                DQKV,
+                pid_bh,
+                stride_qb,
+                stride_qn,
+                stride_dob,
+                stride_don,
+                stride_gb,
+                stride_gn,
+                N,
+                H,
+                D,
+                sm_scale,
+                qk_scale_log2,
+                HEAD_DIM,
+                BLOCK_D,
+                DOT_PRECISION,
+                BLOCK_M,
+                TAIL,
+            )
+    else:
+        pid_m, pid_bh = block_and_head(N, BLOCK_M)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        mask_m = offs_m < N
+        mask_q = mask_m[:, None] & mask_d[None, :]
+        q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
+        do = tl.load(
+            DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM + offs_m[:, None] * stride_don + offs_d[None, :],
+            mask=mask_q,
+            other=0.0,
         )
-    if TAIL > 0:
-        if n_full < N:
-            cols = n_full + tl.arange(0, TAIL)
+        m = tl.load(LSE + pid_bh * 2 * N + offs_m, mask=mask_m, other=0.0)
+        log_l = tl.load(LSE + pid_bh * 2 * N + N + offs_m, mask=mask_m, other=0.0)
+        n_full = full_blocks_end(N, BLOCK_N, TAIL)
+        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start_n in range(0, n_full, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
             delta = _delta_step(
                 delta,
                 q,
@@ -225,31 +242,30 @@ def attention_bwd_dq_kernel(
                 qk_scale_log2,
                 DOT_PRECISION,
             )
-    tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, n_full, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        dq = _dq_step(
-            dq,
-            q,
-            do,
-            m,
-            log_l,
-            delta,
-            mask_m,
-            q_base,
-            cols,
-            offs_d,
-            mask_d,
-            stride_qn,
-            N,
-            D,
-            qk_scale_log2,
-            DOT_PRECISION,
-        )
-    if TAIL > 0:
-        if n_full < N:
-            cols = n_full + tl.arange(0, TAIL)
+        if TAIL > 0:
+            if n_full < N:
+                cols = n_full + tl.arange(0, TAIL)
+                delta = _delta_step(
+                    delta,
+                    q,
+                    do,
+                    m,
+                    log_l,
+                    mask_m,
+                    q_base,
+                    cols,
+                    offs_d,
+                    mask_d,
+                    stride_qn,
+                    N,
+                    D,
+                    qk_scale_log2,
+                    DOT_PRECISION,
+                )
+        tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, n_full, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
             dq = _dq_step(
                 dq,
                 q,
@@ -268,8 +284,29 @@ def attention_bwd_dq_kernel(
                 qk_scale_log2,
                 DOT_PRECISION,
             )
-    g_ptrs = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_m[:, None] * stride_gn + offs_d[None, :]
-    tl.store(g_ptrs, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask_q)
+        if TAIL > 0:
+            if n_full < N:
+                cols = n_full + tl.arange(0, TAIL)
+                dq = _dq_step(
+                    dq,
+                    q,
+                    do,
+                    m,
+                    log_l,
+                    delta,
+                    mask_m,
+                    q_base,
+                    cols,
+                    offs_d,
+                    mask_d,
+                    stride_qn,
+                    N,
+                    D,
+                    qk_scale_log2,
+                    DOT_PRECISION,
+                )
+        g_ptrs = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_m[:, None] * stride_gn + offs_d[None, :]
+        tl.store(g_ptrs, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask_q)
 
 
 @triton.jit
@@ -286,7 +323,7 @@ def _delta_step(
 ):
     """delta += rowsum(P * dP) over the keys `cols`."""
     k, v = _load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D)
-    p = _probs(q, k, m, log_l, mask_m, cols < N, qk_scale_log2, DOT_PRECISION)
+    p = attention_probs(q, k, m, log_l, mask_m, cols < N, qk_scale_log2, DOT_PRECISION)
     return delta + tl.sum(p * tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION), 1)
 
 
@@ -296,7 +333,7 @@ def _dq_step(
 ):
     """dq += dS k over the keys `cols`, dS = P * (dP - delta)."""
     k, v = _load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D)
-    p = _probs(q, k, m, log_l, mask_m, cols < N, qk_scale_log2, DOT_PRECISION)
+    p = attention_probs(q, k, m, log_l, mask_m, cols < N, qk_scale_log2, DOT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)

@@ -50,6 +50,24 @@ def full_blocks_end(N, BLOCK: tl.constexpr, TAIL: tl.constexpr):
 
 
 @triton.jit
+def attention_probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+    # P (rows by keys) rebuilt from the forward's row statistics, as the forward computed it (kernels/attention.py).
+    # One helper for every recomputation, so the backward's kernels evaluate the very same expression. Padded rows and
+    # columns contribute exactly zero (exp2(0 - 0) would be 1).
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    p = tl.exp2((qk - m[:, None]) * qk_scale_log2 - log_l[:, None])
+    return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+
+
+@triton.jit
+def attention_probs_t(k, q, m, log_l, mask_keys, mask_rows, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+    """P^T (keys by rows): attention_probs, transposed, for products whose M has to be the keys (wgmma's 64 rows)."""
+    kq = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    p = tl.exp2((kq - m[None, :]) * qk_scale_log2 - log_l[None, :])
+    return tl.where(mask_keys[:, None] & mask_rows[None, :], p, 0.0)
+
+
+@triton.jit
 def _erfc_poly(a):
     """erfc(a) / exp(-a^2) for a >= 0 (fp32). The division is the approximate one (2 ulp), far below the fit's error."""
     t = 1.0 / (1.0 + ERFC_P * a)

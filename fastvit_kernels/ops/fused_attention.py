@@ -117,29 +117,25 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
     if B * N == 0:
         return dqkv
     delta = torch.empty((B * num_heads, N), device=qkv.device, dtype=torch.float32)  # written by dQ, read by dK/dV
-    args = (
-        qkv,
-        do,
-        lse,
-        delta,
-        dqkv,
-        qkv.stride(0),
-        qkv.stride(1),
-        do.stride(0),
-        do.stride(1),
-        dqkv.stride(0),
-        dqkv.stride(1),
-        N,
-        num_heads,
-        D,
-        scale,
-        scale * LOG2E,
-    )
+    pairs = B * num_heads
+    strides = (qkv.stride(0), qkv.stride(1), do.stride(0), do.stride(1), dqkv.stride(0), dqkv.stride(1))
+    scales = (scale, scale * LOG2E)
     dot = dot_precision(qkv.dtype)
     key = (N, d, qkv.dtype, dot, qkv.device)
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot)
-    _bwd_dq.launch(key, lambda cfg: (cdiv(N, cfg["BLOCK_M"]) * B * num_heads,), *args, **meta)  # first: writes delta
-    _bwd_dkdv.launch(key, lambda cfg: (cdiv(N, cfg["BLOCK_N"]) * B * num_heads,), *args, **meta)
+    sms = num_sms(qkv.device)
+
+    def dq_grid(cfg):
+        if cfg.get("WHOLE"):  # persistent: each program walks (batch, head) pairs
+            return (min(pairs, whole_programs_per_sm(cfg["BLOCK_M"], cfg["TAIL"]) * sms),)
+        return (cdiv(N, cfg["BLOCK_M"]) * pairs,)
+
+    def dkdv_grid(cfg):
+        return (cdiv(N, cfg["BLOCK_N"]) * pairs,)
+
+    tensors = (qkv, do, lse, delta, dqkv)
+    _bwd_dq.launch(key, dq_grid, *tensors, *strides, N, num_heads, D, pairs, *scales, **meta)  # first: writes delta
+    _bwd_dkdv.launch(key, dkdv_grid, *tensors, *strides, N, num_heads, D, *scales, **meta)
     return dqkv
 
 
