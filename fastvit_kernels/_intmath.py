@@ -1,4 +1,4 @@
-"""Integer helpers for host code, shared by the launchers (ops/) and the tuning tables (tuning.py)."""
+"""Integer helpers for host code, shared by the launchers (ops/) and the configuration tables (configs.py)."""
 
 
 def cdiv(a: int, b: int) -> int:

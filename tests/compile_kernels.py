@@ -36,7 +36,7 @@ TT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "i32": "*i32"}
 def _variants(cap):
     """(kernel name, module, pointer dtypes, constexprs, num_warps, num_stages) for every launch configuration."""
     # the kernels from fastvit_kernels.kernels, the configurations and pruning from fastvit_kernels.tuning
-    from fastvit_kernels import tuning as tn
+    from fastvit_kernels import configs as tn
     from fastvit_kernels.kernels import attention as atk
     from fastvit_kernels.kernels import attention_bwd as atb
     from fastvit_kernels.kernels import gemm

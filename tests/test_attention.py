@@ -2,13 +2,13 @@ import pytest
 import torch
 from helpers import assert_matches, check_op, force_config
 
-from fastvit_kernels.ops import _common, attention, attention_ref, fused_attention
-from fastvit_kernels.tuning import (
+from fastvit_kernels.configs import (
     ATTENTION_BWD_DKDV_CONFIGS,
     ATTENTION_BWD_DQ_CONFIGS,
     ATTENTION_FWD_CONFIGS,
     prune_attention,
 )
+from fastvit_kernels.ops import _common, attention, attention_ref, fused_attention
 
 # (B, N, H, d): odd lengths, the model's 65 and 197, head dims that are not powers of two, batch 1, one token
 SHAPES = [(2, 65, 2, 64), (1, 17, 3, 80), (1, 1, 1, 16), (2, 33, 2, 96), (1, 197, 1, 32), (1, 5, 2, 128)]

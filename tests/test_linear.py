@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import assert_matches, force_config
 
-from fastvit_kernels import tuning
+from fastvit_kernels import configs, tuning
 from fastvit_kernels.ops import gemm as lin
 
 F = torch.nn.functional
@@ -215,18 +215,18 @@ def test_the_faster_candidate_is_measured_once_per_shape_and_kept(monkeypatch):
 
 def _tile_id(i):
     """A config's test id: its tile, and `warpspec` for the warp-specialised ones (gpu_check.sh selects on it)."""
-    c = tuning.LINEAR_FWD_CONFIGS[i]
+    c = configs.LINEAR_FWD_CONFIGS[i]
     k = c.kwargs
     flags = ("-tma" if k["USE_TMA"] else "") + ("-warpspec" if k["WARP_SPEC"] else "")
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-w{c.num_warps}-s{c.num_stages}{flags}"
 
 
-@pytest.mark.parametrize("cfg", range(len(tuning.LINEAR_FWD_CONFIGS)), ids=_tile_id)
+@pytest.mark.parametrize("cfg", range(len(configs.LINEAR_FWD_CONFIGS)), ids=_tile_id)
 def test_every_linear_config(cfg, device, monkeypatch):
     # each tile the tuner may pick for the GEMM with an epilogue, on fc1's hot path (bias, GELU, the pre-activation
     # kept), the warp-specialised ones included (FASTVIT_WARP_SPEC=1 offers them): K = 48 in bf16 keeps rows 16-byte
     # aligned (TMA); M = 130 and N = 200 leave partial tiles; on a GPU this is where a tile that fails shows first
-    config = tuning.LINEAR_FWD_CONFIGS[cfg]
+    config = configs.LINEAR_FWD_CONFIGS[cfg]
     monkeypatch.setenv("FASTVIT_WARP_SPEC", "1")
     monkeypatch.setenv("FASTVIT_GEMM", "triton")
     force_config(monkeypatch, lin._fwd, config)
@@ -236,7 +236,7 @@ def test_every_linear_config(cfg, device, monkeypatch):
     b = (0.1 * torch.randn(N, device=device)).to(torch.bfloat16)
     pre = torch.full((M, N), float("nan"), device=device, dtype=torch.bfloat16)
     named = {"A": a, "B": w, "TMA_OK": lin._tma_ok(a, K, w), "EPILOGUE": "gelu", "RES": None}
-    assert tuning.prune_linear_fwd([config], named) == [config]  # it runs, not a fallback tile
+    assert configs.prune_linear_fwd([config], named) == [config]  # it runs, not a fallback tile
     out = lin.linear(a, w, b, epilogue="gelu", pre=pre)
     ref = a.double() @ w.double().t() + b.double()
     assert_matches(out, F.gelu(F.linear(a, w, b)), F.gelu(ref), torch.bfloat16)
@@ -244,21 +244,21 @@ def test_every_linear_config(cfg, device, monkeypatch):
 
 
 def test_warp_specialised_tiles_are_offered_only_when_asked(monkeypatch):
-    ws = [c for c in tuning.LINEAR_FWD_CONFIGS if c.kwargs["WARP_SPEC"]]
+    ws = [c for c in configs.LINEAR_FWD_CONFIGS if c.kwargs["WARP_SPEC"]]
     assert ws and all(c.num_warps == 4 and c.kwargs["USE_TMA"] for c in ws)  # Triton ignores it at 8 warps
     named = {"A": torch.empty(8, 48, dtype=torch.bfloat16), "B": torch.empty(8, 48, dtype=torch.bfloat16)}
     named.update(TMA_OK=True, EPILOGUE="gelu", RES=None)
     monkeypatch.delenv("FASTVIT_WARP_SPEC", raising=False)
-    assert not any(c.kwargs["WARP_SPEC"] for c in tuning.prune_linear_fwd(tuning.LINEAR_FWD_CONFIGS, named))
+    assert not any(c.kwargs["WARP_SPEC"] for c in configs.prune_linear_fwd(configs.LINEAR_FWD_CONFIGS, named))
     monkeypatch.setenv("FASTVIT_WARP_SPEC", "1")
-    assert ws == [c for c in tuning.prune_linear_fwd(tuning.LINEAR_FWD_CONFIGS, named) if c.kwargs["WARP_SPEC"]]
+    assert ws == [c for c in configs.prune_linear_fwd(configs.LINEAR_FWD_CONFIGS, named) if c.kwargs["WARP_SPEC"]]
 
 
-@pytest.mark.parametrize("cfg", range(len(tuning.LINEAR_LN_CONFIGS)))
+@pytest.mark.parametrize("cfg", range(len(configs.LINEAR_LN_CONFIGS)))
 def test_every_full_row_layernorm_config(cfg, device, monkeypatch):
     # each tile the tuner may pick for the LayerNorm-epilogue GEMM, the tensor-descriptor (TMA) ones included:
     # K = 48 in bf16 keeps rows 16-byte aligned; N = 200 is two chunks, the second masked (and zero-filled by TMA)
-    config = tuning.LINEAR_LN_CONFIGS[cfg]
+    config = configs.LINEAR_LN_CONFIGS[cfg]
     force_config(monkeypatch, lin._fwd_ln, config)
     monkeypatch.setenv("FASTVIT_GEMM", "triton")
     M, K, N = 70, 48, 200
@@ -268,7 +268,7 @@ def test_every_full_row_layernorm_config(cfg, device, monkeypatch):
     nw, nb = 1 + 0.2 * torch.randn(N, device=device), 0.2 * torch.randn(N, device=device)
     assert lin._tma_ok(a, K, w)
     # the pruning keeps it at this shape (so it runs, not a fallback tile)
-    assert tuning.prune_linear_ln([config], {"A": a, "N_CHUNKS": 2, "BLOCK_N": 128, "TMA_OK": True}) == [config]
+    assert configs.prune_linear_ln([config], {"A": a, "N_CHUNKS": 2, "BLOCK_N": 128, "TMA_OK": True}) == [config]
     x, y, _, _ = lin.linear_residual_layernorm(a, w, None, res, nw, nb, 1e-6, torch.bfloat16)
     x_ref = res.double() + a.double() @ w.double().t()
     assert_matches(x, res + (a @ w.t()).float(), x_ref, torch.bfloat16, "X")

@@ -11,16 +11,16 @@ import math
 
 import torch
 
-from ..kernels.attention import attention_fwd_kernel
-from ..kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
-from ..tuning import (
+from ..configs import (
     ATTENTION_BWD_DKDV_CONFIGS,
     ATTENTION_BWD_DQ_CONFIGS,
     ATTENTION_FWD_CONFIGS,
-    Launcher,
     prune_attention,
     whole_programs_per_sm,
 )
+from ..kernels.attention import attention_fwd_kernel
+from ..kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
+from ..tuning import Launcher
 from ._common import (
     call,
     cdiv,

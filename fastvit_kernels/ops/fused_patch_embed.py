@@ -10,16 +10,16 @@ patch is (c, i, j) = (k // (ph*pw), (k // pw) % ph, k % pw), the order Conv2d fl
 
 import torch
 
-from ..kernels.patch_embed import patch_embed_bwd_dw_kernel, patch_embed_bwd_dx_kernel, patch_embed_fwd_kernel
-from ..tuning import (
+from ..configs import (
     GROUP_M,
     PATCH_EMBED_BWD_CONFIGS,
     PATCH_EMBED_FWD_CONFIGS,
-    Launcher,
     prune_patch_embed_dw,
     prune_patch_embed_dx,
     prune_patch_embed_fwd,
 )
+from ..kernels.patch_embed import patch_embed_bwd_dw_kernel, patch_embed_bwd_dx_kernel, patch_embed_fwd_kernel
+from ..tuning import Launcher
 from ._common import (
     autocast_on,
     call,

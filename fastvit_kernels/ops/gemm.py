@@ -17,20 +17,18 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from ..kernels.gemm import linear_dw_kernel, linear_fwd_kernel
-from ..kernels.gemm_layernorm import linear_residual_layernorm_kernel
-from ..tuning import (
+from ..configs import (
     GROUP_M,
     LINEAR_DW_CONFIGS,
     LINEAR_FWD_CONFIGS,
     LINEAR_LN_CONFIGS,
-    Launcher,
-    known_gemm_backend,
-    pick_gemm_backend,
     prune_linear_dw,
     prune_linear_fwd,
     prune_linear_ln,
 )
+from ..kernels.gemm import linear_dw_kernel, linear_fwd_kernel
+from ..kernels.gemm_layernorm import linear_residual_layernorm_kernel
+from ..tuning import Launcher, known_gemm_backend, pick_gemm_backend
 from ._common import (
     as_rows,
     as_unit_rows,

@@ -3,8 +3,9 @@ the fp32 statistics; the backward adds the residual gradient in the same pass.""
 
 import torch
 
+from ..configs import LAYERNORM_BWD_PARAMS, LAYERNORM_FWD_PARAMS, row_kernel_params
 from ..kernels.layernorm import layernorm_bwd_kernel, layernorm_fwd_kernel
-from ..tuning import LAYERNORM_BWD_PARAMS, LAYERNORM_FWD_PARAMS, launch_kernel, row_kernel_params
+from ..tuning import launch_kernel
 from ._common import as_unit_rows, cdiv, num_sms
 
 MAX_LN_DIM = 8192  # the row kernels keep a whole row in registers

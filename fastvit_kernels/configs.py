@@ -1,0 +1,329 @@
+"""Every kernel's candidate configurations, in one place, and the pruning that drops what a device or an input cannot
+take. The launchers in ops/ name a list and a prune function from here; tuning.py's Launcher chooses among what the
+prune keeps. A prune function takes (configs, the launch's arguments by name) and returns the configs kept.
+"""
+
+import os
+
+import torch
+import triton
+
+from ._intmath import next_pow2
+
+# ------------------------------------------------------------------------------------------------------------------
+# Shared memory
+# ------------------------------------------------------------------------------------------------------------------
+# Shared memory a block may use, by compute capability: sm_80 (A100) 163 KB, sm_86/89 99 KB, sm_90 (H100) 227 KB.
+SMEM_BY_ARCH = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+
+def smem_limit(device) -> int:
+    """Bytes of shared memory one block may use on `device` (a torch device, or 'sm_80'-style target names)."""
+    if isinstance(device, str) and device.startswith("sm_"):
+        return SMEM_BY_ARCH[int(device[3:])]
+    if getattr(device, "type", None) != "cuda":
+        return 1 << 30  # the interpreter has no limit
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    return optin or SMEM_BY_ARCH.get(props.major * 10 + props.minor, 101376)
+
+
+def prune_gemm_configs(a_name, b_name):
+    """A prune function (configs, the launch's arguments by name -> the configs kept): drop the configs whose
+    pipelined A and B tiles (stages x (BM x BK + BK x BN), in the operands' own dtypes) would not fit the device's
+    shared memory, as fp32 tiles of 128 x 256 do not on an A100. The estimate is at or above what Triton allocated in
+    every configuration tests/test_compile_targets.py builds (equal for 16-bit operands); the smallest config is always
+    kept."""
+
+    def prune(configs, args):
+        a, b = args[a_name], args[b_name]
+        limit = smem_limit(a.device)
+
+        def need(c):
+            bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+            return c.num_stages * (bm * bk * a.element_size() + bk * bn * b.element_size())
+
+        kept = [c for c in configs if need(c) <= limit]
+        return kept or [min(configs, key=need)]
+
+    return prune
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The linear layers' GEMMs (ops/gemm.py)
+# ------------------------------------------------------------------------------------------------------------------
+GROUP_M = 8  # row blocks that share B's column blocks in L2 (grouped program order), for every GEMM here
+
+
+def gemm_cfg(bm, bn, bk, warps, stages, tma=False, ws=False):
+    """tma=None: a kernel without the TMA and warp-specialisation flags (the weight gradient)."""
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+    if tma is not None:
+        kwargs["USE_TMA"] = tma
+        kwargs["WARP_SPEC"] = ws
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+
+
+# No tile here spills registers in bf16 on sm_90 (tests/test_compile_targets.py checks it): 128 x 256 x 64 with 8 warps
+# and 128 x 128 x 32 with 4 warps hit ptxas's 255-register cap with the residual epilogue or GELU'. The 4-warp tiles
+# with 3 stages fit two blocks per SM, so one block's epilogue overlaps the other's main loop: with K = 384 (qkv, fc1)
+# a block has only 6 K steps to hide it behind. The TMA tiles come first, so that the interpreter's tests and
+# FASTVIT_AUTOTUNE=0 run them wherever the operands allow (the first config is the one those launch).
+LINEAR_FWD_CONFIGS = [
+    gemm_cfg(128, 128, 64, 8, 3, tma=True),
+    gemm_cfg(128, 64, 64, 4, 4, tma=True),
+    gemm_cfg(64, 128, 64, 4, 4, tma=True),
+    gemm_cfg(128, 128, 64, 8, 3),
+    gemm_cfg(128, 64, 64, 4, 4),
+    gemm_cfg(64, 128, 64, 4, 4),
+    gemm_cfg(64, 64, 64, 4, 4),
+    gemm_cfg(128, 64, 64, 4, 3),
+    gemm_cfg(64, 128, 64, 4, 3),
+    # warp-specialised: Triton adds warps of its own for the loads and the MMAs (12 in all, registers rebalanced by
+    # setmaxnreg; sm_90, triton 3.6 and 3.8, compiled offline: 168 registers a thread, at most 8 B of stack, one block
+    # per SM; 128 x 128 spills 24 B with fc1's GELU epilogue under triton 3.8 and is not offered). Never run on a GPU
+    # yet: offered only with FASTVIT_WARP_SPEC=1 (warp_spec_on), which the GPU check sets once their tests pass there.
+    gemm_cfg(128, 64, 64, 4, 4, tma=True, ws=True),
+    gemm_cfg(64, 128, 64, 4, 4, tma=True, ws=True),
+]
+# 128 x 64 and 64 x 64 with 4 warps serialise every wgmma of the weight gradient under ptxas 12.9 (triton 3.8, C7515,
+# compiled offline); the tuner kept 64 x 128 for every weight gradient on the H100 (2026-11-26).
+LINEAR_DW_CONFIGS = [gemm_cfg(*c, tma=None) for c in ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4))]
+
+_linear_smem = prune_gemm_configs("A", "B")
+
+
+def _serialised(cfg, epilogue, res) -> bool:
+    """The tile whose wgmma ptxas 12.8 (triton 3.6, the lent GPUs') serialises, C7515 compiled offline: 128 x 128
+    with 8 warps and pointer loads when the epilogue adds an fp32 residual (proj and fc2 under autocast)."""
+    tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, bool(cfg.kwargs.get("USE_TMA")))
+    return epilogue == "residual" and res is not None and res.element_size() == 4 and tile == (128, 128, 8, False)
+
+
+def _tma_where_ok(configs, args):
+    """The configs without the TMA ones unless the operands allow descriptors (TMA_OK) and FASTVIT_TMA is not 0 (the
+    benchmarks' A/B switch: the pointer-load tiles alone)."""
+    if not args.get("TMA_OK", False) or os.environ.get("FASTVIT_TMA", "1") == "0":
+        return [c for c in configs if not c.kwargs.get("USE_TMA")]
+    return configs
+
+
+def warp_spec_on() -> bool:
+    """FASTVIT_WARP_SPEC=1 offers the tuner the warp-specialised GEMM tiles (off by default until measured)."""
+    return os.environ.get("FASTVIT_WARP_SPEC", "0") == "1"
+
+
+def prune_linear_fwd(configs, args):
+    """Shared memory as for every GEMM; the TMA tiles where _tma_where_ok keeps them; the warp-specialised ones where
+    warp_spec_on; no tile that ptxas serialises."""
+    configs = _tma_where_ok(configs, args)
+    if not warp_spec_on():
+        configs = [c for c in configs if not c.kwargs.get("WARP_SPEC")]
+    configs = [c for c in configs if not _serialised(c, args.get("EPILOGUE"), args.get("RES"))]
+    return _linear_smem(configs, args)
+
+
+prune_linear_dw = prune_gemm_configs("G", "X")
+
+
+# The full-row GEMM with the next LayerNorm in its epilogue (kernels/gemm_layernorm.py): a 64-row tile holds up to
+# four 128-column fp32 accumulators (96 registers a thread for D = 384 with 8 warps), so BLOCK_M stays 64 and the
+# warps 8; the configurations differ in how deep the K pipeline is. The last one fits fp32 operands.
+# The TMA variants come after the pointer ones (the tests and FASTVIT_AUTOTUNE=0 take the first): 158 SASS
+# instructions per 64-wide K step against 185 (sm_90, D = 384, compiled offline), for fc2's 24 K steps per tile.
+LINEAR_LN_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": bk, "USE_TMA": tma}, num_warps=8, num_stages=stages)
+    for bk, stages, tma in (
+        (64, 3, False),
+        (32, 4, False),
+        (64, 2, False),
+        (16, 2, False),
+        (64, 3, True),
+        (32, 4, True),
+    )
+]
+
+
+def prune_linear_ln(configs, args):
+    """Shared memory: stages x (A's 64 x BLOCK_K tile + B's BLOCK_K x (N_CHUNKS x BLOCK_N) tile); the TMA configs
+    where _tma_where_ok keeps them."""
+    configs = _tma_where_ok(configs, args)
+    a, row = args["A"], args["N_CHUNKS"] * args["BLOCK_N"]
+    limit = smem_limit(a.device)
+
+    def need(c):
+        return c.num_stages * c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + row) * a.element_size()
+
+    kept = [c for c in configs if need(c) <= limit]
+    return kept or [min(configs, key=need)]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Attention (ops/fused_attention.py)
+# ------------------------------------------------------------------------------------------------------------------
+def _attention_cfg(bm, bn, warps, stages, maxnreg=None, whole=None, tail=0):
+    """whole: the forward's WHOLE flag (True or False); None for the backward kernels, which have none. tail: TAIL,
+    the width of a last partial block of at most that many keys (queries, in the dK/dV kernel's loop), or a WHOLE
+    tile's rows past BLOCK_M."""
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "TAIL": tail}
+    if whole is not None:
+        kwargs["WHOLE"] = whole
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+
+
+def whole_programs_per_sm(block: int, tail: int = 0) -> int:
+    """Persistent forward programs per SM for a WHOLE tile: as many as fit at once (sm_90, bf16, head dim 64,
+    compiled offline: the 128-row tile with 8 warps takes 189-254 registers, one block per SM; the 64-row tile with 4
+    warps 167, three blocks; with a 16-row tail 190 (two stages) or 255 (three), two blocks; the dQ kernel's 64 + 16
+    tile 247-252, two blocks), so that no program waits for another to finish before it starts."""
+    if block >= 128:
+        return 1
+    return 2 if tail else 3
+
+
+# Short sequences are the normal case (65 tokens for CIFAR-10, 197 for ImageNet): small tiles keep N = 65 from
+# paying for a 128 x 128 tile of padding, and the tuner's key holds N so each length picks its own.
+# At N = 65 the forward is memory-latency bound (5x above its byte floor on an H200): the 64 x 64 tile capped at 128
+# registers (ptxas: 128, no stack, bf16, head dim 64; 134 uncapped) fits 4 blocks per SM instead of 3, more loads in
+# flight. Offered to the tuner, unmeasured.
+# WHOLE: where the sequence fits one tile (N <= 128: CIFAR-10's 65), one tile per (batch, head) pair and persistent
+# programs whose loop keeps the next pairs' loads in flight (issue: attention at ViT lengths is memory-latency bound).
+# With a tail (64 < N <= 80: CIFAR-10's 65 = 64 + 1), the rows past 64 in a 16-row tile: 80 x 80 scores a pair
+# instead of the 128-row tile's 128 x 128, at 5,970 SASS instructions a pair against 8,780 (sm_90, triton 3.8).
+# Unmeasured; first in the list so that the tests and FASTVIT_AUTOTUNE=0 run them wherever they apply.
+# tail=16 on a query-block tile: a last key block of at most 16 keys (197 = 3 x 64 + 5) runs 16 wide. Given only to
+# the tiles where it costs no block per SM and no spill (sm_90, bf16, head dim 64, triton 3.6 / 3.8: 64 x 64
+# 131 / 134 -> 131 / 132 registers, 128 x 64 141 / 131 -> 147 / 127; the 64 x 32 tile would go from 5 blocks per SM to
+# 4 with 3.8 for 16 columns of 32 saved).
+ATTENTION_FWD_CONFIGS = [
+    _attention_cfg(64, 64, 4, 2, whole=True, tail=16),
+    _attention_cfg(64, 64, 4, 3, whole=True, tail=16),
+    _attention_cfg(128, 128, 8, 3, whole=True),
+    _attention_cfg(64, 64, 4, 3, whole=True),
+    _attention_cfg(128, 128, 8, 2, whole=True),
+    _attention_cfg(64, 64, 4, 3, whole=False, tail=16),
+    _attention_cfg(32, 32, 4, 2, whole=False),
+    _attention_cfg(32, 64, 4, 3, whole=False),
+    _attention_cfg(64, 32, 4, 3, whole=False),
+    _attention_cfg(128, 64, 8, 3, whole=False, tail=16),
+    _attention_cfg(128, 32, 8, 3, whole=False),
+    _attention_cfg(16, 32, 4, 2, whole=False),
+    _attention_cfg(64, 64, 4, 3, maxnreg=128, whole=False, tail=16),
+]
+# The last: N <= 128 (CIFAR-10's 65) in one 128 x 128 tile per (batch, head) pair for dQ and for dK/dV, where 64-row
+# tiles take two (the second one row deep at N = 65). Single-stage: one K/V (or Q/dO) block per pair leaves nothing
+# to pipeline. sm_90, bf16, head dim 64, compiled offline: dQ 201/206 registers (triton 3.6/3.8), dK/dV 255, no
+# spill, no C7515 (two stages serialise dK/dV's wgmma). Unmeasured.
+# tail=16: a last block of at most 16 queries (dK/dV) or keys (dQ) runs 16 wide: at N = 65 with the 64 x 32 tiles the
+# H100 kept, dK/dV sweeps 80 query rows instead of 128. Given where it costs no block per SM and no spill in triton
+# 3.6 (the lent GPUs') and 3.8 (sm_90, bf16, head dim 64; 3.6: dK/dV 64 x 32 140 -> 142 registers, 64 x 64 222 -> 241
+# (two blocks either way), 128 x 64 192 -> 250 and its C7515 gone). dQ keeps it on 128 x 64 only: with 3.6 its 64 x 32
+# and 64 x 64 tiles lose a block per SM (114 -> 146, 128 -> 157 registers) for 16 columns of 96 or 128.
+ATTENTION_BWD_DKDV_CONFIGS = [
+    _attention_cfg(64, 64, 4, 2, tail=16),
+    _attention_cfg(32, 32, 4, 2),
+    _attention_cfg(32, 64, 4, 2),
+    _attention_cfg(64, 32, 4, 2, tail=16),
+    _attention_cfg(16, 32, 4, 2),
+    _attention_cfg(128, 64, 8, 2, tail=16),
+    _attention_cfg(128, 128, 8, 1),
+]
+# dQ's WHOLE tile (64 < N <= 80, first so that the tests and FASTVIT_AUTOTUNE=0 run it there): a pair per step of a
+# persistent loop, delta and dS from one P and one dP (the query-block tiles sweep the keys twice): ~5,200 SASS
+# instructions a pair (4 warps) where the 64 x 32 tiles issue ~18,000 in two programs at N = 65 (sm_90, bf16, head dim
+# 64; 247 / 252 registers with triton 3.8 / 3.6, two blocks per SM, no stack). One stage: with two the pipelined loads
+# spill 48 B. Unmeasured.
+ATTENTION_BWD_DQ_CONFIGS = [  # then the dK/dV tiles, in the same order (the tests pair them)
+    _attention_cfg(64, 64, 4, 1, whole=True, tail=16),
+    _attention_cfg(64, 64, 4, 2, whole=False),
+    _attention_cfg(32, 32, 4, 2, whole=False),
+    _attention_cfg(32, 64, 4, 2, whole=False),
+    _attention_cfg(64, 32, 4, 2, whole=False),
+    _attention_cfg(16, 32, 4, 2, whole=False),
+    _attention_cfg(128, 64, 8, 2, tail=16, whole=False),
+    _attention_cfg(128, 128, 8, 1, whole=False),
+]
+ATTENTION_FALLBACK_CONFIG = _attention_cfg(16, 16, 4, 1)  # fits any head dim <= 256 in fp32 on sm_80 and sm_90
+ATTENTION_SMEM_BUDGET = 160 * 1024  # under sm_80's 164 KB and sm_90's 228 KB per block
+
+
+def _attention_smem(cfg, block_d, elem):
+    # pipelined K/V (or Q/dO) tiles per stage plus the resident tile (WHOLE: q, k and v per stage); checked against
+    # the compiler's own numbers by tests/test_compile_targets.py
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    if cfg.kwargs.get("WHOLE"):
+        return cfg.num_stages * 3 * (bm + cfg.kwargs["TAIL"]) * block_d * elem
+    return (cfg.num_stages * 2 * max(bm, bn) + min(bm, bn)) * block_d * elem
+
+
+def prune_attention(configs, args):
+    # fp32 with big head dims: the tiles outgrow shared memory, so only the smaller ones stay
+    block_d = args["BLOCK_D"]
+    elem = args["QKV"].element_size()
+    kept = [c for c in configs if _attention_smem(c, block_d, elem) <= ATTENTION_SMEM_BUDGET]
+    # a WHOLE tile must hold the sequence, and its tail must hold some of it (else a tail-less tile does the same
+    # work); N is unknown when the compile check asks: keep them all
+    n = args.get("N")
+    kept = [c for c in kept if not c.kwargs.get("WHOLE") or (whole_attention_on() and (n is None or _whole_fits(c, n)))]
+    # a register cap fits 16-bit tiles of head dim <= 64 only; wider heads and fp32 tiles would spill under it
+    kept = [c for c in kept if c.maxnreg is None or (elem == 2 and block_d <= 64)]
+    return kept or [ATTENTION_FALLBACK_CONFIG]
+
+
+def _whole_fits(cfg, n: int) -> bool:
+    block, tail = cfg.kwargs["BLOCK_M"], cfg.kwargs["TAIL"]
+    return n <= block + tail and (not tail or n > block)
+
+
+def whole_attention_on() -> bool:
+    """FASTVIT_ATTN_WHOLE=0 leaves out the one-tile (WHOLE) attention paths: the A/B switch of the benchmarks."""
+    return os.environ.get("FASTVIT_ATTN_WHOLE", "1") != "0"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Patch embedding (ops/fused_patch_embed.py)
+# ------------------------------------------------------------------------------------------------------------------
+def _patch_cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# K = C * ph * pw is 48 for CIFAR-10 (3 x 4 x 4) and 768 for /16 patches: BLOCK_K 32/64 covers both without
+# padding a 48-wide K to 128.
+# (128 x 256 x 64 spilled registers in bf16 on sm_90 and was dropped; tests/test_compile_targets.py checks the rest.)
+PATCH_EMBED_FWD_CONFIGS = [
+    _patch_cfg(128, 128, 64, 8, 3),
+    _patch_cfg(128, 64, 32, 4, 3),
+    _patch_cfg(64, 128, 32, 4, 3),
+    _patch_cfg(64, 64, 64, 4, 3),
+    _patch_cfg(128, 128, 32, 8, 3),
+]
+PATCH_EMBED_BWD_CONFIGS = [
+    _patch_cfg(64, 64, 64, 4, 3),
+    _patch_cfg(128, 64, 64, 4, 3),
+    _patch_cfg(64, 128, 64, 4, 3),
+    _patch_cfg(128, 128, 64, 8, 3),
+]
+
+prune_patch_embed_fwd = prune_gemm_configs("IMG", "W")
+prune_patch_embed_dw = prune_gemm_configs("G", "IMG")
+prune_patch_embed_dx = prune_gemm_configs("G", "W")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# LayerNorm row kernels (ops/layernorm.py)
+# ------------------------------------------------------------------------------------------------------------------
+def row_kernel_params(D, elems, max_rows):
+    """(BLOCK_M, BLOCK_D, num_warps) for the row kernels, which hold BLOCK_M whole rows in registers.
+
+    BLOCK_M * BLOCK_D is about `elems`, spread so that each thread holds at most 16 elements per row tensor: the
+    LayerNorm backward keeps five such tensors live, and with a fixed 4 warps it spilled (ptxas: 8192 elements per
+    program at D = 768, 40 B of stack on sm_90; 16 KB at D = 8192).
+    """
+    block_d = next_pow2(D)
+    block_m = max(1, min(max_rows, elems // block_d))
+    warps = min(16, max(4, block_m * block_d // (32 * 16)))
+    return block_m, block_d, warps
+
+
+LAYERNORM_FWD_PARAMS = dict(elems=4096, max_rows=16)  # three live row tensors: 16 rows of D = 256, 4 of D = 1024
+LAYERNORM_BWD_PARAMS = dict(elems=4096, max_rows=8)
