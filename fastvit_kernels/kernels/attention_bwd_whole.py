@@ -15,25 +15,15 @@ from .common import attention_probs, attention_probs_t
 
 
 @triton.jit
-def _load_rows(base, offs, offs_d, mask_n, mask_d, stride_n):
+def _load_tile(base, offs, offs_d, mask_n, mask_d, stride_n):
     mask = mask_n[:, None] & mask_d[None, :]
     return tl.load(base + offs[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _store_rows(base, x, offs, offs_d, mask_n, mask_d, stride_n):
+def _store_tile(base, x, offs, offs_d, mask_n, mask_d, stride_n):
     mask = mask_n[:, None] & mask_d[None, :]
     tl.store(base + offs[:, None] * stride_n + offs_d[None, :], x.to(base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _pair(pid_bh, H, HEAD_DIM: tl.constexpr, stride_qb, stride_dob, stride_gb, QKV, DO, DQKV):
-    b = pid_bh // H
-    h = pid_bh % H
-    base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
-    do_base = DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM
-    g_base = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM
-    return base, do_base, g_base
 
 
 @triton.jit
@@ -62,14 +52,18 @@ def dq_pair(
     TAIL: tl.constexpr,
 ):
     """delta = rowsum(P * dP) and dQ of one pair, each row against all its keys at once (no second pass)."""
-    base, do_base, g_base = _pair(pid_bh, H, HEAD_DIM, stride_qb, stride_dob, stride_gb, QKV, DO, DQKV)
+    b = pid_bh // H
+    h = pid_bh % H
+    base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
+    do_base = DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM
+    g_base = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM
     offs = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs < N
     mask_d = offs_d < HEAD_DIM
     stats = LSE + pid_bh * 2 * N
     q, k, v = _load_qkv(base, offs, offs_d, mask_n, mask_d, stride_qn, D)
-    do = _load_rows(do_base, offs, offs_d, mask_n, mask_d, stride_don)
+    do = _load_tile(do_base, offs, offs_d, mask_n, mask_d, stride_don)
     m = tl.load(stats + offs, mask=mask_n, other=0.0)
     log_l = tl.load(stats + N + offs, mask=mask_n, other=0.0)
     p = attention_probs(q, k, m, log_l, mask_n, mask_n, qk_scale_log2, DOT_PRECISION)  # [rows, keys]
@@ -88,9 +82,9 @@ def dq_pair(
     if TAIL > 0:
         ds_t = p_t * (dp_t - delta[:, None])
         dq = tl.dot(ds_t.to(k_t.dtype), k_t, dq, input_precision=DOT_PRECISION)
-    _store_rows(g_base, dq * sm_scale, offs, offs_d, mask_n, mask_d, stride_gn)
+    _store_tile(g_base, dq * sm_scale, offs, offs_d, mask_n, mask_d, stride_gn)
     if TAIL > 0:  # the tail rows, transposed: keys by rows
-        do_t = _load_rows(do_base, offs_t, offs_d, mask_t, mask_d, stride_don)
+        do_t = _load_tile(do_base, offs_t, offs_d, mask_t, mask_d, stride_don)
         m_t = tl.load(stats + offs_t, mask=mask_t, other=0.0)
         log_l_t = tl.load(stats + N + offs_t, mask=mask_t, other=0.0)
         pt = attention_probs_t(k, q_t, m_t, log_l_t, mask_n, mask_t, qk_scale_log2, DOT_PRECISION)  # [keys, tail rows]
@@ -103,4 +97,4 @@ def dq_pair(
         dst_t = pt_t * (dpt_t - delta_t[None, :])
         dq_t = tl.dot(tl.trans(k), dst.to(k.dtype), input_precision=DOT_PRECISION)  # [d, tail rows]
         dq_t = tl.dot(tl.trans(k_t), dst_t.to(k_t.dtype), dq_t, input_precision=DOT_PRECISION)
-        _store_rows(g_base, tl.trans(dq_t) * sm_scale, offs_t, offs_d, mask_t, mask_d, stride_gn)
+        _store_tile(g_base, tl.trans(dq_t) * sm_scale, offs_t, offs_d, mask_t, mask_d, stride_gn)
