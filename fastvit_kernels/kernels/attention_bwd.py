@@ -1,8 +1,10 @@
 """Fused multi-head attention, backward kernels: dQ (with delta) and dK/dV, reading the packed qkv and the forward's
 softmax statistics, writing the packed dqkv.
 
-Each program sweeps the other side of the scores in blocks, and a last partial block of at most TAIL rows or columns
-in a TAIL-wide block (N = 65 = 64 + 1: 16 of them there instead of 64). The launchers are ops/fused_attention.py's.
+Each program owns a block of rows (dQ) or keys (dK/dV) and sweeps the other side of the scores in blocks, a last
+partial block of at most TAIL rows or columns in a TAIL-wide block (N = 65 = 64 + 1: 16 of them there instead of 64).
+dQ also has a WHOLE path for short sequences, a (batch, head) pair per step (attention_bwd_whole.py). The launchers
+are ops/fused_attention.py's.
 """
 
 import triton
