@@ -168,11 +168,12 @@ def test_every_backward_config_matches_reference(cfg, device, monkeypatch):
 
 
 def test_whole_sequence_tiles_are_left_out_when_switched_off(device, monkeypatch):
-    # FASTVIT_ATTN_WHOLE=0 (the benchmarks' A/B switch): the query-block tiles only, with the same results
+    # FASTVIT_ATTN_WHOLE=0 (the benchmarks' A/B switch): the query-block tiles only, forward and dQ, same results
     monkeypatch.setenv("FASTVIT_ATTN_WHOLE", "0")
     qkv = torch.randn(2, 65, 3 * 2 * 64, device=device, requires_grad=True)
-    kept = prune_attention(ATTENTION_FWD_CONFIGS, {"QKV": qkv, "N": 65, "BLOCK_D": 64})
-    assert kept and not any(c.kwargs.get("WHOLE") for c in kept)
+    for configs in (ATTENTION_FWD_CONFIGS, ATTENTION_BWD_DQ_CONFIGS):
+        kept = prune_attention(configs, {"QKV": qkv, "N": 65, "BLOCK_D": 64})
+        assert kept and not any(c.kwargs.get("WHOLE") for c in kept)
     check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], torch.float32)
 
 
