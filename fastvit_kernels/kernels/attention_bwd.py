@@ -223,90 +223,50 @@ def attention_bwd_dq_kernel(
         )
         m = tl.load(LSE + pid_bh * 2 * N + offs_m, mask=mask_m, other=0.0)
         log_l = tl.load(LSE + pid_bh * 2 * N + N + offs_m, mask=mask_m, other=0.0)
-        n_full = full_blocks_end(N, BLOCK_N, TAIL)
+        # two sweeps over the keys: delta first (the delta argument is read by the dQ sweep only), then dQ
         delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start_n in range(0, n_full, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            delta = _delta_step(
-                delta,
-                q,
-                do,
-                m,
-                log_l,
-                mask_m,
-                q_base,
-                cols,
-                offs_d,
-                mask_d,
-                stride_qn,
-                N,
-                D,
-                qk_scale_log2,
-                DOT_PRECISION,
-            )
-        if TAIL > 0:
-            if n_full < N:
-                cols = n_full + tl.arange(0, TAIL)
-                delta = _delta_step(
-                    delta,
-                    q,
-                    do,
-                    m,
-                    log_l,
-                    mask_m,
-                    q_base,
-                    cols,
-                    offs_d,
-                    mask_d,
-                    stride_qn,
-                    N,
-                    D,
-                    qk_scale_log2,
-                    DOT_PRECISION,
-                )
+        delta = _dq_sweep(
+            delta,
+            delta,
+            q,
+            do,
+            m,
+            log_l,
+            mask_m,
+            q_base,
+            offs_d,
+            mask_d,
+            stride_qn,
+            N,
+            D,
+            qk_scale_log2,
+            DOT_PRECISION,
+            BLOCK_N,
+            TAIL,
+            True,
+        )
         tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, n_full, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            dq = _dq_step(
-                dq,
-                q,
-                do,
-                m,
-                log_l,
-                delta,
-                mask_m,
-                q_base,
-                cols,
-                offs_d,
-                mask_d,
-                stride_qn,
-                N,
-                D,
-                qk_scale_log2,
-                DOT_PRECISION,
-            )
-        if TAIL > 0:
-            if n_full < N:
-                cols = n_full + tl.arange(0, TAIL)
-                dq = _dq_step(
-                    dq,
-                    q,
-                    do,
-                    m,
-                    log_l,
-                    delta,
-                    mask_m,
-                    q_base,
-                    cols,
-                    offs_d,
-                    mask_d,
-                    stride_qn,
-                    N,
-                    D,
-                    qk_scale_log2,
-                    DOT_PRECISION,
-                )
+        dq = _dq_sweep(
+            dq,
+            delta,
+            q,
+            do,
+            m,
+            log_l,
+            mask_m,
+            q_base,
+            offs_d,
+            mask_d,
+            stride_qn,
+            N,
+            D,
+            qk_scale_log2,
+            DOT_PRECISION,
+            BLOCK_N,
+            TAIL,
+            False,
+        )
         g_ptrs = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_m[:, None] * stride_gn + offs_d[None, :]
         tl.store(g_ptrs, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask_q)
 
@@ -320,22 +280,101 @@ def _load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D):
 
 
 @triton.jit
-def _delta_step(
-    delta, q, do, m, log_l, mask_m, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION
+def _dq_sweep(
+    acc,
+    delta,
+    q,
+    do,
+    m,
+    log_l,
+    mask_m,
+    q_base,
+    offs_d,
+    mask_d,
+    stride_qn,
+    N,
+    D,
+    qk_scale_log2,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TAIL: tl.constexpr,
+    DELTA_PASS: tl.constexpr,
 ):
-    """delta += rowsum(P * dP) over the keys `cols`."""
-    k, v = _load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D)
-    p = attention_probs(q, k, m, log_l, mask_m, cols < N, qk_scale_log2, DOT_PRECISION)
-    return delta + tl.sum(p * tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION), 1)
+    """One sweep of a dQ program over all keys, BLOCK_N at a time and a last partial block TAIL wide where it fits:
+    acc += rowsum(P * dP) (DELTA_PASS: acc is delta), else acc += dS k with dS = P * (dP - delta)."""
+    n_full = full_blocks_end(N, BLOCK_N, TAIL)
+    for start_n in range(0, n_full, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        acc = _dq_step(
+            acc,
+            delta,
+            q,
+            do,
+            m,
+            log_l,
+            mask_m,
+            q_base,
+            cols,
+            offs_d,
+            mask_d,
+            stride_qn,
+            N,
+            D,
+            qk_scale_log2,
+            DOT_PRECISION,
+            DELTA_PASS,
+        )
+    if TAIL > 0:
+        if n_full < N:
+            cols = n_full + tl.arange(0, TAIL)
+            acc = _dq_step(
+                acc,
+                delta,
+                q,
+                do,
+                m,
+                log_l,
+                mask_m,
+                q_base,
+                cols,
+                offs_d,
+                mask_d,
+                stride_qn,
+                N,
+                D,
+                qk_scale_log2,
+                DOT_PRECISION,
+                DELTA_PASS,
+            )
+    return acc
 
 
 @triton.jit
 def _dq_step(
-    dq, q, do, m, log_l, delta, mask_m, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION
+    acc,
+    delta,
+    q,
+    do,
+    m,
+    log_l,
+    mask_m,
+    q_base,
+    cols,
+    offs_d,
+    mask_d,
+    stride_qn,
+    N,
+    D,
+    qk_scale_log2,
+    DOT_PRECISION: tl.constexpr,
+    DELTA_PASS: tl.constexpr,
 ):
-    """dq += dS k over the keys `cols`, dS = P * (dP - delta)."""
+    """_dq_sweep's step over the keys `cols`."""
     k, v = _load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D)
     p = attention_probs(q, k, m, log_l, mask_m, cols < N, qk_scale_log2, DOT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    if DELTA_PASS:
+        acc += tl.sum(p * dp, 1)
+    else:
+        acc += tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, input_precision=DOT_PRECISION)
+    return acc
