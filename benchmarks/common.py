@@ -27,7 +27,18 @@ def env_info():
         date=time.strftime("%Y-%m-%d"),
         python=platform.python_version(),
         commit=_commit(),
+        **_switches(),
     )
+
+
+_BOOKKEEPING = {"FASTVIT_COMMIT", "FASTVIT_BENCH_ROWS", "FASTVIT_BENCH_OUT"}
+
+
+def _switches() -> dict:
+    """The FASTVIT_* switches set when the row was measured (a row's own, or a fallback the GPU check chose), as
+    `switches`: a row measured with FASTVIT_PLAN=0 or FASTVIT_TMA=0 says so."""
+    on = {k: v for k, v in sorted(os.environ.items()) if k.startswith("FASTVIT_") and k not in _BOOKKEEPING}
+    return {"switches": " ".join(f"{k.removeprefix('FASTVIT_')}={v}" for k, v in on.items())} if on else {}
 
 
 @functools.lru_cache(maxsize=1)  # one git call per run, not per row
