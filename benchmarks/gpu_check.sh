@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a CUDA machine, in one call: the GPU tests, then the benchmark suite, the compact speedup table printed last.
-# Sized for 9 minutes on an H100 (the stage limits add up to 535 s, 570 if the plans need their second try; a lent
+# Sized for 9 minutes on an H100 (the stage limits add up to 540 s, 575 if the plans need their second try; a lent
 # GPU's call may run 600). Stages run in priority order, each with its own time limit, and every benchmark row is
 # streamed to $OUT_DIR/rows.jsonl as it is measured, so a cut-short run still reports what it saw. Rows carry the
 # commit measured: git's HEAD, or FASTVIT_COMMIT where the tree came without .git (a lent GPU:
@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu
 echo "=== the TMA GEMM path first (new kernels): if it fails here, the benchmarks run without it (FASTVIT_TMA=0)"
 # the warp-specialised tiles (never run on a GPU before this check) are offered to the tuner only if they pass here
 export FASTVIT_WARP_SPEC=1
-FASTVIT_AUTOTUNE=0 timeout 60 $PY -m pytest -q -x tests/test_linear.py tests/test_gelu.py $XDIST -p no:cacheprovider \
+FASTVIT_AUTOTUNE=0 timeout 45 $PY -m pytest -q -x tests/test_linear.py tests/test_gelu.py $XDIST -p no:cacheprovider \
   2>&1 | tee "$OUT_DIR/tests.log" | tail -5
 status=${PIPESTATUS[0]}
 if [ "$status" -eq 124 ]; then
@@ -38,7 +38,7 @@ plan_tests() {  # plan_tests LIMIT: the plans' tests with FASTVIT_PLAN as export
     2>&1 | tee -a "$OUT_DIR/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -12
   return "${PIPESTATUS[0]}"
 }
-plan_tests 45; status=$?
+plan_tests 40; status=$?
 if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
   echo "!!! step-plan tests failed: again with FASTVIT_PLAN=triton (plans launching through Triton's own run)"
   if FASTVIT_PLAN=triton plan_tests 35; then
@@ -49,10 +49,22 @@ if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
   fi
 fi
 
+echo "=== attention, every tile forced in bf16 and fp32: if one fails, the benchmarks run the tiles measured before"
+# an illegal address kills the CUDA context of the process it happens in, and with it every later row of a stage
+# (2026-11-27: the whole-pair dQ tile, since removed): the whole-sequence and tail tiles stay out unless all pass here
+FASTVIT_AUTOTUNE=0 timeout 40 $PY -m pytest -q -rf --tb=line tests/test_attention.py $XDIST -p no:cacheprovider \
+  2>&1 | tee -a "$OUT_DIR/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -12
+status=${PIPESTATUS[0]}
+if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
+  echo "!!! attention tests failed: benchmarks run with FASTVIT_ATTN_WHOLE=0 FASTVIT_ATTN_TAIL=0"
+  export FASTVIT_ATTN_WHOLE=0 FASTVIT_ATTN_TAIL=0
+fi
+
 echo "=== GPU tests (first config of each kernel, no autotuning; the files above already ran)"
 # -v: each result is printed as it completes, so a stage cut at its limit still names its failures
-FASTVIT_AUTOTUNE=0 timeout "${TEST_LIMIT:-60}" $PY -m pytest -v -rf --tb=line tests $XDIST -p no:cacheprovider \
-  --ignore tests/test_linear.py --ignore tests/test_gelu.py $(printf -- "--ignore %s " $PLAN_TESTS) \
+FASTVIT_AUTOTUNE=0 timeout "${TEST_LIMIT:-30}" $PY -m pytest -v -rf --tb=line tests $XDIST -p no:cacheprovider \
+  --ignore tests/test_linear.py --ignore tests/test_gelu.py --ignore tests/test_attention.py \
+  $(printf -- "--ignore %s " $PLAN_TESTS) \
   --maxfail=30 ${SKIP_WS:+-k "$SKIP_WS"} 2>&1 | tee -a "$OUT_DIR/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -40
 
 bench() {  # bench LIMIT PYTEST-ARGS...   (LIMIT 0 skips the stage)
@@ -62,13 +74,17 @@ bench() {  # bench LIMIT PYTEST-ARGS...   (LIMIT 0 skips the stage)
     --bench-warmup 3 "$@" 2>&1 | tee -a "$OUT_DIR/bench.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -8
 }
 echo "=== benchmarks"
-bench 90 benchmarks/test_kernels.py -k "(ours or flash or cudnn or eager) and not no-whole"  # the A/B row: make bench
-bench 45 benchmarks/test_gemms.py -k cifar10
-bench 60 benchmarks/test_e2e.py -k "cifar10 and bf16 and not compile and not b8 and not unplanned"  # those: gpu-focus
+# the first rows of a workload pay the compilation and timing of every candidate tile: on a fresh H100 (2026-11-27)
+# 75 s covered CIFAR-10 inference and not training, 70 s the attention rows and not LayerNorm+MLP's
+bench 120 benchmarks/test_e2e.py -k "cifar10 and bf16 and not compile and not b8 and not unplanned"  # those: gpu-focus
+K=benchmarks/test_kernels.py
+bench 80 $K::test_layernorm_mlp $K::test_attention $K::test_patch_embed \
+  -k "(ours or flash or cudnn or eager) and not no-whole"  # the A/B row: make bench
+bench 40 benchmarks/test_gemms.py -k cifar10
 echo "=== GPU time per kernel, one CIFAR-10 step (ours and eager SDPA)"
 timeout 25 $PY benchmarks/profile_step.py "$OUT_DIR" 2>&1 | grep -E "^(###|\| \`)" | head -60
 # the issue's peers with CUDA graphs (each row compiles for ~30 s; the plain compile rows are make bench's)
-bench 130 benchmarks/test_e2e.py -k "cifar10 and bf16 and reduce-overhead"
+bench 100 benchmarks/test_e2e.py -k "cifar10 and bf16 and reduce-overhead"
 bench 20 benchmarks/test_e2e.py -k "vitb16 and (ours or sdpa)"
 bench "${FP32_LIMIT:-0}" benchmarks/test_e2e.py -k "cifar10 and fp32"
 echo "=== speedups (median of $ROUNDS rounds, same run)"

@@ -127,20 +127,6 @@ def test_whole_tail_tiles_match_reference(n, dtype, device, monkeypatch):
     check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], dtype)
 
 
-@pytest.mark.parametrize("n", [65, 71, 80])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_whole_dq_tiles_match_reference(n, dtype, device, monkeypatch):
-    # dQ's whole-pair tile (delta and dQ from one P and one dP) beside each dK/dV tile shape it may run with, at
-    # every length it holds, head dim 48 (a masked 64-wide tile); the dK/dV kernel reads the delta it wrote
-    whole = [c for c in ATTENTION_BWD_DQ_CONFIGS if c.kwargs.get("WHOLE")]
-    assert whole
-    qkv = torch.randn(2, n, 3 * 2 * 48, device=device, requires_grad=True)
-    for config in whole:
-        force_config(monkeypatch, fused_attention._bwd_dq, config)
-        assert prune_attention([config], {"QKV": qkv.to(dtype), "N": n, "BLOCK_D": 64}) == [config]
-        check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], dtype)
-
-
 def test_whole_tail_tiles_take_only_the_lengths_they_hold():
     # 64 < N <= 80: below, a tail-less tile does the same work; above, the sequence does not fit
     config = next(c for c in ATTENTION_FWD_CONFIGS if c.kwargs["WHOLE"] and c.kwargs["TAIL"])
@@ -153,27 +139,35 @@ def test_whole_tail_tiles_take_only_the_lengths_they_hold():
     assert kept == [65, 80]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cfg", range(len(ATTENTION_BWD_DKDV_CONFIGS)))
-def test_every_backward_config_matches_reference(cfg, device, monkeypatch):
+def test_every_backward_config_matches_reference(cfg, dtype, device, monkeypatch):
     # each tile the tuner may pick for dQ and for dK/dV, at CIFAR-10's 65 tokens (64 + 1: a 64-row tile leaves a
-    # one-row second tile, which a tile with a tail sweeps 16 wide; the 128 x 128 one holds the whole sequence)
-    dq, dkdv = [c for c in ATTENTION_BWD_DQ_CONFIGS if not c.kwargs.get("WHOLE")][cfg], ATTENTION_BWD_DKDV_CONFIGS[cfg]
+    # one-row second tile, which a tile with a tail sweeps 16 wide; the 128 x 128 one holds the whole sequence), in
+    # fp32 and in bf16: on a GPU only bf16 runs the tensor-core (wgmma) code that the model's training runs
+    dq, dkdv = ATTENTION_BWD_DQ_CONFIGS[cfg], ATTENTION_BWD_DKDV_CONFIGS[cfg]
     assert (dq.kwargs["BLOCK_M"], dq.kwargs["BLOCK_N"]) == (dkdv.kwargs["BLOCK_M"], dkdv.kwargs["BLOCK_N"])
     force_config(monkeypatch, fused_attention._bwd_dq, dq)
     force_config(monkeypatch, fused_attention._bwd_dkdv, dkdv)
     qkv = torch.randn(2, 65, 3 * 2 * 64, device=device, requires_grad=True)
     for config in (dq, dkdv):  # it runs, not the fallback
-        assert prune_attention([config], {"QKV": qkv, "N": 65, "BLOCK_D": 64}) == [config]
-    check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], torch.float32)
+        assert prune_attention([config], {"QKV": qkv.to(dtype), "N": 65, "BLOCK_D": 64}) == [config]
+    check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], dtype)
 
 
-def test_whole_sequence_tiles_are_left_out_when_switched_off(device, monkeypatch):
-    # FASTVIT_ATTN_WHOLE=0 (the benchmarks' A/B switch): the query-block tiles only, forward and dQ, same results
-    monkeypatch.setenv("FASTVIT_ATTN_WHOLE", "0")
+@pytest.mark.parametrize("switch", ["FASTVIT_ATTN_WHOLE", "FASTVIT_ATTN_TAIL"])
+def test_whole_sequence_and_tail_tiles_are_left_out_when_switched_off(switch, device, monkeypatch):
+    # FASTVIT_ATTN_WHOLE=0 (the benchmarks' A/B switch), FASTVIT_ATTN_TAIL=0 (with it, the GPU check's fallback when
+    # the attention tests fail there): the tiles without that feature only, forward and backward, same results
+    flag = {"FASTVIT_ATTN_WHOLE": "WHOLE", "FASTVIT_ATTN_TAIL": "TAIL"}[switch]
     qkv = torch.randn(2, 65, 3 * 2 * 64, device=device, requires_grad=True)
-    for configs in (ATTENTION_FWD_CONFIGS, ATTENTION_BWD_DQ_CONFIGS):
-        kept = prune_attention(configs, {"QKV": qkv, "N": 65, "BLOCK_D": 64})
-        assert kept and not any(c.kwargs.get("WHOLE") for c in kept)
+    lists = (ATTENTION_FWD_CONFIGS, ATTENTION_BWD_DQ_CONFIGS, ATTENTION_BWD_DKDV_CONFIGS)
+    args = {"QKV": qkv, "N": 65, "BLOCK_D": 64}
+    assert any(c.kwargs.get(flag) for configs in lists for c in prune_attention(configs, args))
+    monkeypatch.setenv(switch, "0")
+    for configs in lists:
+        kept = prune_attention(configs, args)
+        assert kept and not any(c.kwargs.get(flag) for c in kept)
     check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], torch.float32)
 
 

@@ -3,14 +3,12 @@ softmax statistics, writing the packed dqkv.
 
 Each program owns a block of rows (dQ) or keys (dK/dV) and sweeps the other side of the scores in blocks, a last
 partial block of at most TAIL rows or columns in a TAIL-wide block (N = 65 = 64 + 1: 16 of them there instead of 64).
-dQ also has a WHOLE path for short sequences, a (batch, head) pair per step (attention_bwd_whole.py). The launchers
-are ops/fused_attention.py's.
+The launchers are ops/fused_attention.py's.
 """
 
 import triton
 import triton.language as tl
 
-from .attention_bwd_whole import dq_pair
 from .common import attention_probs, block_and_head, full_blocks_end
 
 
@@ -159,7 +157,6 @@ def attention_bwd_dq_kernel(
     N,
     H,
     D,
-    BH,  # B * H, the (batch, head) pairs: the WHOLE path's persistent loop walks them
     sm_scale,
     qk_scale_log2,
     HEAD_DIM: tl.constexpr,
@@ -167,8 +164,7 @@ def attention_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    TAIL: tl.constexpr = 0,  # the last partial key block in a TAIL-column block where it fits (0: none); WHOLE: rows
-    WHOLE: tl.constexpr = False,  # a config's choice where N <= BLOCK_M + TAIL: a (batch, head) pair per step
+    TAIL: tl.constexpr = 0,  # the last partial key block in a TAIL-column block where it fits (0: none)
 ):
     # One program owns a block of queries and sweeps all keys twice: first for delta_i = rowsum(P * dP), then for
     # dQ. Flash attention takes delta = rowsum(dO * O) instead, with O rounded to bf16: when the softmax saturates
@@ -176,99 +172,69 @@ def attention_bwd_dq_kernel(
     # key block and keeps the gradient as exact as eager's. delta is written for the dK/dV kernel, which runs next.
     # (P is not renormalised by this pass's own row sum: the forward's sum is exact enough, see the forward, and
     # dividing delta and P by a sum one ulp off 1 made saturated rows' gradients up to 20x worse than eager's.)
-    if WHOLE:
-        # Short sequences: persistent programs walk the pairs, and each row sees all its keys in one step, so delta
-        # and dS come from one P and one dP (kernels/attention_bwd_whole.py). Its config has one stage (two spill):
-        # the programs sharing an SM hide each other's loads.
-        for pid_bh in tl.range(tl.program_id(0), BH, tl.num_programs(0)):
-            dq_pair(
-                QKV,
-                DO,
-                LSE,
-                DELTA,
-                DQKV,
-                pid_bh,
-                stride_qb,
-                stride_qn,
-                stride_dob,
-                stride_don,
-                stride_gb,
-                stride_gn,
-                N,
-                H,
-                D,
-                sm_scale,
-                qk_scale_log2,
-                HEAD_DIM,
-                BLOCK_D,
-                DOT_PRECISION,
-                BLOCK_M,
-                TAIL,
-            )
-    else:
-        pid_m, pid_bh = block_and_head(N, BLOCK_M)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < HEAD_DIM
-        mask_m = offs_m < N
-        mask_q = mask_m[:, None] & mask_d[None, :]
-        q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
-        do = tl.load(
-            DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM + offs_m[:, None] * stride_don + offs_d[None, :],
-            mask=mask_q,
-            other=0.0,
-        )
-        m = tl.load(LSE + pid_bh * 2 * N + offs_m, mask=mask_m, other=0.0)
-        log_l = tl.load(LSE + pid_bh * 2 * N + N + offs_m, mask=mask_m, other=0.0)
-        # two sweeps over the keys: delta first (the delta argument is read by the dQ sweep only), then dQ
-        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-        delta = _dq_sweep(
-            delta,
-            delta,
-            q,
-            do,
-            m,
-            log_l,
-            mask_m,
-            q_base,
-            offs_d,
-            mask_d,
-            stride_qn,
-            N,
-            D,
-            qk_scale_log2,
-            DOT_PRECISION,
-            BLOCK_N,
-            TAIL,
-            True,
-        )
-        tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        dq = _dq_sweep(
-            dq,
-            delta,
-            q,
-            do,
-            m,
-            log_l,
-            mask_m,
-            q_base,
-            offs_d,
-            mask_d,
-            stride_qn,
-            N,
-            D,
-            qk_scale_log2,
-            DOT_PRECISION,
-            BLOCK_N,
-            TAIL,
-            False,
-        )
-        g_ptrs = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_m[:, None] * stride_gn + offs_d[None, :]
-        tl.store(g_ptrs, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask_q)
+    pid_m, pid_bh = block_and_head(N, BLOCK_M)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_m = offs_m < N
+    mask_q = mask_m[:, None] & mask_d[None, :]
+    q_base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
+    do = tl.load(
+        DO + b.to(tl.int64) * stride_dob + h * HEAD_DIM + offs_m[:, None] * stride_don + offs_d[None, :],
+        mask=mask_q,
+        other=0.0,
+    )
+    m = tl.load(LSE + pid_bh * 2 * N + offs_m, mask=mask_m, other=0.0)
+    log_l = tl.load(LSE + pid_bh * 2 * N + N + offs_m, mask=mask_m, other=0.0)
+    # two sweeps over the keys: delta first (the delta argument is read by the dQ sweep only), then dQ
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    delta = _dq_sweep(
+        delta,
+        delta,
+        q,
+        do,
+        m,
+        log_l,
+        mask_m,
+        q_base,
+        offs_d,
+        mask_d,
+        stride_qn,
+        N,
+        D,
+        qk_scale_log2,
+        DOT_PRECISION,
+        BLOCK_N,
+        TAIL,
+        True,
+    )
+    tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_sweep(
+        dq,
+        delta,
+        q,
+        do,
+        m,
+        log_l,
+        mask_m,
+        q_base,
+        offs_d,
+        mask_d,
+        stride_qn,
+        N,
+        D,
+        qk_scale_log2,
+        DOT_PRECISION,
+        BLOCK_N,
+        TAIL,
+        False,
+    )
+    g_ptrs = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_m[:, None] * stride_gn + offs_d[None, :]
+    tl.store(g_ptrs, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask_q)
 
 
 @triton.jit

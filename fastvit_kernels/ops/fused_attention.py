@@ -123,18 +123,15 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
     dot = dot_precision(qkv.dtype)
     key = (N, d, qkv.dtype, dot, qkv.device)
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot)
-    sms = num_sms(qkv.device)
 
     def dq_grid(cfg):
-        if cfg.get("WHOLE"):  # persistent: each program walks (batch, head) pairs
-            return (min(pairs, whole_programs_per_sm(cfg["BLOCK_M"], cfg["TAIL"]) * sms),)
         return (cdiv(N, cfg["BLOCK_M"]) * pairs,)
 
     def dkdv_grid(cfg):
         return (cdiv(N, cfg["BLOCK_N"]) * pairs,)
 
     tensors = (qkv, do, lse, delta, dqkv)
-    _bwd_dq.launch(key, dq_grid, *tensors, *strides, N, num_heads, D, pairs, *scales, **meta)  # first: writes delta
+    _bwd_dq.launch(key, dq_grid, *tensors, *strides, N, num_heads, D, *scales, **meta)  # first: writes delta
     _bwd_dkdv.launch(key, dkdv_grid, *tensors, *strides, N, num_heads, D, *scales, **meta)
     return dqkv
 
