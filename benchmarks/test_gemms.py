@@ -9,6 +9,8 @@ bf16. Rows per group:
   ln+ours     (qkv, fc1) our LayerNorm row kernel writing bf16 rows, then our GEMM
   ours+ln     (proj+norm, fc2+norm) our residual GEMM, then our LayerNorm row kernel: two launches where `ours` is
               the full-row GEMM with LayerNorm in its epilogue, one launch (what the model runs for D <= 512)
+  cublas+addln  (proj+norm, fc2+norm) cuBLAS's GEMM, then our row kernel adding the residual and normalising in one
+              pass: the cuBLAS candidate the model's tuner times against `ours` (ops/gemm.py)
 """
 
 import importlib
@@ -27,8 +29,8 @@ GEMMS = {  # name -> (N, K) as functions of (D, hidden), and which rows apply
     "proj": (lambda d, h: (d, d), ("ours", "eager", "cublas")),
     "fc1": (lambda d, h: (h, d), ("ours", "eager", "cublas", "ln+ours")),
     "fc2": (lambda d, h: (d, h), ("ours", "eager", "cublas")),
-    "proj+norm": (lambda d, h: (d, d), ("ours", "eager", "cublas", "ours+ln")),  # + the block's norm2
-    "fc2+norm": (lambda d, h: (d, h), ("ours", "eager", "cublas", "ours+ln")),  # + the next block's norm1
+    "proj+norm": (lambda d, h: (d, d), ("ours", "eager", "cublas", "ours+ln", "cublas+addln")),  # + the block's norm2
+    "fc2+norm": (lambda d, h: (d, h), ("ours", "eager", "cublas", "ours+ln", "cublas+addln")),  # + the next norm1
     "fc1-dW": (lambda d, h: (h, d), ("ours", "eager", "cublas")),  # weight gradient from the saved LayerNorm rows
     "fc2-dgelu": (lambda d, h: (h, d), ("ours", "eager", "cublas")),  # dy @ W2 with GELU' in the epilogue
     "fc2-dW": (lambda d, h: (d, h), ("ours", "eager", "cublas")),
@@ -86,6 +88,7 @@ def _case(name, row, R, D, Hd, device):
             "eager": eager,
             "cublas": lambda: F.linear(a, w, b),
             "ours+ln": ours_then_ln,
+            "cublas+addln": lambda: lnorm.add_layernorm_fwd(F.linear(a, w, b), x, nw, nb, eps, BF16),
         }
         kernel = lin._fwd_ln if row == "ours" else lin._fwd
     elif name == "fc2-dgelu":  # dpre [R, hidden] = (dy [R, D] @ W2 [D, hidden]) * GELU'(pre)
@@ -121,7 +124,7 @@ def _case(name, row, R, D, Hd, device):
     return step, 2 * R * N * K, (kernel if row in ("ours", "ln+ours", "ours+ln") else None)
 
 
-@pytest.mark.parametrize("row", ["ours", "ln+ours", "ours+ln", "eager", "cublas"])
+@pytest.mark.parametrize("row", ["ours", "ln+ours", "ours+ln", "cublas+addln", "eager", "cublas"])
 @pytest.mark.parametrize("gemm", list(GEMMS))
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_gemm(benchmark, bench_opts, device, shape, gemm, row, monkeypatch):

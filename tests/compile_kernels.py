@@ -174,16 +174,12 @@ def _variants(cap):
         }
         for dim in (100, 384, 768, 1024, 8192) if full else (768,):
             bm, bd, warps = tn.row_kernel_params(dim, **tn.LAYERNORM_FWD_PARAMS)
-            out.append(
-                (
-                    "layernorm_fwd_kernel",
-                    lnk.__name__,
-                    {"X": stream, "W": f32, "B": f32, "Y": w, "MEAN": f32, "RSTD": f32},
-                    dict(BLOCK_M=bm, BLOCK_D=bd),
-                    warps,
-                    3,
-                )
-            )
+            for has_res in (False, True):  # the row kernel alone, and the add + LayerNorm after a cuBLAS GEMM
+                fwd_ptrs = {"X": stream, "RES": None, "S": None, "W": f32, "B": f32, "Y": w, "MEAN": f32, "RSTD": f32}
+                if has_res:
+                    fwd_ptrs.update(X=w, RES=stream, S=stream)
+                consts = dict(HAS_RES=has_res, BLOCK_M=bm, BLOCK_D=bd)
+                out.append(("layernorm_fwd_kernel", lnk.__name__, fwd_ptrs, consts, warps, 3))
             bm, bd, warps = tn.row_kernel_params(dim, **tn.LAYERNORM_BWD_PARAMS)
             out.append(
                 ("layernorm_bwd_kernel", lnk.__name__, ln_ptrs, dict(HAS_DRES=True, BLOCK_M=bm, BLOCK_D=bd), warps, 3)

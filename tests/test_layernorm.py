@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import assert_matches
 
-from fastvit_kernels.ops.layernorm import layernorm_bwd, layernorm_fwd
+from fastvit_kernels.ops.layernorm import add_layernorm_fwd, layernorm_bwd, layernorm_fwd
 
 F = torch.nn.functional
 
@@ -63,3 +63,46 @@ def test_layernorm_rows_of_any_layout(layout, device):
     F.layer_norm(xl, (D,), w, b, 1e-6).backward(dy)
     assert dx.shape == x.shape
     assert_matches(dx, xl.grad + dres, xd.grad + dres.double(), torch.float32, "dx + residual grad")
+
+
+@pytest.mark.parametrize("D", [48, 100, 384, 2100], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize(
+    "stream,branch",
+    [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)],
+    ids=["fp32+bf16", "bf16+bf16", "fp32+fp32"],
+)
+def test_add_layernorm_is_torchs_add_then_layernorm(D, stream, branch, device):
+    # the residual GEMMs' cuBLAS candidate: the stream plus the GEMM's output in one pass, then LayerNorm of the sum as
+    # torch rounds it (fp32 under autocast, bf16 for a bf16 model): the sum exactly torch's, the rows to the 2x rule
+    M = 37
+    residual = (torch.randn(M, D, device=device) * 3 + 1).to(stream)
+    x = torch.randn(M, D, device=device).to(branch)
+    w, b = 1 + 0.1 * torch.randn(D, device=device), 0.1 * torch.randn(D, device=device)
+    s, y, mean, rstd = add_layernorm_fwd(x, residual, w, b, 1e-6, torch.bfloat16)
+    expected = torch.add(residual, x)
+    assert s.dtype == expected.dtype and torch.equal(s, expected), "the sum, as torch's add rounds it"
+    ref = F.layer_norm(expected.double(), (D,), w.double(), b.double(), 1e-6)
+    low = F.layer_norm(expected, (D,), w.to(expected.dtype), b.to(expected.dtype), 1e-6).to(torch.bfloat16)
+    assert_matches(y, low, ref, torch.bfloat16, "normalised rows of the sum")
+    torch.testing.assert_close(mean.double(), expected.double().mean(1), rtol=1e-5, atol=1e-5)
+    var = expected.double().var(1, unbiased=False)
+    torch.testing.assert_close(rstd.double(), 1 / torch.sqrt(var + 1e-6), rtol=1e-4, atol=0)
+
+
+def test_add_layernorm_takes_rows_of_any_layout_and_refuses_unequal_shapes(device):
+    B, T, D = 3, 5, 48
+    base = torch.randn(B, T + 1, 2 * D, device=device)
+    x, residual = base[:, 1:, :D], base[:, :T, ::2]  # sliced tokens; strided features (copied)
+    w, b = torch.ones(D, device=device), torch.zeros(D, device=device)
+    s, y, _, _ = add_layernorm_fwd(x, residual, w, b, 1e-6, torch.float32)
+    assert s.shape == y.shape == (B, T, D) and s.is_contiguous()
+    torch.testing.assert_close(s, residual + x, rtol=0, atol=0)
+    assert_matches(
+        y,
+        F.layer_norm(residual + x, (D,), w, b, 1e-6),
+        F.layer_norm((residual + x).double(), (D,)),
+        torch.float32,
+        "rows",
+    )
+    with pytest.raises(ValueError, match="differ"):
+        add_layernorm_fwd(x, residual[:, :2], w, b, 1e-6, torch.float32)

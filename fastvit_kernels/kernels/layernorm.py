@@ -4,9 +4,12 @@ import triton
 import triton.language as tl
 
 
+@triton.heuristics({"HAS_RES": lambda args: args["RES"] is not None})
 @triton.jit
 def layernorm_fwd_kernel(
-    X,  # [M, D] input rows, any float dtype (the residual stream: fp32 under autocast)
+    X,  # [M, D] input rows, any float dtype (the residual stream: fp32 under autocast); with RES, the branch added to it
+    RES,  # [M, D] the residual stream X is added to (flash-attention's add + LayerNorm), or None
+    S,  # [M, D] RES + X in the stream's dtype, written for the next residual (and the backward); None without RES
     W,  # [D] LayerNorm weight
     B,  # [D] LayerNorm bias
     Y,  # [M, D] normalised rows in the compute dtype: what the next GEMM reads, and its weight gradient later
@@ -15,10 +18,13 @@ def layernorm_fwd_kernel(
     M,
     D,
     stride_xm,
+    stride_rm,
+    stride_sm,
     stride_ym,
     eps,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_RES: tl.constexpr,
 ):
     # Statistics and the affine map in fp32, as eager autocast runs layer_norm; rounded to the compute dtype once, at
     # the store, where eager rounds when the following linear casts its input. Two passes over registers (mean,
@@ -30,6 +36,13 @@ def layernorm_fwd_kernel(
     mask = mask_r[:, None] & mask_d[None, :]
     rows64 = rows[:, None].to(tl.int64)
     x = tl.load(X + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        # the sum in fp32, rounded once to the stream's dtype as eager's add rounds it; the statistics are those of
+        # the rounded sum, the tensor eager's layer_norm reads
+        res = tl.load(RES + rows64 * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = (res + x).to(S.dtype.element_ty)
+        tl.store(S + rows64 * stride_sm + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)
     mean = tl.sum(x, 1) / D
     centred = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / D + eps)

@@ -40,7 +40,7 @@ from ._common import (
     num_sms,
     split_rows,
 )
-from .layernorm import layernorm_fwd
+from .layernorm import add_layernorm_fwd, layernorm_fwd
 
 EPILOGUES = ("none", "gelu", "gelu_grad", "residual")
 
@@ -234,9 +234,12 @@ def linear_residual_layernorm(a, weight, bias, residual, norm_weight, norm_bias,
 def _residual_layernorm_cublas(
     a, a_rows, weight, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, *_
 ):
-    """cuBLAS's GEMM, the residual add as a torch op, then our LayerNorm row kernel."""
-    x = torch.add(residual, F.linear(a, weight, bias)).to(out_dtype)
-    return (x, *layernorm_fwd(x, norm_weight, norm_bias, eps, norm_dtype))
+    """cuBLAS's GEMM, then the residual add and the LayerNorm in our row kernel (one pass over the rows)."""
+    branch = F.linear(a, weight, bias)
+    if torch.promote_types(residual.dtype, branch.dtype) != out_dtype:  # a sum eager would round twice
+        x = torch.add(residual, branch).to(out_dtype)
+        return (x, *layernorm_fwd(x, norm_weight, norm_bias, eps, norm_dtype))
+    return add_layernorm_fwd(branch, residual, norm_weight, norm_bias, eps, norm_dtype)
 
 
 def _residual_layernorm_triton(

@@ -14,20 +14,37 @@ MAX_LN_DIM = 8192  # the row kernels keep a whole row in registers
 def layernorm_fwd(x, weight, bias, eps, out_dtype):
     """(y, mean, rstd): y = LayerNorm(x) [..., D] in out_dtype, mean and rstd [M] in fp32 (M rows of x [..., D], read
     in place where its leading dims collapse to one stride: _common.as_unit_rows)."""
+    return _layernorm_fwd(x, None, weight, bias, eps, out_dtype)[1:]
+
+
+def add_layernorm_fwd(x, residual, weight, bias, eps, out_dtype):
+    """(s, y, mean, rstd): s = residual + x in the dtype torch's add gives them (the residual stream's), then
+    layernorm_fwd(s, ...), in one pass over the rows (flash-attention's layer_norm with a residual). x and residual
+    are [..., D] alike."""
+    if x.shape != residual.shape:
+        raise ValueError(f"add_layernorm_fwd: x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
+    return _layernorm_fwd(x, residual, weight, bias, eps, out_dtype)
+
+
+def _layernorm_fwd(x, residual, weight, bias, eps, out_dtype):
     D = x.shape[-1]
     M = x.numel() // D
     y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
+    s = None  # the sum, contiguous, rows D apart
+    if residual is not None:
+        s = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(residual.dtype, x.dtype))
     if M == 0:  # an empty batch: nothing to launch
-        return y, mean, rstd
+        return s, y, mean, rstd
     x, x_rows = as_unit_rows(x)
+    residual, res_rows = as_unit_rows(residual) if residual is not None else (None, 0)
     block_m, block_d, warps = row_kernel_params(D, **LAYERNORM_FWD_PARAMS)
-    args = (x, weight, bias, y, mean, rstd, M, D, x_rows, D, eps)
+    args = (x, residual, s, weight, bias, y, mean, rstd, M, D, x_rows, res_rows, D, D, eps)
     launch_kernel(
         layernorm_fwd_kernel, (cdiv(M, block_m),), args, dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
     )
-    return y, mean, rstd
+    return s, y, mean, rstd
 
 
 def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
