@@ -24,7 +24,8 @@ bench: venv
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
-# On a CUDA machine, first: a few minutes of the GEMM tests and the CIFAR-10 e2e rows, to catch a failure early.
+# On a CUDA machine, first: ~3 minutes of the attention and step-plan tests and the CIFAR-10 e2e rows, to catch a
+# failure early (its tuning stays on disk for gpu-check).
 gpu-focus:
 	bash benchmarks/gpu_focus.sh
 
