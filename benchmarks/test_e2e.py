@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from common import gemm_backends, measure, need_cuda
 
-from fastvit_kernels import cuda_graph_step, vit_base_patch16_224, vit_cifar10
+from fastvit_kernels import cuda_graph_step, plan, vit_base_patch16_224, vit_cifar10
 
 # workload -> (preset, batch for train, batch for inference); reduced sizes run the eager rows on a CPU
 WORKLOADS = {
@@ -35,6 +35,16 @@ ROWS = [
 ]
 FP32_ROWS = {"ours", "ours+cudagraph", "eager-math", "eager-sdpa"}  # the compile rows cost minutes: bf16 only
 _BASE = {}
+
+
+def _describe(row, model):
+    """For our rows: the GEMM backends, and beside the host time what the step plans replay (plan.summary)."""
+    if not row.startswith("ours"):
+        return None
+    backends = gemm_backends()
+    if "compile" in row:
+        return backends
+    return lambda: {**backends(), "plan": plan.summary(model)}
 
 
 def _base_model(name, device):
@@ -152,6 +162,6 @@ def test_e2e(benchmark, bench_opts, device, workload, mode, precision, row, monk
         peak_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
         warmup=warmup,
         host=True,
-        describe=gemm_backends() if row.startswith("ours") else None,
+        describe=_describe(row, model),
     )
     torch.set_float32_matmul_precision("highest")

@@ -101,6 +101,22 @@ def plans(model) -> dict:
     return dict(_PLANS.get(model, {}))
 
 
+def summary(model) -> str:
+    """One line on what the model's calls replay, for the benchmark rows beside their host time: per signature, the
+    recorded launches (how many call the compiled kernel directly) and torch operations, or why it is not replayed."""
+    if not plans_on():
+        return f"off (FASTVIT_PLAN={plan_mode()})"
+    parts = []
+    for p in plans(model).values():
+        if isinstance(p, Plan):
+            c = p.counts
+            kind = "train" if isinstance(p, TrainingPlan) else "infer"
+            parts.append(f"{kind}: {c['direct'] + c['triton']} launches ({c['direct']} direct), {c['torch']} torch ops")
+        else:
+            parts.append(f"not replayed: {p!r}")
+    return "; ".join(parts) or "none recorded"
+
+
 class Unplannable:
     """A signature whose recording saw something a replay cannot repeat; its calls run the forward."""
 
@@ -177,6 +193,7 @@ class Plan:
         self.device, self.amp = device, amp
         self.tma = recorded.recorder.tma and not interpreting()
         self.direct = recorded.recorder.direct  # compiled kernels launched directly: valid while no launch hooks
+        self.counts = dict(recorded.recorder.counts)  # what the replay repeats (plan.summary)
         self.tensors = recorded.recorder.read  # the model's parameters and buffers that the replay reads
         self.metas = [_meta(t) for t in self.tensors]
         self.addresses = list(map(_address, self.tensors))

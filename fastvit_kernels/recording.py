@@ -109,6 +109,8 @@ class Recorder(TorchDispatchMode):
         self.failure = None
         self.tma = False  # a launch may read through tensor descriptors
         self.direct = False  # a launch calls a compiled kernel's launcher (direct_launch): no launch hooks at replay
+        # what was recorded, for plan.summary: launches called directly or through Triton, torch operations
+        self.counts = {"direct": 0, "triton": 0, "torch": 0}
         self._count = 0
         self._launching = False  # inside a launch: the operations there are the launcher's (the interpreter's)
         self._reads = []  # the names the line being written reads
@@ -141,6 +143,7 @@ class Recorder(TorchDispatchMode):
             call = f"{self._const(_callable(func))}({self._call_args(args, kwargs)})"
         if self.failure is None:
             self._bind_outputs(out, call, str(func), _pure(func), self._cast(func, args, kwargs, out))
+            self.counts["torch"] += 1
         return out
 
     def _cast(self, func, args, kwargs, out):
@@ -184,6 +187,7 @@ class Recorder(TorchDispatchMode):
         if self.failure is None:
             self.tma = self.tma or bool(consts.get("TMA_OK"))
             self.direct = self.direct or direct is not None
+            self.counts["direct" if direct is not None else "triton"] += 1
             self._line(self._launch_text(kernel, grid, args, consts, direct))
 
     def _launch_text(self, kernel, grid, args, consts, direct):

@@ -94,6 +94,8 @@ def test_replay_launches_what_the_forward_launches(device, monkeypatch):
     only_plan(model)
     assert per_call[0] == per_call[2] == per_call[3]  # the forward, then two replays
     assert len(per_call[0]) == 2 + 5 * SMALL["depth"]  # the patch embedding, the first norm1, five a block
+    launched = 2 + 5 * SMALL["depth"]
+    assert re.fullmatch(rf"infer: {launched} launches \(\d+ direct\), \d+ torch ops", plan.summary(model))
 
 
 def test_replay_deletes_each_intermediate_after_its_last_use(device):
@@ -224,7 +226,7 @@ def test_no_plan_when_switched_off(device, monkeypatch):
     calls(model, x, 3)
     for _ in range(3):
         model(x).sum().backward()
-    assert plan.plans(model) == {}
+    assert plan.plans(model) == {} and plan.summary(model) == "off (FASTVIT_PLAN=0)"
 
 
 def test_a_forward_that_reads_a_result_is_not_replayed(device, monkeypatch):
@@ -240,6 +242,7 @@ def test_a_forward_that_reads_a_result_is_not_replayed(device, monkeypatch):
     calls(model, torch.randn(2, 3, 8, 8, device=device), 4)
     (p,) = plan.plans(model).values()
     assert isinstance(p, plan.Unplannable) and "depends on the data" in p.reason
+    assert plan.summary(model).startswith("not replayed: Unplannable(") and "depends on the data" in plan.summary(model)
     assert len(seen) == 4
 
 
