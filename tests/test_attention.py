@@ -92,17 +92,21 @@ def test_reference_dropout_drops_probabilities_as_the_eager_model_trains(impl):
     torch.testing.assert_close(attention_ref(qkv, 2, impl=impl, dropout_p=0.0), attention_ref(qkv, 2, impl=impl))
 
 
+@pytest.mark.parametrize("length", ["partial", "whole blocks"])
 @pytest.mark.parametrize("cfg", range(len(ATTENTION_FWD_CONFIGS)))
-def test_every_forward_config_matches_reference(cfg, device, monkeypatch):
+def test_every_forward_config_matches_reference(cfg, length, device, monkeypatch):
     # each tile the tuner may pick, the whole-sequence (WHOLE) ones included, at a length it takes: 65 (64 + 1,
     # CIFAR-10's) for a whole-sequence tile with a 16-row tail, 60 for the 64-row one, else 70 (64 + 6: a 16-wide
-    # last key block where the tile has one)
+    # last key block where the tile has one, a masked full-width one where not) and 128 (whole key blocks only: the
+    # loop's unmasked steps and no last block)
     config = ATTENTION_FWD_CONFIGS[cfg]
     if config.maxnreg is not None and device == "cpu":
         pytest.skip("a register cap is a GPU compile option")
-    force_config(monkeypatch, fused_attention._fwd, config)
     whole, tail = config.kwargs["WHOLE"], config.kwargs["TAIL"]
-    n = 65 if whole and tail else 60 if whole and config.kwargs["BLOCK_M"] == 64 else 70
+    if whole and length != "partial":
+        pytest.skip("a whole-sequence tile has no key blocks")
+    force_config(monkeypatch, fused_attention._fwd, config)
+    n = 65 if whole and tail else 60 if whole and config.kwargs["BLOCK_M"] == 64 else 70 if length == "partial" else 128
     qkv = torch.randn(3, n, 3 * 2 * 64, device=device)
     # in fp32 where it fits shared memory there, else in bf16 (a three-stage tile of 80 fp32 rows does not)
     dtype = next(

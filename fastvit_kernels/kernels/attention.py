@@ -7,7 +7,7 @@ qkv is [B, N, 3*D] laid out as timm's qkv Linear writes it: [B, N, 3, H, d]. The
 import triton
 import triton.language as tl
 
-from .common import block_and_head, full_blocks_end
+from .common import block_and_head
 
 
 @triton.jit
@@ -53,18 +53,27 @@ def _attend_rows(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # accumulate in fp32 whatever the input dtype
-    n_full = full_blocks_end(N, BLOCK_N, TAIL)
+    # The blocks that hold BLOCK_N real keys run without the column mask (its compare and select on every score);
+    # the last, partial block after them with it, TAIL wide where it holds at most TAIL keys.
+    n_full = N - N % BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         acc, m_i, l_i = _online_step(
-            q, acc, m_i, l_i, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION
+            q, acc, m_i, l_i, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION, False
         )
+    last = N - n_full  # keys in the last, partial block (0: none)
     if TAIL > 0:
-        if n_full < N:
+        if (last > 0) & (last <= TAIL):
             cols = n_full + tl.arange(0, TAIL)
             acc, m_i, l_i = _online_step(
-                q, acc, m_i, l_i, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION
+                q, acc, m_i, l_i, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION, True
             )
+            last = 0
+    if last > 0:
+        cols = n_full + tl.arange(0, BLOCK_N)
+        acc, m_i, l_i = _online_step(
+            q, acc, m_i, l_i, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION, True
+        )
     _store_rows(
         OUT, LSE, acc, m_i, l_i, b, h, pid_bh, offs_m, offs_d, mask_m, mask_d, stride_ob, stride_on, N, HEAD_DIM
     )
@@ -72,13 +81,31 @@ def _attend_rows(
 
 @triton.jit
 def _online_step(
-    q, acc, m_i, l_i, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION: tl.constexpr
+    q,
+    acc,
+    m_i,
+    l_i,
+    q_base,
+    cols,
+    offs_d,
+    mask_d,
+    stride_qn,
+    N,
+    D,
+    qk_scale_log2,
+    DOT_PRECISION: tl.constexpr,
+    MASK_COLS: tl.constexpr,
 ):
-    """The online softmax's update of (acc, m_i, l_i) with the keys `cols`, at least one of them < N."""
-    mask_kv = (cols[:, None] < N) & mask_d[None, :]
+    """The online softmax's update of (acc, m_i, l_i) with the keys `cols`, at least one of them < N; MASK_COLS where
+    some are not."""
+    if MASK_COLS:
+        mask_kv = (cols[:, None] < N) & mask_d[None, :]
+    else:
+        mask_kv = (cols[:, None] >= 0) & mask_d[None, :]  # a constant for the compiler: the head dim's padding only
     k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    qk = tl.where(cols[None, :] < N, qk, float("-inf"))
+    if MASK_COLS:
+        qk = tl.where(cols[None, :] < N, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every block holds at least one real column
     p = tl.exp2((qk - m_new[:, None]) * qk_scale_log2)
     alpha = tl.exp2((m_i - m_new) * qk_scale_log2)
