@@ -101,7 +101,7 @@ def _online_step(
     if MASK_COLS:
         mask_kv = (cols[:, None] < N) & mask_d[None, :]
     else:
-        mask_kv = (cols[:, None] >= 0) & mask_d[None, :]  # a constant for the compiler: the head dim's padding only
+        mask_kv = mask_d[None, :]  # the head dim's padding only, broadcast over the keys
     k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASK_COLS:
