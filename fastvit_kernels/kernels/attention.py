@@ -7,7 +7,7 @@ qkv is [B, N, 3*D] laid out as timm's qkv Linear writes it: [B, N, 3, H, d]. The
 import triton
 import triton.language as tl
 
-from .common import block_and_head
+from .common import block_and_head, load_kv
 
 
 @triton.jit
@@ -98,11 +98,7 @@ def _online_step(
 ):
     """The online softmax's update of (acc, m_i, l_i) with the keys `cols`, at least one of them < N; MASK_COLS where
     some are not."""
-    if MASK_COLS:
-        mask_kv = (cols[:, None] < N) & mask_d[None, :]
-    else:
-        mask_kv = mask_d[None, :]  # the head dim's padding only, broadcast over the keys
-    k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+    k, v = load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D, MASK_COLS)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASK_COLS:
         qk = tl.where(cols[None, :] < N, qk, float("-inf"))
@@ -110,7 +106,6 @@ def _online_step(
     p = tl.exp2((qk - m_new[:, None]) * qk_scale_log2)
     alpha = tl.exp2((m_i - m_new) * qk_scale_log2)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 

@@ -9,7 +9,7 @@ The launchers are ops/fused_attention.py's.
 import triton
 import triton.language as tl
 
-from .common import attention_probs, block_and_head, full_blocks_end
+from .common import attention_probs, block_and_head, full_blocks_end, load_kv
 
 
 @triton.jit
@@ -238,14 +238,6 @@ def attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D):
-    mask_kv = (cols < N)[:, None] & mask_d[None, :]
-    k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-    v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
-    return k, v
-
-
-@triton.jit
 def _dq_sweep(
     acc,
     delta,
@@ -336,7 +328,7 @@ def _dq_step(
     DELTA_PASS: tl.constexpr,
 ):
     """_dq_sweep's step over the keys `cols`."""
-    k, v = _load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D)
+    k, v = load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D, True)
     p = attention_probs(q, k, m, log_l, mask_m, cols < N, qk_scale_log2, DOT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DELTA_PASS:

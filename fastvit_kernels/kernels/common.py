@@ -60,11 +60,16 @@ def attention_probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION
 
 
 @triton.jit
-def attention_probs_t(k, q, m, log_l, mask_keys, mask_rows, qk_scale_log2, DOT_PRECISION: tl.constexpr):
-    """P^T (keys by rows): attention_probs, transposed, for products whose M has to be the keys (wgmma's 64 rows)."""
-    kq = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-    p = tl.exp2((kq - m[None, :]) * qk_scale_log2 - log_l[None, :])
-    return tl.where(mask_keys[:, None] & mask_rows[None, :], p, 0.0)
+def load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D, MASK_COLS: tl.constexpr):
+    """K and V of the keys `cols` of one (batch, head) pair, `q_base` pointing at its q of token 0; MASK_COLS where
+    some of them are past N (else only the head dim's padding is masked)."""
+    if MASK_COLS:
+        mask_kv = (cols < N)[:, None] & mask_d[None, :]
+    else:
+        mask_kv = mask_d[None, :]
+    k = tl.load(q_base + D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+    v = tl.load(q_base + 2 * D + cols[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
+    return k, v
 
 
 @triton.jit
