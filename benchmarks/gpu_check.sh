@@ -51,7 +51,7 @@ fi
 
 echo "=== attention, every tile forced in bf16 and fp32: if one fails, the benchmarks run the tiles measured before"
 # an illegal address kills the CUDA context of the process it happens in, and with it every later row of a stage
-# (2026-11-27: the whole-pair dQ tile, since removed): the whole-sequence and tail tiles stay out unless all pass here
+# (seen on an H100, 2026-11-27): the whole-sequence and tail tiles stay out unless all pass here
 FASTVIT_AUTOTUNE=0 timeout 40 $PY -m pytest -q -rf --tb=line tests/test_attention.py $XDIST -p no:cacheprovider \
   2>&1 | tee -a "$OUT_DIR/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -12
 status=${PIPESTATUS[0]}

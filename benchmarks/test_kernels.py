@@ -52,9 +52,7 @@ def _run(fn, inputs, mode):
 def test_attention(benchmark, bench_opts, device, shape, row, mode, monkeypatch):
     need_cuda(device, "kernel benchmarks")
     B, H, N, d = ATTN_SHAPES[shape]
-    if (
-        row == "ours-no-whole"
-    ):  # the A/B of the whole-sequence tiles (forward, dQ: N <= 128), which the tuner also times
+    if row == "ours-no-whole":  # the A/B of the forward's whole-sequence tiles (N <= 128), which the tuner also times
         if N > 128:
             pytest.skip("the whole-sequence tiles take N <= 128")
         monkeypatch.setenv("FASTVIT_ATTN_WHOLE", "0")

@@ -108,13 +108,18 @@ class Recorder(TorchDispatchMode):
         self.read = []  # the model's tensors the lines read, in order of first use
         self.failure = None
         self.tma = False  # a launch may read through tensor descriptors
-        self.direct = False  # a launch calls a compiled kernel's launcher (direct_launch): no launch hooks at replay
-        # what was recorded, for plan.summary: launches called directly or through Triton, torch operations
+        # what was recorded (plan.summary): launches that call a compiled kernel's launcher (direct_launch) or go
+        # through Triton, torch operations
         self.counts = {"direct": 0, "triton": 0, "torch": 0}
         self._count = 0
         self._launching = False  # inside a launch: the operations there are the launcher's (the interpreter's)
         self._reads = []  # the names the line being written reads
         self.thread = None
+
+    @property
+    def direct(self) -> bool:
+        """A launch calls a compiled kernel's launcher: a replay is valid only while no launch hooks are set."""
+        return self.counts["direct"] > 0
 
     def __enter__(self):
         self.thread = threading.get_ident()  # the backward may run on autograd's thread for the device
@@ -186,7 +191,6 @@ class Recorder(TorchDispatchMode):
             self._launching = False
         if self.failure is None:
             self.tma = self.tma or bool(consts.get("TMA_OK"))
-            self.direct = self.direct or direct is not None
             self.counts["direct" if direct is not None else "triton"] += 1
             self._line(self._launch_text(kernel, grid, args, consts, direct))
 
