@@ -88,6 +88,13 @@ LINEAR_FWD_CONFIGS = [
 ]
 # 128 x 64 and 64 x 64 with 4 warps serialise every wgmma of the weight gradient under ptxas 12.9 (triton 3.8, C7515,
 # compiled offline); the tuner kept 64 x 128 for every weight gradient on the H100 (2026-11-26).
+# The persistent TMA tiles launch up to this many programs per SM. Two fit wherever the 4-warp tiles and 128 x 128
+# with 8 warps stay under 128 registers (bf16, sm_90, compiled offline: fc1's GELU 99-109 and qkv's 95-106 in
+# inference; 142 with the pre-activation stored, 146 with the fp32 residual: one fits, and the second program waits
+# for the first to finish, as the grid's second wave). One program per SM left every tile's epilogue and its next
+# tile's pipeline fill exposed, where the pointer-load tiles run two blocks per SM (H100, 2026-11-27: the tuner kept
+# the cp.async tiles for qkv and fc1).
+TMA_PROGRAMS_PER_SM = 2
 LINEAR_DW_CONFIGS = [gemm_cfg(*c, tma=None) for c in ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4))]
 
 _linear_smem = prune_gemm_configs("A", "B")

@@ -225,12 +225,13 @@ def _tile_id(i):
 def test_every_linear_config(cfg, device, monkeypatch):
     # each tile the tuner may pick for the GEMM with an epilogue, on fc1's hot path (bias, GELU, the pre-activation
     # kept), the warp-specialised ones included (FASTVIT_WARP_SPEC=1 offers them): K = 48 in bf16 keeps rows 16-byte
-    # aligned (TMA); M = 130 and N = 200 leave partial tiles; on a GPU this is where a tile that fails shows first
+    # aligned (TMA); M = 520 and N = 200 leave partial tiles, and more tiles than the interpreter's persistent programs
+    # (2 x 4 "SMs"), so that a program walks several; on a GPU this is where a tile that fails shows first
     config = configs.LINEAR_FWD_CONFIGS[cfg]
     monkeypatch.setenv("FASTVIT_WARP_SPEC", "1")
     monkeypatch.setenv("FASTVIT_GEMM", "triton")
     force_config(monkeypatch, lin._fwd, config)
-    M, K, N = 130, 48, 200
+    M, K, N = 520, 48, 200
     a = torch.randn(M, K, device=device).to(torch.bfloat16)
     w = (torch.randn(N, K, device=device) * K**-0.5).to(torch.bfloat16)
     b = (0.1 * torch.randn(N, device=device)).to(torch.bfloat16)

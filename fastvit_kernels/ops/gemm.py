@@ -22,6 +22,7 @@ from ..configs import (
     LINEAR_DW_CONFIGS,
     LINEAR_FWD_CONFIGS,
     LINEAR_LN_CONFIGS,
+    TMA_PROGRAMS_PER_SM,
     prune_linear_dw,
     prune_linear_fwd,
     prune_linear_ln,
@@ -158,7 +159,7 @@ def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
     M = a.numel() // K
     N = weight.shape[0]
     c = torch.empty((*a.shape[:-1], N), device=a.device, dtype=out_dtype)  # [..., N], contiguous
-    sms = num_sms(a.device)
+    programs = TMA_PROGRAMS_PER_SM * num_sms(a.device)  # the persistent TMA tiles' grid, at most
     if tma_ok:
         _tma_allocator()
     res, res_rows = as_rows(res) if res is not None else (None, 0)
@@ -166,7 +167,7 @@ def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
 
     def grid(cfg):
         tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
-        return (min(tiles, sms),) if cfg["USE_TMA"] and tma_ok else (tiles,)
+        return (min(tiles, programs),) if cfg["USE_TMA"] and tma_ok else (tiles,)
 
     w_row, w_col = weight.stride()
     _fwd.launch(
@@ -181,7 +182,7 @@ def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
         M,
         N,
         K,
-        sms,
+        programs,
         a_rows,
         a.stride(-1),
         w_col,  # B = weight^T [K, N]: K steps along the weight's columns
