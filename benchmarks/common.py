@@ -189,6 +189,7 @@ def chosen_configs(**launchers):
                 tile = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg.kwargs)
                 tma = " tma" if cfg.kwargs.get("USE_TMA") else ""
                 tma += " warpspec" if cfg.kwargs.get("WARP_SPEC") else ""
+                tma += " flat" if cfg.kwargs.get("FLATTEN") else ""
                 tma += " whole" if cfg.kwargs.get("WHOLE") else ""  # attention: a (batch, head) pair per tile
                 tma += f" tail{cfg.kwargs['TAIL']}" if cfg.kwargs.get("TAIL") else ""
                 parts.append(f"{name} {tile} w{cfg.num_warps} s{cfg.num_stages}{tma}")

@@ -12,18 +12,20 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv || true
 
 echo "=== the TMA GEMM path first (new kernels): if it fails here, the benchmarks run without it (FASTVIT_TMA=0)"
-# the warp-specialised tiles (never run on a GPU before this check) are offered to the tuner only if they pass here
+# the warp-specialised and the flattened tiles (never run on a GPU before this check) are offered to the tuner only if
+# they pass here; no -x, so that a failure in one of them does not leave the others untested
 export FASTVIT_WARP_SPEC=1
-FASTVIT_AUTOTUNE=0 timeout 45 $PY -m pytest -q -x tests/test_linear.py tests/test_gelu.py $XDIST -p no:cacheprovider \
-  2>&1 | tee "$OUT_DIR/tests.log" | tail -5
+FASTVIT_AUTOTUNE=0 timeout 50 $PY -m pytest -q -rf --tb=line tests/test_gelu.py tests/test_linear.py $XDIST \
+  -p no:cacheprovider 2>&1 | tee "$OUT_DIR/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -8
 status=${PIPESTATUS[0]}
+failed=$(grep "^FAILED" "$OUT_DIR/tests.log")
 if [ "$status" -eq 124 ]; then
-  echo "... the stage reached its limit before a failure: the TMA tiles stay in, the warp-specialised ones go"
-  export FASTVIT_WARP_SPEC=0
-elif [ "$status" -ne 0 ] && grep -q "^FAILED.*warpspec" "$OUT_DIR/tests.log" \
-  && ! grep "^FAILED" "$OUT_DIR/tests.log" | grep -qv warpspec; then  # only warp-specialised tiles failed
-  echo "!!! the warp-specialised GEMM tiles failed: benchmarks run without them (FASTVIT_WARP_SPEC=0)"
-  export FASTVIT_WARP_SPEC=0
+  echo "... the stage reached its limit before a failure: the TMA tiles stay in, the warp-specialised and flattened go"
+  export FASTVIT_WARP_SPEC=0 FASTVIT_FLATTEN=0
+elif [ "$status" -ne 0 ] && [ -n "$failed" ] && ! echo "$failed" | grep -qvE "warpspec|flat"; then
+  # only warp-specialised or flattened tiles failed: those go, the other TMA tiles stay
+  echo "$failed" | grep -q warpspec && export FASTVIT_WARP_SPEC=0 && echo "!!! warp-specialised tiles failed: WARP_SPEC=0"
+  echo "$failed" | grep -q flat && export FASTVIT_FLATTEN=0 && echo "!!! flattened tiles failed: FASTVIT_FLATTEN=0"
 elif [ "$status" -ne 0 ]; then
   echo "!!! TMA GEMM tests failed: benchmarks run with FASTVIT_TMA=0 (pointer-load tiles only)"
   export FASTVIT_TMA=0 FASTVIT_WARP_SPEC=0

@@ -55,17 +55,19 @@ def prune_gemm_configs(a_name, b_name):
 GROUP_M = 8  # row blocks that share B's column blocks in L2 (grouped program order), for every GEMM here
 
 
-def gemm_cfg(bm, bn, bk, warps, stages, tma=False, ws=False):
-    """tma=None: a kernel without the TMA and warp-specialisation flags (the weight gradient)."""
+def gemm_cfg(bm, bn, bk, warps, stages, tma=False, ws=False, flat=False):
+    """tma=None: a kernel without the TMA, warp-specialisation and flattening flags (the weight gradient)."""
     kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
     if tma is not None:
         kwargs["USE_TMA"] = tma
         kwargs["WARP_SPEC"] = ws
+        kwargs["FLATTEN"] = flat
     return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
-# No tile here spills registers in bf16 on sm_90 (tests/test_compile_targets.py checks it): 128 x 256 x 64 with 8 warps
-# and 128 x 128 x 32 with 4 warps hit ptxas's 255-register cap with the residual epilogue or GELU'. The 4-warp tiles
+# No tile here spills registers in bf16 on sm_90 (tests/test_compile_targets.py checks it): 128 x 128 x 32 with 4 warps
+# hits ptxas's 255-register cap with the residual epilogue or GELU', and so does 128 x 256 x 64 with 8 warps where the
+# epilogue stores the pre-activation or adds a residual (WIDE_EPILOGUES keeps it for the others). The 4-warp tiles
 # with 3 stages fit two blocks per SM, so one block's epilogue overlaps the other's main loop: with K = 384 (qkv, fc1)
 # a block has only 6 K steps to hide it behind. The TMA tiles come first, so that the interpreter's tests and
 # FASTVIT_AUTOTUNE=0 run them wherever the operands allow (the first config is the one those launch).
@@ -79,6 +81,14 @@ LINEAR_FWD_CONFIGS = [
     gemm_cfg(64, 64, 64, 4, 4),
     gemm_cfg(128, 64, 64, 4, 3),
     gemm_cfg(64, 128, 64, 4, 3),
+    # 128 x 256: a K step reads 48 KB for 128 x 256 outputs where 128 x 128 reads 32 KB for half as many, and at
+    # K = 384 the GEMMs are bound by that traffic from L2 (H100, 2026-11-27, GPU time: our 128 x 128 tiles moved ~5.6
+    # TB/s for qkv, fc1 and proj, cuBLAS's ~5.9 for qkv and fc1 as 128 x 256 tiles would): qkv's and fc1's A tiles are
+    # read 4.5 and 6 times instead of 9 and 12. One block per SM (sm_90, bf16, compiled offline, triton 3.6 / 3.8:
+    # 171 / 174 registers plain, 181 / 180 with the GELU; 144 KB), so nothing hides the epilogue but FLATTEN (162 / 229
+    # and 178 / 255 registers, no stack; 176 KB).
+    gemm_cfg(128, 256, 64, 8, 3, tma=True),
+    gemm_cfg(128, 256, 64, 8, 3, tma=True, flat=True),
     # warp-specialised: Triton adds warps of its own for the loads and the MMAs (12 in all, registers rebalanced by
     # setmaxnreg; sm_90, triton 3.6 and 3.8, compiled offline: 168 registers a thread, at most 8 B of stack, one block
     # per SM; 128 x 128 spills 24 B with fc1's GELU epilogue under triton 3.8 and is not offered). Never run on a GPU
@@ -120,13 +130,28 @@ def warp_spec_on() -> bool:
     return os.environ.get("FASTVIT_WARP_SPEC", "0") == "1"
 
 
+def flatten_on() -> bool:
+    """FASTVIT_FLATTEN=0 leaves out the tiles whose tile and K loops are pipelined as one (FLATTEN): never run on a GPU
+    before 2026-11-27's session; the GPU check sets it if their tests fail there."""
+    return os.environ.get("FASTVIT_FLATTEN", "1") != "0"
+
+
+def wide_tile_ok(cfg, epilogue, pre) -> bool:
+    """The 128 x 256 tile only where its epilogue leaves registers for it: no residual, no pre-activation stored."""
+    return cfg.kwargs["BLOCK_N"] < 256 or epilogue == "none" or (epilogue == "gelu" and pre is None)
+
+
 def prune_linear_fwd(configs, args):
     """Shared memory as for every GEMM; the TMA tiles where _tma_where_ok keeps them; the warp-specialised ones where
-    warp_spec_on; no tile that ptxas serialises."""
+    warp_spec_on, the flattened ones where flatten_on; no tile that ptxas serialises or that spills (wide_tile_ok)."""
     configs = _tma_where_ok(configs, args)
     if not warp_spec_on():
         configs = [c for c in configs if not c.kwargs.get("WARP_SPEC")]
-    configs = [c for c in configs if not _serialised(c, args.get("EPILOGUE"), args.get("RES"))]
+    if not flatten_on():
+        configs = [c for c in configs if not c.kwargs.get("FLATTEN")]
+    epilogue = args.get("EPILOGUE")
+    configs = [c for c in configs if not _serialised(c, epilogue, args.get("RES"))]
+    configs = [c for c in configs if wide_tile_ok(c, epilogue, args.get("PRE"))]
     return _linear_smem(configs, args)
 
 

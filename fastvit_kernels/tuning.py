@@ -117,9 +117,10 @@ class Launcher:
 
 def forget() -> None:
     """Forget every per-key decision (configurations, GEMM backends): the environment switches (FASTVIT_GEMM,
-    FASTVIT_AUTOTUNE, FASTVIT_TMA, FASTVIT_WARP_SPEC, FASTVIT_ATTN_WHOLE) are read when a key is first launched, so a
-    process that changes one mid-run calls this after it. Timings are kept (each list of candidates a switch leaves has
-    its own autotuner, which times a tuner key once). Step plans recorded before it are not replayed."""
+    FASTVIT_AUTOTUNE, FASTVIT_TMA, FASTVIT_WARP_SPEC, FASTVIT_FLATTEN, FASTVIT_ATTN_WHOLE) are read when a key is first
+    launched, so a process that changes one mid-run calls this after it. Timings are kept (each list of candidates a
+    switch leaves has its own autotuner, which times a tuner key once). Step plans recorded before it are not
+    replayed."""
     global _forgets
     for launcher in _LAUNCHERS:
         launcher.chosen.clear()

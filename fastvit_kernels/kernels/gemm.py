@@ -169,6 +169,7 @@ def linear_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     WARP_SPEC: tl.constexpr,  # TMA tiles: the tile loop split into load and MMA/epilogue warps (Hopper; 4 warps only)
+    FLATTEN: tl.constexpr,  # TMA tiles: the tile and K loops pipelined as one (next tile's loads under the epilogue)
     USE_TMA: tl.constexpr,  # the tile's choice: persistent programs loading through tensor descriptors...
     TMA_OK: tl.constexpr,  # ...where the operands allow it (K contiguous, 16-byte aligned rows), else pointer loads
     HAS_BIAS: tl.constexpr,
@@ -182,8 +183,12 @@ def linear_fwd_kernel(
         # num_programs (about two per SM) walk the tiles in grouped order. With WARP_SPEC, Triton splits this loop
         # into warp partitions, the loads apart from the MMAs and the epilogue (4 warps become 12; triton 3.6/3.8
         # ignore it at 8), so that the next tile's loads run under this tile's epilogue (fc1's GELU: ~1,500 SASS
-        # instructions a warp a 128 x 128 tile, its main loop ~450 at K = 384)
-        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs, warp_specialize=WARP_SPEC):
+        # instructions a warp a 128 x 128 tile, its main loop ~450 at K = 384). FLATTEN gets the same overlap from the
+        # software pipeliner: with the loops as one, the loads of the next tile's first K steps are issued before this
+        # tile's epilogue (one more stage of shared memory)
+        for tile in tl.range(
+            tl.program_id(0), num_pid_m * num_pid_n, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPEC
+        ):
             pid_m, pid_n = grouped_pid(tile, num_pid_m, num_pid_n, GROUP_M)
             acc = _mainloop_tma(a_desc, b_desc, pid_m, pid_n, K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             _finish_tile(
