@@ -121,10 +121,12 @@ def report(results: list) -> str:
                 epi += f" + {c['TAIL']}-row tail" if c.get("WHOLE") else f", last block {c['TAIL']} wide"
         ops = "/".join(str(p.get(k)) for k in ("A", "C") if k in p) or "/".join(str(v) for v in list(p.values())[:2])
         warn = "yes" if any("C7515" in w for w in r["ptxas_warnings"]) else ""
+        # a flattened tile loop has no K loop of its own: its "K step" is the whole loop, the epilogue included
+        loads = r["loads"] + (", tile and K loops as one" if c.get("FLATTEN") else "")
         launched = r.get("launched_warps", r["warps"])  # a warp-specialised tile: the config's warps (all warps)
         warps = r["warps"] if launched == r["warps"] else f"{r['warps']} ({launched})"
         lines.append(
-            f"| {r['kernel']} | {ops} | {epi} | {tile} | {warps} | {r['stages']} | {r['loads']} | "
+            f"| {r['kernel']} | {ops} | {epi} | {tile} | {warps} | {r['stages']} | {loads} | "
             f"{r['k_step']} ({r['k_step_mma']}) | {r['tile_rest']} | {r['wgmma_wait']} | {r['regs']} | "
             f"{r['shared'] // 1024} | {r['blocks_per_sm']} | {warn} |"
         )
