@@ -65,12 +65,13 @@ def gemm_cfg(bm, bn, bk, warps, stages, tma=False, ws=False, flat=False):
     return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
-# No tile here spills registers in bf16 on sm_90 beyond 16 B (tests/test_compile_targets.py): 128 x 128 x 32 with 4 warps
-# hits ptxas's 255-register cap with the residual epilogue or GELU', and so does 128 x 256 x 64 with 8 warps where the
-# epilogue adds a residual or (flattened) stores the pre-activation: wide_tile_ok keeps it for the others. The 4-warp
-# tiles with 3 stages fit two blocks per SM, so one block's epilogue overlaps the other's main loop: with K = 384 (qkv,
-# fc1) a block has only 6 K steps to hide it behind. The TMA tiles come first, so that the interpreter's tests and
-# FASTVIT_AUTOTUNE=0 run them wherever the operands allow (the first config is the one those launch).
+# No tile here spills more than 16 B of registers in bf16 on sm_90 (tests/test_compile_targets.py): 128 x 128 x 32
+# with 4 warps hits ptxas's 255-register cap with the residual epilogue or GELU', and so does 128 x 256 x 64 with 8
+# warps where the epilogue adds a residual or (flattened) stores the pre-activation: wide_tile_ok keeps it for the
+# others. The 4-warp tiles with 3 stages fit two blocks per SM, so one block's epilogue overlaps the other's main loop:
+# with K = 384 (qkv, fc1) a block has only 6 K steps to hide it behind. The TMA tiles come first, so that the
+# interpreter's tests and FASTVIT_AUTOTUNE=0 run them wherever the operands allow (the first config is the one those
+# launch).
 LINEAR_FWD_CONFIGS = [
     gemm_cfg(128, 128, 64, 8, 3, tma=True),
     gemm_cfg(128, 64, 64, 4, 4, tma=True),
@@ -96,8 +97,6 @@ LINEAR_FWD_CONFIGS = [
     gemm_cfg(128, 64, 64, 4, 4, tma=True, ws=True),
     gemm_cfg(64, 128, 64, 4, 4, tma=True, ws=True),
 ]
-# 128 x 64 and 64 x 64 with 4 warps serialise every wgmma of the weight gradient under ptxas 12.9 (triton 3.8, C7515,
-# compiled offline); the tuner kept 64 x 128 for every weight gradient on the H100 (2026-11-26).
 # The persistent TMA tiles launch up to this many programs per SM. Two fit wherever the 4-warp tiles and 128 x 128
 # with 8 warps stay under 128 registers (bf16, sm_90, compiled offline: fc1's GELU 99-109 and qkv's 95-106 in
 # inference; 142 with the pre-activation stored, 146 with the fp32 residual: one fits, and the second program waits
@@ -105,6 +104,8 @@ LINEAR_FWD_CONFIGS = [
 # tile's pipeline fill exposed, where the pointer-load tiles run two blocks per SM (H100, 2026-11-27: the tuner kept
 # the cp.async tiles for qkv and fc1).
 TMA_PROGRAMS_PER_SM = 2
+# 128 x 64 and 64 x 64 with 4 warps serialise every wgmma of the weight gradient under ptxas 12.9 (triton 3.8, C7515,
+# compiled offline); the tuner kept 64 x 128 for every weight gradient on the H100 (2026-11-26).
 LINEAR_DW_CONFIGS = [gemm_cfg(*c, tma=None) for c in ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4))]
 
 _linear_smem = prune_gemm_configs("A", "B")
@@ -131,8 +132,8 @@ def warp_spec_on() -> bool:
 
 
 def flatten_on() -> bool:
-    """FASTVIT_FLATTEN=0 leaves out the tiles whose tile and K loops are pipelined as one (FLATTEN): never run on a GPU
-    before 2026-11-27's session; the GPU check sets it if their tests fail there."""
+    """FASTVIT_FLATTEN=0 leaves out the tiles whose tile and K loops are pipelined as one (FLATTEN), not yet run on a
+    GPU (2026-11-27); the GPU check sets it if their tests fail there."""
     return os.environ.get("FASTVIT_FLATTEN", "1") != "0"
 
 

@@ -151,7 +151,7 @@ def linear_fwd_kernel(
     M,
     N,
     K,
-    num_programs,  # the launch grid's size: the persistent TMA programs step through the tiles by it
+    num_programs,  # the persistent TMA programs' stride through the tiles (their grid: at most this many)
     stride_am,
     stride_ak,
     stride_bk,
