@@ -65,13 +65,11 @@ def gemm_cfg(bm, bn, bk, warps, stages, tma=False, ws=False, flat=False):
     return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
-# No tile here spills more than 16 B of registers in bf16 on sm_90 (tests/test_compile_targets.py): 128 x 128 x 32
-# with 4 warps hits ptxas's 255-register cap with the residual epilogue or GELU', and so does 128 x 256 x 64 with 8
-# warps where the epilogue adds a residual or (flattened) stores the pre-activation: wide_tile_ok keeps it for the
-# others. The 4-warp tiles with 3 stages fit two blocks per SM, so one block's epilogue overlaps the other's main loop:
-# with K = 384 (qkv, fc1) a block has only 6 K steps to hide it behind. The TMA tiles come first, so that the
-# interpreter's tests and FASTVIT_AUTOTUNE=0 run them wherever the operands allow (the first config is the one those
-# launch).
+# No tile here spills registers in bf16 on sm_90 (tests/test_compile_targets.py checks it): 128 x 128 x 32 with 4 warps
+# hits ptxas's 255-register cap with the residual epilogue or GELU'. The 4-warp tiles with 3 stages fit two blocks per
+# SM, so one block's epilogue overlaps the other's main loop: with K = 384 (qkv, fc1) a block has only 6 K steps to
+# hide it behind. The TMA tiles come first, so that the interpreter's tests and FASTVIT_AUTOTUNE=0 run them wherever
+# the operands allow (the first config is the one those launch).
 LINEAR_FWD_CONFIGS = [
     gemm_cfg(128, 128, 64, 8, 3, tma=True),
     gemm_cfg(128, 64, 64, 4, 4, tma=True),
@@ -85,9 +83,9 @@ LINEAR_FWD_CONFIGS = [
     # 128 x 256: a K step reads 48 KB for 128 x 256 outputs where 128 x 128 reads 32 KB for half as many, and at
     # K = 384 the GEMMs are bound by that traffic from L2 (H100, 2026-11-27, GPU time: our 128 x 128 tiles moved ~5.6
     # TB/s for qkv, fc1 and proj, cuBLAS's ~5.9 for qkv and fc1 as 128 x 256 tiles would): qkv's and fc1's A tiles are
-    # read 4.5 and 6 times instead of 9 and 12. One block per SM (sm_90, bf16, compiled offline, triton 3.6 / 3.8:
-    # 171 / 174 registers plain, 181 / 180 with the GELU, 255 and 8 B of stack with the pre-activation stored too;
-    # 144 KB), so nothing hides the epilogue but FLATTEN (162 / 229 and 178 / 255 registers, no stack; 176 KB).
+    # read 4.5 and 6 times instead of 9 and 12. One block per SM (sm_90, bf16, compiled offline, triton 3.6 / 3.8,
+    # the epilogue in two halves: 168-240 registers by epilogue, no stack; 144 KB), so nothing hides the epilogue but
+    # FLATTEN (168-230 registers, no stack; 176 KB, 208 KB with the fp32 residual, which it pipelines too).
     gemm_cfg(128, 256, 64, 8, 3, tma=True),
     gemm_cfg(128, 256, 64, 8, 3, tma=True, flat=True),
     # warp-specialised: Triton adds warps of its own for the loads and the MMAs (12 in all, registers rebalanced by
@@ -137,26 +135,15 @@ def flatten_on() -> bool:
     return os.environ.get("FASTVIT_FLATTEN", "1") != "0"
 
 
-def wide_tile_ok(cfg, epilogue, pre) -> bool:
-    """The 128 x 256 tile only where its epilogue leaves registers for it: no residual; the pre-activation stored only
-    by the plain one (255 registers and 8 B of stack with triton 3.6 and 3.8: one register saved before the tile loop,
-    reloaded once a tile; flattened, 56 B with 3.8)."""
-    if cfg.kwargs["BLOCK_N"] < 256 or epilogue == "none":
-        return True
-    return epilogue == "gelu" and (pre is None or not cfg.kwargs.get("FLATTEN"))
-
-
 def prune_linear_fwd(configs, args):
     """Shared memory as for every GEMM; the TMA tiles where _tma_where_ok keeps them; the warp-specialised ones where
-    warp_spec_on, the flattened ones where flatten_on; no tile that ptxas serialises or that spills (wide_tile_ok)."""
+    warp_spec_on, the flattened ones where flatten_on; no tile that ptxas serialises."""
     configs = _tma_where_ok(configs, args)
     if not warp_spec_on():
         configs = [c for c in configs if not c.kwargs.get("WARP_SPEC")]
     if not flatten_on():
         configs = [c for c in configs if not c.kwargs.get("FLATTEN")]
-    epilogue = args.get("EPILOGUE")
-    configs = [c for c in configs if not _serialised(c, epilogue, args.get("RES"))]
-    configs = [c for c in configs if wide_tile_ok(c, epilogue, args.get("PRE"))]
+    configs = [c for c in configs if not _serialised(c, args.get("EPILOGUE"), args.get("RES"))]
     return _linear_smem(configs, args)
 
 
