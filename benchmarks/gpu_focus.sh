@@ -8,9 +8,11 @@
 # (FASTVIT_COMMIT=<hash> where the tree came without .git). The GEMM tests (TMA and warp-specialised tiles) passed on
 # an H100 on 2026-11-27 and are gpu-check's first stage; the GELU's and the 128 x 256 tiles' (new since) run here too.
 source "$(dirname "$0")/gpu_env.sh"
-WIDE="tests/test_linear.py::test_every_linear_config[128x256x64-w8-s3-tma]"
+T=tests/test_linear.py::test_every_linear_config
+WIDE=("$T[128x256x64-w8-s3-tma-gelu]" "$T[128x256x64-w8-s3-tma-residual]" "$T[128x256x64-w8-s3-tma-flat-gelu]"
+  "$T[128x256x64-w8-s3-tma-flat-residual]")
 echo "=== the GELU's, the 128 x 256 GEMM tiles', the attention tests (every tile forced), the step plans'"
-FASTVIT_AUTOTUNE=0 timeout 80 $PY -m pytest -q -rf --tb=short tests/test_gelu.py "$WIDE" "${WIDE%]}-flat]" \
+FASTVIT_AUTOTUNE=0 timeout 80 $PY -m pytest -q -rf --tb=short tests/test_gelu.py "${WIDE[@]}" \
   tests/test_attention.py tests/test_plan.py tests/test_plan_training.py tests/test_direct_launch.py \
   tests/test_recording.py $XDIST -p no:cacheprovider \
   2>&1 | tee "$OUT_DIR/focus_tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -20
