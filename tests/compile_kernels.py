@@ -122,15 +122,15 @@ def _variants(cap):
                 "RES": stream if epi == "residual" else None,
                 "PRE": w if pre else None,
             }
-            # TMA where the launcher allows it: Hopper, and K-major operands (GELU' reads W2 untransposed)
-            tma_ok = cap >= 90 and epi != "gelu_grad"
+            # TMA where the launcher allows it: Hopper; B K-major, or N-major where GELU' reads W2 untransposed (fc2's dX)
             consts = dict(
                 EPILOGUE=epi,
                 DOT_PRECISION="ieee",
                 GROUP_M=tn.GROUP_M,
                 HAS_BIAS=bias,
                 STORE_PRE=epi == "gelu" and pre,
-                TMA_OK=tma_ok,
+                TMA_OK=cap >= 90,
+                B_KMAJOR=epi != "gelu_grad",
             )
             add(gemm.linear_fwd_kernel, tn.LINEAR_FWD_CONFIGS, ptrs, [consts], tn.prune_linear_fwd, full)
         # proj / fc2 with the next LayerNorm in the epilogue: D = 384 (three 128-column chunks) is the hot path,

@@ -51,9 +51,11 @@ def test_linear_epilogues(epilogue, shape, dtype, device, backend):
     b = (0.1 * torch.randn(N, device=device)).to(dtype) if epilogue != "gelu_grad" else None
     pre = torch.randn(M, N, device=device).to(dtype)
     res = torch.randn(M, N, device=device)  # the residual stream stays fp32, as under autocast
-    # GELU' reads W2 untransposed: its weight is a transposed view (N contiguous), never read through descriptors
+    # GELU' reads W2 untransposed: its weight is a transposed view (N contiguous), read through an N-major descriptor
+    # where N's rows are 16-byte aligned too
     weight = w.t().contiguous().t() if epilogue == "gelu_grad" else w
-    expect_tma = epilogue != "gelu_grad" and (K * a.element_size()) % 16 == 0
+    es = a.element_size()
+    expect_tma = (K * es) % 16 == 0 and (epilogue != "gelu_grad" or (N * es) % 16 == 0)
     assert lin._tma_ok(a, K, weight) == expect_tma
     stored = torch.full((M, N), float("nan"), device=device, dtype=dtype) if epilogue == "gelu" else None
     out_dtype = torch.float32 if epilogue == "residual" else None
@@ -223,19 +225,20 @@ def _tile_id(i):
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-w{c.num_warps}-s{c.num_stages}{flags}"
 
 
-@pytest.mark.parametrize("epilogue", ["gelu", "residual"])
+@pytest.mark.parametrize("epilogue", ["gelu", "residual", "gelu_grad"])
 @pytest.mark.parametrize("cfg", range(len(configs.LINEAR_FWD_CONFIGS)), ids=_tile_id)
 def test_every_linear_config(cfg, epilogue, device, monkeypatch):
     # each tile the tuner may pick for the GEMM with an epilogue, on the hot paths: fc1's (bias, GELU, the
-    # pre-activation kept) and proj's or fc2's (bias, fp32 residual, fp32 out, as under autocast), the
-    # warp-specialised ones included (FASTVIT_WARP_SPEC=1 offers them): K = 48 in bf16 keeps rows 16-byte aligned
-    # (TMA); M = 520 and N = 300 leave partial tiles, and more tiles than the interpreter's persistent programs
-    # (2 x 4 "SMs"), so that a program walks several; on a GPU this is where a tile that fails shows first
+    # pre-activation kept), proj's or fc2's (bias, fp32 residual, fp32 out, as under autocast) and fc2's dX in
+    # training (GELU' of the pre-activation, W2 read untransposed: an N-major B), the warp-specialised ones included
+    # (FASTVIT_WARP_SPEC=1 offers them): K = 48 and N = 304 in bf16 keep rows 16-byte aligned (TMA); M = 520 and
+    # N = 304 leave partial tiles, and more tiles than the interpreter's persistent programs (2 x 4 "SMs"), so that a
+    # program walks several; on a GPU this is where a tile that fails shows first
     config = configs.LINEAR_FWD_CONFIGS[cfg]
     monkeypatch.setenv("FASTVIT_WARP_SPEC", "1")
     monkeypatch.setenv("FASTVIT_GEMM", "triton")
     force_config(monkeypatch, lin._fwd, config)
-    M, K, N = 520, 48, 300
+    M, K, N = 520, 48, 304
     a = torch.randn(M, K, device=device).to(torch.bfloat16)
     w = (torch.randn(N, K, device=device) * K**-0.5).to(torch.bfloat16)
     b = (0.1 * torch.randn(N, device=device)).to(torch.bfloat16)
@@ -248,6 +251,14 @@ def test_every_linear_config(cfg, epilogue, device, monkeypatch):
     if epilogue == "residual":
         out = lin.linear(a, w, b, epilogue="residual", residual=res, out_dtype=torch.float32)
         assert_matches(out, res + F.linear(a, w, b), res.double() + ref, torch.bfloat16)
+        return
+    if epilogue == "gelu_grad":
+        w_n = w.t().contiguous().t()  # [N, K] with N contiguous, as W2.t() is
+        pre = torch.randn(M, N, device=device).to(torch.bfloat16)
+        assert lin._tma_ok(a, K, w_n)
+        out = lin.linear(a, w_n, epilogue="gelu_grad", pre=pre)
+        ref = _reference(a.double(), w.double(), None, "gelu_grad", pre.double(), None)
+        assert_matches(out, _reference(a, w, None, "gelu_grad", pre, None), ref, torch.bfloat16)
         return
     pre = torch.full((M, N), float("nan"), device=device, dtype=torch.bfloat16)
     out = lin.linear(a, w, b, epilogue="gelu", pre=pre)

@@ -81,15 +81,19 @@ def _mainloop_tma(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    B_KMAJOR: tl.constexpr,
 ):
     # Tensor-descriptor loads (TMA on sm_90): the copy engine computes addresses and zero-fills the edges, so a K step
-    # issues no address or mask arithmetic. B's tile is read K-major, as nn.Linear stores its weight, and transposed
-    # in shared memory for the dot.
+    # issues no address or mask arithmetic. B's tile is read as B is stored: K-major as nn.Linear stores its weight
+    # (transposed in shared memory for the dot), or N-major where the GEMM reads a weight untransposed (fc2's dX with
+    # GELU').
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, k0])
-        b = b_desc.load([pid_n * BLOCK_N, k0])
-        acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+        if B_KMAJOR:
+            acc = tl.dot(a, b_desc.load([pid_n * BLOCK_N, k0]).T, acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(a, b_desc.load([k0, pid_n * BLOCK_N]), acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -157,11 +161,12 @@ def _finish_tile(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] tile of C. A 256-wide tile with a residual or a stored pre-activation runs its epilogue
-    one 128-column half at a time: whole, the fp32 residual (128 more registers a thread) spilled 728 B at 255
-    registers and the pre-activation 8 B; in halves 240 and 196 registers, no stack (128 x 256, 8 warps, sm_90,
-    triton 3.6, compiled offline). The others stay whole: halving costs ~70-90 instructions a warp a tile."""
-    if BLOCK_N >= 256 and (EPILOGUE == "residual" or STORE_PRE):
+    """One [BLOCK_M, BLOCK_N] tile of C. A 256-wide tile whose epilogue reads or writes a second tile (the residual,
+    the pre-activation) runs it one 128-column half at a time: whole, the fp32 residual (128 more registers a
+    thread) spilled 728 B at 255 registers, GELU' 64 B and the stored pre-activation 8 B; in halves none spills (128
+    x 256, 8 warps, sm_90, triton 3.6, compiled offline). The others stay whole: halving costs ~70-90 instructions a
+    warp a tile."""
+    if BLOCK_N >= 256 and (EPILOGUE == "residual" or EPILOGUE == "gelu_grad" or STORE_PRE):
         halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))  # [BLOCK_M, BLOCK_N // 2, 2]
         both = tl.split(halves)  # columns [0, BLOCK_N / 2) and [BLOCK_N / 2, BLOCK_N) of the tile
         for half in tl.static_range(2):
@@ -216,6 +221,7 @@ def _finish_tile(
     {
         "HAS_BIAS": lambda args: args["BIAS"] is not None,
         "STORE_PRE": lambda args: args["EPILOGUE"] == "gelu" and args["PRE"] is not None,
+        "B_KMAJOR": lambda args: args["stride_bk"] == 1,
     }
 )
 @triton.jit
@@ -249,15 +255,19 @@ def linear_fwd_kernel(
     WARP_SPEC: tl.constexpr,  # TMA tiles: the tile loop split into load and MMA/epilogue warps (Hopper; 4 warps only)
     FLATTEN: tl.constexpr,  # TMA tiles: the tile and K loops pipelined as one (next tile's loads under the epilogue)
     USE_TMA: tl.constexpr,  # the tile's choice: persistent programs loading through tensor descriptors...
-    TMA_OK: tl.constexpr,  # ...where the operands allow it (K contiguous, 16-byte aligned rows), else pointer loads
+    TMA_OK: tl.constexpr,  # ...where the operands allow it (A K-contiguous, B K- or N-contiguous, 16-byte aligned rows)
     HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr,
+    B_KMAJOR: tl.constexpr,  # B's K steps are contiguous (nn.Linear's weight as stored), else its N steps are
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if USE_TMA and TMA_OK:
         a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-        b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        if B_KMAJOR:
+            b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(B, shape=[K, N], strides=[stride_bk, 1], block_shape=[BLOCK_K, BLOCK_N])
         # num_programs (about two per SM) walk the tiles in grouped order. With WARP_SPEC, Triton splits this loop
         # into warp partitions, the loads apart from the MMAs and the epilogue (4 warps become 12; triton 3.6/3.8
         # ignore it at 8), so that the next tile's loads run under this tile's epilogue (fc1's GELU: ~1,500 SASS
@@ -268,7 +278,7 @@ def linear_fwd_kernel(
             tl.program_id(0), num_pid_m * num_pid_n, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPEC
         ):
             pid_m, pid_n = grouped_pid(tile, num_pid_m, num_pid_n, GROUP_M)
-            acc = _mainloop_tma(a_desc, b_desc, pid_m, pid_n, K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _mainloop_tma(a_desc, b_desc, pid_m, pid_n, K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR)
             _finish_tile(
                 acc,
                 pid_m,

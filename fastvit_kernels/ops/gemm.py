@@ -62,18 +62,19 @@ def _tma_scratch(size: int, alignment: int, stream):
 
 def _tma_ok(a, a_rows, weight) -> bool:
     """Whether a [..., K] (rows a_rows apart) and weight [N, K] can be read through tensor descriptors: K contiguous in
-    both, row strides and base addresses 16-byte aligned (the copy engine's rule; D = 100 in bf16 breaks it), and a
-    Hopper GPU or the interpreter."""
+    a, K or N contiguous in the weight (nn.Linear's as stored, or untransposed, as fc2's dX GEMM with GELU' reads
+    W2), the other strides and base addresses 16-byte aligned (the copy engine's rule; D = 100 in bf16 breaks it), and
+    a Hopper GPU or the interpreter."""
     if a.is_cuda and device_properties(a.device).major < 9:
         return False
     es = a.element_size()
     w_row, w_col = weight.stride()
+    w_major = (w_col == 1 and (w_row * es) % 16 == 0) or (w_row == 1 and (w_col * es) % 16 == 0)
     return (
         a.stride(-1) == 1
-        and w_col == 1
+        and w_major
         and a_rows > 0  # an expanded input's rows share memory: fine for pointer loads, not for a descriptor
         and (a_rows * es) % 16 == 0
-        and (w_row * es) % 16 == 0
         and a.data_ptr() % 16 == 0
         and weight.data_ptr() % 16 == 0
     )
