@@ -166,37 +166,18 @@ def _finish_tile(
     thread) spilled 728 B at 255 registers, GELU' 64 B and the stored pre-activation 8 B; in halves none spills (128
     x 256, 8 warps, sm_90, triton 3.6, compiled offline). The others stay whole: halving costs ~70-90 instructions a
     warp a tile."""
-    if BLOCK_N >= 256 and (EPILOGUE == "residual" or EPILOGUE == "gelu_grad" or STORE_PRE):
-        halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))  # [BLOCK_M, BLOCK_N // 2, 2]
-        both = tl.split(halves)  # columns [0, BLOCK_N / 2) and [BLOCK_N / 2, BLOCK_N) of the tile
-        for half in tl.static_range(2):
-            _finish_cols(
-                both[half],
-                pid_m,
-                2 * pid_n + half,
-                C,
-                BIAS,
-                RES,
-                PRE,
-                M,
-                N,
-                stride_cm,
-                stride_cn,
-                stride_rm,
-                stride_rn,
-                stride_pm,
-                stride_pn,
-                EPILOGUE,
-                HAS_BIAS,
-                STORE_PRE,
-                BLOCK_M,
-                BLOCK_N // 2,
-            )
+    SECOND_TILE: tl.constexpr = EPILOGUE == "residual" or EPILOGUE == "gelu_grad" or STORE_PRE
+    HALVES: tl.constexpr = 2 if BLOCK_N >= 256 and SECOND_TILE else 1
+    if HALVES == 2:
+        # [BLOCK_M, BLOCK_N // 2, 2] split: columns [0, BLOCK_N / 2) and [BLOCK_N / 2, BLOCK_N) of the tile
+        parts = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
     else:
+        parts = (acc,)
+    for half in tl.static_range(HALVES):
         _finish_cols(
-            acc,
+            parts[half],
             pid_m,
-            pid_n,
+            HALVES * pid_n + half,
             C,
             BIAS,
             RES,
@@ -213,7 +194,7 @@ def _finish_tile(
             HAS_BIAS,
             STORE_PRE,
             BLOCK_M,
-            BLOCK_N,
+            BLOCK_N // HALVES,
         )
 
 
