@@ -3,12 +3,13 @@
 The per-op rows (test_kernels.py) say whether a fused op beats eager; these say where the time goes inside it. Inputs
 are what the model feeds the kernels under bf16 autocast: the residual stream x in fp32, weights and activations in
 bf16. Rows per group:
-  ours        our fused kernel (the autotuner's choice is recorded in the row as `config`)
+  ours        our fused kernel (the autotuner's choice is recorded in the row as `config`, and for the +norm GEMMs
+              which of our two candidates ran as `backend`: "triton", the full-row GEMM, or "triton+ln")
   eager       what eager autocast runs for the same math (LayerNorm, linear, GELU, add as separate kernels)
   cublas      the bare GEMM on ready bf16 operands, nothing fused: a floor for ours, not a peer (it skips work)
   ln+ours     (qkv, fc1) our LayerNorm row kernel writing bf16 rows, then our GEMM
-  ours+ln     (proj+norm, fc2+norm) our residual GEMM, then our LayerNorm row kernel: two launches where `ours` is
-              the full-row GEMM with LayerNorm in its epilogue, one launch (what the model runs for D <= 512)
+  ours+ln     (proj+norm, fc2+norm) our residual GEMM, then our LayerNorm row kernel: two launches where the
+              full-row GEMM with LayerNorm in its epilogue is one (for D <= 512 the model times the two)
   cublas+addln  (proj+norm, fc2+norm) cuBLAS's GEMM, then our row kernel adding the residual and normalising in one
               pass: the cuBLAS candidate the model's tuner times against `ours` (ops/gemm.py)
 """
@@ -39,7 +40,7 @@ BF16 = torch.bfloat16
 
 
 def _case(name, row, R, D, Hd, device):
-    """(fn, autotuned kernel or None) for one row of one GEMM."""
+    """(step, FLOPs, describe() for measure or None) for one row of one GEMM."""
     N, K = GEMMS[name][0](D, Hd)
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -90,7 +91,7 @@ def _case(name, row, R, D, Hd, device):
             "ours+ln": ours_then_ln,
             "cublas+addln": lambda: lnorm.add_layernorm_fwd(F.linear(a, w, b), x, nw, nb, eps, BF16),
         }
-        kernel = lin._fwd_ln if row == "ours" else lin._fwd
+        kernel = lin._fwd  # for `ours`, the full-row kernel's unless its candidate "triton+ln" won (_describe)
     elif name == "fc2-dgelu":  # dpre [R, hidden] = (dy [R, D] @ W2 [D, hidden]) * GELU'(pre)
         w2, dy, pre = rnd(K, N, scale=N**-0.5), rnd(R, K), rnd(R, N)
         fns = {
@@ -121,7 +122,21 @@ def _case(name, row, R, D, Hd, device):
         with torch.no_grad(), amp:
             fn()
 
-    return step, 2 * R * N * K, (kernel if row in ("ours", "ln+ours", "ours+ln") else None)
+    return step, 2 * R * N * K, (_describe(kernel, name, row) if row in ("ours", "ln+ours", "ours+ln") else None)
+
+
+def _describe(kernel, name, row):
+    """The row's config, read after the timing; for the +norm GEMMs' `ours`, also which of our candidates ran, as
+    `backend` and in the config (FASTVIT_GEMM=triton still times the full-row GEMM against "triton+ln": ops/gemm.py)."""
+
+    def describe():
+        if not (name.endswith("+norm") and row == "ours"):
+            return chosen_configs(gemm=kernel)()
+        full_row = lin.last_backend == "triton"
+        info = chosen_configs(gemm=lin._fwd_ln if full_row else kernel)()
+        return info | {"backend": lin.last_backend, "config": f"{lin.last_backend}: {info.get('config', '')}"}
+
+    return describe
 
 
 @pytest.mark.parametrize("row", ["ours", "ln+ours", "ours+ln", "cublas+addln", "eager", "cublas"])
@@ -133,7 +148,7 @@ def test_gemm(benchmark, bench_opts, device, shape, gemm, row, monkeypatch):
     if row not in GEMMS[gemm][1]:
         pytest.skip(f"{row} does not apply to {gemm}")
     R, D, Hd = SHAPES[shape]
-    step, flops, kernel = _case(gemm, row, R, D, Hd, device)
+    step, flops, describe = _case(gemm, row, R, D, Hd, device)
     measure(
         benchmark,
         step,
@@ -147,5 +162,5 @@ def test_gemm(benchmark, bench_opts, device, shape, gemm, row, monkeypatch):
         flops=flops,
         peak_dtype=BF16,
         warmup=bench_opts["warmup"] + 2,
-        describe=chosen_configs(gemm=kernel) if kernel is not None else None,
+        describe=describe,
     )

@@ -129,9 +129,10 @@ def forget() -> None:
 
 
 # Triton or cuBLAS, per GEMM (ops/gemm.py): each GEMM of the linear layers has a second candidate, torch's matmul
-# (cuBLAS) with the epilogue as torch ops or our row kernel. On a GPU the faster of the two is measured once per
-# shape and kept; FASTVIT_GEMM=triton or =cublas forces one (the benchmarks' rows for the Triton path force triton,
-# since the fast-path goals are for our kernels). Elsewhere (the interpreter) Triton, whose kernels the tests check.
+# (cuBLAS) with the epilogue as torch ops or our row kernel, and the full-row GEMM with the LayerNorm a second one of
+# ours ("triton+ln": the residual GEMM, then the row kernel). On a GPU the fastest is measured once per shape and
+# kept; FASTVIT_GEMM=triton or =cublas keeps one family (the benchmarks' rows for the Triton path force triton, since
+# the fast-path goals are for our kernels). Elsewhere (the interpreter) the first, "triton", which the tests check.
 GEMM_BACKENDS = ("triton", "cublas")
 _GEMM_CHOICE: dict = {}  # key -> the backend that runs it
 
@@ -145,9 +146,9 @@ def gemm_backend_mode() -> str:
 
 def pick_gemm_backend(key, candidates: dict, timed: bool) -> str:
     """The backend that runs the GEMM `key`, decided at the key's first GEMM and kept (forget() starts over):
-    FASTVIT_GEMM's when it names one; else the faster candidate, timed where timing means something (timed: a CUDA
-    device) and not inside a CUDA graph capture; else Triton. FASTVIT_AUTOTUNE=0 (the GPU tests) also means Triton:
-    those runs are there to check our kernels."""
+    the fastest of the candidates (of FASTVIT_GEMM's family when it names one), timed where timing means something
+    (timed: a CUDA device) and not inside a CUDA graph capture; else the first, Triton. FASTVIT_AUTOTUNE=0 (the GPU
+    tests) also means the first: those runs are there to check our kernels."""
     choice = _GEMM_CHOICE.get(key)
     if choice is None:
         choice = _choose_gemm_backend(candidates, timed)
@@ -160,13 +161,18 @@ def pick_gemm_backend(key, candidates: dict, timed: bool) -> str:
 
 def _choose_gemm_backend(candidates, timed):
     mode = gemm_backend_mode()
-    if mode != "auto":
-        return mode
-    if not timed or not autotune_allowed():
-        return "triton"
+    if mode != "auto":  # that family's candidates only
+        candidates = {name: fn for name, fn in candidates.items() if backend_family(name) == mode}
+    if len(candidates) == 1 or not timed or not autotune_allowed():
+        return next(iter(candidates))
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return None
     return min(candidates, key=lambda name: _warm_gpu_ms(candidates[name]))
+
+
+def backend_family(name: str) -> str:
+    """triton or cublas: "triton+ln" (our residual GEMM, then our LayerNorm row kernel) is ours."""
+    return name.split("+")[0]
 
 
 def _warm_gpu_ms(fn):

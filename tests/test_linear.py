@@ -37,6 +37,18 @@ def backend(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=[*tuning.GEMM_BACKENDS, "triton+ln"])
+def ln_backend(request, monkeypatch):
+    """The candidates of the GEMM with the LayerNorm in turn: FASTVIT_GEMM's two families, and "triton+ln" (our
+    residual GEMM, then the row kernel), which only a timing picks where the full-row tile spans the row: made to
+    win it here."""
+    name = request.param
+    monkeypatch.setenv("FASTVIT_GEMM", tuning.backend_family(name))
+    if name == "triton+ln":
+        monkeypatch.setattr(tuning, "_choose_gemm_backend", lambda c, timed: name if name in c else next(iter(c)))
+    return name
+
+
 # (M, K, N): K = 48 keeps every row 16-byte aligned (TMA); K = 100 in 16-bit dtypes does not (pointer loads)
 SHAPES = [(70, 48, 40), (33, 100, 24), (130, 64, 200)]
 
@@ -164,7 +176,7 @@ def test_bad_epilogue_and_dtype_mismatch_are_refused(device):
 @pytest.mark.parametrize(
     "dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float16, torch.float16)], ids=str
 )
-def test_linear_residual_layernorm(N, dtypes, device, backend):
+def test_linear_residual_layernorm(N, dtypes, device, ln_backend):
     # the stream (X) keeps the residual's dtype; LayerNorm sees X as stored (rounded to a 16-bit stream, as eager)
     dtype, stream = dtypes
     M, K = 67, 48
@@ -175,6 +187,8 @@ def test_linear_residual_layernorm(N, dtypes, device, backend):
     nw, nb = 1 + 0.2 * torch.randn(N, device=device), 0.2 * torch.randn(N, device=device)
     x, y, mean, rstd = lin.linear_residual_layernorm(a, w, b, res, nw, nb, 1e-6, dtype)
     assert (x.dtype, y.dtype) == (stream, dtype)
+    past_full_row = ln_backend == "triton+ln" and N > lin.MAX_LN_EPILOGUE_DIM  # there that is what "triton" runs
+    assert lin.last_backend == ("triton" if past_full_row else ln_backend)
     x_ref = res.double() + a.double() @ w.double().t() + b.double()
     x_low = (res + a @ w.t() + b).to(stream)
     assert_matches(x, x_low, x_ref, dtype, "X")
@@ -213,6 +227,29 @@ def test_the_faster_candidate_is_measured_once_per_shape_and_kept(monkeypatch):
     tuning.forget()
     with pytest.raises(ValueError, match="FASTVIT_GEMM"):
         tuning.pick_gemm_backend("k1", candidates, timed=True)
+
+
+def test_a_backend_family_is_timed_among_its_own_candidates(monkeypatch):
+    # the full-row GEMM with the LayerNorm has two candidates of ours: FASTVIT_GEMM=triton (the benchmarks' `ours`)
+    # times those two and never cuBLAS; =cublas takes cuBLAS's untimed; untimed, the first (the full-row kernel)
+    monkeypatch.delenv("FASTVIT_AUTOTUNE", raising=False)
+    cost = {"triton": 3.0, "triton+ln": 2.0, "cublas": 1.0}
+    timed = []
+    monkeypatch.setattr(tuning, "_warm_gpu_ms", lambda fn: timed.append(fn()) or cost[fn()])
+    candidates = {name: (lambda name=name: name) for name in cost}
+    cases = (
+        ("auto", "cublas", ["triton", "triton+ln", "cublas"]),
+        ("triton", "triton+ln", ["triton", "triton+ln"]),
+        ("cublas", "cublas", []),  # one candidate left: nothing to time
+    )
+    for mode, expect, timings in cases:
+        monkeypatch.setenv("FASTVIT_GEMM", mode)
+        tuning.forget()
+        timed.clear()
+        assert tuning.pick_gemm_backend("k", candidates, timed=True) == expect
+        assert timed == timings
+        tuning.forget()
+        assert tuning.pick_gemm_backend("k", candidates, timed=False) == ("cublas" if mode == "cublas" else "triton")
 
 
 def _tile_id(i):

@@ -9,8 +9,9 @@ contiguous tensor: _common.as_rows), weight [N, K] as nn.Linear keeps it (any st
 the ops pass their tensors as they are, no reshape or transpose per call (each is ~1.5 us of host time).
 
 Every fused linear of the model goes through these functions: another GEMM backend plugs in here, and nowhere else.
-Each has two candidates, our Triton kernel and cuBLAS (torch's matmul) with the epilogue as torch ops or our row
-kernel; fastvit_kernels.tuning.pick_gemm_backend says which runs (measured per shape on a GPU, Triton elsewhere).
+Each has at least two candidates, our Triton kernel and cuBLAS (torch's matmul) with the epilogue as torch ops or our
+row kernel (the full-row GEMM with the LayerNorm a second of ours, "triton+ln": the residual GEMM, then the row
+kernel); fastvit_kernels.tuning.pick_gemm_backend says which runs (measured per shape on a GPU, Triton elsewhere).
 """
 
 import torch
@@ -110,7 +111,7 @@ def linear(a, weight, bias=None, *, epilogue="none", pre=None, residual=None, ou
     tma_ok = _tma_ok(a, a_rows, weight)
     key = _linear_key(M, N, K, epilogue, a, weight, bias, pre, res, out_dtype, tma_ok)
     args = (a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, key)
-    return _run(key, a.is_cuda, _linear_triton, _linear_cublas, args)
+    return _run(key, a.is_cuda, _LINEAR, args)
 
 
 def _linear_key(M, N, K, epilogue, a, weight, bias, pre, res, out_dtype, tma_ok):
@@ -119,16 +120,15 @@ def _linear_key(M, N, K, epilogue, a, weight, bias, pre, res, out_dtype, tma_ok)
     return key + (pre is not None, weight.stride(1), tma_ok, dot_precision(a.dtype), a.device)
 
 
-def _run(key, timed, triton_fn, cublas_fn, args):
-    """The chosen candidate's result: fastvit_kernels.tuning.pick_gemm_backend decides at the key's first GEMM."""
+def _run(key, timed, candidates: dict, args):
+    """The chosen candidate's result (candidates: backend name -> function of args, ours first):
+    fastvit_kernels.tuning.pick_gemm_backend decides at the key's first GEMM."""
     global last_backend
     backend = known_gemm_backend(key)
     if backend is None:
-        backend = pick_gemm_backend(
-            key, {"triton": lambda: triton_fn(*args), "cublas": lambda: cublas_fn(*args)}, timed
-        )
+        backend = pick_gemm_backend(key, {name: (lambda fn=fn: fn(*args)) for name, fn in candidates.items()}, timed)
     last_backend = backend
-    return (triton_fn if backend == "triton" else cublas_fn)(*args)
+    return candidates[backend](*args)
 
 
 last_backend = None  # the backend of the latest GEMM: the per-GEMM benchmark rows record it
@@ -217,8 +217,8 @@ MAX_LN_EPILOGUE_DIM = 4 * LN_CHUNK  # wider rows: the residual GEMM, then the La
 def linear_residual_layernorm(a, weight, bias, residual, norm_weight, norm_bias, eps, norm_dtype):
     """(X, Y, mean, rstd) with X [..., N] = residual + a @ weight^T + bias in the residual stream's dtype,
     Y = LayerNorm(X) in norm_dtype (what the next GEMM reads), the fp32 row statistics of X [M]. Ours: one launch when
-    a tile can span the row (N <= 512), the residual GEMM and the row kernel otherwise; against cuBLAS's GEMM and the
-    row kernel adding the residual (timed once per shape: _run). residual: [..., N] as a."""
+    a tile can span the row (N <= 512), or the residual GEMM and the row kernel (the only way past 512); against
+    cuBLAS's GEMM and the row kernel adding the residual (timed once per shape: _run). residual: [..., N] as a."""
     K = a.shape[-1]
     M = a.numel() // K
     N = weight.shape[0]
@@ -232,14 +232,15 @@ def linear_residual_layernorm(a, weight, bias, residual, norm_weight, norm_bias,
     key = ("layernorm", M, N, K, a.dtype, residual.dtype, norm_dtype, bias is not None, tma_ok, dot_precision(a.dtype))
     key += (a.device,)
     args = (a, a_rows, weight, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, tma_ok, key)
-    ours = _residual_layernorm_triton if N <= MAX_LN_EPILOGUE_DIM else _residual_then_layernorm_triton
-    return _run(key, a.is_cuda, ours, _residual_layernorm_cublas, args)
+    return _run(key, a.is_cuda, _LAYERNORM_FULL_ROW if N <= MAX_LN_EPILOGUE_DIM else _LAYERNORM_WIDE, args)
 
 
 def _residual_then_layernorm_triton(
     a, a_rows, weight, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, tma_ok, key
 ):
-    """Rows wider than the full-row tile spans: our residual GEMM, then the LayerNorm row kernel."""
+    """Our residual GEMM, then the LayerNorm row kernel: rows wider than the full-row tile spans, and a candidate
+    beside it where it spans them (the GEMM's wide tiles read B a quarter as often as the 64-row full-row tile, for
+    one more read of X: which wins is measured)."""
     K = a.shape[-1]
     M, N = a.numel() // K, weight.shape[0]
     gemm_key = _linear_key(M, N, K, "residual", a, weight, bias, None, residual, out_dtype, tma_ok)
@@ -317,7 +318,7 @@ def linear_weight_grad(g, x, need_bias=True, out_dtype=torch.float32):
         zeros = torch.zeros(NF, device=g.device, dtype=out_dtype)
         return torch.zeros((NF, KF), device=g.device, dtype=out_dtype), (zeros if need_bias else None)
     key = ("weight_grad", R, NF, KF, g.dtype, x.dtype, out_dtype, need_bias, dot_precision(g.dtype), g.device)
-    return _run(key, g.is_cuda, _weight_grad_triton, _weight_grad_cublas, (g, x, need_bias, out_dtype, key))
+    return _run(key, g.is_cuda, _WEIGHT_GRAD, (g, x, need_bias, out_dtype, key))
 
 
 def _weight_grad_cublas(g, x, need_bias, out_dtype, key):
@@ -366,3 +367,14 @@ def _weight_grad_triton(g, x, need_bias, out_dtype, key):
         DOT_PRECISION=dot_precision(g.dtype),
     )
     return dw, db
+
+
+# Each GEMM's candidates for _run, ours first (the one that runs where nothing is timed): backend name -> function.
+_LINEAR = {"triton": _linear_triton, "cublas": _linear_cublas}
+_LAYERNORM_FULL_ROW = {
+    "triton": _residual_layernorm_triton,
+    "triton+ln": _residual_then_layernorm_triton,
+    "cublas": _residual_layernorm_cublas,
+}
+_LAYERNORM_WIDE = {"triton": _residual_then_layernorm_triton, "cublas": _residual_layernorm_cublas}
+_WEIGHT_GRAD = {"triton": _weight_grad_triton, "cublas": _weight_grad_cublas}
