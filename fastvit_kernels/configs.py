@@ -182,6 +182,43 @@ def prune_linear_ln(configs, args):
     return kept or [min(configs, key=need)]
 
 
+# The GEMM whose row block's last tile runs the LayerNorm (kernels/gemm_layernorm.py): the forward GEMM's tiles
+# without warp specialisation and flattening (the finishing branch sits in the tile loop), TMA ones first. With the
+# fp32 stream (CIFAR-10 under autocast; sm_90, compiled offline) they take 206-255 registers, stack 0-16 B; 128 x 64
+# through TMA with 4 warps spilled 40 B (triton 3.6) and is left out.
+def _norm_rows_cfg(bm, bn, warps, stages, tma):
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "USE_TMA": tma}, num_warps=warps, num_stages=stages
+    )
+
+
+LINEAR_NORM_ROWS_CONFIGS = [
+    _norm_rows_cfg(128, 256, 8, 3, True),
+    _norm_rows_cfg(128, 128, 8, 3, True),
+    _norm_rows_cfg(64, 128, 4, 4, True),
+    _norm_rows_cfg(64, 128, 4, 4, False),
+    _norm_rows_cfg(128, 64, 4, 4, False),
+    _norm_rows_cfg(64, 64, 4, 4, False),
+]
+
+
+def norm_rows_part(cfg) -> int:
+    """Columns per part of a row's partial statistics: a 256-wide tile works in two halves (see the kernel)."""
+    bn = cfg.kwargs["BLOCK_N"]
+    return bn // 2 if bn >= 256 else bn
+
+
+NORM_ROWS_MIN_PART = min(
+    norm_rows_part(c) for c in LINEAR_NORM_ROWS_CONFIGS
+)  # what the statistics' scratch is sized for
+NORM_ROWS_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in LINEAR_NORM_ROWS_CONFIGS)  # and the row blocks' counters
+
+
+def prune_linear_norm_rows(configs, args):
+    """Shared memory as for every GEMM; the TMA tiles where _tma_where_ok keeps them."""
+    return _linear_smem(_tma_where_ok(configs, args), args)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Attention (ops/fused_attention.py)
 # ------------------------------------------------------------------------------------------------------------------

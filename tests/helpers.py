@@ -84,3 +84,14 @@ def force_config(monkeypatch, launcher, config):
         pytest.skip("the configs are forced where launches take the first config (interpreter or FASTVIT_AUTOTUNE=0)")
     monkeypatch.setattr(launcher, "configs", [config])
     monkeypatch.setattr(launcher, "chosen", {})
+
+
+def force_gemm_candidate(monkeypatch, name):
+    """Run GEMM candidate `name` wherever a GEMM has it, else its family's first: FASTVIT_GEMM forces a family
+    (triton or cublas); our second candidates ("triton+rows", ...) are picked only by a timing, made to win it here."""
+    from fastvit_kernels import tuning
+
+    family = tuning.backend_family(name)
+    monkeypatch.setenv("FASTVIT_GEMM", family)
+    if name != family:
+        monkeypatch.setattr(tuning, "_choose_gemm_backend", lambda c, timed: name if name in c else next(iter(c)))

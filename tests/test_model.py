@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_matches
+from helpers import assert_matches, force_gemm_candidate
 
 from fastvit_kernels import ViT, vit_base_patch16_224, vit_cifar10, vit_small_patch16_224, vit_tiny_patch16_224
 
@@ -49,11 +49,12 @@ def test_timm_weights_load_into_ours_unchanged():
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+@pytest.mark.parametrize("gemm", ["triton", "cublas", "triton+rows"])
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 @pytest.mark.parametrize("attn_impl", ["math", "sdpa"])
 def test_triton_and_torch_backends_agree_on_logits_and_gradients(pool, attn_impl, gemm, device, monkeypatch):
-    monkeypatch.setenv("FASTVIT_GEMM", gemm)  # the fused path with either GEMM candidate (tuning.pick_gemm_backend)
+    # the fused path with each GEMM family, and with the GEMMs with the LayerNorm as ordinary tiles ("triton+rows")
+    force_gemm_candidate(monkeypatch, gemm)
     model = ViT(**TINY, pool=pool, attn_impl=attn_impl).to(device)
     x = torch.randn(2, 3, 8, 8, device=device)
     results = {}

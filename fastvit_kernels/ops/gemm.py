@@ -23,13 +23,17 @@ from ..configs import (
     LINEAR_DW_CONFIGS,
     LINEAR_FWD_CONFIGS,
     LINEAR_LN_CONFIGS,
+    LINEAR_NORM_ROWS_CONFIGS,
+    NORM_ROWS_MIN_BLOCK_M,
+    NORM_ROWS_MIN_PART,
     TMA_PROGRAMS_PER_SM,
     prune_linear_dw,
     prune_linear_fwd,
     prune_linear_ln,
+    prune_linear_norm_rows,
 )
 from ..kernels.gemm import linear_dw_kernel, linear_fwd_kernel
-from ..kernels.gemm_layernorm import linear_residual_layernorm_kernel
+from ..kernels.gemm_layernorm import linear_residual_layernorm_kernel, linear_residual_norm_rows_kernel
 from ..tuning import Launcher, known_gemm_backend, pick_gemm_backend
 from ._common import (
     as_rows,
@@ -52,6 +56,12 @@ _fwd = Launcher(
 )
 _fwd_ln = Launcher(
     linear_residual_layernorm_kernel, LINEAR_LN_CONFIGS, ["M", "N", "K", "DOT_PRECISION", "TMA_OK"], prune_linear_ln
+)
+_fwd_norm_rows = Launcher(
+    linear_residual_norm_rows_kernel,
+    LINEAR_NORM_ROWS_CONFIGS,
+    ["M", "N", "K", "DOT_PRECISION", "TMA_OK"],
+    prune_linear_norm_rows,
 )
 _dw = Launcher(linear_dw_kernel, LINEAR_DW_CONFIGS, ["R", "NF", "KF", "DOT_PRECISION"], prune_linear_dw)
 
@@ -248,6 +258,36 @@ def _residual_then_layernorm_triton(
     return (x, *layernorm_fwd(x, norm_weight, norm_bias, eps, norm_dtype))
 
 
+def _residual_norm_rows_triton(
+    a, a_rows, weight, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, tma_ok, key
+):
+    """Our GEMM's ordinary tiles, each row block normalised by its last tile to finish (kernels/gemm_layernorm.py)."""
+    K = a.shape[-1]
+    M, N = a.numel() // K, weight.shape[0]
+    shape = (*a.shape[:-1], N)
+    x = torch.empty(shape, device=a.device, dtype=out_dtype)  # the stream, contiguous
+    y = torch.empty(shape, device=a.device, dtype=norm_dtype)
+    mean = torch.empty(M, device=a.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    parts = torch.empty(2 * cdiv(N, NORM_ROWS_MIN_PART), M, device=a.device, dtype=torch.float32)
+    arrived = torch.zeros(cdiv(M, NORM_ROWS_MIN_BLOCK_M), device=a.device, dtype=torch.int32)
+    residual, res_rows = as_unit_rows(residual)  # the kernel reads the residual's rows at unit stride
+    programs = TMA_PROGRAMS_PER_SM * num_sms(a.device)
+    if tma_ok:
+        _tma_allocator()
+
+    def grid(cfg):
+        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+        return (min(tiles, programs),) if cfg["USE_TMA"] and tma_ok else (tiles,)
+
+    w_row, w_col = weight.stride()
+    norm = (norm_weight, norm_bias, y, mean, rstd, parts, arrived)
+    strides = (a_rows, a.stride(-1), w_col, w_row, res_rows, N, N)  # A, B = weight^T [K, N], the residual, X, Y
+    consts = dict(DOT_PRECISION=dot_precision(a.dtype), TMA_OK=tma_ok)
+    _fwd_norm_rows.launch(key, grid, a, weight, bias, residual, x, *norm, M, N, K, programs, *strides, eps, **consts)
+    return x, y, mean, rstd
+
+
 def _residual_layernorm_cublas(
     a, a_rows, weight, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, *_
 ):
@@ -373,8 +413,13 @@ def _weight_grad_triton(g, x, need_bias, out_dtype, key):
 _LINEAR = {"triton": _linear_triton, "cublas": _linear_cublas}
 _LAYERNORM_FULL_ROW = {
     "triton": _residual_layernorm_triton,
+    "triton+rows": _residual_norm_rows_triton,
     "triton+ln": _residual_then_layernorm_triton,
     "cublas": _residual_layernorm_cublas,
 }
-_LAYERNORM_WIDE = {"triton": _residual_then_layernorm_triton, "cublas": _residual_layernorm_cublas}
+_LAYERNORM_WIDE = {
+    "triton": _residual_then_layernorm_triton,
+    "triton+rows": _residual_norm_rows_triton,
+    "cublas": _residual_layernorm_cublas,
+}
 _WEIGHT_GRAD = {"triton": _weight_grad_triton, "cublas": _weight_grad_cublas}
