@@ -200,19 +200,29 @@ def chosen_configs(**launchers):
 
 def gemm_backends():
     """A describe() for the rows that run the model: which GEMM candidate ran for each shape (tuning.pick_gemm_backend:
-    Triton or cuBLAS, measured per shape on a GPU), as `gemm` in the row and in its table label when cuBLAS ran any."""
+    Triton or cuBLAS, measured per shape on a GPU), as `gemm` in the row and in its table label when cuBLAS ran any,
+    and the candidates' times where they were measured (`gemm_ms`)."""
 
     def describe():
         from fastvit_kernels.tuning import gemm_choices
 
         choices = gemm_choices()
         cublas = sorted(f"{k[0]} {k[2]}x{k[3]}" for k, v in choices.items() if v == "cublas")
-        info = {"gemm": {" ".join(map(str, k[:-1])): v for k, v in choices.items()}}
+        info = {"gemm": {" ".join(map(str, k[:-1])): v for k, v in choices.items()}, **gemm_candidate_ms()}
         if cublas:
             info["config"] = f"cuBLAS ran {len(cublas)} of {len(choices)} GEMM shapes"
         return info
 
     return describe
+
+
+def gemm_candidate_ms():
+    """{"gemm_ms": {GEMM key: {candidate: GPU ms}}} for the GEMMs whose backend was chosen by timing (the chooser's
+    own side-by-side measurement: tuning.gemm_times), or nothing where none was."""
+    from fastvit_kernels.tuning import gemm_times
+
+    times = {" ".join(map(str, k[:-1])): {n: round(ms, 4) for n, ms in t.items()} for k, t in gemm_times().items()}
+    return {"gemm_ms": times} if times else {}
 
 
 def need_cuda(device, what="this row"):

@@ -3,8 +3,10 @@
 The per-op rows (test_kernels.py) say whether a fused op beats eager; these say where the time goes inside it. Inputs
 are what the model feeds the kernels under bf16 autocast: the residual stream x in fp32, weights and activations in
 bf16. Rows per group:
-  ours        our fused kernel (the autotuner's choice is recorded in the row as `config`, and for the +norm GEMMs
-              which of our two candidates ran as `backend`: "triton", the full-row GEMM, or "triton+ln")
+  ours        our fused kernel (the autotuner's choice is recorded in the row as `config`); for the +norm GEMMs the
+              fastest of ours, timed by the model's chooser (all three times in `gemm_ms`, which ran in `backend`):
+              "triton", the full-row GEMM; "triton+rows", ordinary tiles whose row block's last tile normalises it;
+              "triton+ln", the residual GEMM then the row kernel
   eager       what eager autocast runs for the same math (LayerNorm, linear, GELU, add as separate kernels)
   cublas      the bare GEMM on ready bf16 operands, nothing fused: a floor for ours, not a peer (it skips work)
   ln+ours     (qkv, fc1) our LayerNorm row kernel writing bf16 rows, then our GEMM
@@ -19,7 +21,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from common import chosen_configs, measure, need_cuda
+from common import chosen_configs, gemm_candidate_ms, measure, need_cuda
 
 lin = importlib.import_module("fastvit_kernels.ops.gemm")
 lnorm = importlib.import_module("fastvit_kernels.ops.layernorm")
@@ -127,14 +129,15 @@ def _case(name, row, R, D, Hd, device):
 
 def _describe(kernel, name, row):
     """The row's config, read after the timing; for the +norm GEMMs' `ours`, also which of our candidates ran, as
-    `backend` and in the config (FASTVIT_GEMM=triton still times the full-row GEMM against "triton+ln": ops/gemm.py)."""
+    `backend` and in the config, and the chooser's times of all of them (FASTVIT_GEMM=triton times our candidates)."""
 
     def describe():
         if not (name.endswith("+norm") and row == "ours"):
             return chosen_configs(gemm=kernel)()
-        full_row = lin.last_backend == "triton"
-        info = chosen_configs(gemm=lin._fwd_ln if full_row else kernel)()
-        return info | {"backend": lin.last_backend, "config": f"{lin.last_backend}: {info.get('config', '')}"}
+        ran = lin.last_backend
+        launcher = {"triton": lin._fwd_ln, "triton+rows": lin._fwd_norm_rows}.get(ran, kernel)
+        info = chosen_configs(gemm=launcher)() | gemm_candidate_ms()  # each of ours, timed by the chooser
+        return info | {"backend": ran, "config": f"{ran}: {info.get('config', '')}"}
 
     return describe
 

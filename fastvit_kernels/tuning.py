@@ -125,6 +125,7 @@ def forget() -> None:
     for launcher in _LAUNCHERS:
         launcher.chosen.clear()
     _GEMM_CHOICE.clear()
+    _GEMM_TIMES.clear()
     _forgets += 1
 
 
@@ -135,6 +136,7 @@ def forget() -> None:
 # the fast-path goals are for our kernels). Elsewhere (the interpreter) the first, "triton", which the tests check.
 GEMM_BACKENDS = ("triton", "cublas")
 _GEMM_CHOICE: dict = {}  # key -> the backend that runs it
+_GEMM_TIMES: dict = {}  # key -> {candidate: GPU ms} where the choice was timed (the benchmark rows record them)
 
 
 def gemm_backend_mode() -> str:
@@ -151,27 +153,31 @@ def pick_gemm_backend(key, candidates: dict, timed: bool) -> str:
     tests) also means the first: those runs are there to check our kernels."""
     choice = _GEMM_CHOICE.get(key)
     if choice is None:
-        choice = _choose_gemm_backend(candidates, timed)
+        choice, times = _choose_gemm_backend(candidates, timed)
         if choice is None:  # inside a capture: Triton, undecided
             return "triton"
+        if times:
+            _GEMM_TIMES[key] = times
         _GEMM_CHOICE[key] = choice
         _decided()
     return choice
 
 
 def _choose_gemm_backend(candidates, timed):
+    """(the candidate chosen, {candidate: GPU ms} where they were timed, else empty); (None, {}) inside a capture."""
     mode = gemm_backend_mode()
     if mode != "auto":  # that family's candidates only
         candidates = {name: fn for name, fn in candidates.items() if backend_family(name) == mode}
     if len(candidates) == 1 or not timed or not autotune_allowed():
-        return next(iter(candidates))
+        return next(iter(candidates)), {}
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return None
-    return min(candidates, key=lambda name: _warm_gpu_ms(candidates[name]))
+        return None, {}
+    times = {name: _warm_gpu_ms(fn) for name, fn in candidates.items()}
+    return min(times, key=times.get), times
 
 
 def backend_family(name: str) -> str:
-    """triton or cublas: "triton+ln" (our residual GEMM, then our LayerNorm row kernel) is ours."""
+    """triton or cublas: our second candidates ("triton+rows", "triton+ln": ops/gemm.py) are ours."""
     return name.split("+")[0]
 
 
@@ -202,3 +208,8 @@ known_gemm_backend = _GEMM_CHOICE.get  # key -> the backend decided for it, or N
 def gemm_choices() -> dict:
     """{key: backend} of the GEMMs decided so far: what the benchmark rows record as having run."""
     return dict(_GEMM_CHOICE)
+
+
+def gemm_times() -> dict:
+    """{key: {candidate: GPU ms}} of the GEMMs whose choice was timed: every candidate, measured side by side."""
+    return {key: dict(times) for key, times in _GEMM_TIMES.items()}

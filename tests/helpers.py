@@ -94,4 +94,4 @@ def force_gemm_candidate(monkeypatch, name):
     family = tuning.backend_family(name)
     monkeypatch.setenv("FASTVIT_GEMM", family)
     if name != family:
-        monkeypatch.setattr(tuning, "_choose_gemm_backend", lambda c, timed: name if name in c else next(iter(c)))
+        monkeypatch.setattr(tuning, "_choose_gemm_backend", lambda c, timed: (name if name in c else next(iter(c)), {}))

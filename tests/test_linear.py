@@ -245,6 +245,7 @@ def test_a_backend_family_is_timed_among_its_own_candidates(monkeypatch):
         timed.clear()
         assert tuning.pick_gemm_backend("k", candidates, timed=True) == expect
         assert timed == timings
+        assert tuning.gemm_times() == ({"k": {name: cost[name] for name in timings}} if timings else {})
         tuning.forget()
         assert tuning.pick_gemm_backend("k", candidates, timed=False) == ("cublas" if mode == "cublas" else "triton")
 
