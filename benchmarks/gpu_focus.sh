@@ -6,12 +6,14 @@
 # with and without step plans, a few rounds each. Its tuning is kept on disk (gpu_env.sh), so `make gpu-check` on the
 # same machine right after starts with those kernels tuned. Rows go to $OUT_DIR/rows.jsonl with their commit
 # (FASTVIT_COMMIT=<hash> where the tree came without .git). The GEMM tests (TMA and warp-specialised tiles) passed on
-# an H100 on 2026-11-27 and are gpu-check's first stage; the GELU's and the 128 x 256 tiles' (new since) run here too.
+# an H100 on 2026-11-27 and are gpu-check's first stage; the GELU's, the 128 x 256 tiles' and the GEMM with the next
+# LayerNorm's (every candidate, every tile of triton+rows: new since) run here too.
 source "$(dirname "$0")/gpu_env.sh"
 T=tests/test_linear.py::test_every_linear_config
 WIDE=("$T[128x256x64-w8-s3-tma-gelu]" "$T[128x256x64-w8-s3-tma-residual]" "$T[128x256x64-w8-s3-tma-flat-gelu]"
-  "$T[128x256x64-w8-s3-tma-flat-residual]")
-echo "=== the GELU's, the 128 x 256 GEMM tiles', the attention tests (every tile forced), the step plans'"
+  "$T[128x256x64-w8-s3-tma-flat-residual]" tests/test_linear.py::test_every_norm_rows_config
+  tests/test_linear.py::test_linear_residual_layernorm)
+echo "=== the GELU's, the 128 x 256 and LayerNorm GEMM tiles', the attention tests (every tile forced), the step plans'"
 FASTVIT_AUTOTUNE=0 timeout 80 $PY -m pytest -q -rf --tb=short tests/test_gelu.py "${WIDE[@]}" \
   tests/test_attention.py tests/test_plan.py tests/test_plan_training.py tests/test_direct_launch.py \
   tests/test_recording.py $XDIST -p no:cacheprovider \
