@@ -235,7 +235,7 @@ def _attention_cfg(bm, bn, warps, stages, maxnreg=None, whole=None, tail=0, resi
 
 
 # RESIDENT forward tiles: persistent programs per SM (sm_90, bf16, head dim 64, N = 197, compiled offline: 64 x 64
-# with 4 warps, 231-237 registers, 61-78 KB of shared memory with one or two stages, triton 3.6 and 3.8: two blocks).
+# with 4 warps, 231-242 registers, 61-78 KB of shared memory with one or two stages, triton 3.6 and 3.8: two blocks).
 RESIDENT_PROGRAMS_PER_SM = 2
 RESIDENT_MAX_BLOCKS = 4  # whole key blocks a RESIDENT tile holds (kernels/attention.py unrolls up to four)
 
