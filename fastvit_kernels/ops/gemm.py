@@ -10,8 +10,9 @@ the ops pass their tensors as they are, no reshape or transpose per call (each i
 
 Every fused linear of the model goes through these functions: another GEMM backend plugs in here, and nowhere else.
 Each has at least two candidates, our Triton kernel and cuBLAS (torch's matmul) with the epilogue as torch ops or our
-row kernel (the full-row GEMM with the LayerNorm a second of ours, "triton+ln": the residual GEMM, then the row
-kernel); fastvit_kernels.tuning.pick_gemm_backend says which runs (measured per shape on a GPU, Triton elsewhere).
+row kernel; the GEMM with the next LayerNorm has two more of ours ("triton+rows", "triton+ln": the _LAYERNORM_*
+tables at the end). fastvit_kernels.tuning.pick_gemm_backend says which runs (measured per shape on a GPU, the
+first elsewhere).
 """
 
 import torch
@@ -226,9 +227,10 @@ MAX_LN_EPILOGUE_DIM = 4 * LN_CHUNK  # wider rows: the residual GEMM, then the La
 
 def linear_residual_layernorm(a, weight, bias, residual, norm_weight, norm_bias, eps, norm_dtype):
     """(X, Y, mean, rstd) with X [..., N] = residual + a @ weight^T + bias in the residual stream's dtype,
-    Y = LayerNorm(X) in norm_dtype (what the next GEMM reads), the fp32 row statistics of X [M]. Ours: one launch when
-    a tile can span the row (N <= 512), or the residual GEMM and the row kernel (the only way past 512); against
-    cuBLAS's GEMM and the row kernel adding the residual (timed once per shape: _run). residual: [..., N] as a."""
+    Y = LayerNorm(X) in norm_dtype (what the next GEMM reads), the fp32 row statistics of X [M]. Ours: the full-row
+    tile (N <= 512), ordinary tiles whose row block's last tile normalises it (one launch either way), or the residual
+    GEMM and the row kernel; against cuBLAS's GEMM and the row kernel adding the residual (timed once per shape:
+    _run). residual: [..., N] as a."""
     K = a.shape[-1]
     M = a.numel() // K
     N = weight.shape[0]
