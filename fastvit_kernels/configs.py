@@ -208,10 +208,9 @@ def norm_rows_part(cfg) -> int:
     return bn // 2 if bn >= 256 else bn
 
 
-NORM_ROWS_MIN_PART = min(
-    norm_rows_part(c) for c in LINEAR_NORM_ROWS_CONFIGS
-)  # what the statistics' scratch is sized for
-NORM_ROWS_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in LINEAR_NORM_ROWS_CONFIGS)  # and the row blocks' counters
+# what the launcher sizes the partial statistics' scratch and the row blocks' counters for, whichever tile runs
+NORM_ROWS_MIN_PART = min(norm_rows_part(c) for c in LINEAR_NORM_ROWS_CONFIGS)
+NORM_ROWS_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in LINEAR_NORM_ROWS_CONFIGS)
 
 
 def prune_linear_norm_rows(configs, args):
