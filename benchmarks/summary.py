@@ -46,6 +46,23 @@ def speedup_table(rows):
     return "\n".join(lines)
 
 
+def candidate_table(rows):
+    """The GEMM chooser's own side-by-side times (a row's `gemm_ms`: every candidate of a shape, timed on the same
+    operands before the row ran), one line per GEMM shape as it was first timed; empty where nothing was timed."""
+    lines, seen = [], set()
+    for r in rows:
+        for key, times in r.get("gemm_ms", {}).items():
+            if key in seen:
+                continue
+            seen.add(key)
+            ranked = ", ".join(f"{name} {ms:.4f}" for name, ms in sorted(times.items(), key=lambda t: t[1]))
+            lines.append(f"| {r['group']} | {key} | {ranked} |")
+    if not lines:
+        return ""
+    head = "| first timed in | GEMM (kind, M, N, K, ...) | candidates, ms of GPU time, fastest first |\n|---|---|---|\n"
+    return head + "\n".join(lines)
+
+
 def _plot(rows, path, info=None):
     import matplotlib
 
@@ -78,6 +95,9 @@ def write_summary(rows, info, out_dir):
         f"card: {info['card']} | torch {info['torch']} | triton {info['triton']} | {info['date']}\n"
         f"command: {info['command']}\n"
     )
+    candidates = candidate_table(rows)
+    if candidates:
+        table += "\n\nThe GEMM chooser's times of each candidate (ops/gemm.py; `gemm_ms` in the rows):\n\n" + candidates
     (out_dir / "results.md").write_text(head + "\n" + table + "\n")
     _plot(rows, out_dir / "results.png", info)
     return head + table
