@@ -4,9 +4,8 @@ The per-op rows (test_kernels.py) say whether a fused op beats eager; these say 
 are what the model feeds the kernels under bf16 autocast: the residual stream x in fp32, weights and activations in
 bf16. Rows per group:
   ours        our fused kernel (the autotuner's choice is recorded in the row as `config`); for the +norm GEMMs the
-              fastest of ours, timed by the model's chooser (all three times in `gemm_ms`, which ran in `backend`):
-              "triton", the full-row GEMM; "triton+rows", ordinary tiles whose row block's last tile normalises it;
-              "triton+ln", the residual GEMM then the row kernel
+              faster of ours, timed by the model's chooser (both times in `gemm_ms`, which ran in `backend`):
+              "triton", the full-row GEMM; "triton+rows", ordinary tiles whose row block's last tile normalises it
   eager       what eager autocast runs for the same math (LayerNorm, linear, GELU, add as separate kernels)
   cublas      the bare GEMM on ready bf16 operands, nothing fused: a floor for ours, not a peer (it skips work)
   ln+ours     (qkv, fc1) our LayerNorm row kernel writing bf16 rows, then our GEMM
@@ -93,7 +92,7 @@ def _case(name, row, R, D, Hd, device):
             "ours+ln": ours_then_ln,
             "cublas+addln": lambda: lnorm.add_layernorm_fwd(F.linear(a, w, b), x, nw, nb, eps, BF16),
         }
-        kernel = lin._fwd  # for `ours`, the full-row kernel's unless its candidate "triton+ln" won (_describe)
+        kernel = lin._fwd  # `ours`: _describe picks the launcher of the candidate that ran
     elif name == "fc2-dgelu":  # dpre [R, hidden] = (dy [R, D] @ W2 [D, hidden]) * GELU'(pre)
         w2, dy, pre = rnd(K, N, scale=N**-0.5), rnd(R, K), rnd(R, N)
         fns = {

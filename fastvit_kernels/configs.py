@@ -183,9 +183,12 @@ def prune_linear_ln(configs, args):
 
 
 # The GEMM whose row block's last tile runs the LayerNorm (kernels/gemm_layernorm.py): the forward GEMM's tiles
-# without warp specialisation and flattening (the finishing branch sits in the tile loop), TMA ones first. With the
-# fp32 stream (CIFAR-10 under autocast; sm_90, compiled offline) they take 206-255 registers, stack 0-16 B; 128 x 64
-# through TMA with 4 warps spilled 40 B (triton 3.6) and is left out.
+# without warp specialisation and flattening (the finishing branch sits in the tile loop), TMA ones first, few of
+# them: a shape's first call compiles and times each. With the fp32 stream (CIFAR-10 under autocast; sm_90, compiled
+# offline, triton 3.6 / 3.8) 128 x 256 takes 248 / 254 registers (the least traffic, one block an SM), 64 x 128
+# through TMA 255 / 236 and with pointer loads 250 / 220 (two blocks), 64 x 64 113 / 124 (three), no stack over
+# 16 B. Left out: 128 x 128 (255 registers, one block an SM, more traffic than 128 x 256), 128 x 64 through TMA
+# (40 B of stack under 3.6), 128 x 64 with pointer loads (64 x 128's twin).
 def _norm_rows_cfg(bm, bn, warps, stages, tma):
     return triton.Config(
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "USE_TMA": tma}, num_warps=warps, num_stages=stages
@@ -194,10 +197,8 @@ def _norm_rows_cfg(bm, bn, warps, stages, tma):
 
 LINEAR_NORM_ROWS_CONFIGS = [
     _norm_rows_cfg(128, 256, 8, 3, True),
-    _norm_rows_cfg(128, 128, 8, 3, True),
     _norm_rows_cfg(64, 128, 4, 4, True),
     _norm_rows_cfg(64, 128, 4, 4, False),
-    _norm_rows_cfg(128, 64, 4, 4, False),
     _norm_rows_cfg(64, 64, 4, 4, False),
 ]
 

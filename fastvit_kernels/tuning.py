@@ -130,8 +130,8 @@ def forget() -> None:
 
 
 # Triton or cuBLAS, per GEMM (ops/gemm.py): each GEMM of the linear layers has a second candidate, torch's matmul
-# (cuBLAS) with the epilogue as torch ops or our row kernel, and the GEMM with the next LayerNorm two more of ours
-# ("triton+rows", "triton+ln": ops/gemm.py). On a GPU the fastest is measured once per shape and
+# (cuBLAS) with the epilogue as torch ops or our row kernel, and the GEMM with the next LayerNorm a second of ours
+# ("triton+rows": ops/gemm.py). On a GPU the fastest is measured once per shape and
 # kept; FASTVIT_GEMM=triton or =cublas keeps one family (the benchmarks' rows for the Triton path force triton, since
 # the fast-path goals are for our kernels). Elsewhere (the interpreter) the first, "triton", which the tests check.
 GEMM_BACKENDS = ("triton", "cublas")
@@ -177,7 +177,7 @@ def _choose_gemm_backend(candidates, timed):
 
 
 def backend_family(name: str) -> str:
-    """triton or cublas: our second candidates ("triton+rows", "triton+ln": ops/gemm.py) are ours."""
+    """triton or cublas: our second candidates ("triton+rows": ops/gemm.py) are ours."""
     return name.split("+")[0]
 
 

@@ -37,11 +37,10 @@ def backend(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=[*tuning.GEMM_BACKENDS, "triton+rows", "triton+ln"])
+@pytest.fixture(params=[*tuning.GEMM_BACKENDS, "triton+rows"])
 def ln_backend(request, monkeypatch):
-    """The candidates of the GEMM with the LayerNorm in turn: FASTVIT_GEMM's two families, and our others, which only
-    a timing picks, made to win it here: "triton+rows" (ordinary tiles, the last tile of a row block normalises it)
-    and "triton+ln" (our residual GEMM, then the row kernel; past the full-row tile that is what "triton" runs)."""
+    """The candidates of the GEMM with the LayerNorm in turn: FASTVIT_GEMM's two families, and "triton+rows"
+    (ordinary tiles, the last tile of a row block normalises it), which only a timing picks: made to win it here."""
     force_gemm_candidate(monkeypatch, request.param)
     return request.param
 
@@ -184,8 +183,7 @@ def test_linear_residual_layernorm(N, dtypes, device, ln_backend):
     nw, nb = 1 + 0.2 * torch.randn(N, device=device), 0.2 * torch.randn(N, device=device)
     x, y, mean, rstd = lin.linear_residual_layernorm(a, w, b, res, nw, nb, 1e-6, dtype)
     assert (x.dtype, y.dtype) == (stream, dtype)
-    past_full_row = ln_backend == "triton+ln" and N > lin.MAX_LN_EPILOGUE_DIM  # there that is what "triton" runs
-    assert lin.last_backend == ("triton" if past_full_row else ln_backend)
+    assert lin.last_backend == ln_backend
     x_ref = res.double() + a.double() @ w.double().t() + b.double()
     x_low = (res + a @ w.t() + b).to(stream)
     assert_matches(x, x_low, x_ref, dtype, "X")
@@ -230,13 +228,13 @@ def test_a_backend_family_is_timed_among_its_own_candidates(monkeypatch):
     # the full-row GEMM with the LayerNorm has two candidates of ours: FASTVIT_GEMM=triton (the benchmarks' `ours`)
     # times those two and never cuBLAS; =cublas takes cuBLAS's untimed; untimed, the first (the full-row kernel)
     monkeypatch.delenv("FASTVIT_AUTOTUNE", raising=False)
-    cost = {"triton": 3.0, "triton+ln": 2.0, "cublas": 1.0}
+    cost = {"triton": 3.0, "triton+rows": 2.0, "cublas": 1.0}
     timed = []
     monkeypatch.setattr(tuning, "_warm_gpu_ms", lambda fn: timed.append(fn()) or cost[fn()])
     candidates = {name: (lambda name=name: name) for name in cost}
     cases = (
-        ("auto", "cublas", ["triton", "triton+ln", "cublas"]),
-        ("triton", "triton+ln", ["triton", "triton+ln"]),
+        ("auto", "cublas", ["triton", "triton+rows", "cublas"]),
+        ("triton", "triton+rows", ["triton", "triton+rows"]),
         ("cublas", "cublas", []),  # one candidate left: nothing to time
     )
     for mode, expect, timings in cases:
