@@ -9,8 +9,8 @@ bf16. Rows per group:
   eager       what eager autocast runs for the same math (LayerNorm, linear, GELU, add as separate kernels)
   cublas      the bare GEMM on ready bf16 operands, nothing fused: a floor for ours, not a peer (it skips work)
   ln+ours     (qkv, fc1) our LayerNorm row kernel writing bf16 rows, then our GEMM
-  ours+ln     (proj+norm, fc2+norm) our residual GEMM, then our LayerNorm row kernel: two launches where the
-              full-row GEMM with LayerNorm in its epilogue is one (for D <= 512 the model times the two)
+  ours+ln     (proj+norm, fc2+norm) our residual GEMM, then our LayerNorm row kernel: two launches where `ours`
+              is one (past D = 512 the model's "triton" candidate is this)
   cublas+addln  (proj+norm, fc2+norm) cuBLAS's GEMM, then our row kernel adding the residual and normalising in one
               pass: the cuBLAS candidate the model's tuner times against `ours` (ops/gemm.py)
 """

@@ -7,9 +7,10 @@ Two ways, both measured by the GEMM chooser (ops/gemm.py):
   statistics, and the last tile of a row block to finish reads that block of X back (from L2, just written) and
   normalises it.
 
-The full-row kernel. This is how the GEMMs that write the residual stream (attention's proj, the MLP's fc2) absorb the LayerNorm that
-follows them, for D <= 4 * BLOCK_N (512): a ViT-S block is then five launches, none of them a standalone LayerNorm,
-and X is not read back from memory to be normalised. Wider models use the plain GEMM and the row kernel.
+The full-row kernel. This is how the GEMMs that write the residual stream (attention's proj, the MLP's fc2) absorb
+the LayerNorm that follows them, for D <= 4 * BLOCK_N (512): a ViT-S block is then five launches, none of them a
+standalone LayerNorm, and X is not read back from memory to be normalised. Wider models use the rows kernel, or the
+plain GEMM and the row kernel.
 
 Triton blocks are powers of two, so a D = 384 row is N_CHUNKS = 3 accumulators of BLOCK_N = 128 columns that share
 each K step's A tile; the constexpr `if`s below compile only the chunks a launch has.
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import last_to_arrive
-from .gemm import _mainloop_pointers, _mainloop_tma
+from .gemm import _column_parts, _mainloop_pointers, _mainloop_tma, _tma_descriptors
 
 
 @triton.jit
@@ -273,11 +274,7 @@ def _tile_then_rows(
     _finish_tile), which are also its parts for the statistics."""
     HALVES: tl.constexpr = 2 if BLOCK_N >= 256 else 1
     PART: tl.constexpr = BLOCK_N // HALVES
-    if HALVES == 2:
-        # [BLOCK_M, PART, 2] split: columns [0, PART) and [PART, BLOCK_N) of the tile
-        parts = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, PART)), (0, 2, 1)))
-    else:
-        parts = (acc,)
+    parts = _column_parts(acc, HALVES, BLOCK_M, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     rows = offs_m[:, None].to(tl.int64)
@@ -348,11 +345,9 @@ def linear_residual_norm_rows_kernel(
     # (the pointer tiles as one program a tile, outside a loop: inside the TMA tiles' one-iteration loop they took
     # 20-30 more registers, 8 B of stack with the fp32 stream; sm_90, triton 3.8, compiled offline)
     if USE_TMA and TMA_OK:
-        a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-        if B_KMAJOR:
-            b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
-        else:
-            b_desc = tl.make_tensor_descriptor(B, shape=[K, N], strides=[stride_bk, 1], block_shape=[BLOCK_K, BLOCK_N])
+        a_desc, b_desc = _tma_descriptors(
+            A, B, M, N, K, stride_am, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR
+        )
         for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs):
             pid_m, pid_n = tile // num_pid_n, tile % num_pid_n
             acc = _mainloop_tma(a_desc, b_desc, pid_m, pid_n, K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR)

@@ -11,8 +11,7 @@ the ops pass their tensors as they are, no reshape or transpose per call (each i
 Every fused linear of the model goes through these functions: another GEMM backend plugs in here, and nowhere else.
 Each has at least two candidates, our Triton kernel and cuBLAS (torch's matmul) with the epilogue as torch ops or our
 row kernel; the GEMM with the next LayerNorm has a second of ours ("triton+rows": the _LAYERNORM_* tables at the
-end). fastvit_kernels.tuning.pick_gemm_backend says which runs (measured per shape on a GPU, the
-first elsewhere).
+end). fastvit_kernels.tuning.pick_gemm_backend says which runs (measured per shape on a GPU, the first elsewhere).
 """
 
 import torch
@@ -171,16 +170,9 @@ def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
     M = a.numel() // K
     N = weight.shape[0]
     c = torch.empty((*a.shape[:-1], N), device=a.device, dtype=out_dtype)  # [..., N], contiguous
-    programs = TMA_PROGRAMS_PER_SM * num_sms(a.device)  # the persistent TMA tiles' grid, at most
-    if tma_ok:
-        _tma_allocator()
+    programs, grid = _tile_grid(M, N, a.device, tma_ok)
     res, res_rows = as_rows(res) if res is not None else (None, 0)
     pre_rows = _output_rows(pre) if pre is not None else 0
-
-    def grid(cfg):
-        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
-        return (min(tiles, programs),) if cfg["USE_TMA"] and tma_ok else (tiles,)
-
     w_row, w_col = weight.stride()
     _fwd.launch(
         key,
@@ -211,6 +203,20 @@ def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
         TMA_OK=tma_ok,
     )
     return c
+
+
+def _tile_grid(M, N, device, tma_ok):
+    """(programs, grid) of a forward GEMM's launch: the persistent TMA tiles run at most `programs` programs that
+    stride through the tiles (Triton's allocator set for their descriptors); the pointer tiles one program a tile."""
+    programs = TMA_PROGRAMS_PER_SM * num_sms(device)
+    if tma_ok:
+        _tma_allocator()
+
+    def grid(cfg):
+        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+        return (min(tiles, programs),) if cfg["USE_TMA"] and tma_ok else (tiles,)
+
+    return programs, grid
 
 
 def _output_rows(t):
@@ -272,14 +278,7 @@ def _residual_norm_rows_triton(
     parts = torch.empty(2 * cdiv(N, NORM_ROWS_MIN_PART), M, device=a.device, dtype=torch.float32)
     arrived = torch.zeros(cdiv(M, NORM_ROWS_MIN_BLOCK_M), device=a.device, dtype=torch.int32)
     residual, res_rows = as_unit_rows(residual)  # the kernel reads the residual's rows at unit stride
-    programs = TMA_PROGRAMS_PER_SM * num_sms(a.device)
-    if tma_ok:
-        _tma_allocator()
-
-    def grid(cfg):
-        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
-        return (min(tiles, programs),) if cfg["USE_TMA"] and tma_ok else (tiles,)
-
+    programs, grid = _tile_grid(M, N, a.device, tma_ok)
     w_row, w_col = weight.stride()
     norm = (norm_weight, norm_bias, y, mean, rstd, parts, arrived)
     strides = (a_rows, a.stride(-1), w_col, w_row, res_rows, N, N)  # A, B = weight^T [K, N], the residual, X, Y
