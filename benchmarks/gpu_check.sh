@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # On a CUDA machine, in one call: the GPU tests, then the benchmark suite, the compact speedup table printed last.
-# Sized for 9 minutes on an H100 (the stage limits add up to 540 s, 575 if the plans need their second try; a lent
-# GPU's call may run 600). Stages run in priority order, each with its own time limit, and every benchmark row is
-# streamed to $OUT_DIR/rows.jsonl as it is measured, so a cut-short run still reports what it saw. Rows carry the
-# commit measured: git's HEAD, or FASTVIT_COMMIT where the tree came without .git (a lent GPU:
-# `FASTVIT_COMMIT=<hash> make gpu-check`). At most 8 files come back from a lent GPU: the run writes 7.
+# Sized for one call of a lent GPU (600 s at most, what 15 minutes of device time allow beside a start): the stage
+# limits add up to 565 s, 600 if the plans need their second try. Stages run in priority order, each with its own
+# time limit, and every benchmark row is streamed to $OUT_DIR/rows.jsonl as it is measured, so a cut-short run still
+# reports what it saw. Rows carry the commit measured: git's HEAD, or FASTVIT_COMMIT where the tree came without .git
+# (a lent GPU: `FASTVIT_COMMIT=<hash> make gpu-check`). At most 8 files come back from a lent GPU: the run writes 8.
 source "$(dirname "$0")/gpu_env.sh"
 : > "$FASTVIT_BENCH_ROWS"
 ROUNDS=${ROUNDS:-15}
@@ -19,6 +19,12 @@ FASTVIT_AUTOTUNE=0 timeout 50 $PY -m pytest -q -rf --tb=line tests/test_gelu.py 
   -p no:cacheprovider 2>&1 | tee "$OUT_DIR/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -8
 status=${PIPESTATUS[0]}
 failed=$(grep "^FAILED" "$OUT_DIR/tests.log")
+if echo "$failed" | grep -qE "norm_rows|triton\+rows"; then  # the GEMM with the next LayerNorm as ordinary tiles
+  echo "!!! triton+rows tests failed: the GEMM chooser runs without it (FASTVIT_GEMM_ROWS=0)"
+  export FASTVIT_GEMM_ROWS=0
+  failed=$(echo "$failed" | grep -vE "norm_rows|triton\+rows")
+  [ -n "$failed" ] || status=0
+fi
 if [ "$status" -eq 124 ]; then
   echo "... the stage reached its limit before a failure: the TMA tiles stay in, the warp-specialised and flattened go"
   export FASTVIT_WARP_SPEC=0 FASTVIT_FLATTEN=0
@@ -60,6 +66,24 @@ status=${PIPESTATUS[0]}
 if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
   echo "!!! attention tests failed: benchmarks run with FASTVIT_ATTN_WHOLE=0 FASTVIT_ATTN_TAIL=0"
   export FASTVIT_ATTN_WHOLE=0 FASTVIT_ATTN_TAIL=0
+fi
+
+echo "=== compute-sanitizer memcheck: the kernels new since the last GPU run (RESIDENT attention, triton+rows)"
+# an out-of-range shared-memory read passed the tests and crashed a later stage in session 9 (H100): a kernel named
+# in memcheck's report leaves the benchmarks
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+if [ -n "$SANITIZER" ]; then
+  FASTVIT_AUTOTUNE=0 timeout 20 "$SANITIZER" --tool memcheck --print-limit 3 --show-backtrace no \
+    $PY -m pytest -q -p no:cacheprovider "tests/test_attention.py::test_resident_tiles_match_reference[272]" \
+    "tests/test_linear.py::test_every_norm_rows_config[128x256x64-w8-s3-tma-384]" \
+    > "$OUT_DIR/sanitizer.log" 2>&1
+  grep -E "^=========|passed|failed" "$OUT_DIR/sanitizer.log" | cut -c1-200 | head -12
+  grep -qE "^=========  +at .*attention" "$OUT_DIR/sanitizer.log" && export FASTVIT_ATTN_WHOLE=0 &&
+    echo "!!! memcheck named an attention kernel: FASTVIT_ATTN_WHOLE=0"
+  grep -qE "^=========  +at .*norm_rows" "$OUT_DIR/sanitizer.log" && export FASTVIT_GEMM_ROWS=0 &&
+    echo "!!! memcheck named the rows kernel: FASTVIT_GEMM_ROWS=0"
+else
+  echo "compute-sanitizer not found: skipped"
 fi
 
 echo "=== GPU tests (first config of each kernel, no autotuning; the files above already ran)"

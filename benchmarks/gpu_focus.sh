@@ -7,9 +7,8 @@
 # same machine right after starts with those kernels tuned. Rows go to $OUT_DIR/rows.jsonl with their commit
 # (FASTVIT_COMMIT=<hash> where the tree came without .git). The GEMM tests (TMA and warp-specialised tiles) passed on
 # an H100 on 2026-11-27 and are gpu-check's first stage; the GELU's, the 128 x 256 tiles' and the GEMM with the next
-# LayerNorm's (every candidate, every tile of triton+rows: new since) run here too, and the two kernels new since
-# (the RESIDENT attention tile, triton+rows' 128 x 256 tile) once under compute-sanitizer's memcheck, which caught
-# session 9's out-of-range shared-memory read in a persistent attention tile that the tests had passed.
+# LayerNorm's (every candidate, every tile of triton+rows: new since) run here too; the check runs the kernels new since
+# under compute-sanitizer's memcheck.
 source "$(dirname "$0")/gpu_env.sh"
 T=tests/test_linear.py::test_every_linear_config
 WIDE=("$T[128x256x64-w8-s3-tma-gelu]" "$T[128x256x64-w8-s3-tma-residual]" "$T[128x256x64-w8-s3-tma-flat-gelu]"
@@ -20,17 +19,6 @@ FASTVIT_AUTOTUNE=0 timeout 80 $PY -m pytest -q -rf --tb=short tests/test_gelu.py
   tests/test_attention.py tests/test_plan.py tests/test_plan_training.py tests/test_direct_launch.py \
   tests/test_recording.py $XDIST -p no:cacheprovider \
   2>&1 | tee "$OUT_DIR/focus_tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -20
-echo "=== compute-sanitizer memcheck: the RESIDENT attention tile (N = 272, bf16), triton+rows' 128 x 256 tile"
-SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-if [ -n "$SANITIZER" ]; then
-  FASTVIT_AUTOTUNE=0 timeout 25 "$SANITIZER" --tool memcheck --print-limit 3 --show-backtrace no \
-    $PY -m pytest -q -p no:cacheprovider "tests/test_attention.py::test_resident_tiles_match_reference[272]" \
-    "tests/test_linear.py::test_every_norm_rows_config[128x256x64-w8-s3-tma-384]" \
-    > "$OUT_DIR/focus_sanitizer.log" 2>&1
-  grep -E "^=========|passed|failed" "$OUT_DIR/focus_sanitizer.log" | cut -c1-200 | head -12
-else
-  echo "compute-sanitizer not found: skipped"
-fi
 focus_bench() {  # focus_bench LIMIT WORKLOAD: ours (planned, indirect, unplanned, graphed) and eager SDPA, bf16
   timeout "$1" $PY -m pytest --benchmark-only -q -p no:cacheprovider --bench-rounds 5 --bench-warmup 2 \
     benchmarks/test_e2e.py -k "$2 and bf16 and (ours or eager-sdpa) and not compile and not triton" \

@@ -246,6 +246,13 @@ def test_a_backend_family_is_timed_among_its_own_candidates(monkeypatch):
         assert tuning.gemm_times() == ({"k": {name: cost[name] for name in timings}} if timings else {})
         tuning.forget()
         assert tuning.pick_gemm_backend("k", candidates, timed=False) == ("cublas" if mode == "cublas" else "triton")
+    # FASTVIT_GEMM_ROWS=0 (the GPU check's switch when triton+rows fails there): the family without it
+    monkeypatch.setenv("FASTVIT_GEMM", "triton")
+    monkeypatch.setenv("FASTVIT_GEMM_ROWS", "0")
+    tuning.forget()
+    timed.clear()
+    assert tuning.pick_gemm_backend("k", candidates, timed=True) == "triton"
+    assert timed == []  # one candidate left: nothing to time
 
 
 def _tile_id(i):
