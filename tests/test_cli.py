@@ -68,7 +68,8 @@ def test_resume_takes_the_model_and_recipe_from_the_checkpoint(data, tmp_path):
     # the start-up line: what runs where, on how much data
     assert (
         "fastvit-train: vit_cifar10" in first.stdout
-        and "parameters) on cpu, eager PyTorch, autocast off" in first.stdout
+        and f"parameters) on {'cuda' if torch.cuda.is_available() else 'cpu'}" in first.stdout
+        and "eager PyTorch, autocast off" in first.stdout
         and "100 training and 40 test images" in first.stdout
     )
     again = _run("fastvit-train", "--resume", "--out-dir", out, "--data-dir", data, "--epochs", "2", "--no-progress")
