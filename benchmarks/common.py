@@ -191,7 +191,6 @@ def chosen_configs(**launchers):
                 tma += " warpspec" if cfg.kwargs.get("WARP_SPEC") else ""
                 tma += " flat" if cfg.kwargs.get("FLATTEN") else ""
                 tma += " whole" if cfg.kwargs.get("WHOLE") else ""  # attention: a (batch, head) pair per tile
-                tma += " resident" if cfg.kwargs.get("RESIDENT") else ""  # attention: a pair's K/V loaded once
                 tma += f" tail{cfg.kwargs['TAIL']}" if cfg.kwargs.get("TAIL") else ""
                 parts.append(f"{name} {tile} w{cfg.num_warps} s{cfg.num_stages}{tma}")
         return {"config": ", ".join(parts)} if parts else {}

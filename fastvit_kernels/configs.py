@@ -222,22 +222,14 @@ def prune_linear_norm_rows(configs, args):
 # ------------------------------------------------------------------------------------------------------------------
 # Attention (ops/fused_attention.py)
 # ------------------------------------------------------------------------------------------------------------------
-def _attention_cfg(bm, bn, warps, stages, maxnreg=None, whole=None, tail=0, resident=False):
+def _attention_cfg(bm, bn, warps, stages, maxnreg=None, whole=None, tail=0):
     """whole: the forward's WHOLE flag (True or False); None for the backward kernels, which have none. tail: TAIL,
     the width of a last partial block of at most that many keys (queries, in the dK/dV kernel's loop), or a WHOLE
-    tile's rows past BLOCK_M. resident: the forward's RESIDENT tile (a pair's K/V loaded once)."""
+    tile's rows past BLOCK_M."""
     kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "TAIL": tail}
     if whole is not None:
         kwargs["WHOLE"] = whole
-    if resident:
-        kwargs["RESIDENT"] = True
     return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
-
-
-# RESIDENT forward tiles: persistent programs per SM (sm_90, bf16, head dim 64, N = 197, compiled offline: 64 x 64
-# with 4 warps, 231-242 registers, 61-78 KB of shared memory with one or two stages, triton 3.6 and 3.8: two blocks).
-RESIDENT_PROGRAMS_PER_SM = 2
-RESIDENT_MAX_BLOCKS = 4  # whole key blocks a RESIDENT tile holds (kernels/attention.py unrolls up to four)
 
 
 def whole_programs_per_sm(block: int, tail: int = 0) -> int:
@@ -264,17 +256,12 @@ def whole_programs_per_sm(block: int, tail: int = 0) -> int:
 # the tiles where it costs no block per SM and no spill (sm_90, bf16, head dim 64, triton 3.6 / 3.8: 64 x 64
 # 131 / 134 -> 131 / 132 registers, 128 x 64 141 / 131 -> 147 / 127; the 64 x 32 tile would go from 5 blocks per SM to
 # 4 with 3.8 for 16 columns of 32 saved).
-# RESIDENT: 80 < N <= 272 (ViT-B/16's 197), a pair per program, its K/V loaded once and kept in shared memory while
-# its 64-row query blocks stream past (the query-block tiles read a pair's K/V from L2 once per query block: 4 times at
-# N = 197, and wait on those loads in each of 6,144 short programs). Unmeasured.
 ATTENTION_FWD_CONFIGS = [
     _attention_cfg(64, 64, 4, 2, whole=True, tail=16),
     _attention_cfg(64, 64, 4, 3, whole=True, tail=16),
     _attention_cfg(128, 128, 8, 3, whole=True),
     _attention_cfg(64, 64, 4, 3, whole=True),
     _attention_cfg(128, 128, 8, 2, whole=True),
-    _attention_cfg(64, 64, 4, 2, whole=False, tail=16, resident=True),
-    _attention_cfg(64, 64, 4, 1, whole=False, tail=16, resident=True),
     _attention_cfg(64, 64, 4, 3, whole=False, tail=16),
     _attention_cfg(32, 32, 4, 2, whole=False),
     _attention_cfg(32, 64, 4, 3, whole=False),
@@ -321,8 +308,6 @@ def _attention_smem(cfg, block_d, elem):
     # pipelined K/V (or Q/dO) tiles per stage plus the resident tile (WHOLE: q, k and v per stage); checked against
     # the compiler's own numbers by tests/test_compile_targets.py
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    if cfg.kwargs.get("RESIDENT"):  # the longest K and V it holds, and the pipelined q tiles
-        return (2 * (RESIDENT_MAX_BLOCKS * bn + cfg.kwargs["TAIL"]) + cfg.num_stages * bm) * block_d * elem
     if cfg.kwargs.get("WHOLE"):
         return cfg.num_stages * 3 * (bm + cfg.kwargs["TAIL"]) * block_d * elem
     return (cfg.num_stages * 2 * max(bm, bn) + min(bm, bn)) * block_d * elem
@@ -337,7 +322,6 @@ def prune_attention(configs, args):
     # work); N is unknown when the compile check asks: keep them all
     n = args.get("N")
     kept = [c for c in kept if not c.kwargs.get("WHOLE") or (whole_attention_on() and (n is None or _whole_fits(c, n)))]
-    kept = [c for c in kept if not c.kwargs.get("RESIDENT") or (whole_attention_on() and _resident_fits(c, n))]
     kept = [c for c in kept if not c.kwargs["TAIL"] or tail_attention_on()]
     # a register cap fits 16-bit tiles of head dim <= 64 only; wider heads and fp32 tiles would spill under it
     kept = [c for c in kept if c.maxnreg is None or (elem == 2 and block_d <= 64)]
@@ -349,16 +333,8 @@ def _whole_fits(cfg, n: int) -> bool:
     return n <= block + tail and (not tail or n > block)
 
 
-def _resident_fits(cfg, n) -> bool:
-    """Past what a WHOLE tile holds (a RESIDENT tile would do its work with a second, nearly empty query block), up to
-    the key blocks it unrolls; N unknown (the compile check): kept."""
-    bm, bn, tail = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["TAIL"]
-    return n is None or bm + tail < n <= RESIDENT_MAX_BLOCKS * bn + tail
-
-
 def whole_attention_on() -> bool:
-    """FASTVIT_ATTN_WHOLE=0 leaves out the one-program-a-pair (WHOLE, RESIDENT) attention paths: the A/B switch of the
-    benchmarks."""
+    """FASTVIT_ATTN_WHOLE=0 leaves out the one-tile (WHOLE) attention paths: the A/B switch of the benchmarks."""
     return os.environ.get("FASTVIT_ATTN_WHOLE", "1") != "0"
 
 

@@ -270,9 +270,6 @@ def _compile(job):
     if "maxnreg" in consts:  # a register cap is a compile option, not a kernel argument (still reported in consts)
         options["maxnreg"] = consts["maxnreg"]
     consts = dict(consts, **{s: 1 for s in UNIT_STRIDES.get(name, ())})
-    if name == "attention_fwd_kernel":  # RESIDENT, and the key blocks its heuristics derive from N: ViT-B/16's 197
-        resident = consts.setdefault("RESIDENT", False)
-        consts.update(FULL_BLOCKS=3 if resident else 0, LAST=16 if resident else 0)
     if consts.get("EPILOGUE") == "gelu_grad":  # that launch reads W2 untransposed: unit stride along N, not K
         consts["stride_bn"] = 1
     elif name == "linear_fwd_kernel":

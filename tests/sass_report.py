@@ -119,7 +119,6 @@ def report(results: list) -> str:
         else:
             epi = f"head dim {c['HEAD_DIM']}" if "HEAD_DIM" in c else "-"
             epi += ", a whole (batch, head) pair per tile" if c.get("WHOLE") else ""
-            epi += ", a pair per program, its K/V loaded once (N = 197)" if c.get("RESIDENT") else ""
             if c.get("TAIL"):
                 epi += f" + {c['TAIL']}-row tail" if c.get("WHOLE") else f", last block {c['TAIL']} wide"
         ops = "/".join(str(p.get(k)) for k in ("A", "C") if k in p) or "/".join(str(v) for v in list(p.values())[:2])

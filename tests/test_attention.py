@@ -98,8 +98,7 @@ def test_every_forward_config_matches_reference(cfg, length, device, monkeypatch
     # each tile the tuner may pick, the whole-sequence (WHOLE) ones included, at a length it takes: 65 (64 + 1,
     # CIFAR-10's) for a whole-sequence tile with a 16-row tail, 60 for the 64-row one, else 70 (64 + 6: a 16-wide
     # last key block where the tile has one, a masked full-width one where not) and 128 (whole key blocks only: the
-    # loop's unmasked steps and no last block); a RESIDENT tile at 197 (ViT-B/16's: 3 x 64 + 5) and 256 (four whole
-    # key blocks, the most it holds)
+    # loop's unmasked steps and no last block)
     config = ATTENTION_FWD_CONFIGS[cfg]
     if config.maxnreg is not None and device == "cpu":
         pytest.skip("a register cap is a GPU compile option")
@@ -108,8 +107,6 @@ def test_every_forward_config_matches_reference(cfg, length, device, monkeypatch
         pytest.skip("a whole-sequence tile has no key blocks")
     force_config(monkeypatch, fused_attention._fwd, config)
     n = 65 if whole and tail else 60 if whole and config.kwargs["BLOCK_M"] == 64 else 70 if length == "partial" else 128
-    if config.kwargs.get("RESIDENT"):
-        n = 197 if length == "partial" else 256
     qkv = torch.randn(3, n, 3 * 2 * 64, device=device)
     # in fp32 where it fits shared memory there, else in bf16 (a three-stage tile of 80 fp32 rows does not)
     dtype = next(
@@ -132,31 +129,6 @@ def test_whole_tail_tiles_match_reference(n, dtype, device, monkeypatch):
     qkv = torch.randn(2, n, 3 * 2 * 48, device=device, requires_grad=True)
     assert prune_attention([config], {"QKV": qkv.to(dtype), "N": n, "BLOCK_D": 64}) == [config]
     check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], dtype)
-
-
-@pytest.mark.parametrize("n", [81, 100, 144, 272])
-def test_resident_tiles_match_reference(n, device, monkeypatch):
-    # the lengths a RESIDENT tile takes: 81 (one block and a masked 64-wide last one), 100 (the same, more of it
-    # real), 144 (two blocks and a 16-wide last one), 272 (four and a full 16-wide one: the most); head dim 48 (a
-    # masked 64-wide tile), three pairs: more than the interpreter's persistent programs hold at once; bf16 (in fp32
-    # the longest K and V it may hold outgrow the shared memory budget with two stages)
-    config = next(c for c in ATTENTION_FWD_CONFIGS if c.kwargs.get("RESIDENT"))
-    force_config(monkeypatch, fused_attention._fwd, config)
-    qkv = torch.randn(3, n, 3 * 1 * 48, device=device, requires_grad=True)
-    assert prune_attention([config], {"QKV": qkv.bfloat16(), "N": n, "BLOCK_D": 64}) == [config]
-    check_op(lambda t: attention(t, 1), lambda t: attention_ref(t, 1), [qkv], torch.bfloat16)
-
-
-def test_resident_tiles_take_only_the_lengths_they_hold(monkeypatch):
-    # 80 < N <= 272: below, a WHOLE tile holds the pair; above, more key blocks than the tile unrolls. None where
-    # FASTVIT_ATTN_WHOLE=0 (the A/B switch and the GPU check's fallback leave out every one-program-a-pair tile)
-    config = next(c for c in ATTENTION_FWD_CONFIGS if c.kwargs.get("RESIDENT"))
-    qkv = torch.empty(1, 1, 3 * 64, dtype=torch.bfloat16)
-    lengths = (65, 80, 81, 197, 272, 273)
-    kept = [n for n in lengths if prune_attention([config], {"QKV": qkv, "N": n, "BLOCK_D": 64}) == [config]]
-    assert kept == [81, 197, 272]
-    monkeypatch.setenv("FASTVIT_ATTN_WHOLE", "0")
-    assert prune_attention([config], {"QKV": qkv, "N": 197, "BLOCK_D": 64}) != [config]
 
 
 def test_whole_tail_tiles_take_only_the_lengths_they_hold():

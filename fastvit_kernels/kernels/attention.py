@@ -100,12 +100,6 @@ def _online_step(
     """The online softmax's update of (acc, m_i, l_i) with the keys `cols`, at least one of them < N; MASK_COLS where
     some are not."""
     k, v = load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D, MASK_COLS)
-    return _kv_step(q, acc, m_i, l_i, k, v, cols, N, qk_scale_log2, DOT_PRECISION, MASK_COLS)
-
-
-@triton.jit
-def _kv_step(q, acc, m_i, l_i, k, v, cols, N, qk_scale_log2, DOT_PRECISION: tl.constexpr, MASK_COLS: tl.constexpr):
-    """_online_step's update with keys and values at hand."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASK_COLS:
         qk = tl.where(cols[None, :] < N, qk, float("-inf"))
@@ -116,72 +110,6 @@ def _kv_step(q, acc, m_i, l_i, k, v, cols, N, qk_scale_log2, DOT_PRECISION: tl.c
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
-
-
-@triton.jit
-def _attend_resident(
-    QKV,
-    OUT,
-    LSE,
-    pid_bh,
-    stride_qb,
-    stride_qn,
-    stride_ob,
-    stride_on,
-    N,
-    H,
-    D,
-    qk_scale_log2,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    FULL_BLOCKS: tl.constexpr,
-    LAST: tl.constexpr,
-):
-    """A whole (batch, head) pair, its keys and values loaded once: FULL_BLOCKS blocks of BLOCK_N (1 to 4) and a last
-    partial block LAST wide (0: none). The query blocks then stream past them. The compiler keeps the loop-invariant
-    K and V tiles in shared memory across the query loop (sm_90, triton 3.6 and 3.8, compiled offline: the loop
-    loads and stores only q), so each pair's K/V leave L2 once instead of once per query block, and a program's
-    loads wait once per pair."""
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    base = QKV + b.to(tl.int64) * stride_qb + h * HEAD_DIM
-    cols = tl.arange(0, BLOCK_N)
-    k0, v0 = load_kv(base, cols, offs_d, mask_d, stride_qn, N, D, False)
-    if FULL_BLOCKS > 1:
-        k1, v1 = load_kv(base, cols + BLOCK_N, offs_d, mask_d, stride_qn, N, D, False)
-    if FULL_BLOCKS > 2:
-        k2, v2 = load_kv(base, cols + 2 * BLOCK_N, offs_d, mask_d, stride_qn, N, D, False)
-    if FULL_BLOCKS > 3:
-        k3, v3 = load_kv(base, cols + 3 * BLOCK_N, offs_d, mask_d, stride_qn, N, D, False)
-    if LAST > 0:
-        cols_l = FULL_BLOCKS * BLOCK_N + tl.arange(0, LAST)
-        k_l, v_l = load_kv(base, cols_l, offs_d, mask_d, stride_qn, N, D, True)
-    c = qk_scale_log2
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < N
-        q_ptrs = base + offs_m[:, None] * stride_qn + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        acc, m_i, l_i = _kv_step(q, acc, m_i, l_i, k0, v0, cols, N, c, DOT_PRECISION, False)
-        if FULL_BLOCKS > 1:
-            acc, m_i, l_i = _kv_step(q, acc, m_i, l_i, k1, v1, cols + BLOCK_N, N, c, DOT_PRECISION, False)
-        if FULL_BLOCKS > 2:
-            acc, m_i, l_i = _kv_step(q, acc, m_i, l_i, k2, v2, cols + 2 * BLOCK_N, N, c, DOT_PRECISION, False)
-        if FULL_BLOCKS > 3:
-            acc, m_i, l_i = _kv_step(q, acc, m_i, l_i, k3, v3, cols + 3 * BLOCK_N, N, c, DOT_PRECISION, False)
-        if LAST > 0:
-            acc, m_i, l_i = _kv_step(q, acc, m_i, l_i, k_l, v_l, cols_l, N, c, DOT_PRECISION, True)
-        _store_rows(
-            OUT, LSE, acc, m_i, l_i, b, h, pid_bh, offs_m, offs_d, mask_m, mask_d, stride_ob, stride_on, N, HEAD_DIM
-        )
 
 
 @triton.jit
@@ -313,21 +241,6 @@ def _store_rows(
     tl.store(LSE + pid_bh * 2 * N + N + offs_m, tl.log2(l_i), mask=mask_m)
 
 
-def _resident_blocks(args):
-    """FULL_BLOCKS, the RESIDENT tile's whole key blocks (0 for the other tiles)."""
-    return args["N"] // args["BLOCK_N"] if args.get("RESIDENT") else 0
-
-
-def _resident_last(args):
-    """LAST, the width of the RESIDENT tile's last partial key block: TAIL where it holds the rest, else BLOCK_N
-    (masked); 0 where there is none, and for the other tiles."""
-    rest = args["N"] % args["BLOCK_N"]
-    if not args.get("RESIDENT") or rest == 0:
-        return 0
-    return args["TAIL"] if 0 < rest <= args["TAIL"] else args["BLOCK_N"]
-
-
-@triton.heuristics({"FULL_BLOCKS": _resident_blocks, "LAST": _resident_last})
 @triton.jit
 def attention_fwd_kernel(
     QKV,  # [B, N, 3 * H * d] packed q | k | v, read through its batch and token strides
@@ -349,35 +262,8 @@ def attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     WHOLE: tl.constexpr = False,  # a config's choice where N <= BLOCK_M + TAIL: one tile per (batch, head)
     TAIL: tl.constexpr = 0,  # the last partial block in a TAIL-wide tile where it fits (0: none); WHOLE: its rows
-    RESIDENT: tl.constexpr = False,  # a config's choice where N <= 4 * BLOCK_N + TAIL: a pair's K/V loaded once
-    FULL_BLOCKS: tl.constexpr = 0,  # RESIDENT: whole key blocks (from N: _resident_blocks)
-    LAST: tl.constexpr = 0,  # RESIDENT: the last partial key block's width (_resident_last)
 ):
-    if RESIDENT:
-        # Up to 272 tokens (ViT-B/16's 197): persistent programs walk the (batch, head) pairs, as WHOLE does
-        for pid_bh in tl.range(tl.program_id(0), BH, tl.num_programs(0)):
-            _attend_resident(
-                QKV,
-                OUT,
-                LSE,
-                pid_bh,
-                stride_qb,
-                stride_qn,
-                stride_ob,
-                stride_on,
-                N,
-                H,
-                D,
-                qk_scale_log2,
-                HEAD_DIM,
-                BLOCK_D,
-                DOT_PRECISION,
-                BLOCK_M,
-                BLOCK_N,
-                FULL_BLOCKS,
-                LAST,
-            )
-    elif WHOLE:
+    if WHOLE:
         # Short sequences (65 tokens): a few persistent programs per SM walk the (batch, head) pairs. The loop has
         # no inner loop, so Triton's pipeliner keeps the next pairs' q/k/v loads in flight while this one computes:
         # at N = 65 a pair is ~25 KB of loads for two small dots, and one pair at a time left the SM waiting.

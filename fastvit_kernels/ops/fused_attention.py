@@ -15,7 +15,6 @@ from ..configs import (
     ATTENTION_BWD_DKDV_CONFIGS,
     ATTENTION_BWD_DQ_CONFIGS,
     ATTENTION_FWD_CONFIGS,
-    RESIDENT_PROGRAMS_PER_SM,
     prune_attention,
     whole_programs_per_sm,
 )
@@ -78,8 +77,6 @@ def attention_fwd(qkv, num_heads, scale):
     def grid(cfg):
         if cfg.get("WHOLE"):  # persistent: each program walks (batch, head) pairs
             return (min(pairs, whole_programs_per_sm(cfg["BLOCK_M"], cfg["TAIL"]) * sms),)
-        if cfg.get("RESIDENT"):
-            return (min(pairs, RESIDENT_PROGRAMS_PER_SM * sms),)
         return (cdiv(N, cfg["BLOCK_M"]) * pairs,)
 
     dot = dot_precision(qkv.dtype)
