@@ -7,91 +7,90 @@
 # (a lent GPU: `FASTVIT_COMMIT=<hash> make gpu-check`). At most 8 files come back from a lent GPU: the run writes 8.
 source "$(dirname "$0")/gpu_env.sh"
 : > "$FASTVIT_BENCH_ROWS"
+: > "$OUT_DIR/tests.log"
 ROUNDS=${ROUNDS:-15}
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv || true
 
-echo "=== the TMA GEMM path first (new kernels): if it fails here, the benchmarks run without it (FASTVIT_TMA=0)"
-# the warp-specialised and the flattened tiles (never run on a GPU before this check) are offered to the tuner only if
-# they pass here; no -x, so that a failure in one of them does not leave the others untested
+STAGE_LOG=$(mktemp)  # one stage's log (tests.log gathers them all: at most 8 files come back from a lent GPU)
+run_tests() {  # run_tests LIMIT PYTEST-ARGS...: its exit status; -v, so a stage cut at its limit still names failures
+  local limit=$1; shift
+  FASTVIT_AUTOTUNE=0 timeout "$limit" $PY -m pytest -v -rf --tb=line $XDIST -p no:cacheprovider "$@" 2>&1 \
+    | tee -a "$OUT_DIR/tests.log" > "$STAGE_LOG"
+  local status=${PIPESTATUS[0]}
+  grep -E "(FAILED|ERROR) tests/" "$STAGE_LOG" | cut -c1-200 | tail -30
+  grep -E "^=+ .*(passed|failed).* =+$" "$STAGE_LOG" | tail -1
+  [ "$status" -eq 124 ] && echo "... cut at its ${limit} s limit after $(grep -c " PASSED " "$STAGE_LOG") passed"
+  return "$status"
+}
+failed_tests() {  # the tests the last stage named as failed or in error, one a line
+  grep -oE "(FAILED|ERROR) tests/[^ ]+" "$STAGE_LOG" | cut -d" " -f2 | sort -u
+}
+
+echo "=== the TMA GEMM path first: if it fails here, the benchmarks run without it (FASTVIT_TMA=0)"
+# the warp-specialised and the flattened tiles are offered to the tuner only if they pass here; no -x, so that a
+# failure in one of them does not leave the others untested
 export FASTVIT_WARP_SPEC=1
-FASTVIT_AUTOTUNE=0 timeout 50 $PY -m pytest -q -rf --tb=line tests/test_gelu.py tests/test_linear.py $XDIST \
-  -p no:cacheprovider 2>&1 | tee "$OUT_DIR/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -8
-status=${PIPESTATUS[0]}
-failed=$(grep "^FAILED" "$OUT_DIR/tests.log")
-if echo "$failed" | grep -qE "norm_rows|triton\+rows"; then  # the GEMM with the next LayerNorm as ordinary tiles
-  echo "!!! triton+rows tests failed: the GEMM chooser runs without it (FASTVIT_GEMM_ROWS=0)"
-  export FASTVIT_GEMM_ROWS=0
-  failed=$(echo "$failed" | grep -vE "norm_rows|triton\+rows")
-  [ -n "$failed" ] || status=0
-fi
-if [ "$status" -eq 124 ]; then
-  echo "... the stage reached its limit before a failure: the TMA tiles stay in, the warp-specialised and flattened go"
+run_tests 50 tests/test_gelu.py tests/test_linear.py; status=$?
+failed=$(failed_tests)
+if [ -z "$failed" ] && [ "$status" -eq 124 ]; then
+  echo "... no failure before the limit: the TMA tiles stay in, the warp-specialised and flattened go"
   export FASTVIT_WARP_SPEC=0 FASTVIT_FLATTEN=0
-elif [ "$status" -ne 0 ] && [ -n "$failed" ] && ! echo "$failed" | grep -qvE "warpspec|flat"; then
+elif [ -n "$failed" ] && ! echo "$failed" | grep -qvE "warpspec|flat"; then
   # only warp-specialised or flattened tiles failed: those go, the other TMA tiles stay
   echo "$failed" | grep -q warpspec && export FASTVIT_WARP_SPEC=0 && echo "!!! warp-specialised tiles failed: WARP_SPEC=0"
   echo "$failed" | grep -q flat && export FASTVIT_FLATTEN=0 && echo "!!! flattened tiles failed: FASTVIT_FLATTEN=0"
-elif [ "$status" -ne 0 ]; then
-  echo "!!! TMA GEMM tests failed: benchmarks run with FASTVIT_TMA=0 (pointer-load tiles only)"
+elif [ -n "$failed" ] || { [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; }; then
+  echo "!!! GEMM tests failed: benchmarks run with FASTVIT_TMA=0 (pointer-load tiles only)"
   export FASTVIT_TMA=0 FASTVIT_WARP_SPEC=0
 fi
 SKIP_WS=""
 [ "$FASTVIT_WARP_SPEC" = 1 ] || SKIP_WS="not warpspec"
-
-echo "=== the step plans (never run on a GPU before this check): if they fail, the benchmarks run without them"
-PLAN_TESTS="tests/test_plan.py tests/test_plan_training.py tests/test_direct_launch.py tests/test_recording.py"
-plan_tests() {  # plan_tests LIMIT: the plans' tests with FASTVIT_PLAN as exported; 0 when they pass
-  FASTVIT_AUTOTUNE=0 timeout "$1" $PY -m pytest -q -rf --tb=line $PLAN_TESTS $XDIST -p no:cacheprovider \
-    2>&1 | tee -a "$OUT_DIR/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -12
-  return "${PIPESTATUS[0]}"
+stage_failed() {  # stage_failed STATUS: a failure named, or an exit other than success and the stage's limit
+  [ -n "$(failed_tests)" ] || { [ "$1" -ne 0 ] && [ "$1" -ne 124 ]; }
 }
-plan_tests 40; status=$?
-if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
+
+echo "=== the step plans: if they fail, the benchmarks run without them"
+PLAN_TESTS="tests/test_plan.py tests/test_plan_training.py tests/test_direct_launch.py tests/test_recording.py"
+run_tests 40 $PLAN_TESTS; status=$?
+if stage_failed "$status"; then
   echo "!!! step-plan tests failed: again with FASTVIT_PLAN=triton (plans launching through Triton's own run)"
-  if FASTVIT_PLAN=triton plan_tests 35; then
-    export FASTVIT_PLAN=triton
-  else
+  FASTVIT_PLAN=triton run_tests 35 $PLAN_TESTS; status=$?
+  if stage_failed "$status"; then
     echo "!!! they failed with FASTVIT_PLAN=triton too: benchmarks run without plans (FASTVIT_PLAN=0)"
     export FASTVIT_PLAN=0
+  else
+    export FASTVIT_PLAN=triton
   fi
 fi
 
 echo "=== attention, every tile forced in bf16 and fp32: if one fails, the benchmarks run the tiles measured before"
 # an illegal address kills the CUDA context of the process it happens in, and with it every later row of a stage
 # (seen on an H100, 2026-11-27): the whole-sequence and tail tiles stay out unless all pass here
-FASTVIT_AUTOTUNE=0 timeout 40 $PY -m pytest -q -rf --tb=line tests/test_attention.py $XDIST -p no:cacheprovider \
-  2>&1 | tee -a "$OUT_DIR/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -12
-status=${PIPESTATUS[0]}
-if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
+run_tests 40 tests/test_attention.py; status=$?
+if stage_failed "$status"; then
   echo "!!! attention tests failed: benchmarks run with FASTVIT_ATTN_WHOLE=0 FASTVIT_ATTN_TAIL=0"
   export FASTVIT_ATTN_WHOLE=0 FASTVIT_ATTN_TAIL=0
 fi
 
-echo "=== compute-sanitizer memcheck: the kernels new since the last GPU run (triton+rows)"
-# an out-of-range shared-memory read passed the tests and crashed a later stage in session 9 (H100): a kernel named
-# in memcheck's report leaves the benchmarks
+echo "=== compute-sanitizer memcheck: the kernels new since the last GPU run"
+# an out-of-range shared-memory read passed the tests and crashed a later stage in session 9 (H100); the report names
+# the kernel and the source line
+NEW_KERNEL_TESTS=()
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-if [ -n "$SANITIZER" ]; then
+if [ "${#NEW_KERNEL_TESTS[@]}" -eq 0 ]; then
+  echo "none new"
+elif [ -n "$SANITIZER" ]; then
   FASTVIT_AUTOTUNE=0 timeout 20 "$SANITIZER" --tool memcheck --print-limit 3 --show-backtrace no \
-    $PY -m pytest -q -p no:cacheprovider \
-    "tests/test_linear.py::test_every_norm_rows_config[128x256x64-w8-s3-tma-384]" \
-    > "$OUT_DIR/sanitizer.log" 2>&1
+    $PY -m pytest -q -p no:cacheprovider "${NEW_KERNEL_TESTS[@]}" > "$OUT_DIR/sanitizer.log" 2>&1
   grep -E "^=========|passed|failed" "$OUT_DIR/sanitizer.log" | cut -c1-200 | head -12
-  grep -qE "^=========  +at .*attention" "$OUT_DIR/sanitizer.log" && export FASTVIT_ATTN_WHOLE=0 &&
-    echo "!!! memcheck named an attention kernel: FASTVIT_ATTN_WHOLE=0"
-  grep -qE "^=========  +at .*norm_rows" "$OUT_DIR/sanitizer.log" && export FASTVIT_GEMM_ROWS=0 &&
-    echo "!!! memcheck named the rows kernel: FASTVIT_GEMM_ROWS=0"
 else
   echo "compute-sanitizer not found: skipped"
 fi
 
 echo "=== GPU tests (first config of each kernel, no autotuning; the files above already ran)"
-# -v: each result is printed as it completes, so a stage cut at its limit still names its failures
-FASTVIT_AUTOTUNE=0 timeout "${TEST_LIMIT:-30}" $PY -m pytest -v -rf --tb=line tests $XDIST -p no:cacheprovider \
-  --ignore tests/test_linear.py --ignore tests/test_gelu.py --ignore tests/test_attention.py \
-  $(printf -- "--ignore %s " $PLAN_TESTS) \
-  --maxfail=30 ${SKIP_WS:+-k "$SKIP_WS"} 2>&1 | tee -a "$OUT_DIR/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -40
+run_tests "${TEST_LIMIT:-30}" tests --ignore tests/test_linear.py --ignore tests/test_gelu.py \
+  --ignore tests/test_attention.py $(printf -- "--ignore %s " $PLAN_TESTS) --maxfail=30 ${SKIP_WS:+-k "$SKIP_WS"}
 
 bench() {  # bench LIMIT PYTEST-ARGS...   (LIMIT 0 skips the stage)
   local limit=$1; shift

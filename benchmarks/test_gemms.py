@@ -5,12 +5,12 @@ are what the model feeds the kernels under bf16 autocast: the residual stream x 
 bf16. Rows per group:
   ours        our fused kernel (the autotuner's choice is recorded in the row as `config`); for the +norm GEMMs the
               faster of ours, timed by the model's chooser (both times in `gemm_ms`, which ran in `backend`):
-              "triton", the full-row GEMM; "triton+rows", ordinary tiles whose row block's last tile normalises it
+              "triton", the full-row GEMM up to D = 512 (past it, ours+ln); "triton+ln", ours+ln below
   eager       what eager autocast runs for the same math (LayerNorm, linear, GELU, add as separate kernels)
   cublas      the bare GEMM on ready bf16 operands, nothing fused: a floor for ours, not a peer (it skips work)
   ln+ours     (qkv, fc1) our LayerNorm row kernel writing bf16 rows, then our GEMM
-  ours+ln     (proj+norm, fc2+norm) our residual GEMM, then our LayerNorm row kernel: two launches where `ours`
-              is one (past D = 512 the model's "triton" candidate is this)
+  ours+ln     (proj+norm, fc2+norm) our residual GEMM, then our LayerNorm row kernel: two launches where the
+              full-row GEMM is one
   cublas+addln  (proj+norm, fc2+norm) cuBLAS's GEMM, then our row kernel adding the residual and normalising in one
               pass: the cuBLAS candidate the model's tuner times against `ours` (ops/gemm.py)
 """
@@ -123,10 +123,10 @@ def _case(name, row, R, D, Hd, device):
         with torch.no_grad(), amp:
             fn()
 
-    return step, 2 * R * N * K, (_describe(kernel, name, row) if row in ("ours", "ln+ours", "ours+ln") else None)
+    return step, 2 * R * N * K, (_describe(kernel, name, row, N) if row in ("ours", "ln+ours", "ours+ln") else None)
 
 
-def _describe(kernel, name, row):
+def _describe(kernel, name, row, N):
     """The row's config, read after the timing; for the +norm GEMMs' `ours`, also which of our candidates ran, as
     `backend` and in the config, and the chooser's times of all of them (FASTVIT_GEMM=triton times our candidates)."""
 
@@ -134,7 +134,8 @@ def _describe(kernel, name, row):
         if not (name.endswith("+norm") and row == "ours"):
             return chosen_configs(gemm=kernel)()
         ran = lin.last_backend
-        launcher = {"triton": lin._fwd_ln, "triton+rows": lin._fwd_norm_rows}.get(ran, kernel)
+        full_row = ran == "triton" and N <= lin.MAX_LN_EPILOGUE_DIM  # else the residual GEMM, then the row kernel
+        launcher = lin._fwd_ln if full_row else kernel
         info = chosen_configs(gemm=launcher)() | gemm_candidate_ms()  # each of ours, timed by the chooser
         return info | {"backend": ran, "config": f"{ran}: {info.get('config', '')}"}
 

@@ -130,8 +130,8 @@ def warp_spec_on() -> bool:
 
 
 def flatten_on() -> bool:
-    """FASTVIT_FLATTEN=0 leaves out the tiles whose tile and K loops are pipelined as one (FLATTEN), not yet run on a
-    GPU (2026-11-27); the GPU check sets it if their tests fail there."""
+    """FASTVIT_FLATTEN=0 leaves out the tiles whose tile and K loops are pipelined as one (FLATTEN; their tests passed
+    on an H200, 2026-11-27); the GPU check sets it if their tests fail there."""
     return os.environ.get("FASTVIT_FLATTEN", "1") != "0"
 
 
@@ -182,43 +182,6 @@ def prune_linear_ln(configs, args):
     return kept or [min(configs, key=need)]
 
 
-# The GEMM whose row block's last tile runs the LayerNorm (kernels/gemm_layernorm.py): the forward GEMM's tiles
-# without warp specialisation and flattening (the finishing branch sits in the tile loop), TMA ones first, few of
-# them: a shape's first call compiles and times each. With the fp32 stream (CIFAR-10 under autocast; sm_90, compiled
-# offline, triton 3.6 / 3.8) 128 x 256 takes 248 / 254 registers (the least traffic, one block an SM), 64 x 128
-# through TMA 255 / 236 and with pointer loads 250 / 220 (two blocks), 64 x 64 113 / 124 (three), no stack over
-# 16 B. Left out: 128 x 128 (255 registers, one block an SM, more traffic than 128 x 256), 128 x 64 through TMA
-# (40 B of stack under 3.6), 128 x 64 with pointer loads (64 x 128's twin).
-def _norm_rows_cfg(bm, bn, warps, stages, tma):
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "USE_TMA": tma}, num_warps=warps, num_stages=stages
-    )
-
-
-LINEAR_NORM_ROWS_CONFIGS = [
-    _norm_rows_cfg(128, 256, 8, 3, True),
-    _norm_rows_cfg(64, 128, 4, 4, True),
-    _norm_rows_cfg(64, 128, 4, 4, False),
-    _norm_rows_cfg(64, 64, 4, 4, False),
-]
-
-
-def norm_rows_part(cfg) -> int:
-    """Columns per part of a row's partial statistics: a 256-wide tile works in two halves (see the kernel)."""
-    bn = cfg.kwargs["BLOCK_N"]
-    return bn // 2 if bn >= 256 else bn
-
-
-# what the launcher sizes the partial statistics' scratch and the row blocks' counters for, whichever tile runs
-NORM_ROWS_MIN_PART = min(norm_rows_part(c) for c in LINEAR_NORM_ROWS_CONFIGS)
-NORM_ROWS_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in LINEAR_NORM_ROWS_CONFIGS)
-
-
-def prune_linear_norm_rows(configs, args):
-    """Shared memory as for every GEMM; the TMA tiles where _tma_where_ok keeps them."""
-    return _linear_smem(_tma_where_ok(configs, args), args)
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Attention (ops/fused_attention.py)
 # ------------------------------------------------------------------------------------------------------------------
@@ -246,12 +209,13 @@ def whole_programs_per_sm(block: int, tail: int = 0) -> int:
 # paying for a 128 x 128 tile of padding, and the tuner's key holds N so each length picks its own.
 # At N = 65 the forward is memory-latency bound (5x above its byte floor on an H200): the 64 x 64 tile capped at 128
 # registers (ptxas: 128, no stack, bf16, head dim 64; 134 uncapped) fits 4 blocks per SM instead of 3, more loads in
-# flight. Offered to the tuner, unmeasured.
+# flight. Offered to the tuner; at N = 65 (B = 512, H = 6) the H200 took the WHOLE 64 + 16 tile over it (2026-11-27).
 # WHOLE: where the sequence fits one tile (N <= 128: CIFAR-10's 65), one tile per (batch, head) pair and persistent
 # programs whose loop keeps the next pairs' loads in flight (issue: attention at ViT lengths is memory-latency bound).
 # With a tail (64 < N <= 80: CIFAR-10's 65 = 64 + 1), the rows past 64 in a 16-row tile: 80 x 80 scores a pair
 # instead of the 128-row tile's 128 x 128, at 5,970 SASS instructions a pair against 8,780 (sm_90, triton 3.8).
-# Unmeasured; first in the list so that the tests and FASTVIT_AUTOTUNE=0 run them wherever they apply.
+# The tuner's choice at N = 65 on an H100 and an H200 (0.048 / 0.046 ms, 1.16-1.22x cuDNN, 2026-11-27); first in
+# the list so that the tests and FASTVIT_AUTOTUNE=0 run them wherever they apply.
 # tail=16 on a query-block tile: a last key block of at most 16 keys (197 = 3 x 64 + 5) runs 16 wide. Given only to
 # the tiles where it costs no block per SM and no spill (sm_90, bf16, head dim 64, triton 3.6 / 3.8: 64 x 64
 # 131 / 134 -> 131 / 132 registers, 128 x 64 141 / 131 -> 147 / 127; the 64 x 32 tile would go from 5 blocks per SM to
@@ -271,10 +235,10 @@ ATTENTION_FWD_CONFIGS = [
     _attention_cfg(16, 32, 4, 2, whole=False),
     _attention_cfg(64, 64, 4, 3, maxnreg=128, whole=False, tail=16),
 ]
-# The last: N <= 128 (CIFAR-10's 65) in one 128 x 128 tile per (batch, head) pair for dQ and for dK/dV, where 64-row
-# tiles take two (the second one row deep at N = 65). Single-stage: one K/V (or Q/dO) block per pair leaves nothing
-# to pipeline. sm_90, bf16, head dim 64, compiled offline: dQ 201/206 registers (triton 3.6/3.8), dK/dV 255, no
-# spill, no C7515 (two stages serialise dK/dV's wgmma). Unmeasured.
+# The last: N <= 128 (CIFAR-10's 65) in one 128 x 128 tile per (batch, head) pair for dK/dV, where 64-row tiles take
+# two (the second one row deep at N = 65). Single-stage: one Q/dO block per pair leaves nothing to pipeline. sm_90,
+# bf16, head dim 64, compiled offline: 255 registers, no spill, no C7515 (two stages serialise its wgmma). At N = 65
+# the H200 took 64 x 32 with a 16-wide tail over it (2026-11-27).
 # tail=16: a last block of at most 16 queries (dK/dV) or keys (dQ) runs 16 wide: at N = 65 with the 64 x 32 tiles the
 # H100 kept, dK/dV sweeps 80 query rows instead of 128. Given where it costs no block per SM and no spill in triton
 # 3.6 (the lent GPUs') and 3.8 (sm_90, bf16, head dim 64; 3.6: dK/dV 64 x 32 140 -> 142 registers, 64 x 64 222 -> 241

@@ -131,9 +131,9 @@ def forget() -> None:
 
 # Triton or cuBLAS, per GEMM (ops/gemm.py): each GEMM of the linear layers has a second candidate, torch's matmul
 # (cuBLAS) with the epilogue as torch ops or our row kernel, and the GEMM with the next LayerNorm a second of ours
-# ("triton+rows": ops/gemm.py). On a GPU the fastest is measured once per shape and
+# ("triton+ln": ops/gemm.py). On a GPU the fastest is measured once per shape and
 # kept; FASTVIT_GEMM=triton or =cublas keeps one family (the benchmarks' rows for the Triton path force triton, since
-# the fast-path goals are for our kernels), and FASTVIT_GEMM_ROWS=0 leaves triton+rows out. Elsewhere (the interpreter) the first, "triton", which the tests check.
+# the fast-path goals are for our kernels). Elsewhere (the interpreter) the first, "triton", which the tests check.
 GEMM_BACKENDS = ("triton", "cublas")
 _GEMM_CHOICE: dict = {}  # key -> the backend that runs it
 _GEMM_TIMES: dict = {}  # key -> {candidate: GPU ms} where the choice was timed (the benchmark rows record them)
@@ -168,8 +168,6 @@ def _choose_gemm_backend(candidates, timed):
     mode = gemm_backend_mode()
     if mode != "auto":  # that family's candidates only
         candidates = {name: fn for name, fn in candidates.items() if backend_family(name) == mode}
-    if os.environ.get("FASTVIT_GEMM_ROWS", "1") == "0":  # the GPU check's switch where triton+rows' tests fail
-        candidates = {name: fn for name, fn in candidates.items() if name != "triton+rows"}
     if len(candidates) == 1 or not timed or not autotune_allowed():
         return next(iter(candidates)), {}
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -179,7 +177,7 @@ def _choose_gemm_backend(candidates, timed):
 
 
 def backend_family(name: str) -> str:
-    """triton or cublas: our second candidates ("triton+rows": ops/gemm.py) are ours."""
+    """triton or cublas: our second candidates ("triton+ln": ops/gemm.py) are ours."""
     return name.split("+")[0]
 
 

@@ -23,7 +23,6 @@ UNIT_STRIDES = {
     "linear_fwd_kernel": ("stride_ak", "stride_cn", "stride_rn", "stride_pn"),
     "linear_dw_kernel": ("stride_gf", "stride_xk"),
     "linear_residual_layernorm_kernel": ("stride_ak", "stride_bk"),  # B is W.t(): unit stride along K
-    "linear_residual_norm_rows_kernel": ("stride_ak", "stride_bk"),
     "patch_embed_fwd_kernel": ("stride_iw", "stride_wk"),
     "patch_embed_bwd_dw_kernel": ("stride_iw",),
     "patch_embed_bwd_dx_kernel": ("stride_iw", "stride_wk"),
@@ -151,17 +150,6 @@ def _variants(cap):
             tn.prune_linear_ln,
             full,
             hot,
-        )
-        # the same with ordinary tiles, the row block's last tile normalising it: any D (the loops run over parts)
-        rows_ptrs = dict(gln_ptrs, PARTS=f32, ARRIVED="i32")
-        rows_consts = [dict(HAS_BIAS=True, DOT_PRECISION="ieee", TMA_OK=cap >= 90, B_KMAJOR=True)]
-        add(
-            gln.linear_residual_norm_rows_kernel,
-            tn.LINEAR_NORM_ROWS_CONFIGS,
-            rows_ptrs,
-            rows_consts,
-            tn.prune_linear_norm_rows,
-            full,
         )
         # the weight gradient with its rows split (the partials' sum in the kernel's last program: the hot path) and
         # whole (one split)

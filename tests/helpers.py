@@ -88,7 +88,7 @@ def force_config(monkeypatch, launcher, config):
 
 def force_gemm_candidate(monkeypatch, name):
     """Run GEMM candidate `name` wherever a GEMM has it, else its family's first: FASTVIT_GEMM forces a family
-    (triton or cublas); our second candidates ("triton+rows", ...) are picked only by a timing, made to win it here."""
+    (triton or cublas); our second candidates ("triton+ln", ...) are picked only by a timing, made to win it here."""
     from fastvit_kernels import tuning
 
     family = tuning.backend_family(name)

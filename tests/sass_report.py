@@ -114,8 +114,6 @@ def report(results: list) -> str:
             epi = "split rows, partials summed in the kernel" if c["SPLIT"] else "one split"
         elif "N_CHUNKS" in c:
             epi = f"residual+LayerNorm, {c['N_CHUNKS']} x {c['BLOCK_N']} columns"
-        elif r["kernel"] == "linear_residual_norm_rows_kernel":
-            epi = "residual, a row block's last tile runs its LayerNorm"
         else:
             epi = f"head dim {c['HEAD_DIM']}" if "HEAD_DIM" in c else "-"
             epi += ", a whole (batch, head) pair per tile" if c.get("WHOLE") else ""

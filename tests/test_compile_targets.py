@@ -19,7 +19,6 @@ GEMM_KERNELS = {
     "linear_fwd_kernel",
     "linear_dw_kernel",
     "linear_residual_layernorm_kernel",
-    "linear_residual_norm_rows_kernel",
     "patch_embed_fwd_kernel",
 }
 ROW_KERNELS = {"layernorm_fwd_kernel", "layernorm_bwd_kernel"}

@@ -37,10 +37,11 @@ def backend(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=[*tuning.GEMM_BACKENDS, "triton+rows"])
+@pytest.fixture(params=[*tuning.GEMM_BACKENDS, "triton+ln"])
 def ln_backend(request, monkeypatch):
-    """The candidates of the GEMM with the LayerNorm in turn: FASTVIT_GEMM's two families, and "triton+rows"
-    (ordinary tiles, the last tile of a row block normalises it), which only a timing picks: made to win it here."""
+    """The candidates of the GEMM with the LayerNorm in turn: FASTVIT_GEMM's two families, and "triton+ln" (our
+    residual GEMM, then the row kernel), which only a timing picks where the full-row tile spans the row: made to win
+    it here."""
     force_gemm_candidate(monkeypatch, request.param)
     return request.param
 
@@ -183,7 +184,8 @@ def test_linear_residual_layernorm(N, dtypes, device, ln_backend):
     nw, nb = 1 + 0.2 * torch.randn(N, device=device), 0.2 * torch.randn(N, device=device)
     x, y, mean, rstd = lin.linear_residual_layernorm(a, w, b, res, nw, nb, 1e-6, dtype)
     assert (x.dtype, y.dtype) == (stream, dtype)
-    assert lin.last_backend == ln_backend
+    wide = N > lin.MAX_LN_EPILOGUE_DIM  # past the full-row tile, our residual GEMM and the row kernel are "triton"
+    assert lin.last_backend == ("triton" if wide and ln_backend == "triton+ln" else ln_backend)
     x_ref = res.double() + a.double() @ w.double().t() + b.double()
     x_low = (res + a @ w.t() + b).to(stream)
     assert_matches(x, x_low, x_ref, dtype, "X")
@@ -228,13 +230,13 @@ def test_a_backend_family_is_timed_among_its_own_candidates(monkeypatch):
     # the full-row GEMM with the LayerNorm has two candidates of ours: FASTVIT_GEMM=triton (the benchmarks' `ours`)
     # times those two and never cuBLAS; =cublas takes cuBLAS's untimed; untimed, the first (the full-row kernel)
     monkeypatch.delenv("FASTVIT_AUTOTUNE", raising=False)
-    cost = {"triton": 3.0, "triton+rows": 2.0, "cublas": 1.0}
+    cost = {"triton": 3.0, "triton+ln": 2.0, "cublas": 1.0}
     timed = []
     monkeypatch.setattr(tuning, "_warm_gpu_ms", lambda fn: timed.append(fn()) or cost[fn()])
     candidates = {name: (lambda name=name: name) for name in cost}
     cases = (
-        ("auto", "cublas", ["triton", "triton+rows", "cublas"]),
-        ("triton", "triton+rows", ["triton", "triton+rows"]),
+        ("auto", "cublas", ["triton", "triton+ln", "cublas"]),
+        ("triton", "triton+ln", ["triton", "triton+ln"]),
         ("cublas", "cublas", []),  # one candidate left: nothing to time
     )
     for mode, expect, timings in cases:
@@ -246,13 +248,6 @@ def test_a_backend_family_is_timed_among_its_own_candidates(monkeypatch):
         assert tuning.gemm_times() == ({"k": {name: cost[name] for name in timings}} if timings else {})
         tuning.forget()
         assert tuning.pick_gemm_backend("k", candidates, timed=False) == ("cublas" if mode == "cublas" else "triton")
-    # FASTVIT_GEMM_ROWS=0 (the GPU check's switch when triton+rows fails there): the family without it
-    monkeypatch.setenv("FASTVIT_GEMM", "triton")
-    monkeypatch.setenv("FASTVIT_GEMM_ROWS", "0")
-    tuning.forget()
-    timed.clear()
-    assert tuning.pick_gemm_backend("k", candidates, timed=True) == "triton"
-    assert timed == []  # one candidate left: nothing to time
 
 
 def _tile_id(i):
@@ -304,44 +299,6 @@ def test_every_linear_config(cfg, epilogue, device, monkeypatch):
     out = lin.linear(a, w, b, epilogue="gelu", pre=pre)
     assert_matches(out, F.gelu(F.linear(a, w, b)), F.gelu(ref), torch.bfloat16)
     assert_matches(pre, F.linear(a, w, b), ref, torch.bfloat16, "pre-activation")
-
-
-def _norm_rows_id(i):
-    c = configs.LINEAR_NORM_ROWS_CONFIGS[i]
-    k = c.kwargs
-    return (
-        f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-w{c.num_warps}-s{c.num_stages}{'-tma' if k['USE_TMA'] else ''}"
-    )
-
-
-@pytest.mark.parametrize("N", [200, 384])
-@pytest.mark.parametrize("cfg", range(len(configs.LINEAR_NORM_ROWS_CONFIGS)), ids=_norm_rows_id)
-def test_every_norm_rows_config(cfg, N, device, monkeypatch):
-    # each tile of the GEMM whose row block's last tile normalises the block ("triton+rows"), at proj's or fc2's
-    # dtypes under autocast (bf16 operands, fp32 stream): M = 520 rows make several row blocks and a partial one, and
-    # more tiles than the interpreter's persistent programs; N = 200 leaves a partial part, 384 an empty half of a
-    # 256-wide tile. The residual's rows have a mean of 30 against a spread of 1, where statistics from plain sums of
-    # squares would lose digits that the parts' merge keeps
-    config = configs.LINEAR_NORM_ROWS_CONFIGS[cfg]
-    force_gemm_candidate(monkeypatch, "triton+rows")
-    force_config(monkeypatch, lin._fwd_norm_rows, config)
-    M, K = 520, 48
-    a = torch.randn(M, K, device=device).to(torch.bfloat16)
-    w = (torch.randn(N, K, device=device) * K**-0.5).to(torch.bfloat16)
-    b = (0.1 * torch.randn(N, device=device)).to(torch.bfloat16)
-    res = 30.0 + torch.randn(M, N, device=device)
-    nw, nb = 1 + 0.2 * torch.randn(N, device=device), 0.2 * torch.randn(N, device=device)
-    named = {"A": a, "B": w, "TMA_OK": lin._tma_ok(a, K, w)}
-    assert configs.prune_linear_norm_rows([config], named) == [config]  # it runs, not a fallback tile
-    x, y, mean, rstd = lin.linear_residual_layernorm(a, w, b, res, nw, nb, 1e-6, torch.bfloat16)
-    assert lin.last_backend == "triton+rows"
-    x_ref = res.double() + a.double() @ w.double().t() + b.double()
-    assert_matches(x, res + F.linear(a, w, b).float(), x_ref, torch.bfloat16, "X")
-    xd = x.double()
-    y_ref = F.layer_norm(xd, (N,), nw.double(), nb.double(), 1e-6)
-    assert_matches(y, F.layer_norm(x, (N,), nw, nb, 1e-6).to(torch.bfloat16), y_ref, torch.bfloat16, "LayerNorm(X)")
-    torch.testing.assert_close(mean.double(), xd.mean(1), rtol=0, atol=1e-6 * xd.abs().max().item())
-    torch.testing.assert_close(rstd.double(), (xd.var(1, unbiased=False) + 1e-6).rsqrt(), rtol=1e-5, atol=0)
 
 
 def test_warp_specialised_tiles_are_offered_only_when_asked(monkeypatch):
