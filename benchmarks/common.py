@@ -192,6 +192,7 @@ def chosen_configs(**launchers):
                 tma += " flat" if cfg.kwargs.get("FLATTEN") else ""
                 tma += " whole" if cfg.kwargs.get("WHOLE") else ""  # attention: a (batch, head) pair per tile
                 tma += f" tail{cfg.kwargs['TAIL']}" if cfg.kwargs.get("TAIL") else ""
+                tma += f" loads{cfg.kwargs['LOAD_STAGES']}" if "LOAD_STAGES" in cfg.kwargs else ""  # LayerNorm bwd
                 parts.append(f"{name} {tile} w{cfg.num_warps} s{cfg.num_stages}{tma}")
         return {"config": ", ".join(parts)} if parts else {}
 

@@ -6,6 +6,7 @@ from common import chosen_configs, measure, need_cuda
 
 from fastvit_kernels import ops
 from fastvit_kernels.ops import fused_attention as at
+from fastvit_kernels.ops import layernorm as ln
 
 ATTN_SHAPES = {"cifar10-N65": (512, 6, 65, 64), "vitb16-N197": (128, 12, 197, 64), "N257": (64, 16, 257, 64)}
 MLP_SHAPES = {"cifar10": (512 * 65, 384, 1536), "vitb16": (128 * 197, 768, 3072)}
@@ -138,6 +139,47 @@ def test_layernorm_mlp(benchmark, bench_opts, device, shape, row, mode, monkeypa
         flops=flops,
         peak_dtype=DT,
         warmup=bench_opts["warmup"] + 3,
+    )
+
+
+@pytest.mark.parametrize("row", ["ours", "eager"])
+@pytest.mark.parametrize("shape", list(MLP_SHAPES))
+def test_layernorm_bwd(benchmark, bench_opts, device, shape, row):
+    """The LayerNorm backward of a training step under bf16 autocast, the residual gradient added: dy in bf16 (our
+    GEMM's input gradient; eager's arrives in fp32), the fp32 stream x, its gradient dres and dx in fp32. Eager: aten's
+    layer_norm backward (input, weight and bias gradients) and the add."""
+    need_cuda(device, "kernel benchmarks")
+    R, D, _ = MLP_SHAPES[shape]
+    x = torch.randn(R, D, device=device)
+    w, b = 1 + 0.02 * torch.randn(D, device=device), 0.02 * torch.randn(D, device=device)
+    dres = torch.randn(R, D, device=device)
+    dy = torch.randn(R, D, device=device, dtype=DT)
+    _, mean, rstd = ln.layernorm_fwd(x, w, b, 1e-6, DT)
+    if row == "ours":
+
+        def step():
+            ln.layernorm_bwd(dy, x, mean, rstd, w, dres=dres)
+
+        describe = chosen_configs(ln_bwd=ln._bwd)
+    else:
+        dy32, mean2, rstd2 = dy.float(), mean[:, None], rstd[:, None]
+
+        def step():
+            dx, _, _ = torch.ops.aten.native_layer_norm_backward(dy32, x, [D], mean2, rstd2, w, b, [True] * 3)
+            dx.add_(dres)
+
+        describe = None
+    measure(
+        benchmark,
+        step,
+        device=device,
+        opts=bench_opts,
+        kernel_time=True,
+        group=f"layernorm/{shape}/bwd",
+        row=row,
+        items=R,
+        item_name="tok",
+        describe=describe,
     )
 
 

@@ -354,4 +354,55 @@ def row_kernel_params(D, elems, max_rows):
 
 
 LAYERNORM_FWD_PARAMS = dict(elems=4096, max_rows=16)  # three live row tensors: 16 rows of D = 256, 4 of D = 1024
-LAYERNORM_BWD_PARAMS = dict(elems=4096, max_rows=8)
+
+
+# The LayerNorm backward (kernels/layernorm.py): BLOCK_M rows of next_pow2(D) columns a step, LOAD_STAGES - 1 row
+# blocks of loads in flight ahead of it. Registers limit the rows an SM holds (sm_90, triton 3.6, D = 384, bf16 dy,
+# fp32 x, dres and dx, compiled offline): 8 rows with 8 warps, unpipelined (what ran before) take 128 registers, two
+# programs an SM, 16 rows; 2 rows with 2 warps and three stages 128 registers and 20 KB, eight programs, 16 rows
+# computing and 32 loading; 1 row with 2 warps 80 registers, twelve programs. The tuner times those that keep 4 to 16
+# elements a thread (more spills; fewer wastes the warps), first the one the interpreter and FASTVIT_AUTOTUNE=0 run.
+def _ln_bwd_cfg(rows, warps, stages):
+    return triton.Config({"BLOCK_M": rows, "LOAD_STAGES": stages}, num_warps=warps)
+
+
+LAYERNORM_BWD_CONFIGS = [
+    _ln_bwd_cfg(8, 8, 1),
+    _ln_bwd_cfg(4, 8, 1),
+    _ln_bwd_cfg(2, 2, 3),
+    _ln_bwd_cfg(2, 4, 3),
+    _ln_bwd_cfg(1, 2, 3),
+    _ln_bwd_cfg(1, 4, 3),
+    _ln_bwd_cfg(1, 8, 1),
+    _ln_bwd_cfg(1, 16, 1),
+]
+LAYERNORM_BWD_PROGRAMS_PER_SM = 12  # persistent programs: at least as many as the smallest config fits an SM
+
+
+def _ln_bwd_elems(cfg, block_d) -> float:
+    """Elements of one row tensor a thread holds."""
+    return cfg.kwargs["BLOCK_M"] * block_d / (32 * cfg.num_warps)
+
+
+def layernorm_pipeline_on() -> bool:
+    """FASTVIT_LN_PIPELINE=0 leaves out the LayerNorm backward's pipelined configs (LOAD_STAGES > 1, new since the
+    last GPU run): the GPU check sets it if they fail there."""
+    return os.environ.get("FASTVIT_LN_PIPELINE", "1") != "0"
+
+
+def prune_layernorm_bwd(configs, args):
+    """The configs holding 4 to 16 elements of a row tensor a thread (at most 16 where D is too small for 4) whose
+    pipelined loads fit the device's shared memory; the pipelined ones where layernorm_pipeline_on."""
+    if not layernorm_pipeline_on():
+        configs = [c for c in configs if c.kwargs["LOAD_STAGES"] == 1]
+    block_d = args["BLOCK_D"]
+    loaded = sum(args[t].element_size() for t in ("DY", "X", "DRES") if args.get(t) is not None)  # a row's bytes
+    limit = smem_limit(args["X"].device)
+    fits = [
+        c
+        for c in configs
+        if _ln_bwd_elems(c, block_d) <= 16
+        and (c.kwargs["LOAD_STAGES"] - 1) * c.kwargs["BLOCK_M"] * block_d * loaded <= limit
+    ]
+    kept = [c for c in fits if _ln_bwd_elems(c, block_d) >= 4] or fits
+    return kept or [min(configs, key=lambda c: _ln_bwd_elems(c, block_d))]

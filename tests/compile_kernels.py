@@ -28,8 +28,9 @@ UNIT_STRIDES = {
     "patch_embed_bwd_dx_kernel": ("stride_iw", "stride_wk"),
 }
 # Feature sizes that are multiples of 16 in every model we ship (D, hidden, 3D, C * ph * pw); the JIT marks such
-# arguments divisible by 16, which is what lets it prove a masked K tile contiguous. Token counts (65, 197) are not.
-ALIGNED_SIZES = {"N", "K", "NF", "KF"}
+# arguments divisible by 16, which is what lets it prove a masked K tile contiguous (and, in the LayerNorm backward,
+# fold D's row offsets: 128 registers against 191 at D = 384, triton 3.6). Token counts (65, 197) are not.
+ALIGNED_SIZES = {"N", "K", "NF", "KF", "D"}
 TT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "i32": "*i32"}
 
 
@@ -180,10 +181,10 @@ def _variants(cap):
                     fwd_ptrs.update(X=w, RES=stream, S=stream)
                 consts = dict(HAS_RES=has_res, BLOCK_M=bm, BLOCK_D=bd)
                 out.append(("layernorm_fwd_kernel", lnk.__name__, fwd_ptrs, consts, warps, 3))
-            bm, bd, warps = tn.row_kernel_params(dim, **tn.LAYERNORM_BWD_PARAMS)
-            out.append(
-                ("layernorm_bwd_kernel", lnk.__name__, ln_ptrs, dict(HAS_DRES=True, BLOCK_M=bm, BLOCK_D=bd), warps, 3)
-            )
+            # every config the tuner may time at CIFAR-10's width, the first and largest elsewhere
+            bwd_consts = [dict(HAS_DRES=True, BLOCK_D=tn.next_pow2(dim))]
+            every = full and dim == 384
+            add(lnk.layernorm_bwd_kernel, tn.LAYERNORM_BWD_CONFIGS, ln_ptrs, bwd_consts, tn.prune_layernorm_bwd, every)
         pe_ptrs = {
             "IMG": stream,
             "W": w,

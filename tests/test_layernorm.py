@@ -4,8 +4,10 @@ added in the same pass."""
 
 import pytest
 import torch
-from helpers import assert_matches
+from helpers import assert_matches, force_config
 
+from fastvit_kernels import configs
+from fastvit_kernels.ops import layernorm as ln_ops
 from fastvit_kernels.ops.layernorm import add_layernorm_fwd, layernorm_bwd, layernorm_fwd
 
 F = torch.nn.functional
@@ -37,6 +39,53 @@ def test_layernorm_forward_and_backward(D, out_dtype, device):
     assert_matches(dx, lowp[0].grad + dres, leaves[0].grad + dres.double(), torch.float32, "dx + residual grad")
     assert_matches(dw, lowp[1].grad, leaves[1].grad, torch.float32, "dweight")
     assert_matches(db, lowp[2].grad, leaves[2].grad, torch.float32, "dbias")
+
+
+def _bwd_id(i):
+    c = configs.LAYERNORM_BWD_CONFIGS[i]
+    return f"{c.kwargs['BLOCK_M']}rows-w{c.num_warps}-s{c.kwargs['LOAD_STAGES']}"
+
+
+@pytest.mark.parametrize("D", [100, 384], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("cfg", range(len(configs.LAYERNORM_BWD_CONFIGS)), ids=_bwd_id)
+def test_every_layernorm_bwd_config(cfg, D, device, monkeypatch):
+    # each config the tuner may time, in the dtypes of a training step under bf16 autocast (dy in bf16 from the next
+    # GEMM's input gradient, the fp32 stream and its gradient); M = 400 rows: more than the interpreter's persistent
+    # programs take in one step each, not a multiple of any row block; D = 100 masks part of a row, 384 is CIFAR-10's
+    config = configs.LAYERNORM_BWD_CONFIGS[cfg]
+    force_config(monkeypatch, ln_ops._bwd, config)
+    M = 400
+    x = torch.randn(M, D, device=device) * 3 + 1
+    w = 1 + 0.1 * torch.randn(D, device=device)
+    dy = torch.randn(M, D, device=device).to(torch.bfloat16)
+    dres = torch.randn(M, D, device=device)
+    _, mean, rstd = layernorm_fwd(x, w, torch.zeros_like(w), 1e-6, torch.bfloat16)
+    dx, (dw, db) = layernorm_bwd(dy, x, mean, rstd, w, dres=dres)
+    assert ln_ops._bwd.best_config is config
+    leaves = [t.double().requires_grad_() for t in (x, w)]
+    F.layer_norm(leaves[0], (D,), leaves[1], None, 1e-6).backward(dy.double())
+    lowp = [t.detach().requires_grad_() for t in (x, w)]
+    F.layer_norm(lowp[0], (D,), lowp[1], None, 1e-6).backward(dy.float())
+    assert_matches(dx, lowp[0].grad + dres, leaves[0].grad + dres.double(), torch.float32, "dx + residual grad")
+    assert_matches(dw, lowp[1].grad, leaves[1].grad, torch.float32, "dweight")
+    assert_matches(db, dy.float().sum(0), dy.double().sum(0), torch.float32, "dbias")
+
+
+def test_layernorm_bwd_configs_kept_per_width(monkeypatch):
+    # 4 to 16 elements of a row tensor a thread: at CIFAR-10's 384 and ViT-B's 768 the tuner times several (pipelined
+    # ones among them), at 8192 the one 16-warp row; FASTVIT_LN_PIPELINE=0 leaves the pipelined ones out
+    def kept(D):
+        dy = torch.empty(0, dtype=torch.bfloat16)
+        args = {"BLOCK_D": ln_ops.next_pow2(D), "DY": dy, "X": torch.empty(0), "DRES": torch.empty(0)}
+        return [_bwd_id(configs.LAYERNORM_BWD_CONFIGS.index(c)) for c in configs.prune_layernorm_bwd(ALL, args)]
+
+    ALL = configs.LAYERNORM_BWD_CONFIGS
+    assert kept(384) == ["8rows-w8-s1", "4rows-w8-s1", "2rows-w2-s3", "2rows-w4-s3", "1rows-w2-s3", "1rows-w4-s3"]
+    assert kept(768) == ["4rows-w8-s1", "2rows-w4-s3", "1rows-w2-s3", "1rows-w4-s3", "1rows-w8-s1"]
+    assert kept(8192) == ["1rows-w16-s1"]
+    assert kept(16) == [_bwd_id(i) for i in range(len(ALL))]  # too narrow for 4 a thread: every one fits
+    monkeypatch.setenv("FASTVIT_LN_PIPELINE", "0")
+    assert kept(384) == ["8rows-w8-s1", "4rows-w8-s1"]
 
 
 @pytest.mark.parametrize("layout", ["padded rows", "sliced tokens", "strided features"])

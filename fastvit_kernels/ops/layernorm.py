@@ -3,12 +3,20 @@ the fp32 statistics; the backward adds the residual gradient in the same pass.""
 
 import torch
 
-from ..configs import LAYERNORM_BWD_PARAMS, LAYERNORM_FWD_PARAMS, row_kernel_params
+from ..configs import (
+    LAYERNORM_BWD_CONFIGS,
+    LAYERNORM_BWD_PROGRAMS_PER_SM,
+    LAYERNORM_FWD_PARAMS,
+    prune_layernorm_bwd,
+    row_kernel_params,
+)
 from ..kernels.layernorm import layernorm_bwd_kernel, layernorm_fwd_kernel
-from ..tuning import launch_kernel
-from ._common import as_unit_rows, cdiv, num_sms
+from ..tuning import Launcher, launch_kernel
+from ._common import as_unit_rows, cdiv, next_pow2, num_sms
 
 MAX_LN_DIM = 8192  # the row kernels keep a whole row in registers
+
+_bwd = Launcher(layernorm_bwd_kernel, LAYERNORM_BWD_CONFIGS, ["M", "D"], prune_layernorm_bwd)
 
 
 def layernorm_fwd(x, weight, bias, eps, out_dtype):
@@ -57,13 +65,14 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
     dy, dy_rows = as_unit_rows(dy)
     x, x_rows = as_unit_rows(x)
     dres, dres_rows = as_unit_rows(dres) if dres is not None else (None, 0)
-    block_m, block_d, warps = row_kernel_params(D, **LAYERNORM_BWD_PARAMS)
-    programs = min(cdiv(M, block_m), 4 * num_sms(x.device))
-    rows_per_program = cdiv(cdiv(M, programs), block_m) * block_m
+    # persistent programs, as many whichever config the tuner takes (the partial sums' rows are one a program)
+    programs = min(M, LAYERNORM_BWD_PROGRAMS_PER_SM * num_sms(x.device))
+    rows_per_program = cdiv(M, programs)
     programs = cdiv(M, rows_per_program)
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, rows D apart
     # [programs, 2, D]: the weight's and the bias's partial sums side by side, so one torch sum adds up both
     parts = torch.empty((programs, 2, D), device=x.device, dtype=torch.float32)
     args = (dy, x, mean, rstd, weight, dres, dx, parts, M, D, rows_per_program, dy_rows, x_rows, dres_rows, D)
-    launch_kernel(layernorm_bwd_kernel, (programs,), args, dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps))
+    key = (M, D, dy.dtype, x.dtype, dres is not None and dres.dtype, x.device)
+    _bwd.launch(key, lambda cfg: (programs,), *args, BLOCK_D=next_pow2(D))
     return dx, parts.sum(0)
