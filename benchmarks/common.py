@@ -177,24 +177,33 @@ def measure(
     return info
 
 
+def _config_name(cfg):
+    """A config as the rows name it, e.g. "64x64 w4 s3 tail16"."""
+    k = cfg.kwargs
+    flags = " tma" if k.get("USE_TMA") else ""
+    flags += " warpspec" if k.get("WARP_SPEC") else ""
+    flags += " flat" if k.get("FLATTEN") else ""
+    flags += " whole" if k.get("WHOLE") else ""  # attention: a (batch, head) pair per tile
+    flags += f" tail{k['TAIL']}" if k.get("TAIL") else ""
+    flags += f" loads{k['LOAD_STAGES']}" if "LOAD_STAGES" in k else ""  # the LayerNorm backward's pipelined loads
+    tile = "x".join(str(k[n]) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if n in k)
+    return f"{tile} w{cfg.num_warps} s{cfg.num_stages}{flags}"
+
+
 def chosen_configs(**launchers):
     """A describe() for measure(): the config each autotuned launcher picked, as `config` in the row, read after
-    the timing (e.g. "fwd 64x64 w4 s3"): the tuner's choice, or the first config where launches do not tune."""
+    the timing (e.g. "fwd 64x64 w4 s3"): the tuner's choice, or the first config where launches do not tune; and
+    `tuned_ms`, the autotuner's time of every candidate it timed for that launch's key ("fwd 64x64 w4 s3": ms)."""
 
     def describe():
-        parts = []
+        parts, tuned = [], {}
         for name, launcher in launchers.items():
             cfg = getattr(launcher, "best_config", None)
             if cfg is not None:
-                tile = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg.kwargs)
-                tma = " tma" if cfg.kwargs.get("USE_TMA") else ""
-                tma += " warpspec" if cfg.kwargs.get("WARP_SPEC") else ""
-                tma += " flat" if cfg.kwargs.get("FLATTEN") else ""
-                tma += " whole" if cfg.kwargs.get("WHOLE") else ""  # attention: a (batch, head) pair per tile
-                tma += f" tail{cfg.kwargs['TAIL']}" if cfg.kwargs.get("TAIL") else ""
-                tma += f" loads{cfg.kwargs['LOAD_STAGES']}" if "LOAD_STAGES" in cfg.kwargs else ""  # LayerNorm bwd
-                parts.append(f"{name} {tile} w{cfg.num_warps} s{cfg.num_stages}{tma}")
-        return {"config": ", ".join(parts)} if parts else {}
+                parts.append(f"{name} {_config_name(cfg)}")
+                times = launcher.timings.get(launcher.last_key, {})
+                tuned.update({f"{name} {_config_name(c)}": round(ms, 5) for c, ms in times.items()})
+        return ({"config": ", ".join(parts)} if parts else {}) | ({"tuned_ms": tuned} if tuned else {})
 
     return describe
 

@@ -63,6 +63,20 @@ def candidate_table(rows):
     return head + "\n".join(lines)
 
 
+def tuned_table(rows):
+    """The autotuner's time of every config it timed for a row's kernels (`tuned_ms`), one line per row that has
+    them; empty where none has."""
+    lines = []
+    for r in rows:
+        times = r.get("tuned_ms")
+        if times:
+            ranked = ", ".join(f"{name} {ms:.4f}" for name, ms in sorted(times.items(), key=lambda t: t[1]))
+            lines.append(f"| {r['group']} | {r['row']} | {ranked} |")
+    if not lines:
+        return ""
+    return "| group | row | configs, ms of GPU time, fastest first |\n|---|---|---|\n" + "\n".join(lines)
+
+
 def _plot(rows, path, info=None):
     import matplotlib
 
@@ -98,6 +112,9 @@ def write_summary(rows, info, out_dir):
     candidates = candidate_table(rows)
     if candidates:
         table += "\n\nThe GEMM chooser's times of each candidate (ops/gemm.py; `gemm_ms` in the rows):\n\n" + candidates
+    tuned = tuned_table(rows)
+    if tuned:
+        table += "\n\nThe autotuner's times of each config (`tuned_ms` in the rows):\n\n" + tuned
     (out_dir / "results.md").write_text(head + "\n" + table + "\n")
     _plot(rows, out_dir / "results.png", info)
     return head + table

@@ -76,6 +76,8 @@ class Launcher:
         self.tuner_key = tuner_key  # the argument names Triton's autotuner keys its timings on (first launches only)
         self.chosen = {}  # key -> (config, the keyword arguments its launches take)
         self.best_config = None  # the configuration of the latest launch (the benchmark rows record it)
+        self.last_key = None  # the key of the latest launch
+        self.timings = {}  # key -> {config: GPU ms} where Triton's autotuner timed the candidates (or read its disk cache)
         self._tuners = {}  # the candidates the prune kept (their ids) -> the Triton autotuner that times them
         _LAUNCHERS.append(self)
 
@@ -84,6 +86,7 @@ class Launcher:
         if chosen is None:
             return self._first_launch(key, grid, args, consts)
         self.best_config, opts = chosen
+        self.last_key = key
         if recorder is not None:
             return recorder.launch(self.kernel, grid(opts), args, {**consts, **opts})
         self.kernel[grid(opts)](*args, **consts, **opts)
@@ -102,6 +105,7 @@ class Launcher:
                 self._tuners[tuple(map(id, configs))] = tuner
             tuner[grid](*args, **consts)  # times the configs (once per tuner key), then launches the best
             self._remember(key, tuner.best_config)
+            self.timings[key] = _tuner_ms(tuner)
             return
         opts = self._remember(key, configs[0])
         launch_kernel(self.kernel, grid(opts), args, {**consts, **opts})
@@ -110,20 +114,32 @@ class Launcher:
         # launch options (warps, stages, register cap) only on a GPU: the interpreter takes none
         opts = cfg.kwargs if interpreting() else cfg.all_kwargs()
         self.chosen[key] = (cfg, opts)
-        self.best_config = cfg
+        self.best_config, self.last_key = cfg, key
         _decided()
         return opts
 
 
+def _tuner_ms(tuner) -> dict:
+    """{config: median GPU ms} of the candidates Triton's autotuner timed last (its `configs_timings`: [median, p20,
+    p80] per config, or a number); empty where it timed nothing (one candidate) or its last timing was of another
+    tuner key (the fastest there is not the config it just chose)."""
+    timed = getattr(tuner, "configs_timings", None) or {}
+    timings = {cfg: (t[0] if isinstance(t, (list, tuple)) else t) for cfg, t in timed.items()}
+    if not timings or str(min(timings, key=timings.get)) != str(tuner.best_config):
+        return {}
+    return timings
+
+
 def forget() -> None:
     """Forget every per-key decision (configurations, GEMM backends): the environment switches (FASTVIT_GEMM,
-    FASTVIT_AUTOTUNE, FASTVIT_TMA, FASTVIT_WARP_SPEC, FASTVIT_FLATTEN, FASTVIT_ATTN_WHOLE) are read when a key is first
-    launched, so a process that changes one mid-run calls this after it. Timings are kept (each list of candidates a
-    switch leaves has its own autotuner, which times a tuner key once). Step plans recorded before it are not
-    replayed."""
+    FASTVIT_AUTOTUNE, FASTVIT_TMA, FASTVIT_WARP_SPEC, FASTVIT_FLATTEN, FASTVIT_ATTN_WHOLE, FASTVIT_LN_PIPELINE) are
+    read when a key is first launched, so a process that changes one mid-run calls this after it. Triton's timings
+    are kept (each list of candidates a switch leaves has its own autotuner, which times a tuner key once). Step plans
+    recorded before it are not replayed."""
     global _forgets
     for launcher in _LAUNCHERS:
         launcher.chosen.clear()
+        launcher.timings.clear()
     _GEMM_CHOICE.clear()
     _GEMM_TIMES.clear()
     _forgets += 1

@@ -2,8 +2,11 @@
 allow them and through pointer loads where they do not, and through the cuBLAS candidate (torch's matmul and
 epilogue), against float64."""
 
+import types
+
 import pytest
 import torch
+import triton
 from helpers import assert_matches, force_config, force_gemm_candidate
 
 from fastvit_kernels import configs, tuning
@@ -248,6 +251,17 @@ def test_a_backend_family_is_timed_among_its_own_candidates(monkeypatch):
         assert tuning.gemm_times() == ({"k": {name: cost[name] for name in timings}} if timings else {})
         tuning.forget()
         assert tuning.pick_gemm_backend("k", candidates, timed=False) == ("cublas" if mode == "cublas" else "triton")
+
+
+def test_the_autotuners_times_are_kept_only_for_the_key_it_chose_for():
+    # Triton's autotuner keeps the timings of its last tuning ([median, p20, p80] per config); a launcher records them
+    # for its key, unless they belong to another tuner key (the fastest there is not the config chosen now)
+    fast, slow = triton.Config({"BLOCK_M": 64}), triton.Config({"BLOCK_M": 32})
+    tuner = types.SimpleNamespace(configs_timings={fast: [0.5, 0.4, 0.6], slow: [0.9, 0.8, 1.0]}, best_config=fast)
+    assert tuning._tuner_ms(tuner) == {fast: 0.5, slow: 0.9}
+    tuner.best_config = slow
+    assert tuning._tuner_ms(tuner) == {}
+    assert tuning._tuner_ms(types.SimpleNamespace(best_config=fast)) == {}  # one candidate: nothing timed
 
 
 def _tile_id(i):
