@@ -18,13 +18,14 @@ run_tests() {  # run_tests LIMIT PYTEST-ARGS...: its exit status; -v, so a stage
   FASTVIT_AUTOTUNE=0 timeout "$limit" $PY -m pytest -v -rf --tb=line $XDIST -p no:cacheprovider "$@" 2>&1 \
     | tee -a "$OUT_DIR/tests.log" > "$STAGE_LOG"
   local status=${PIPESTATUS[0]}
-  grep -E "(FAILED|ERROR) tests/" "$STAGE_LOG" | cut -c1-200 | tail -30
+  grep -E "(FAILED|ERROR) tests/|^tests/[^ ]+ (FAILED|ERROR)" "$STAGE_LOG" | cut -c1-200 | tail -30
   grep -E "^=+ .*(passed|failed).* =+$" "$STAGE_LOG" | tail -1
   [ "$status" -eq 124 ] && echo "... cut at its ${limit} s limit after $(grep -c " PASSED " "$STAGE_LOG") passed"
   return "$status"
 }
-failed_tests() {  # the tests the last stage named as failed or in error, one a line
-  grep -oE "(FAILED|ERROR) tests/[^ ]+" "$STAGE_LOG" | cut -d" " -f2 | sort -u
+failed_tests() {  # the tests the last stage named as failed or in error, one a line (with xdist's -v lines or without)
+  { grep -oE "(FAILED|ERROR) tests/[^ ]+" "$STAGE_LOG" | cut -d" " -f2
+    grep -oE "^tests/[^ ]+ (FAILED|ERROR)" "$STAGE_LOG" | cut -d" " -f1; } | sort -u
 }
 
 echo "=== the TMA GEMM path first: if it fails here, the benchmarks run without it (FASTVIT_TMA=0)"
