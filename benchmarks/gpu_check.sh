@@ -76,9 +76,11 @@ fi
 
 echo "=== the kernels new since the last GPU run, under compute-sanitizer's memcheck: if they fail, they go"
 # an out-of-range shared-memory read passed the tests and crashed a later stage in session 9 (H100); memcheck names
-# the kernel and the source line. New now: the LayerNorm backward's pipelined configs (FASTVIT_LN_PIPELINE=0 without)
+# the kernel and the source line. New now: the row loops that pipeline their loads, the LayerNorm backward's and the
+# column sums' (FASTVIT_ROW_PIPELINE=0 without them)
 L=tests/test_layernorm.py::test_every_layernorm_bwd_config
-NEW_KERNEL_TESTS=("$L[2rows-w2-s3-D384]" "$L[1rows-w2-s3-D100]" "$L[2rows-w4-s3-D384]")
+C=tests/test_linear.py::test_every_column_sum_config
+NEW_KERNEL_TESTS=("$L[2rows-w2-s3-D384]" "$L[1rows-w2-s3-D100]" "$L[2rows-w4-s3-D384]" "$C[0-100]" "$C[1-384]")
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$SANITIZER" ]; then
   FASTVIT_AUTOTUNE=0 timeout 25 "$SANITIZER" --tool memcheck --print-limit 3 --show-backtrace no \
@@ -90,8 +92,8 @@ else
   run_tests 25 "${NEW_KERNEL_TESTS[@]}"; status=$?
 fi
 if [ "$status" -ne 0 ]; then
-  echo "!!! the new LayerNorm backward configs failed (or ran past the limit): FASTVIT_LN_PIPELINE=0"
-  export FASTVIT_LN_PIPELINE=0
+  echo "!!! the pipelined row loops failed (or ran past the limit): FASTVIT_ROW_PIPELINE=0"
+  export FASTVIT_ROW_PIPELINE=0
 fi
 
 echo "=== GPU tests (first config of each kernel, no autotuning; the files above already ran)"
@@ -109,7 +111,7 @@ echo "=== benchmarks"
 # 75 s covered CIFAR-10 inference and not training, 70 s the attention rows and not LayerNorm+MLP's
 bench 120 benchmarks/test_e2e.py -k "cifar10 and bf16 and not compile and not b8 and not unplanned"  # those: gpu-focus
 K=benchmarks/test_kernels.py
-bench 80 $K::test_layernorm_bwd $K::test_layernorm_mlp $K::test_attention $K::test_patch_embed \
+bench 80 $K::test_layernorm_bwd $K::test_column_sum $K::test_layernorm_mlp $K::test_attention $K::test_patch_embed \
   -k "(ours or flash or cudnn or eager) and not no-whole"  # the A/B row: make bench
 bench 40 benchmarks/test_gemms.py -k cifar10
 echo "=== GPU time per kernel, one CIFAR-10 step (ours and eager SDPA)"

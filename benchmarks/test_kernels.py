@@ -6,6 +6,7 @@ from common import chosen_configs, measure, need_cuda
 
 from fastvit_kernels import ops
 from fastvit_kernels.ops import fused_attention as at
+from fastvit_kernels.ops import gemm
 from fastvit_kernels.ops import layernorm as ln
 
 ATTN_SHAPES = {"cifar10-N65": (512, 6, 65, 64), "vitb16-N197": (128, 12, 197, 64), "N257": (64, 16, 257, 64)}
@@ -169,18 +170,38 @@ def test_layernorm_bwd(benchmark, bench_opts, device, shape, row):
             dx.add_(dres)
 
         describe = None
-    measure(
-        benchmark,
-        step,
-        device=device,
-        opts=bench_opts,
-        kernel_time=True,
-        group=f"layernorm/{shape}/bwd",
-        row=row,
-        items=R,
-        item_name="tok",
-        describe=describe,
-    )
+    _measure_rows_pass(benchmark, bench_opts, device, step, f"layernorm/{shape}/bwd", row, R, describe)
+
+
+COLSUM_SHAPES = {"cifar10-fc1": (512 * 65, 1536), "cifar10-proj": (512 * 65, 384)}  # a linear's output gradient
+
+
+@pytest.mark.parametrize("row", ["ours", "eager"])
+@pytest.mark.parametrize("shape", list(COLSUM_SHAPES))
+def test_column_sum(benchmark, bench_opts, device, shape, row):
+    """The bias gradient beside cuBLAS's weight gradient: the fp32 column sums of a bf16 output gradient. Eager:
+    torch's sum over the rows."""
+    need_cuda(device, "kernel benchmarks")
+    R, N = COLSUM_SHAPES[shape]
+    g = torch.randn(R, N, device=device, dtype=DT)
+    if row == "ours":
+
+        def step():
+            gemm.column_sum(g)
+
+    else:
+
+        def step():
+            g.sum(0, dtype=torch.float32)
+
+    describe = chosen_configs(colsum=gemm._colsum) if row == "ours" else None
+    _measure_rows_pass(benchmark, bench_opts, device, step, f"column_sum/{shape}", row, R, describe)
+
+
+def _measure_rows_pass(benchmark, opts, device, step, group, row, rows, describe):
+    """GPU time of one pass over `rows` token rows (the memory-bound row kernels: no FLOPs to count)."""
+    timing = dict(device=device, opts=opts, kernel_time=True, item_name="tok")
+    measure(benchmark, step, group=group, row=row, items=rows, describe=describe, **timing)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])

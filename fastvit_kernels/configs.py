@@ -182,6 +182,29 @@ def prune_linear_ln(configs, args):
     return kept or [min(configs, key=need)]
 
 
+def row_pipeline_on() -> bool:
+    """FASTVIT_ROW_PIPELINE=0 leaves out the configs whose row loops pipeline their loads (LOAD_STAGES > 1: the
+    LayerNorm backward's and the column sums', new since the last GPU run): the GPU check sets it if they fail there."""
+    return os.environ.get("FASTVIT_ROW_PIPELINE", "1") != "0"
+
+
+# The column sums beside cuBLAS's weight gradient (kernels/reduce.py): strips of COLUMN_SUM_BLOCK_N columns (the
+# grid, and so the partial rows, do not depend on the config), row blocks of BLOCK_R with LOAD_STAGES - 1 ahead in
+# flight; programs COLUMN_SUM_PROGRAMS_PER_SM an SM in all.
+COLUMN_SUM_BLOCK_N = 128
+COLUMN_SUM_PROGRAMS_PER_SM = 4
+COLUMN_SUM_CONFIGS = [
+    triton.Config({"BLOCK_R": 32, "LOAD_STAGES": 3}, num_warps=4),
+    triton.Config({"BLOCK_R": 64, "LOAD_STAGES": 3}, num_warps=4),
+    triton.Config({"BLOCK_R": 32, "LOAD_STAGES": 1}, num_warps=4),
+]
+
+
+def prune_column_sum(configs, args):
+    """The pipelined configs where row_pipeline_on."""
+    return [c for c in configs if row_pipeline_on() or c.kwargs["LOAD_STAGES"] == 1]
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Attention (ops/fused_attention.py)
 # ------------------------------------------------------------------------------------------------------------------
@@ -384,16 +407,10 @@ def _ln_bwd_elems(cfg, block_d) -> float:
     return cfg.kwargs["BLOCK_M"] * block_d / (32 * cfg.num_warps)
 
 
-def layernorm_pipeline_on() -> bool:
-    """FASTVIT_LN_PIPELINE=0 leaves out the LayerNorm backward's pipelined configs (LOAD_STAGES > 1, new since the
-    last GPU run): the GPU check sets it if they fail there."""
-    return os.environ.get("FASTVIT_LN_PIPELINE", "1") != "0"
-
-
 def prune_layernorm_bwd(configs, args):
     """The configs holding 4 to 16 elements of a row tensor a thread (at most 16 where D is too small for 4) whose
-    pipelined loads fit the device's shared memory; the pipelined ones where layernorm_pipeline_on."""
-    if not layernorm_pipeline_on():
+    pipelined loads fit the device's shared memory; the pipelined ones where row_pipeline_on."""
+    if not row_pipeline_on():
         configs = [c for c in configs if c.kwargs["LOAD_STAGES"] == 1]
     block_d = args["BLOCK_D"]
     loaded = sum(args[t].element_size() for t in ("DY", "X", "DRES") if args.get(t) is not None)  # a row's bytes

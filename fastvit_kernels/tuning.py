@@ -132,7 +132,7 @@ def _tuner_ms(tuner) -> dict:
 
 def forget() -> None:
     """Forget every per-key decision (configurations, GEMM backends): the environment switches (FASTVIT_GEMM,
-    FASTVIT_AUTOTUNE, FASTVIT_TMA, FASTVIT_WARP_SPEC, FASTVIT_FLATTEN, FASTVIT_ATTN_WHOLE, FASTVIT_LN_PIPELINE) are
+    FASTVIT_AUTOTUNE, FASTVIT_TMA, FASTVIT_WARP_SPEC, FASTVIT_FLATTEN, FASTVIT_ATTN_WHOLE, FASTVIT_ROW_PIPELINE) are
     read when a key is first launched, so a process that changes one mid-run calls this after it. Triton's timings
     are kept (each list of candidates a switch leaves has its own autotuner, which times a tuner key once). Step plans
     recorded before it are not replayed."""

@@ -44,6 +44,7 @@ def _variants(cap):
     from fastvit_kernels.kernels import gemm_layernorm as gln
     from fastvit_kernels.kernels import layernorm as lnk
     from fastvit_kernels.kernels import patch_embed as pek
+    from fastvit_kernels.kernels import reduce as red
 
     out = []
 
@@ -185,6 +186,9 @@ def _variants(cap):
             bwd_consts = [dict(HAS_DRES=True, BLOCK_D=tn.next_pow2(dim))]
             every = full and dim == 384
             add(lnk.layernorm_bwd_kernel, tn.LAYERNORM_BWD_CONFIGS, ln_ptrs, bwd_consts, tn.prune_layernorm_bwd, every)
+        if stream == w:  # the bias gradient beside cuBLAS's weight gradient: column sums of G (its dtype alone)
+            colsum_consts = [dict(BLOCK_N=tn.COLUMN_SUM_BLOCK_N)]
+            add(red.column_sum_kernel, tn.COLUMN_SUM_CONFIGS, {"G": w, "PART": f32}, colsum_consts, None, full)
         pe_ptrs = {
             "IMG": stream,
             "W": w,

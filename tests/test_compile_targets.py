@@ -91,3 +91,6 @@ def test_every_kernel_config_compiles_for_sm90_and_sm80():
     # and their loads must be software-pipelined (asynchronous copies into shared memory), or each K step waits
     serial = [r for r in results if r["kernel"] in GEMM_KERNELS and r["stages"] > 1 and not r["pipelined"]]
     assert not serial, "\n".join(f"{r['kernel']} sm_{r['cap']} {r['consts']} {r['ptrs']}" for r in serial[:5])
+    # as must the row loops' that ask for it (LOAD_STAGES): Triton pipelines a loop without a dot only when told
+    unpiped = [r for r in results if r["consts"].get("LOAD_STAGES", 1) > 1 and not r["pipelined"]]
+    assert not unpiped, "\n".join(f"{r['kernel']} sm_{r['cap']} {r['consts']} {r['ptrs']}" for r in unpiped[:5])

@@ -253,6 +253,19 @@ def test_a_backend_family_is_timed_among_its_own_candidates(monkeypatch):
         assert tuning.pick_gemm_backend("k", candidates, timed=False) == ("cublas" if mode == "cublas" else "triton")
 
 
+@pytest.mark.parametrize("N", [100, 384])
+@pytest.mark.parametrize("cfg", range(len(configs.COLUMN_SUM_CONFIGS)))
+def test_every_column_sum_config(cfg, N, device, monkeypatch):
+    # the bias gradient beside cuBLAS's weight gradient: each config forced, on bf16 rows with a padded stride (the
+    # leading dims read in place) and a row count no row block divides; N = 100 leaves a partial column strip
+    force_config(monkeypatch, lin._colsum, configs.COLUMN_SUM_CONFIGS[cfg])
+    g = torch.randn(3, 177, N + 8, device=device).to(torch.bfloat16)[..., :N]  # [3, 177, N], rows N + 8 apart
+    out = lin.column_sum(g)
+    assert lin._colsum.best_config is configs.COLUMN_SUM_CONFIGS[cfg] and out.dtype == torch.float32
+    rows = g.reshape(-1, N)
+    assert_matches(out, rows.sum(0, dtype=torch.float32), rows.double().sum(0), torch.float32, "column sums")
+
+
 def test_the_autotuners_times_are_kept_only_for_the_key_it_chose_for():
     # Triton's autotuner keeps the timings of its last tuning ([median, p20, p80] per config); a launcher records them
     # for its key, unless they belong to another tuner key (the fastest there is not the config chosen now)

@@ -3,4 +3,5 @@
 common.py     jit helpers shared by the families: the program-id swizzle, erf / GELU / GELU'
 gemm.py       the linear layers' GEMMs: forward with a fused epilogue, and the weight gradient
 layernorm.py  row kernels: LayerNorm forward (normalised rows in the compute dtype) and backward
+reduce.py     column sums of a tall matrix (the bias gradient beside cuBLAS's weight gradient)
 """

@@ -1,0 +1,36 @@
+"""Column sums of a tall matrix: the bias gradient of a linear layer whose weight gradient cuBLAS computes.
+
+torch's `g.sum(0)` over a linear layer's output gradient ([33,280, N] bf16 in a CIFAR-10 training step) ran at a
+third of its bytes' speed on an H200 (48 launches, 2.2 ms of a 21.4 ms step, 2026-11-27). Here each program sums a
+strip of BLOCK_N columns over its share of the rows into a [BLOCK_R, BLOCK_N] fp32 accumulator (no reduction inside
+the loop), with the next row blocks' loads in flight (LOAD_STAGES), and writes one partial row; the caller adds the
+programs' partials (a few dozen rows).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def column_sum_kernel(
+    G,  # [R, N], rows stride_gr apart, unit stride along N: any float dtype
+    PART,  # [programs along R, N] fp32: each program's column sums over its rows
+    R,
+    N,
+    rows_per_program,
+    stride_gr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LOAD_STAGES: tl.constexpr,
+):
+    pid_n, pid_r = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < N
+    row_start = pid_r * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, R)
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for r0 in tl.range(row_start, row_end, BLOCK_R, num_stages=LOAD_STAGES):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < row_end)[:, None] & mask_n[None, :]
+        acc += tl.load(G + rows[:, None].to(tl.int64) * stride_gr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(PART + pid_r * N + cols, tl.sum(acc, 0), mask=mask_n)
