@@ -77,7 +77,7 @@ class Launcher:
         self.chosen = {}  # key -> (config, the keyword arguments its launches take)
         self.best_config = None  # the configuration of the latest launch (the benchmark rows record it)
         self.last_key = None  # the key of the latest launch
-        self.timings = {}  # key -> {config: GPU ms} where Triton's autotuner timed the candidates (or read its disk cache)
+        self.timings = {}  # key -> {config: GPU ms} where Triton's autotuner timed the candidates (or its disk cache)
         self._tuners = {}  # the candidates the prune kept (their ids) -> the Triton autotuner that times them
         _LAUNCHERS.append(self)
 
@@ -147,9 +147,9 @@ def forget() -> None:
 
 # Triton or cuBLAS, per GEMM (ops/gemm.py): each GEMM of the linear layers has a second candidate, torch's matmul
 # (cuBLAS) with the epilogue as torch ops or our row kernel, and the GEMM with the next LayerNorm a second of ours
-# ("triton+ln": ops/gemm.py). On a GPU the fastest is measured once per shape and
-# kept; FASTVIT_GEMM=triton or =cublas keeps one family (the benchmarks' rows for the Triton path force triton, since
-# the fast-path goals are for our kernels). Elsewhere (the interpreter) the first, "triton", which the tests check.
+# ("triton+ln": ops/gemm.py). On a GPU the fastest is measured once per shape and kept; FASTVIT_GEMM=triton or
+# =cublas keeps one family (the benchmarks' rows for the Triton path force triton, since the fast-path goals are for
+# our kernels). Elsewhere (the interpreter) the first, "triton", which the tests check.
 GEMM_BACKENDS = ("triton", "cublas")
 _GEMM_CHOICE: dict = {}  # key -> the backend that runs it
 _GEMM_TIMES: dict = {}  # key -> {candidate: GPU ms} where the choice was timed (the benchmark rows record them)

@@ -53,7 +53,8 @@ def test_timm_weights_load_into_ours_unchanged():
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 @pytest.mark.parametrize("attn_impl", ["math", "sdpa"])
 def test_triton_and_torch_backends_agree_on_logits_and_gradients(pool, attn_impl, gemm, device, monkeypatch):
-    # the fused path with each GEMM family, and with our residual GEMM and the row kernel for the GEMMs with the LayerNorm ("triton+ln")
+    # the fused path with each GEMM family, and with our residual GEMM and the row kernel for the GEMMs with the
+    # LayerNorm ("triton+ln")
     force_gemm_candidate(monkeypatch, gemm)
     model = ViT(**TINY, pool=pool, attn_impl=attn_impl).to(device)
     x = torch.randn(2, 3, 8, 8, device=device)

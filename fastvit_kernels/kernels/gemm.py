@@ -98,42 +98,6 @@ def _mainloop_tma(
 
 
 @triton.jit
-def _tma_descriptors(
-    A,
-    B,
-    M,
-    N,
-    K,
-    stride_am,
-    stride_bk,
-    stride_bn,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    B_KMAJOR: tl.constexpr,
-):
-    """The tensor descriptors _mainloop_tma reads A and B through: B as it is stored, K-major (nn.Linear's weight) or
-    N-major (a weight read untransposed)."""
-    a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-    if B_KMAJOR:
-        b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
-    else:
-        b_desc = tl.make_tensor_descriptor(B, shape=[K, N], strides=[stride_bk, 1], block_shape=[BLOCK_K, BLOCK_N])
-    return a_desc, b_desc
-
-
-@triton.jit
-def _column_parts(acc, PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] as PARTS (1 or 2) blocks of BLOCK_N // PARTS columns, left to right."""
-    if PARTS == 2:
-        # [BLOCK_M, BLOCK_N // 2, 2] split: columns [0, BLOCK_N / 2) and [BLOCK_N / 2, BLOCK_N) of the tile
-        parts = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-    else:
-        parts = (acc,)
-    return parts
-
-
-@triton.jit
 def _finish_cols(
     acc,
     pid_m,
@@ -204,7 +168,11 @@ def _finish_tile(
     warp a tile."""
     SECOND_TILE: tl.constexpr = EPILOGUE == "residual" or EPILOGUE == "gelu_grad" or STORE_PRE
     HALVES: tl.constexpr = 2 if BLOCK_N >= 256 and SECOND_TILE else 1
-    parts = _column_parts(acc, HALVES, BLOCK_M, BLOCK_N)
+    if HALVES == 2:
+        # [BLOCK_M, BLOCK_N // 2, 2] split: columns [0, BLOCK_N / 2) and [BLOCK_N / 2, BLOCK_N) of the tile
+        parts = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    else:
+        parts = (acc,)
     for half in tl.static_range(HALVES):
         _finish_cols(
             parts[half],
@@ -276,9 +244,11 @@ def linear_fwd_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if USE_TMA and TMA_OK:
-        a_desc, b_desc = _tma_descriptors(
-            A, B, M, N, K, stride_am, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR
-        )
+        a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+        if B_KMAJOR:
+            b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(B, shape=[K, N], strides=[stride_bk, 1], block_shape=[BLOCK_K, BLOCK_N])
         # num_programs (about two per SM) walk the tiles in grouped order. With WARP_SPEC, Triton splits this loop
         # into warp partitions, the loads apart from the MMAs and the epilogue (4 warps become 12; triton 3.6/3.8
         # ignore it at 8), so that the next tile's loads run under this tile's epilogue (fc1's GELU: ~1,500 SASS
@@ -429,7 +399,7 @@ def linear_dw_kernel(
         if HAS_DBIAS:
             if pid_n == 0:
                 tl.store(DB_PART + pid_s * stride_dbs + offs_m, bias, mask=mask_m)
-        if last_to_arrive(ARRIVED + pid_m * tl.num_programs(1) + pid_n, tl.num_programs(2)):
+        if last_to_arrive(ARRIVED + pid_m * tl.num_programs(1) + pid_n):
             splits = tl.num_programs(2)
             part = offs_m[:, None] * stride_dwn + offs_n[None, :]
             acc = sum_partials(DW_PART, stride_dws, part, mask, splits)

@@ -167,9 +167,16 @@ def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
     M = a.numel() // K
     N = weight.shape[0]
     c = torch.empty((*a.shape[:-1], N), device=a.device, dtype=out_dtype)  # [..., N], contiguous
-    programs, grid = _tile_grid(M, N, a.device, tma_ok)
+    programs = TMA_PROGRAMS_PER_SM * num_sms(a.device)  # the persistent TMA tiles' grid, at most
+    if tma_ok:
+        _tma_allocator()
     res, res_rows = as_rows(res) if res is not None else (None, 0)
     pre_rows = _output_rows(pre) if pre is not None else 0
+
+    def grid(cfg):
+        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+        return (min(tiles, programs),) if cfg["USE_TMA"] and tma_ok else (tiles,)
+
     w_row, w_col = weight.stride()
     _fwd.launch(
         key,
@@ -200,20 +207,6 @@ def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
         TMA_OK=tma_ok,
     )
     return c
-
-
-def _tile_grid(M, N, device, tma_ok):
-    """(programs, grid) of a forward GEMM's launch: the persistent TMA tiles run at most `programs` programs that
-    stride through the tiles (Triton's allocator set for their descriptors); the pointer tiles one program a tile."""
-    programs = TMA_PROGRAMS_PER_SM * num_sms(device)
-    if tma_ok:
-        _tma_allocator()
-
-    def grid(cfg):
-        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
-        return (min(tiles, programs),) if cfg["USE_TMA"] and tma_ok else (tiles,)
-
-    return programs, grid
 
 
 def _output_rows(t):
