@@ -103,9 +103,10 @@ class Launcher:
             if tuner is None:
                 tuner = triton.autotune(configs=configs, key=self.tuner_key)(self.kernel)
                 self._tuners[tuple(map(id, configs))] = tuner
+            before = getattr(tuner, "configs_timings", None)
             tuner[grid](*args, **consts)  # times the configs (once per tuner key), then launches the best
             self._remember(key, tuner.best_config)
-            self.timings[key] = _tuner_ms(tuner)
+            self.timings[key] = _tuner_ms(tuner, before)
             return
         opts = self._remember(key, configs[0])
         launch_kernel(self.kernel, grid(opts), args, {**consts, **opts})
@@ -119,11 +120,14 @@ class Launcher:
         return opts
 
 
-def _tuner_ms(tuner) -> dict:
-    """{config: median GPU ms} of the candidates Triton's autotuner timed last (its `configs_timings`: [median, p20,
-    p80] per config, or a number); empty where it timed nothing (one candidate) or its last timing was of another
-    tuner key (the fastest there is not the config it just chose)."""
-    timed = getattr(tuner, "configs_timings", None) or {}
+def _tuner_ms(tuner, before=None) -> dict:
+    """{config: median GPU ms} of the candidates Triton's autotuner timed in the launch just made (its
+    `configs_timings`: [median, p20, p80] per config, or a number; `before` is that attribute before the launch);
+    empty where it timed nothing (one candidate), or nothing now: for a tuner key timed earlier in the process it
+    leaves the timings of its last key in place, whose fastest may be the same config."""
+    timed = getattr(tuner, "configs_timings", None)
+    if timed is None or timed is before:
+        return {}
     timings = {cfg: (t[0] if isinstance(t, (list, tuple)) else t) for cfg, t in timed.items()}
     if not timings or str(min(timings, key=timings.get)) != str(tuner.best_config):
         return {}

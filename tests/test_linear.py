@@ -268,10 +268,13 @@ def test_every_column_sum_config(cfg, N, device, monkeypatch):
 
 def test_the_autotuners_times_are_kept_only_for_the_key_it_chose_for():
     # Triton's autotuner keeps the timings of its last tuning ([median, p20, p80] per config); a launcher records them
-    # for its key, unless they belong to another tuner key (the fastest there is not the config chosen now)
+    # for its key, unless they belong to another tuner key: the tuner timed nothing in this launch (the key was in its
+    # cache), or the fastest there is not the config chosen now
     fast, slow = triton.Config({"BLOCK_M": 64}), triton.Config({"BLOCK_M": 32})
-    tuner = types.SimpleNamespace(configs_timings={fast: [0.5, 0.4, 0.6], slow: [0.9, 0.8, 1.0]}, best_config=fast)
-    assert tuning._tuner_ms(tuner) == {fast: 0.5, slow: 0.9}
+    timed = {fast: [0.5, 0.4, 0.6], slow: [0.9, 0.8, 1.0]}
+    tuner = types.SimpleNamespace(configs_timings=timed, best_config=fast)
+    assert tuning._tuner_ms(tuner, before=None) == {fast: 0.5, slow: 0.9}
+    assert tuning._tuner_ms(tuner, before=timed) == {}  # the same object as before the launch: not timed now
     tuner.best_config = slow
     assert tuning._tuner_ms(tuner) == {}
     assert tuning._tuner_ms(types.SimpleNamespace(best_config=fast)) == {}  # one candidate: nothing timed
