@@ -51,6 +51,26 @@ stage_failed() {  # stage_failed STATUS: a failure named, or an exit other than 
   [ -n "$(failed_tests)" ] || { [ "$1" -ne 0 ] && [ "$1" -ne 124 ]; }
 }
 
+echo "=== the kernels new since the last GPU run, under compute-sanitizer's memcheck: if they fail, they go"
+# an out-of-range shared-memory read passed the tests and crashed a later stage in session 9 (H100); memcheck names
+# the kernel and the source line. New now: the step plans' batched casts (FASTVIT_CAST_KERNEL=0 without them), before
+# the plans' tests, which replay them
+NEW_KERNEL_TESTS=(tests/test_cast.py)
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+if [ -n "$SANITIZER" ]; then
+  FASTVIT_AUTOTUNE=0 timeout 25 "$SANITIZER" --tool memcheck --print-limit 3 --show-backtrace no \
+    $PY -m pytest -q -p no:cacheprovider "${NEW_KERNEL_TESTS[@]}" > "$OUT_DIR/sanitizer.log" 2>&1
+  status=$?
+  grep -E "^=========|passed|failed" "$OUT_DIR/sanitizer.log" | cut -c1-200 | head -12
+else
+  echo "compute-sanitizer not found: the tests alone"
+  run_tests 25 "${NEW_KERNEL_TESTS[@]}"; status=$?
+fi
+if [ "$status" -ne 0 ]; then
+  echo "!!! the batched casts failed (or ran past the limit): FASTVIT_CAST_KERNEL=0"
+  export FASTVIT_CAST_KERNEL=0
+fi
+
 echo "=== the step plans: if they fail, the benchmarks run without them"
 PLAN_TESTS="tests/test_plan.py tests/test_plan_training.py tests/test_direct_launch.py tests/test_recording.py"
 run_tests 40 $PLAN_TESTS; status=$?
@@ -74,31 +94,9 @@ if stage_failed "$status"; then
   export FASTVIT_ATTN_WHOLE=0 FASTVIT_ATTN_TAIL=0
 fi
 
-echo "=== the kernels new since the last GPU run, under compute-sanitizer's memcheck: if they fail, they go"
-# an out-of-range shared-memory read passed the tests and crashed a later stage in session 9 (H100); memcheck names
-# the kernel and the source line. New now: the row loops that pipeline their loads, the LayerNorm backward's and the
-# column sums' (FASTVIT_ROW_PIPELINE=0 without them)
-L=tests/test_layernorm.py::test_every_layernorm_bwd_config
-C=tests/test_linear.py::test_every_column_sum_config
-NEW_KERNEL_TESTS=("$L[2rows-w2-s3-D384]" "$L[1rows-w2-s3-D100]" "$L[2rows-w4-s3-D384]" "$C[0-100]" "$C[1-384]")
-SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-if [ -n "$SANITIZER" ]; then
-  FASTVIT_AUTOTUNE=0 timeout 25 "$SANITIZER" --tool memcheck --print-limit 3 --show-backtrace no \
-    $PY -m pytest -q -p no:cacheprovider "${NEW_KERNEL_TESTS[@]}" > "$OUT_DIR/sanitizer.log" 2>&1
-  status=$?
-  grep -E "^=========|passed|failed" "$OUT_DIR/sanitizer.log" | cut -c1-200 | head -12
-else
-  echo "compute-sanitizer not found: the tests alone"
-  run_tests 25 "${NEW_KERNEL_TESTS[@]}"; status=$?
-fi
-if [ "$status" -ne 0 ]; then
-  echo "!!! the pipelined row loops failed (or ran past the limit): FASTVIT_ROW_PIPELINE=0"
-  export FASTVIT_ROW_PIPELINE=0
-fi
-
 echo "=== GPU tests (first config of each kernel, no autotuning; the files above already ran)"
 run_tests "${TEST_LIMIT:-30}" tests --ignore tests/test_linear.py --ignore tests/test_gelu.py \
-  --ignore tests/test_attention.py $(printf -- "--ignore %s " $PLAN_TESTS) --maxfail=30 ${SKIP_WS:+-k "$SKIP_WS"}
+  --ignore tests/test_attention.py --ignore tests/test_cast.py $(printf -- "--ignore %s " $PLAN_TESTS) --maxfail=30 ${SKIP_WS:+-k "$SKIP_WS"}
 
 bench() {  # bench LIMIT PYTEST-ARGS...   (LIMIT 0 skips the stage)
   local limit=$1; shift
@@ -113,8 +111,10 @@ E2E="cifar10 and bf16 and not compile and not b8 and not unplanned"  # b8 and un
 bench 25 benchmarks/test_e2e.py -k "$E2E and (eager or timm)"
 bench 100 benchmarks/test_e2e.py -k "$E2E and not eager and not timm"
 K=benchmarks/test_kernels.py
-bench 80 $K::test_layernorm_bwd $K::test_column_sum $K::test_layernorm_mlp $K::test_attention $K::test_patch_embed \
-  -k "(ours or flash or cudnn or eager) and not no-whole"  # the A/B row: make bench
+# what changed since the last run first, then attention at CIFAR-10's length (its SDPA rows were cut on the H100,
+# 2026-11-27; 197 and 257 tokens: gpu_second.sh), then the rest
+bench 80 $K::test_cast $K::test_attention $K::test_layernorm_mlp $K::test_patch_embed $K::test_layernorm_bwd \
+  $K::test_column_sum -k "(ours or flash or cudnn or eager or foreach) and not no-whole and not N197 and not N257"
 bench 40 benchmarks/test_gemms.py -k cifar10
 echo "=== GPU time per kernel, one CIFAR-10 step (ours and eager SDPA)"
 timeout 25 $PY benchmarks/profile_step.py "$OUT_DIR" 2>&1 | grep -E "^(###|\| \`)" | head -60

@@ -4,9 +4,9 @@ import pytest
 import torch
 from common import chosen_configs, measure, need_cuda
 
-from fastvit_kernels import ops
+from fastvit_kernels import ops, vit_cifar10
+from fastvit_kernels.ops import cast, gemm
 from fastvit_kernels.ops import fused_attention as at
-from fastvit_kernels.ops import gemm
 from fastvit_kernels.ops import layernorm as ln
 
 ATTN_SHAPES = {"cifar10-N65": (512, 6, 65, 64), "vitb16-N197": (128, 12, 197, 64), "N257": (64, 16, 257, 64)}
@@ -196,6 +196,34 @@ def test_column_sum(benchmark, bench_opts, device, shape, row):
 
     describe = chosen_configs(colsum=gemm._colsum) if row == "ours" else None
     _measure_rows_pass(benchmark, bench_opts, device, step, f"column_sum/{shape}", row, R, describe)
+
+
+@pytest.mark.parametrize("row", ["ours", "foreach", "eager"])
+def test_cast(benchmark, bench_opts, device, row):
+    """Autocast's casts of vit_cifar10's weights to bf16 (152 tensors, 21.7 M values), as a step plan's batch runs
+    them: ours (ops/cast.py, 8 a launch), torch._foreach_copy_ (a kernel a tensor when the dtypes differ) and eager
+    (a .to() each, as autocast casts them). host_ms beside the GPU time: the launches' host time is the point."""
+    need_cuda(device, "kernel benchmarks")
+    srcs = [p.detach() for p in vit_cifar10().to(device).parameters()]
+    dsts = [torch.empty_like(t, dtype=DT) for t in srcs]
+    if row == "ours":
+
+        def step():
+            cast.copy_cast_unchecked(dsts, srcs)
+
+    elif row == "foreach":
+
+        def step():
+            torch._foreach_copy_(dsts, srcs)
+
+    else:
+
+        def step():
+            for t in srcs:
+                t.to(DT)
+
+    timing = dict(device=device, opts=bench_opts, kernel_time=True, item_name="tensor")
+    measure(benchmark, step, group="cast/vit_cifar10-weights", row=row, items=len(srcs), **timing)
 
 
 def _measure_rows_pass(benchmark, opts, device, step, group, row, rows, describe):

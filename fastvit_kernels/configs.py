@@ -205,6 +205,18 @@ def prune_column_sum(configs, args):
     return [c for c in configs if row_pipeline_on() or c.kwargs["LOAD_STAGES"] == 1]
 
 
+# The casts of a step plan's batches (kernels/cast.py): CAST_BLOCK elements a program, one config for every size (a
+# copy: its speed is its bytes').
+CAST_BLOCK = 4096
+CAST_WARPS = 4
+
+
+def cast_kernel_on() -> bool:
+    """FASTVIT_CAST_KERNEL=0 runs the step plans' batched casts through torch._foreach_copy_ instead of our kernel
+    (new since the last GPU run: the GPU check sets it if the kernel's tests or memcheck fail there)."""
+    return os.environ.get("FASTVIT_CAST_KERNEL", "1") != "0"
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Attention (ops/fused_attention.py)
 # ------------------------------------------------------------------------------------------------------------------

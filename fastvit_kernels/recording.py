@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from . import direct_launch, tuning
+from .ops.cast import copy_cast_unchecked
 
 _aten = torch.ops.aten
 # The allocations (~160 of a CIFAR-10 inference step's ~170 operations) and the views and sums of a backward through
@@ -318,7 +319,7 @@ class Recorder(TorchDispatchMode):
             if not line.pure or needed.intersection(line.makes):
                 kept.append(line)
                 needed.update(line.reads)
-        lines = _batch_casts(kept[::-1], set(returned), self._const(torch._foreach_copy_))
+        lines = _batch_casts(kept[::-1], set(returned), self._const(copy_cast_unchecked))
         last = {}
         for i, line in enumerate(lines):
             for n in (*line.makes, *line.reads):
@@ -340,10 +341,11 @@ class Recorder(TorchDispatchMode):
         return scope["replay"], source
 
 
-def _batch_casts(lines: list, returned: set, foreach_copy: str) -> list:
-    """lines with their casts in batches, one torch._foreach_copy_ each (one launch for a list of tensors on a GPU,
-    where each cast is a launch of its own: ~100 casts of weights in an autocast forward, ~100 of their gradients in
-    the backward). Two kinds move, the values they compute unchanged:
+def _batch_casts(lines: list, returned: set, copy: str) -> list:
+    """lines with their casts in batches, one ops.cast.copy_cast_unchecked each (a launch for CAST_PAIRS casts on a
+    GPU, where each cast is a launch of its own: ~100 casts of weights in an autocast forward, ~100 of their gradients
+    in the backward; torch._foreach_copy_ launches one a tensor when the dtypes differ). Two kinds move, the values
+    they compute unchanged:
     - casts of the model's tensors and the function's inputs (names no line makes) run together where the first of a
       batch ran; a line with effects that reads the input of a later one ends the batch before it (an input written
       in place keeps its name; a weight written in place is named by that line from then on, so its later casts read
@@ -378,7 +380,7 @@ def _batch_casts(lines: list, returned: set, foreach_copy: str) -> list:
         if i not in moved:
             out.append(line)
         if i in at:  # an early batch's first line or a late batch's last: the batch instead
-            out += _batch(lines, at[i], foreach_copy)
+            out += _batch(lines, at[i], copy)
     return out
 
 
@@ -394,7 +396,7 @@ def _add(batches: list, batch: list, i: int, lines: list):
     batch.append(i)
 
 
-def _batch(lines: list, ids: list, foreach_copy: str) -> list:
+def _batch(lines: list, ids: list, copy: str) -> list:
     """The lines that do the casts of lines[ids]: their outputs' allocations, then one copy per dtype pair."""
     out, groups = [], {}
     for i in ids:
@@ -404,7 +406,7 @@ def _batch(lines: list, ids: list, foreach_copy: str) -> list:
     for pairs in groups.values():
         dsts, srcs = [d for d, _ in pairs], [c.src for _, c in pairs]
         reads = dsts + [c.src for _, c in pairs if c.read]
-        out.append(Line(f"{foreach_copy}(({', '.join(dsts)},), ({', '.join(srcs)},))", reads))
+        out.append(Line(f"{copy}(({', '.join(dsts)},), ({', '.join(srcs)},))", reads))
     return out
 
 

@@ -10,6 +10,7 @@ from launches import record_launches
 from plans import lines_calling, plan_for, small_model
 
 from fastvit_kernels import plan
+from fastvit_kernels.ops.cast import copy_cast_unchecked
 
 
 def _train_step(model, x, planned=True, monkeypatch=None, seed=0):
@@ -67,7 +68,7 @@ def test_training_replay_under_autocast_with_embedding_dropout(device, monkeypat
     p = plan_for(model, x)
     assert isinstance(p, plan.TrainingPlan)
     # the weights' casts in the forward, their gradients' casts back to fp32 in the backward: a batch each
-    assert lines_calling(p, torch._foreach_copy_) == 2
+    assert lines_calling(p, copy_cast_unchecked) == 2
 
 
 def test_training_replay_reads_the_weights_an_optimizer_updates(device, monkeypatch):

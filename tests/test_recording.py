@@ -106,8 +106,8 @@ def _casts_left(source) -> int:
 
 
 def test_casts_of_the_models_tensors_run_as_one_batch_where_the_first_ran(device):
-    """Autocast's casts of the weights: one torch._foreach_copy_ (a launch on a GPU instead of one each), at the first
-    cast; the same values, bit for bit."""
+    """Autocast's casts of the weights: one ops.cast.copy_cast_unchecked (a launch for several on a GPU instead of one
+    each), at the first cast; the same values, bit for bit."""
     weights = [torch.randn(8, 8, device=device) for _ in range(3)]
 
     def body(x, w):
