@@ -143,12 +143,13 @@ def test_layernorm_mlp(benchmark, bench_opts, device, shape, row, mode, monkeypa
     )
 
 
-@pytest.mark.parametrize("row", ["ours", "eager"])
+@pytest.mark.parametrize("row", ["ours", "eager", "ours+bf16", "eager+cast"])
 @pytest.mark.parametrize("shape", list(MLP_SHAPES))
 def test_layernorm_bwd(benchmark, bench_opts, device, shape, row):
     """The LayerNorm backward of a training step under bf16 autocast, the residual gradient added: dy in bf16 (our
     GEMM's input gradient; eager's arrives in fp32), the fp32 stream x, its gradient dres and dx in fp32. Eager: aten's
-    layer_norm backward (input, weight and bias gradients) and the add."""
+    layer_norm backward (input, weight and bias gradients) and the add. +bf16 / +cast: dx in bf16 too, the operand of
+    the GEMMs' backward after proj and fc2 (ours in the same pass, eager a cast)."""
     need_cuda(device, "kernel benchmarks")
     R, D, _ = MLP_SHAPES[shape]
     x = torch.randn(R, D, device=device)
@@ -156,10 +157,11 @@ def test_layernorm_bwd(benchmark, bench_opts, device, shape, row):
     dres = torch.randn(R, D, device=device)
     dy = torch.randn(R, D, device=device, dtype=DT)
     _, mean, rstd = ln.layernorm_fwd(x, w, b, 1e-6, DT)
-    if row == "ours":
+    low = torch.empty(R, D, device=device, dtype=DT) if row.endswith(("+bf16", "+cast")) else None
+    if row.startswith("ours"):
 
         def step():
-            ln.layernorm_bwd(dy, x, mean, rstd, w, dres=dres)
+            ln.layernorm_bwd(dy, x, mean, rstd, w, dres=dres, dx_low=low)
 
         describe = chosen_configs(ln_bwd=ln._bwd)
     else:
@@ -168,6 +170,8 @@ def test_layernorm_bwd(benchmark, bench_opts, device, shape, row):
         def step():
             dx, _, _ = torch.ops.aten.native_layer_norm_backward(dy32, x, [D], mean2, rstd2, w, b, [True] * 3)
             dx.add_(dres)
+            if low is not None:
+                low.copy_(dx)
 
         describe = None
     _measure_rows_pass(benchmark, bench_opts, device, step, f"layernorm/{shape}/bwd", row, R, describe)

@@ -173,6 +173,7 @@ def _variants(cap):
             "W": f32,
             "DRES": stream,
             "DX": stream,
+            "DX_LOW": w if stream != w else None,  # under autocast: the GEMMs' operand beside the fp32 gradient
             "PART": f32,
         }
         for dim in (100, 384, 768, 1024, 8192) if full else (768,):
@@ -184,7 +185,7 @@ def _variants(cap):
                 consts = dict(HAS_RES=has_res, BLOCK_M=bm, BLOCK_D=bd)
                 out.append(("layernorm_fwd_kernel", lnk.__name__, fwd_ptrs, consts, warps, 3))
             # every config the tuner may time at CIFAR-10's width, the first and largest elsewhere
-            bwd_consts = [dict(HAS_DRES=True, BLOCK_D=tn.next_pow2(dim))]
+            bwd_consts = [dict(HAS_DRES=True, HAS_DX_LOW=ln_ptrs["DX_LOW"] is not None, BLOCK_D=tn.next_pow2(dim))]
             every = full and dim == 384
             add(lnk.layernorm_bwd_kernel, tn.LAYERNORM_BWD_CONFIGS, ln_ptrs, bwd_consts, tn.prune_layernorm_bwd, every)
         if stream == w:  # the bias gradient beside cuBLAS's weight gradient: column sums of G (its dtype alone)

@@ -101,6 +101,29 @@ def test_autocast_dtypes_follow_eager(device):
     assert_matches(normed, normed_e, ref[1], torch.bfloat16, "LayerNorm under autocast")
 
 
+def test_autocast_gradients_through_stream_and_layernorm_follow_eager(device):
+    # the backward of the GEMM with the next LayerNorm under autocast: the LayerNorm backward's pass writes the fp32
+    # stream gradient and the bf16 operand of the GEMMs' backward beside it (rounded as eager's cast rounds it)
+    x, r = torch.randn(2, 9, 48, device=device), torch.randn(2, 9, 64, device=device)
+    params = [_p(64, 48, device=device), _p(64, device=device), 1 + _p(64, device=device), _p(64, device=device)]
+    inputs = [x, params[0], params[1], r, params[2], params[3]]
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    eager_leaves = [t.detach().requires_grad_() for t in inputs]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        outs = linear_residual_layernorm(*leaves)
+        outs_e = linear_residual_layernorm_ref(*eager_leaves)
+    cots = [torch.randn(o.shape, device=device) for o in outs]
+    torch.autograd.backward(outs, [c.to(o.dtype) for c, o in zip(cots, outs)])
+    torch.autograd.backward(outs_e, [c.to(o.dtype) for c, o in zip(cots, outs_e)])
+    ref_leaves = [t.detach().double().requires_grad_() for t in inputs]
+    ref_in = [t.to(torch.bfloat16).double() if i in (1, 2) else t for i, t in enumerate(ref_leaves)]  # the GEMM's bf16
+    refs = linear_residual_layernorm_ref(*ref_in)
+    torch.autograd.backward(refs, [c.to(o.dtype).double() for c, o in zip(cots, outs)])
+    for i, (a, e, rl) in enumerate(zip(leaves, eager_leaves, ref_leaves)):
+        assert a.grad.dtype == torch.float32
+        assert_matches(a.grad, e.grad, rl.grad, torch.bfloat16, f"grad of input {i} under autocast")
+
+
 def test_rejects_bad_inputs(device, monkeypatch):
     x = torch.randn(4, 32, device=device)
     w, nw = torch.randn(16, 32, device=device), torch.ones(16, device=device)

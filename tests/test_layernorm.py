@@ -50,7 +50,7 @@ def _bwd_id(i):
 @pytest.mark.parametrize("cfg", range(len(configs.LAYERNORM_BWD_CONFIGS)), ids=_bwd_id)
 def test_every_layernorm_bwd_config(cfg, D, device, monkeypatch):
     # each config the tuner may time, in the dtypes of a training step under bf16 autocast (dy in bf16 from the next
-    # GEMM's input gradient, the fp32 stream and its gradient); M = 400 rows: more than the interpreter's persistent
+    # GEMM's input gradient, the fp32 stream and its gradient, and that gradient again in bf16); M = 400 rows: more than the interpreter's persistent
     # programs take in one step each, not a multiple of any row block; D = 100 masks part of a row, 384 is CIFAR-10's
     config = configs.LAYERNORM_BWD_CONFIGS[cfg]
     force_config(monkeypatch, ln_ops._bwd, config)
@@ -60,8 +60,10 @@ def test_every_layernorm_bwd_config(cfg, D, device, monkeypatch):
     dy = torch.randn(M, D, device=device).to(torch.bfloat16)
     dres = torch.randn(M, D, device=device)
     _, mean, rstd = layernorm_fwd(x, w, torch.zeros_like(w), 1e-6, torch.bfloat16)
-    dx, (dw, db) = layernorm_bwd(dy, x, mean, rstd, w, dres=dres)
+    dx_low = torch.full((M, D), float("nan"), device=device, dtype=torch.bfloat16)  # the next GEMMs' operand
+    dx, (dw, db) = layernorm_bwd(dy, x, mean, rstd, w, dres=dres, dx_low=dx_low)
     assert ln_ops._bwd.best_config is config
+    assert torch.equal(dx_low, dx.to(torch.bfloat16))  # the bits a cast of dx gives (eager autocast's rounding)
     leaves = [t.double().requires_grad_() for t in (x, w)]
     F.layer_norm(leaves[0], (D,), leaves[1], None, 1e-6).backward(dy.double())
     lowp = [t.detach().requires_grad_() for t in (x, w)]
@@ -155,3 +157,13 @@ def test_add_layernorm_takes_rows_of_any_layout_and_refuses_unequal_shapes(devic
     )
     with pytest.raises(ValueError, match="differ"):
         add_layernorm_fwd(x, residual[:, :2], w, b, 1e-6, torch.float32)
+
+
+def test_layernorm_bwd_refuses_a_dx_low_it_cannot_fill(device):
+    x = torch.randn(6, 48, device=device)
+    w, dy = torch.ones(48, device=device), torch.randn(6, 48, device=device)
+    _, mean, rstd = layernorm_fwd(x, w, torch.zeros_like(w), 1e-6, torch.float32)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    for bad in (torch.empty(6, 40, **bf16), torch.empty(48, 6, **bf16).t()):  # another shape; not contiguous
+        with pytest.raises(ValueError, match="dx_low must be a contiguous"):
+            layernorm_bwd(dy, x, mean, rstd, w, dx_low=bad)

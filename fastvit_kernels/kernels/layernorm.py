@@ -54,7 +54,9 @@ def layernorm_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=mask_r)
 
 
-@triton.heuristics({"HAS_DRES": lambda args: args["DRES"] is not None})
+@triton.heuristics(
+    {"HAS_DRES": lambda args: args["DRES"] is not None, "HAS_DX_LOW": lambda args: args["DX_LOW"] is not None}
+)
 @triton.jit
 def layernorm_bwd_kernel(
     DY,  # [M, D] gradient of LayerNorm's output
@@ -64,6 +66,7 @@ def layernorm_bwd_kernel(
     W,  # [D] LayerNorm weight
     DRES,  # [M, D] residual gradient added to dx in the same pass, or None
     DX,  # [M, D] input gradient, in X's dtype
+    DX_LOW,  # [M, D] dx again in the compute dtype, rows stride_dxm apart (the next GEMMs read it), or None
     PART,  # [programs, 2, D] fp32, contiguous: per program the weight gradient's partial sums, then the bias's
     M,
     D,
@@ -75,6 +78,7 @@ def layernorm_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_DRES: tl.constexpr,
+    HAS_DX_LOW: tl.constexpr,
     LOAD_STAGES: tl.constexpr = 1,  # > 1: the next row blocks' loads in flight (cp.async into shared memory)
 ):
     # Per-program partial sums of the weight and bias gradients, so no separate reduction kernel reads the
@@ -107,6 +111,8 @@ def layernorm_bwd_kernel(
         if HAS_DRES:
             dx += tl.load(DRES + rows64 * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64 * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DX_LOW:  # rounded from the fp32 value, as a cast of the stored fp32 DX rounds it: the same bits
+            tl.store(DX_LOW + rows64 * stride_dxm + cols[None, :], dx.to(DX_LOW.dtype.element_ty), mask=mask)
         dw_acc += tl.sum(dy * xhat, 0)
         db_acc += tl.sum(dy, 0)
     part = PART + pid * 2 * D + cols

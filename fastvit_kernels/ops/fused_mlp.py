@@ -38,8 +38,8 @@ from .fused_linear import (
     norm_or_empty,
     residual_dtype,
     residual_then_norm,
-    stream_grad,
     stream_grad_out,
+    stream_grads,
     stream_norm_fake,
 )
 from .gemm import linear, linear_weight_grad
@@ -92,8 +92,8 @@ def _mlp_bwd(
     has_b1: bool,
     has_b2: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dstream, dnorm = stream_grad(dout, dnormed, out, mean, rstd, norm_w)  # [..., D], [2, D]
-    dy = cast(dstream, w2.dtype)  # the GEMMs run in the compute dtype, as eager autocast's backward does
+    # [..., D] twice (the GEMMs run in the compute dtype, as eager autocast's backward does), [2, D]
+    dstream, dy, dnorm = stream_grads(dout, dnormed, out, mean, rstd, norm_w, w2.dtype)
     dw2, db2 = linear_weight_grad(dy, act, need_bias=has_b2, out_dtype=w2.dtype)
     # d(pre-activation) = (dy @ W2) * GELU'(pre): GELU's derivative in the GEMM epilogue
     dpre = linear(dy, w2.t(), epilogue="gelu_grad", pre=pre)  # [..., hidden]

@@ -55,11 +55,15 @@ def _layernorm_fwd(x, residual, weight, bias, eps, out_dtype):
     return s, y, mean, rstd
 
 
-def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
+def layernorm_bwd(dy, x, mean, rstd, weight, dres=None, dx_low=None):
     """(dx, dnorm) of LayerNorm, dx += dres in the same pass; dnorm [2, D] fp32 holds the weight's gradient (row 0)
-    and the bias's (row 1): one tensor, so that one sum adds up both. dy, x, dres and dx are [..., D] alike."""
+    and the bias's (row 1): one tensor, so that one sum adds up both. dy, x, dres and dx are [..., D] alike. dx_low,
+    a contiguous tensor of x's shape in another dtype (the compute dtype of the GEMMs that read the gradient next),
+    is filled with dx in its dtype by the same pass, instead of a cast that reads dx again."""
     D = x.shape[-1]
     M = x.numel() // D
+    if dx_low is not None and (dx_low.shape != x.shape or not dx_low.is_contiguous()):
+        raise ValueError(f"dx_low must be a contiguous {tuple(x.shape)} tensor, got {tuple(dx_low.shape)}")
     if M == 0:
         return torch.empty_like(x), torch.zeros((2, D), device=x.device, dtype=torch.float32)
     dy, dy_rows = as_unit_rows(dy)
@@ -72,7 +76,7 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None):
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, rows D apart
     # [programs, 2, D]: the weight's and the bias's partial sums side by side, so one torch sum adds up both
     parts = torch.empty((programs, 2, D), device=x.device, dtype=torch.float32)
-    args = (dy, x, mean, rstd, weight, dres, dx, parts, M, D, rows_per_program, dy_rows, x_rows, dres_rows, D)
-    key = (M, D, dy.dtype, x.dtype, dres is not None and dres.dtype, x.device)
+    args = (dy, x, mean, rstd, weight, dres, dx, dx_low, parts, M, D, rows_per_program, dy_rows, x_rows, dres_rows, D)
+    key = (M, D, dy.dtype, x.dtype, dres is not None and dres.dtype, dx_low is not None and dx_low.dtype, x.device)
     _bwd.launch(key, lambda cfg: (programs,), *args, BLOCK_D=next_pow2(D))
     return dx, parts.sum(0)
