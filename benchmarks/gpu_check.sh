@@ -88,9 +88,13 @@ fi
 echo "=== attention, every tile forced in bf16 and fp32: if one fails, the benchmarks run the tiles measured before"
 # an illegal address kills the CUDA context of the process it happens in, and with it every later row of a stage
 # (seen on an H100, 2026-11-27): the whole-sequence and tail tiles stay out unless all pass here
+# the gate reads the tile tests' failures alone: the large-logits test's fp32 gradient fails a few seeds in 40
+# whatever the tile (NOTES, session 13), and must not take the tiles out of the benchmarks
 run_tests 40 tests/test_attention.py; status=$?
-if stage_failed "$status"; then
-  echo "!!! attention tests failed: benchmarks run with FASTVIT_ATTN_WHOLE=0 FASTVIT_ATTN_TAIL=0"
+tiles_failed=$(failed_tests | grep -E "every_|whole|tail")
+crashed=$([ "$status" -ne 0 ] && [ "$status" -ne 124 ] && [ -z "$(failed_tests)" ] && echo yes)
+if [ -n "$tiles_failed" ] || [ -n "$crashed" ]; then
+  echo "!!! attention tile tests failed: benchmarks run with FASTVIT_ATTN_WHOLE=0 FASTVIT_ATTN_TAIL=0"
   export FASTVIT_ATTN_WHOLE=0 FASTVIT_ATTN_TAIL=0
 fi
 

@@ -1,7 +1,7 @@
 """Triton's CPU interpreter, made to compute what the GPU computes: applied at import, only when interpreting.
 
 Every kernel test of this project runs under the interpreter on machines without a GPU, so its arithmetic must be
-the GPU's. Three defects, all seen with triton 3.6 and 3.8 (tests/test_interpreter.py checks each fix against torch):
+the GPU's. Four defects, all seen with triton 3.6 and 3.8 (tests/test_interpreter.py checks each fix against torch):
 
 - tl.dot with bf16 operands: the interpreter keeps bf16 as uint16 bit patterns and create_dot multiplied those
   integers (a 16x16 bf16 dot came out near 1e10). bf16 operands are widened to fp32 first: bf16 products are exact
@@ -10,6 +10,12 @@ the GPU's. Three defects, all seen with triton 3.6 and 3.8 (tests/test_interpret
   nearest even (cvt.rn.bf16.f32). Truncation doubled our bf16 errors and biased them, which made the error rule's
   comparison against torch's bf16 a coin toss on small tests. They round to nearest even, as torch does.
 - integer (and bool) -> bf16 casts kept the integer's bits: True became 9.2e-41, not 1. They go through fp32.
+- tl.dot summed its fp32 products in the order numpy's BLAS picks for the tile's shape, so one score q.k came out
+  differently in a forward tile of 64 keys and a backward tile of 32 (a few ulps at logits in the thousands). The
+  GPU sums a dot's K in a fixed order whatever the tile; kernels that recompute a value in another tile (the
+  attention backward's softmax) rely on it, and a saturated softmax turns those ulps into a gradient error many
+  times eager's (tests: large logits). Dots with an fp32 accumulator sum in fp64 and round once: the same value for
+  every tile shape.
 """
 
 import os
@@ -63,7 +69,12 @@ def _patch() -> None:
         return interpreter.TensorHandle(data, tl.float32)
 
     def create_dot(self, a, b, d, *args, **kwargs):
-        return original_dot(self, widen(a), widen(b), d, *args, **kwargs)
+        a, b = widen(a), widen(b)
+        float_operands = a.dtype.scalar in (tl.float32, tl.float16) and b.dtype.scalar in (tl.float32, tl.float16)
+        if d.dtype.scalar != tl.float32 or not float_operands:
+            return original_dot(self, a, b, d, *args, **kwargs)
+        dot = np.matmul(np.asarray(a.data, np.float64), np.asarray(b.data, np.float64)).astype(np.float32)
+        return interpreter.TensorHandle(dot + d.data, d.dtype.scalar)
 
     def cast_impl(self, src, dst_type):
         if dst_type.scalar != tl.bfloat16 or not (src.dtype.scalar == tl.float32 or src.dtype.scalar.is_int()):

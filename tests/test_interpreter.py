@@ -1,4 +1,4 @@
-"""The CPU interpreter computes bf16 as the GPU does (fastvit_kernels/_interpreter.py patches three defects).
+"""The CPU interpreter computes as the GPU does (fastvit_kernels/_interpreter.py patches four defects).
 
 Every bf16 kernel test here runs under the interpreter, so these are what make those tests mean the GPU's numbers.
 """
@@ -60,6 +60,21 @@ def test_bf16_dot_accumulates_exact_products_in_fp32():
     c = torch.empty(16, 16)
     _dot_kernel[(1,)](a, b, c, M=16, N=16, K=32)
     torch.testing.assert_close(c, a.float() @ b.float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_a_dot_gives_the_same_value_in_tiles_of_any_shape(dtype):
+    # the attention backward recomputes the forward's scores in tiles of another shape: the GPU's fixed summation
+    # order gives them the same bits, which numpy's BLAS (its order depends on the shape) did not
+    a = (torch.randn(64, 64) * 30).to(dtype)
+    b = (torch.randn(64, 64) * 30).to(dtype)
+    wide, narrow, row = torch.empty(64, 64), torch.empty(64, 32), torch.empty(16, 16)
+    _dot_kernel[(1,)](a, b, wide, M=64, N=64, K=64)
+    _dot_kernel[(1,)](a, b[:, :32].contiguous(), narrow, M=64, N=32, K=64)
+    _dot_kernel[(1,)](a[:16].contiguous(), b[:, :16].contiguous(), row, M=16, N=16, K=64)
+    assert torch.equal(wide[:, :32], narrow) and torch.equal(wide[:16, :16], row)
+    exact = (a.double() @ b.double()).float()  # fp64 is exact for these sums: the correctly rounded fp32 value
+    assert torch.equal(wide, exact)
 
 
 @triton.jit
