@@ -78,7 +78,7 @@ LN_BWD_CONSTS = dict(BLOCK_M=8, BLOCK_D=128, num_warps=4)
 
 def ln_bwd_args() -> tuple:
     t = [torch.randn(40, 96), torch.randn(40, 96), torch.randn(40), torch.randn(40), torch.randn(96)]
-    return (*t, None, torch.empty(40, 96), torch.empty(3, 2, 96), 40, 96, 16, 96, 96, 0, 96)
+    return (*t, None, torch.empty(40, 96), None, torch.empty(3, 2, 96), 40, 96, 16, 96, 96, 0, 96)  # no DRES, no DX_LOW
 
 
 def tensors(args) -> list:

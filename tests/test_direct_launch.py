@@ -58,7 +58,7 @@ def test_launches_go_through_triton_where_hooks_or_stand_ins_are(offline, monkey
         rec, fn, source = record_launch(kernel, ln_bwd_args())
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
-    assert not rec.direct and "[(3,)](a0, a1, a2, a3, a4, None, a6, a7, 40, 96" in source
+    assert not rec.direct and "[(3,)](a0, a1, a2, a3, a4, None, a6, None, a8, 40, 96" in source
     fn(*tensors(ln_bwd_args()))
     assert len(compiled.calls) == 2 and compiled.calls[1][7] is knobs.runtime.launch_enter_hook  # through run()
     launched = []
