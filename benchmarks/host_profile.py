@@ -88,8 +88,9 @@ def operation_table(step) -> str:
         for _ in range(REPS):
             step()
         torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:TOP]
-    total = sum(e.self_cpu_time_total for e in prof.key_averages()) / REPS / 1e3
+    ops = prof.key_averages()
+    rows = sorted(ops, key=lambda e: -e.self_cpu_time_total)[:TOP]
+    total = sum(e.self_cpu_time_total for e in ops) / REPS / 1e3
     lines = [f"self CPU time under the profiler: {total:.2f} ms a step (the profiler adds its own)", ""]
     lines += ["| operation | self ms/step | calls/step |", "|---|---:|---:|"]
     for e in rows:

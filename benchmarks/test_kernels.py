@@ -218,7 +218,7 @@ def test_cast(benchmark, bench_opts, device, row):
     elif row == "foreach":
 
         def step():
-            torch._foreach_copy_(dsts, srcs)
+            cast.copy_cast_ref(dsts, srcs)
 
     else:
 

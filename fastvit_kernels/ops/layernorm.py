@@ -63,7 +63,8 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None, dx_low=None):
     D = x.shape[-1]
     M = x.numel() // D
     if dx_low is not None and (dx_low.shape != x.shape or not dx_low.is_contiguous()):
-        raise ValueError(f"dx_low must be a contiguous {tuple(x.shape)} tensor, got {tuple(dx_low.shape)}")
+        layout = "" if dx_low.is_contiguous() else ", not contiguous"
+        raise ValueError(f"dx_low must be a contiguous {tuple(x.shape)} tensor, got {tuple(dx_low.shape)}{layout}")
     if M == 0:
         return torch.empty_like(x), torch.zeros((2, D), device=x.device, dtype=torch.float32)
     dy, dy_rows = as_unit_rows(dy)
