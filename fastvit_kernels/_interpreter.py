@@ -1,7 +1,7 @@
 """Triton's CPU interpreter, made to compute what the GPU computes: applied at import, only when interpreting.
 
 Every kernel test of this project runs under the interpreter on machines without a GPU, so its arithmetic must be
-the GPU's. Four defects, all seen with triton 3.6 and 3.8 (tests/test_interpreter.py checks each fix against torch):
+the GPU's. Five defects, all seen with triton 3.6 and 3.8 (tests/test_interpreter.py checks each fix against torch):
 
 - tl.dot with bf16 operands: the interpreter keeps bf16 as uint16 bit patterns and create_dot multiplied those
   integers (a 16x16 bf16 dot came out near 1e10). bf16 operands are widened to fp32 first: bf16 products are exact
@@ -16,6 +16,11 @@ the GPU's. Four defects, all seen with triton 3.6 and 3.8 (tests/test_interprete
   attention backward's softmax) rely on it, and a saturated softmax turns those ulps into a gradient error many
   times eager's (tests: large logits). Dots with an fp32 accumulator sum in fp64 and round once: the same value for
   every tile shape.
+- tl.fma rounded the product before adding (x * y + z in fp32), where the GPU's fma.rn rounds once. The attention
+  kernels compute the softmax's exponent as fma(qk, c, -m c): fused, the row max's exponent is the small rounding
+  error of m c and every other one is exact to its own size; unfused, each one carries the rounding of qk c at the
+  logits' magnitude (1e-4 at logits of ~2000 in log2 units), which made large-logit gradients 4x eager's. fp32 fma
+  computes in fp64 (the product exact) and rounds once.
 """
 
 import os
@@ -60,7 +65,7 @@ def _patch() -> None:
     builder = interpreter.InterpreterBuilder
     if getattr(builder.create_dot, "_fastvit", False):
         return
-    original_dot, original_cast = builder.create_dot, builder.cast_impl
+    original_dot, original_cast, original_fma = builder.create_dot, builder.cast_impl, builder.create_fma
 
     def widen(h):
         if h.dtype != tl.bfloat16:
@@ -81,9 +86,16 @@ def _patch() -> None:
             return original_cast(self, src, dst_type)
         return _round_to_bf16(interpreter, np.asarray(src.data, dtype=np.float32))
 
+    def create_fma(self, x, y, z):
+        if z.dtype.scalar != tl.float32:
+            return original_fma(self, x, y, z)
+        wide = [np.asarray(h.data, np.float64) for h in (x, y, z)]
+        return interpreter.TensorHandle((wide[0] * wide[1] + wide[2]).astype(np.float32), z.dtype.scalar)
+
     create_dot._fastvit = True
     builder.create_dot = create_dot
     builder.cast_impl = cast_impl
+    builder.create_fma = create_fma
 
 
 if interpreting():

@@ -47,9 +47,26 @@ def test_attention_custom_scale_and_sdpa_reference(device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_attention_large_logits_are_stable(dtype, device):
-    # logits in the thousands: a naive exp overflows; the online softmax must stay finite and right
-    qkv = (torch.randn(1, 40, 3 * 64, device=device) * 30).requires_grad_()
-    check_op(lambda t: attention(t, 1), lambda t: attention_ref(t, 1), [qkv], dtype)
+    # logits in the thousands: a naive exp overflows; the online softmax must stay finite and right. Four (batch,
+    # head) pairs: with one, a single row's score rounding decided the error's norm, ours or eager's by luck
+    qkv = (torch.randn(2, 40, 3 * 2 * 64, device=device) * 30).requires_grad_()
+    check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], dtype)
+
+
+@pytest.mark.parametrize("N", [40, 65])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_saturated_rows_have_zero_score_gradient(N, dtype, device):
+    # k = q: each query's score with its own key is ~50,000 above the others, so every softmax row is one-hot in any
+    # precision and the gradient of q and k is exactly zero (eager's is). The backward's dS = P (dP - delta) is
+    # exactly zero only where P is exactly one-hot: the max's exponent exactly 0 and the row sum exactly 1
+    q = torch.randn(2, N, 2 * 64, device=device) * 30
+    qkv = torch.cat([q, q, torch.randn_like(q)], -1).to(dtype).requires_grad_()
+    go = torch.randn(2, N, 2 * 64, device=device, dtype=dtype)
+    for fn in (attention_ref, attention):
+        (grad,) = torch.autograd.grad(fn(qkv, 2), qkv, go)
+        dqk, dv = grad.split([4 * 64, 2 * 64], -1)
+        assert torch.equal(dqk, torch.zeros_like(dqk)), f"{fn.__name__}: dq, dk up to {dqk.abs().max():.3e}"
+        torch.testing.assert_close(dv, go)  # P^T dO with P the identity
 
 
 def test_attention_under_autocast_matches_eager_autocast(device):

@@ -1,4 +1,4 @@
-"""The CPU interpreter computes as the GPU does (fastvit_kernels/_interpreter.py patches four defects).
+"""The CPU interpreter computes as the GPU does (fastvit_kernels/_interpreter.py patches five defects).
 
 Every bf16 kernel test here runs under the interpreter, so these are what make those tests mean the GPU's numbers.
 """
@@ -100,3 +100,20 @@ def test_bool_to_bf16_is_one_and_zero():
     y = torch.empty(16, dtype=torch.bfloat16)
     _bool_cast_kernel[(1,)](y, BLOCK=16)
     assert torch.equal(y, (torch.arange(16) % 3 == 0).to(torch.bfloat16))
+
+
+@triton.jit
+def _fma_kernel(X, Y, Z, OUT, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(OUT + offs, tl.fma(tl.load(X + offs), tl.load(Y + offs), tl.load(Z + offs)))
+
+
+def test_fma_rounds_once():
+    # x y - round(x y) is the product's rounding error, nonzero in general: fused it survives, unfused it is 0
+    x, y = torch.randn(256) * 1000, torch.randn(256)
+    z = -(x * y)
+    out = torch.empty(256)
+    _fma_kernel[(1,)](x, y, z, out, BLOCK=256)
+    exact = (x.double() * y.double() + z.double()).float()  # the product is exact in fp64: one rounding
+    assert torch.equal(out, exact)
+    assert (out != 0).sum() > 200

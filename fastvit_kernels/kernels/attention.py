@@ -45,12 +45,13 @@ def _attend_rows(
     q = tl.load(
         q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0
     )
-    # Online softmax with exp2, the fast instruction, on the raw scores qk = q.k: P = exp2(fma(qk, c, -m c)) with
-    # c = qk_scale_log2 and m the row max, one FFMA a score (subtracting first, then scaling, took an FADD and an
-    # FMUL: 31 of a 64 x 64 step's 304 SASS instructions a warp, sm_90, triton 3.6). The rounding of m c scales a
-    # row's P by one factor, 2^r with |r| <= |m c| 2^-24 (~1e-4 with logits in the thousands), which l carries too;
-    # the backward rebuilds P with the same FFMA before it subtracts log2(l), so that its P still sums to 1 in a
-    # saturated row, where the gradient is a difference of nearly equal terms (tests: large logits).
+    # Online softmax with exp2, the fast instruction, on the raw scores qk = q.k: P = exp2((qk - m) c) with
+    # c = qk_scale_log2 and m the row max. Subtracting before scaling costs an FADD and an FMUL a score where
+    # fma(qk, c, -m c) is one FFMA, but it is exact where it matters: qk - m is exact for scores near the max
+    # (Sterbenz), so the max's exponent is exactly 0 and a saturated row's P is exactly one-hot with l exactly 1, as
+    # eager's softmax computes it. The FFMA left the max's exponent at the rounding of m c (~1e-4 with logits in the
+    # thousands), log2(l) then missed it by an ulp, and the backward's dS = P (dP - delta) = dP (1 - P), ~1e-7 dP
+    # where the true gradient is ~0, was up to 1e12 times eager's error in fp32 (tests: large logits).
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # accumulate in fp32 whatever the input dtype
@@ -104,9 +105,8 @@ def _online_step(
     if MASK_COLS:
         qk = tl.where(cols[None, :] < N, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every block holds at least one real column
-    m_scaled = m_new * qk_scale_log2
-    p = tl.exp2(tl.fma(qk, qk_scale_log2, -m_scaled[:, None]))
-    alpha = tl.exp2((m_i - m_new) * qk_scale_log2)  # exactly 1 while the max stays: no drift from m c's rounding
+    p = tl.exp2((qk - m_new[:, None]) * qk_scale_log2)
+    alpha = tl.exp2((m_i - m_new) * qk_scale_log2)  # exactly 1 while the max stays
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
@@ -172,9 +172,8 @@ def _tail_rows(q_t, k, v, k_t, v_t, mask_n, mask_t, qk_scale_log2, DOT_PRECISION
     st_t = tl.dot(k_t, tl.trans(q_t), input_precision=DOT_PRECISION)  # [TAIL keys, TAIL rows]
     st_t = tl.where(mask_t[:, None], st_t, float("-inf"))
     m_i = tl.maximum(tl.max(st, 0), tl.max(st_t, 0))
-    m_scaled = m_i * qk_scale_log2
-    p = tl.exp2(tl.fma(st, qk_scale_log2, -m_scaled[None, :]))
-    p_t = tl.exp2(tl.fma(st_t, qk_scale_log2, -m_scaled[None, :]))
+    p = tl.exp2((st - m_i[None, :]) * qk_scale_log2)
+    p_t = tl.exp2((st_t - m_i[None, :]) * qk_scale_log2)
     l_i = tl.sum(p, 0) + tl.sum(p_t, 0)
     acc = tl.dot(tl.trans(v), p.to(v.dtype), input_precision=DOT_PRECISION)  # [BLOCK_D, TAIL rows]
     acc = tl.dot(tl.trans(v_t), p_t.to(v_t.dtype), acc, input_precision=DOT_PRECISION)
@@ -203,12 +202,11 @@ def _softmax_pv(q, k, v, k_t, v_t, mask_n, mask_t, qk_scale_log2, DOT_PRECISION:
         qk_t = tl.dot(q, tl.trans(k_t), input_precision=DOT_PRECISION)
         qk_t = tl.where(mask_t[None, :], qk_t, float("-inf"))
         m_i = tl.maximum(m_i, tl.max(qk_t, 1))
-    m_scaled = m_i * qk_scale_log2
-    p = tl.exp2(tl.fma(qk, qk_scale_log2, -m_scaled[:, None]))
+    p = tl.exp2((qk - m_i[:, None]) * qk_scale_log2)
     l_i = tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     if WITH_TAIL:
-        p_t = tl.exp2(tl.fma(qk_t, qk_scale_log2, -m_scaled[:, None]))
+        p_t = tl.exp2((qk_t - m_i[:, None]) * qk_scale_log2)
         l_i += tl.sum(p_t, 1)
         acc = tl.dot(p_t.to(v_t.dtype), v_t, acc, input_precision=DOT_PRECISION)
     return acc, m_i, l_i
@@ -236,7 +234,7 @@ def _store_rows(
     acc = acc / l_i[:, None]
     o_ptrs = OUT + b.to(tl.int64) * stride_ob + offs_m[:, None] * stride_on + h * HEAD_DIM + offs_d[None, :]
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    # the row max of the raw scores and log2 of the row sum: the backward's P = exp2(fma(qk, c, -m c) - log2(l))
+    # the row max of the raw scores and log2 of the row sum: the backward's P = exp2((qk - m) c - log2(l))
     tl.store(LSE + pid_bh * 2 * N + offs_m, m_i, mask=mask_m)
     tl.store(LSE + pid_bh * 2 * N + N + offs_m, tl.log2(l_i), mask=mask_m)
 

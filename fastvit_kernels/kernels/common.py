@@ -61,7 +61,7 @@ def attention_probs(q, k, m, log_l, mask_m, mask_n, qk_scale_log2, DOT_PRECISION
     # One helper for every recomputation, so the backward's kernels evaluate the very same expression. Padded rows and
     # columns contribute exactly zero (exp2(0 - 0) would be 1).
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    p = tl.exp2(tl.fma(qk, qk_scale_log2, -(m * qk_scale_log2)[:, None]) - log_l[:, None])
+    p = tl.exp2(tl.fma(qk - m[:, None], qk_scale_log2, -log_l[:, None]))  # one rounding after the exact qk - m
     return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
 
 
