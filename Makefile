@@ -9,13 +9,18 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
+
+# again whenever pyproject.toml's dependencies change (an older .venv gets pytest-xdist, which `make test` uses)
+$(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
+	touch $@
 
-venv: $(BIN)/python
+venv: $(VENV)/.installed
 
+# one pytest worker a core (pytest-xdist): 2 on the CI box
 test: venv
 	$(BIN)/ruff check fastvit_kernels tests benchmarks
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n auto tests
 
 bench: venv
 	$(BIN)/pytest benchmarks/ --benchmark-only -q

@@ -18,6 +18,9 @@ import pytest  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Fresh inputs every run; FASTVIT_TEST_SEED=<n> replays a run (the header prints the one in use).
 BASE_SEED = int(os.environ.get("FASTVIT_TEST_SEED", random.SystemRandom().randrange(2**31)))
+# pytest-xdist's workers start after this import, from this environment: they draw the controller's seed, so the
+# one printed replays the whole run
+os.environ["FASTVIT_TEST_SEED"] = str(BASE_SEED)
 
 
 def pytest_report_header(config):

@@ -48,7 +48,9 @@ def test_the_seed_is_shown_even_under_q():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU prints")
 def test_bench_without_a_gpu_says_what_ran_and_why_the_rest_did_not(tmp_path):
-    env = dict(os.environ, FASTVIT_BENCH_OUT=str(tmp_path))
+    # not as an xdist worker: pytest-benchmark reads PYTEST_XDIST_WORKER and then refuses --benchmark-only
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["FASTVIT_BENCH_OUT"] = str(tmp_path)
     proc = subprocess.run(
         [
             sys.executable,
