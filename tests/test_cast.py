@@ -77,7 +77,7 @@ def test_copy_cast_without_our_kernel_is_torchs_foreach_copy(device, monkeypatch
     if why == "FASTVIT_CAST_KERNEL=0":
         monkeypatch.setenv("FASTVIT_CAST_KERNEL", "0")
     else:
-        monkeypatch.setattr(cast, "interpreting", lambda: False)
+        monkeypatch.setattr(cast._common, "interpreting", lambda: False)
         device = "cpu"
     monkeypatch.setattr(cast, "launch_kernel", lambda *a: pytest.fail(f"launched our kernel with {why}"))
     srcs = [torch.randn(n, device=device) for n in (5, 300)]

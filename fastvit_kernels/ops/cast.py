@@ -14,7 +14,8 @@ import torch
 from ..configs import CAST_BLOCK, CAST_WARPS, cast_kernel_on
 from ..kernels.cast import CAST_PAIRS, cast_pairs_kernel
 from ..tuning import launch_kernel
-from ._common import cdiv, interpreting
+from . import _common  # _common.interpreting read per call: the host benchmark stands CPU tensors in for a GPU's
+from ._common import cdiv
 
 CAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -47,12 +48,12 @@ def copy_cast_unchecked(dsts, srcs) -> None:
     copy_cast accepts by construction (recording._batch: contiguous casts to a new tensor of the same shape, grouped
     by dtypes and device)."""
     device, src_dtype, dst_dtype = srcs[0].device, srcs[0].dtype, dsts[0].dtype
-    ours = (device.type == "cuda" or interpreting()) and src_dtype in CAST_DTYPES and dst_dtype in CAST_DTYPES
+    ours = (device.type == "cuda" or _common.interpreting()) and src_dtype in CAST_DTYPES and dst_dtype in CAST_DTYPES
     if not ours or not cast_kernel_on():
         torch._foreach_copy_(dsts, srcs)
         return
     pairs = [(s, d) for d, s in zip(dsts, srcs) if s.numel() > 0]
-    opts = {} if interpreting() else {"num_warps": CAST_WARPS}
+    opts = {} if _common.interpreting() else {"num_warps": CAST_WARPS}
     for first in range(0, len(pairs), CAST_PAIRS):
         group = pairs[first : first + CAST_PAIRS]
         args = [a for s, d in group for a in (s, d, s.numel())]
