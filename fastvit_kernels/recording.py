@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from . import direct_launch, tuning
-from .ops.cast import copy_cast_unchecked
+from .ops.cast import KeptCasts, copy_cast_unchecked
 
 _aten = torch.ops.aten
 # The allocations (~160 of a CIFAR-10 inference step's ~170 operations) and the views and sums of a backward through
@@ -79,11 +79,11 @@ class Line:
 
 class Cast:
     """A cast line's parts: the name of its input (read: a name of the function's, not one of its globals such as a
-    parameter), the allocation of its output (a line's text, empty_like of a template) and its size in bytes, and
+    parameter), the allocation of its output (a line's text, empty_like of `template`) and its size in bytes, and
     the (source dtype, destination dtype, device) that one copy of a batch shares."""
 
-    def __init__(self, src: str, read: bool, alloc: str, nbytes: int, key: tuple):
-        self.src, self.read, self.alloc, self.nbytes, self.key = src, read, alloc, nbytes, key
+    def __init__(self, src: str, read: bool, alloc: str, template: torch.Tensor, nbytes: int, key: tuple):
+        self.src, self.read, self.alloc, self.template, self.nbytes, self.key = src, read, alloc, template, nbytes, key
 
 
 def _pure(func) -> bool:
@@ -173,7 +173,7 @@ class Recorder(TorchDispatchMode):
             return None
         alloc = f"{self._const(torch.empty_like)}({self._const(template)})"
         key = (src.dtype, out.dtype, out.device)
-        return Cast(name, name not in self.consts, alloc, out.numel() * out.element_size(), key)
+        return Cast(name, name not in self.consts, alloc, template, out.numel() * out.element_size(), key)
 
     def launch(self, kernel, grid, args, consts):
         """tuning's launch hook: the launch (through direct_launch, which says how a replay may repeat it), then its
@@ -319,7 +319,7 @@ class Recorder(TorchDispatchMode):
             if not line.pure or needed.intersection(line.makes):
                 kept.append(line)
                 needed.update(line.reads)
-        lines = _batch_casts(kept[::-1], set(returned), self._const(copy_cast_unchecked))
+        lines = _batch_casts(kept[::-1], set(returned), self._const)
         last = {}
         for i, line in enumerate(lines):
             for n in (*line.makes, *line.reads):
@@ -341,7 +341,7 @@ class Recorder(TorchDispatchMode):
         return scope["replay"], source
 
 
-def _batch_casts(lines: list, returned: set, copy: str) -> list:
+def _batch_casts(lines: list, returned: set, const) -> list:
     """lines with their casts in batches, one ops.cast.copy_cast_unchecked each (a launch for CAST_PAIRS casts on a
     GPU, where each cast is a launch of its own: ~100 casts of weights in an autocast forward, ~100 of their gradients
     in the backward; torch._foreach_copy_ launches one a tensor when the dtypes differ). Two kinds move, the values
@@ -353,6 +353,8 @@ def _batch_casts(lines: list, returned: set, copy: str) -> list:
     - casts whose output only the function's return reads, and whose input no later line reads, run together where
       the last of a batch ran (the gradients' casts to the weights' dtype).
     A batch holds at most CAST_BATCH_BYTES of outputs: what it makes early (or keeps late) lives that much longer.
+    An early batch of the model's tensors alone casts into outputs the replay keeps from call to call (KeptCasts: no
+    allocation a cast); `const` names an object for the code (Recorder._const).
     """
     made = {n for line in lines for n in line.makes}
     readers = {}
@@ -375,12 +377,15 @@ def _batch_casts(lines: list, returned: set, copy: str) -> list:
     if not at:
         return lines
     moved = {i for ids in at.values() for i in ids}
+    kept = {ids[0] for ids in early if len(ids) > 1 and not any(lines[j].cast.read for j in ids)}
     out = []
     for i, line in enumerate(lines):
         if i not in moved:
             out.append(line)
-        if i in at:  # an early batch's first line or a late batch's last: the batch instead
-            out += _batch(lines, at[i], copy)
+        if i in kept:  # an early batch of the model's tensors: cast into the outputs of the call before
+            out.append(_kept_batch(lines, at[i], const))
+        elif i in at:  # an early batch's first line or a late batch's last: the batch instead
+            out += _batch(lines, at[i], const(copy_cast_unchecked))
     return out
 
 
@@ -408,6 +413,14 @@ def _batch(lines: list, ids: list, copy: str) -> list:
         reads = dsts + [c.src for _, c in pairs if c.read]
         out.append(Line(f"{copy}(({', '.join(dsts)},), ({', '.join(srcs)},))", reads))
     return out
+
+
+def _kept_batch(lines: list, ids: list, const) -> Line:
+    """The line that does the casts of lines[ids], all of the model's tensors, into outputs kept between calls."""
+    casts = [lines[i].cast for i in ids]
+    dsts = [lines[i].makes[0] for i in ids]
+    kept = const(KeptCasts([c.template for c in casts], [c.key for c in casts]))
+    return Line(f"{', '.join(dsts)}, = {kept}({', '.join(c.src for c in casts)})", [], dsts)
 
 
 class recording:

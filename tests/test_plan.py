@@ -12,7 +12,7 @@ from launches import record_launches
 from plans import SMALL, calls, lines_calling, only_plan, plan_for, small_model, unplanned
 
 from fastvit_kernels import plan, tuning
-from fastvit_kernels.ops.cast import copy_cast_unchecked
+from fastvit_kernels.ops.cast import KeptCasts, copy_cast_unchecked
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
@@ -61,8 +61,9 @@ def test_replay_under_autocast_matches_the_forward(device, monkeypatch):
     for replayed, forward in outs:
         assert replayed.dtype == forward.dtype == torch.bfloat16
         assert torch.equal(replayed, forward)
-    # autocast's casts of the model's weights run as one batch; at most one cast is left in place, of an activation
-    assert lines_calling(p, copy_cast_unchecked) == 1
+    # autocast's casts of the model's weights run as one batch, into copies the plan keeps; at most one cast is left
+    # in place, of an activation
+    assert lines_calling(p, KeptCasts) == 1 and lines_calling(p, copy_cast_unchecked) == 0
     assert lines_calling(p, torch.ops.aten._to_copy.default._op) <= 1
 
 
@@ -155,6 +156,25 @@ def test_weights_changed_in_place_are_read_by_the_replay(device, monkeypatch):
     only_plan(model)  # still the same plan: nothing it depends on changed
     assert not torch.equal(after, before[-1])
     assert torch.equal(after, unplanned(model, x, monkeypatch))
+
+
+def test_weights_changed_through_data_are_read_by_a_replay_under_autocast(device, monkeypatch):
+    """The replay keeps its cast copies of the weights from call to call and casts into them on every call: a change
+    through .data (no new version for a cache to see) reaches the next output."""
+    model = small_model(device)
+    kind = torch.device(device).type
+    x = torch.randn(2, 3, 8, 8, device=device)
+    amp = lambda: torch.autocast(kind, dtype=torch.bfloat16)  # noqa: E731 - a context each: autocast's own cache
+    with amp():  # of cast weights would hold the old values for the rest of one context
+        before, _ = calls(model, x, 3)
+    for p in model.parameters():
+        p.data.mul_(1.5)
+    with amp(), torch.no_grad():
+        after = model(x)
+    only_plan(model)
+    assert not torch.equal(after, before[-1])
+    with amp():
+        assert torch.equal(after, unplanned(model, x, monkeypatch))
 
 
 def _replayed_after(model, change, device, monkeypatch):

@@ -10,7 +10,7 @@ from launches import record_launches
 from plans import lines_calling, plan_for, small_model
 
 from fastvit_kernels import plan
-from fastvit_kernels.ops.cast import copy_cast_unchecked
+from fastvit_kernels.ops.cast import KeptCasts, copy_cast_unchecked
 
 
 def _train_step(model, x, planned=True, monkeypatch=None, seed=0):
@@ -67,13 +67,17 @@ def test_training_replay_under_autocast_with_embedding_dropout(device, monkeypat
             _assert_same_step(model, x, monkeypatch, seed=step)
     p = plan_for(model, x)
     assert isinstance(p, plan.TrainingPlan)
-    # the weights' casts in the forward, their gradients' casts back to fp32 in the backward: a batch each
-    assert lines_calling(p, copy_cast_unchecked) == 2
+    # the weights' casts in the forward (into copies the plan keeps), their gradients' casts back to fp32 in the
+    # backward: a batch each
+    assert lines_calling(p, KeptCasts) == 1 and lines_calling(p, copy_cast_unchecked) == 1
 
 
-def test_training_replay_reads_the_weights_an_optimizer_updates(device, monkeypatch):
-    """Three SGD steps replayed and three run as usual, from the same weights: the same weights after them."""
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "autocast"])
+def test_training_replay_reads_the_weights_an_optimizer_updates(amp, device, monkeypatch):
+    """Five SGD steps replayed and five run as usual, from the same weights: the same weights after them. Under
+    autocast the replay casts the updated weights into the copies it keeps from the step before."""
     weights = {}
+    kind = torch.device(device).type
     for planned in (True, False):
         torch.manual_seed(0)
         model = small_model(device).train()
@@ -81,7 +85,8 @@ def test_training_replay_reads_the_weights_an_optimizer_updates(device, monkeypa
         for step in range(5):
             torch.manual_seed(100 + step)
             x = torch.randn(2, 3, 8, 8, device=device)
-            _train_step(model, x, planned=planned, monkeypatch=monkeypatch)
+            with torch.autocast(kind, dtype=torch.bfloat16, enabled=amp):
+                _train_step(model, x, planned=planned, monkeypatch=monkeypatch)
             opt.step()
         weights[planned] = [p.detach().clone() for p in model.parameters()]
         assert isinstance(plan_for(model, x), plan.TrainingPlan) == planned

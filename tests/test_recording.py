@@ -1,11 +1,13 @@
 """The recorder of step plans (fastvit_kernels/recording.py): the code it writes (dead lines left out, deletes after
 the last use, aliases read as the original, allocations from templates, casts in batches) and what it leaves out."""
 
+import re
 import threading
 
 import torch
 
 from fastvit_kernels import recording, tuning
+from fastvit_kernels.ops.cast import KeptCasts
 
 
 def test_the_code_leaves_out_pure_lines_nothing_reads_and_keeps_the_rest():
@@ -105,9 +107,15 @@ def _casts_left(source) -> int:
     return sum(" = " in line and "dtype=" in line for line in source.splitlines())
 
 
+def _kept_batches(source) -> list:
+    """The lines that cast a batch of the model's tensors into kept copies: `t0, t1, = c7(p0, p1)`."""
+    return [line.split(" = ")[-1] for line in source.splitlines() if re.search(r", = c\d+\((p\d+(, )?)+\)$", line)]
+
+
 def test_casts_of_the_models_tensors_run_as_one_batch_where_the_first_ran(device):
-    """Autocast's casts of the weights: one ops.cast.copy_cast_unchecked (a launch for several on a GPU instead of one
-    each), at the first cast; the same values, bit for bit."""
+    """Autocast's casts of the weights: one batch (a launch for several on a GPU instead of one each), at the first
+    cast, into copies kept from call to call (no allocation a weight); the same values, bit for bit, also after the
+    weights change in place without a new version (.data.mul_), which the kept copies follow."""
     weights = [torch.randn(8, 8, device=device) for _ in range(3)]
 
     def body(x, w):
@@ -118,9 +126,16 @@ def test_casts_of_the_models_tensors_run_as_one_batch_where_the_first_ran(device
 
     rec, x, out = _recorded_casts(device, weights, body)
     fn, source = rec.function(["x"], rec.lines, rec.source(out), rec.take_reads())
-    assert source.count("), (p0, p1, p2,))") == 1 and _casts_left(source) == 1
-    x2 = torch.randn(4, 8, device=device)
-    assert torch.equal(fn(x2), body(x2, weights))
+    assert [b[b.index("(") :] for b in _kept_batches(source)] == ["(p0, p1, p2)"] and _casts_left(source) == 1
+    kept = next(v for v in fn.__globals__.values() if isinstance(v, KeptCasts))
+    for step in range(3):
+        x2 = torch.randn(4, 8, device=device)
+        assert torch.equal(fn(x2), body(x2, weights))
+        if step == 0:
+            copies = list(kept.outs)
+        assert all(a is b for a, b in zip(kept.outs, copies))  # the same tensors: no allocation after the first call
+        for w in weights:
+            w.data.mul_(1.5)  # .data: no new version, the same tensor object
 
 
 def test_a_cast_after_an_in_place_write_to_its_weight_stays_after_it(device):
@@ -137,7 +152,7 @@ def test_a_cast_after_an_in_place_write_to_its_weight_stays_after_it(device):
 
     rec, x, out = _recorded_casts(device, weights, body)
     fn, source = rec.function(["x"], rec.lines, rec.source(out), rec.take_reads())
-    assert source.count(",), (p") == 1  # w[0] and w[1] in a batch
+    assert [b.count("p") for b in _kept_batches(source)] == [2]  # w[0] and w[1] in a batch
     assert _casts_left(source) == 1 + 3  # w[2]'s, after the add, and the three .float() (read by the sums)
     mine = [w.clone() for w in weights]
     expected = body(x, mine)
@@ -209,10 +224,11 @@ def test_batches_hold_at_most_cast_batch_bytes(device, monkeypatch):
 
     rec, x, out = _recorded_casts(device, weights, body)
     fn, source = rec.function(["x"], rec.lines, rec.source(out), rec.take_reads())
-    batches = [line for line in source.splitlines() if ",), (" in line]
-    assert [line.count(", p") + line.count("(p") for line in batches[:2]] == [2, 2]  # early: w0-w1, w2-w3
+    early = [b[b.index("(") :] for b in _kept_batches(source)]
+    assert early == ["(p0, p1)", "(p2, p3)"]
     assert sum("(p4, dtype=" in line for line in source.splitlines()) == 1  # w4 alone: in place
-    assert len(batches) == 2 + 2  # late: four 4x8 fp32 outputs (128 B each), two a batch
+    late = [line for line in source.splitlines() if ",), (" in line]
+    assert len(late) == 2  # four 4x8 fp32 outputs (128 B each), two a batch
     x2 = torch.randn(4, 8, device=device)
     for a, b in zip(fn(x2), body(x2, weights)):
         assert a.dtype == b.dtype and torch.equal(a, b)

@@ -4,6 +4,7 @@ instead of torch._foreach_copy_, which launches a kernel per tensor when the dty
   copy_cast(dsts, srcs)        dsts[i].copy_(srcs[i]) for every i, CAST_PAIRS pairs a launch
   copy_cast_unchecked(...)     the same without the checks: what a step plan's replay calls
   copy_cast_ref(dsts, srcs)    torch._foreach_copy_(dsts, srcs)
+  KeptCasts                    a step plan's batch of weight casts into outputs kept from one replay to the next
 
 Only step plans call it, inside their replays, which neither autograd nor torch.compile see: a plain function, no
 custom op.
@@ -47,19 +48,70 @@ def copy_cast_unchecked(dsts, srcs) -> None:
     """copy_cast without its checks (~1 us a pair of host time): for a step plan's batches, whose pairs are what
     copy_cast accepts by construction (recording._batch: contiguous casts to a new tensor of the same shape, grouped
     by dtypes and device)."""
+    launches = _launches(dsts, srcs)
+    if launches is None:
+        torch._foreach_copy_(dsts, srcs)
+        return
+    for grid, args, consts in launches:
+        launch_kernel(cast_pairs_kernel, grid, args, consts)
+
+
+def _launches(dsts, srcs):
+    """The launches of our kernel that cast srcs into dsts, as (grid, args, constexprs), or None where torch's
+    _foreach_copy_ does it (a CPU without the interpreter, dtypes the kernel does not take, FASTVIT_CAST_KERNEL=0)."""
     device, src_dtype, dst_dtype = srcs[0].device, srcs[0].dtype, dsts[0].dtype
     ours = (device.type == "cuda" or _common.interpreting()) and src_dtype in CAST_DTYPES and dst_dtype in CAST_DTYPES
     if not ours or not cast_kernel_on():
-        torch._foreach_copy_(dsts, srcs)
-        return
+        return None
     pairs = [(s, d) for d, s in zip(dsts, srcs) if s.numel() > 0]
-    opts = {} if _common.interpreting() else {"num_warps": CAST_WARPS}
+    consts = {"BLOCK": CAST_BLOCK} if _common.interpreting() else {"BLOCK": CAST_BLOCK, "num_warps": CAST_WARPS}
+    launches = []
     for first in range(0, len(pairs), CAST_PAIRS):
         group = pairs[first : first + CAST_PAIRS]
         args = [a for s, d in group for a in (s, d, s.numel())]
         args += [None, None, 0] * (CAST_PAIRS - len(group))
         chunks = cdiv(max(s.numel() for s, _ in group), CAST_BLOCK)
-        launch_kernel(cast_pairs_kernel, (chunks, len(group)), args, {"BLOCK": CAST_BLOCK, **opts})
+        launches.append(((chunks, len(group)), args, consts))
+    return launches
+
+
+class KeptCasts:
+    """A step plan's early batch of autocast's casts of the model's tensors (recording._batch_casts): called with the
+    sources, it casts them into outputs it allocated on its first call and returns those, every call. The casts run
+    every call (a weight may change in place without a new version: p.data.mul_()), the ~150 allocations of a
+    CIFAR-10 step's weight copies do not. The outputs are held between calls (the weights' size in the compute dtype:
+    43 MB for vit_cifar10 in bf16) until the plan goes (plan.forget). A training step's backward reads them: the next
+    forward casts into them only after it, as a training loop runs; a plan refuses a backward whose model tensors
+    changed since its forward (plan.TrainingPlan), which an optimizer step between two forwards and their backwards
+    would be."""
+
+    def __init__(self, templates: list, keys: list):
+        """templates: empty_like of each gives its output; keys: each cast's (source dtype, output dtype, device)."""
+        self.templates = templates
+        self.groups = {}  # key -> the indices of its casts: one copy_cast_unchecked each
+        for i, key in enumerate(keys):
+            self.groups.setdefault(key, []).append(i)
+        self.outs = None
+        self.srcs = None  # the source objects of the launches below, which stay right while the same objects come
+        self.launches = None  # [(grid, args, constexprs)] of every group, or None per group for torch's copy
+
+    def __call__(self, *srcs):
+        if self.outs is None:
+            self.outs = [torch.empty_like(t) for t in self.templates]
+        if self.srcs is None or len(srcs) != len(self.srcs) or any(a is not b for a, b in zip(srcs, self.srcs)):
+            # a launch reads each tensor's address when it runs: a parameter given new .data is still the object
+            self.launches = []
+            for ids in self.groups.values():
+                dsts, group = [self.outs[i] for i in ids], [srcs[i] for i in ids]
+                self.launches.append((dsts, group, _launches(dsts, group)))
+            self.srcs = srcs
+        for dsts, group, launches in self.launches:
+            if launches is None:
+                torch._foreach_copy_(dsts, group)
+            else:
+                for grid, args, consts in launches:
+                    launch_kernel(cast_pairs_kernel, grid, args, consts)
+        return self.outs
 
 
 def copy_cast_ref(dsts, srcs) -> None:
