@@ -16,11 +16,11 @@ the GPU's. Five defects, all seen with triton 3.6 and 3.8 (tests/test_interprete
   attention backward's softmax) rely on it, and a saturated softmax turns those ulps into a gradient error many
   times eager's (tests: large logits). Dots with an fp32 accumulator sum in fp64 and round once: the same value for
   every tile shape.
-- tl.fma rounded the product before adding (x * y + z in fp32), where the GPU's fma.rn rounds once. The attention
-  kernels compute the softmax's exponent as fma(qk, c, -m c): fused, the row max's exponent is the small rounding
-  error of m c and every other one is exact to its own size; unfused, each one carries the rounding of qk c at the
-  logits' magnitude (1e-4 at logits of ~2000 in log2 units), which made large-logit gradients 4x eager's. fp32 fma
-  computes in fp64 (the product exact) and rounds once.
+- tl.fma rounded the product before adding (x * y + z in fp32), where the GPU's fma.rn rounds once. The difference
+  decides a saturated softmax: with fma(qk, c, -m c) as the exponent, unfused the row max's exponent came out exactly
+  0 and fused it is m c's rounding error, which left P one ulp off one-hot on the GPU and its gradient far from eager's
+  (kernels/attention.py now subtracts first; tests: saturated rows). fp32 fma computes in fp64 (the product exact)
+  and rounds once.
 """
 
 import os

@@ -80,10 +80,11 @@ class KeptCasts:
     sources, it casts them into outputs it allocated on its first call and returns those, every call. The casts run
     every call (a weight may change in place without a new version: p.data.mul_()), the ~150 allocations of a
     CIFAR-10 step's weight copies do not. The outputs are held between calls (the weights' size in the compute dtype:
-    43 MB for vit_cifar10 in bf16) until the plan goes (plan.forget). A training step's backward reads them: the next
-    forward casts into them only after it, as a training loop runs; a plan refuses a backward whose model tensors
-    changed since its forward (plan.TrainingPlan), which an optimizer step between two forwards and their backwards
-    would be."""
+    43 MB for vit_cifar10 in bf16) until the plan goes (plan.forget). A training step's backward reads them, and the
+    next forward writes them: after that backward in a training loop; where two forwards come before their backwards,
+    the second writes the same values unless the weights changed in between, and then the plan refuses the first
+    backward (its model tensors changed since its forward: plan.TrainingPlan). Torch's copy or our kernel
+    (FASTVIT_CAST_KERNEL) is chosen when the sources are first seen."""
 
     def __init__(self, templates: list, keys: list):
         """templates: empty_like of each gives its output; keys: each cast's (source dtype, output dtype, device)."""
@@ -93,7 +94,7 @@ class KeptCasts:
             self.groups.setdefault(key, []).append(i)
         self.outs = None
         self.srcs = None  # the source objects of the launches below, which stay right while the same objects come
-        self.launches = None  # [(grid, args, constexprs)] of every group, or None per group for torch's copy
+        self.launches = None  # per group (outputs, sources, [(grid, args, constexprs)] or None for torch's copy)
 
     def __call__(self, *srcs):
         if self.outs is None:
