@@ -82,8 +82,9 @@ class KeptCasts:
     CIFAR-10 step's weight copies do not. The outputs are held between calls (the weights' size in the compute dtype:
     43 MB for vit_cifar10 in bf16) until the plan goes (plan.forget). A training step's backward reads them, and the
     next forward writes them: after that backward in a training loop; where two forwards come before their backwards,
-    the second writes the same values unless the weights changed in between, and then the plan refuses the first
-    backward (its model tensors changed since its forward: plan.TrainingPlan). Torch's copy or our kernel
+    the second writes the same values unless the weights changed in between: an in-place change makes the plan refuse
+    the first backward (plan.TrainingPlan); one through .data, which autograd does not track either, reaches it
+    (eager's would read its own older copies). Torch's copy or our kernel
     (FASTVIT_CAST_KERNEL) is chosen when the sources are first seen."""
 
     def __init__(self, templates: list, keys: list):
