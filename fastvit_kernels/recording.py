@@ -19,7 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from . import direct_launch, tuning
-from .ops.cast import KeptCasts, copy_cast_unchecked
+from .arena import ArenaReplay, arena_on, temporaries
+from .cast_batches import batch_casts
+from .lines import Cast, Line
 
 _aten = torch.ops.aten
 # The allocations (~160 of a CIFAR-10 inference step's ~170 operations) and the views and sums of a backward through
@@ -65,25 +67,6 @@ def _contiguous(shape) -> tuple:
 
 def _view_key(t):
     return (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
-
-
-class Line:
-    """One line of a replay: its text, the names it reads and the names it makes; pure: an operation without effects
-    beyond its outputs (no mutation, no random numbers), which a replay may leave out where nothing reads them; cast:
-    for a dtype cast that a batch of casts may replace (_batch_casts), the Cast."""
-
-    def __init__(self, text, reads=(), makes=(), pure=False, cast=None):
-        self.text, self.reads, self.makes, self.pure = text, list(reads), list(makes), pure
-        self.cast = cast
-
-
-class Cast:
-    """A cast line's parts: the name of its input (read: a name of the function's, not one of its globals such as a
-    parameter), the allocation of its output (a line's text, empty_like of `template`) and its size in bytes, and
-    the (source dtype, destination dtype, device) that one copy of a batch shares."""
-
-    def __init__(self, src: str, read: bool, alloc: str, template: torch.Tensor, nbytes: int, key: tuple):
-        self.src, self.read, self.alloc, self.template, self.nbytes, self.key = src, read, alloc, template, nbytes, key
 
 
 def _pure(func) -> bool:
@@ -148,7 +131,9 @@ class Recorder(TorchDispatchMode):
         else:
             call = f"{self._const(_callable(func))}({self._call_args(args, kwargs)})"
         if self.failure is None:
-            self._bind_outputs(out, call, str(func), _pure(func), self._cast(func, args, kwargs, out))
+            views = any(r.alias_info is not None for r in func._schema.returns)
+            line = Line(call, pure=_pure(func), cast=self._cast(func, args, kwargs, out), alloc=template, views=views)
+            self._bind_outputs(out, line, str(func))
             self.counts["torch"] += 1
         return out
 
@@ -281,16 +266,17 @@ class Recorder(TorchDispatchMode):
         return name
 
     # -- lines --------------------------------------------------------------------------------------------------------
-    def _line(self, text, makes=(), pure=False, cast=None):
-        self.lines.append(Line(text, self.take_reads(), makes, pure, cast))
+    def _line(self, text):
+        self.lines.append(Line(text, self.take_reads()))
 
     def _call_args(self, args, kwargs):
         parts = [self.source(a) for a in args] + [f"{k}={self.source(v)}" for k, v in kwargs.items()]
         return ", ".join(parts)
 
-    def _bind_outputs(self, out, call, what, pure, cast=None):
+    def _bind_outputs(self, out, line, what):
+        """line (its text the call) as the line that makes out."""
         if out is None:
-            self._line(call)
+            self._line(line.text)
             return
         outs = out if isinstance(out, (tuple, list)) else (out,)
         targets = []
@@ -305,21 +291,23 @@ class Recorder(TorchDispatchMode):
             else:
                 targets.append(self.bind(t))
         lhs = ", ".join(targets) + ("," if isinstance(out, (tuple, list)) else "")
-        self._line(f"{lhs} = {call}", [n for n in targets if n != "_"], pure, cast)
+        line.text, line.reads, line.makes = f"{lhs} = {line.text}", self.take_reads(), [n for n in targets if n != "_"]
+        self.lines.append(line)
 
     # -- the code -----------------------------------------------------------------------------------------------------
-    def function(self, params: list, lines: list, returns: str, returned: list):
+    def function(self, params: list, lines: list, returns: str, returned: list, device=None):
         """(the function of `lines` taking `params` and returning the expression `returns` (which reads the names
         `returned`), its source): each name a line made or an input deleted after the line that reads it last, and the
         pure lines whose results nothing reads left out (the placeholders an op returns for a gradient that does not
-        exist, the pre-activation slot of an inference MLP)."""
+        exist, the pre-activation slot of an inference MLP). With a device (and FASTVIT_ARENA not 0), an
+        arena.ArenaReplay where the lines allocate temporaries: the same code taking them from the device's arena."""
         needed = set(returned)
         kept = []
         for line in reversed(lines):
             if not line.pure or needed.intersection(line.makes):
                 kept.append(line)
                 needed.update(line.reads)
-        lines = _batch_casts(kept[::-1], set(returned), self._const)
+        lines = batch_casts(kept[::-1], set(returned), self._const)
         last = {}
         for i, line in enumerate(lines):
             for n in (*line.makes, *line.reads):
@@ -329,98 +317,33 @@ class Recorder(TorchDispatchMode):
         for n, i in last.items():
             if n not in keep:
                 dead_after.setdefault(i, []).append(n)
-        body = []
-        for i, line in enumerate(lines):
-            body.append(line.text)
-            if i in dead_after:
-                body.append(f"del {', '.join(dead_after[i])}")
-        body.append(f"return {returns}")
-        source = f"def replay({', '.join(params)}):\n" + "".join(f"    {t}\n" for t in body)
+        texts = [line.text for line in lines]
+        source = _source(params, texts, dead_after, returns)
+        fn = self._compile(source)
+        temps = temporaries(lines, keep) if device is not None and arena_on() else []
+        if not temps:
+            return fn, source
+        views = []  # ArenaReplay fills it
+        name = self._const(views)
+        for k, (made, i, _, _) in enumerate(temps):
+            texts[i] = f"{made} = {name}[{k}]"
+        kept_fn = self._compile(_source(params, texts, dead_after, returns))
+        return ArenaReplay(fn, kept_fn, views, temps, device), source
+
+    def _compile(self, source):
         scope = dict(self.consts)
         exec(compile(source, "<fastvit_kernels.plan>", "exec"), scope)
-        return scope["replay"], source
+        return scope["replay"]
 
 
-def _batch_casts(lines: list, returned: set, const) -> list:
-    """lines with their casts in batches, one ops.cast.copy_cast_unchecked each (a launch for CAST_PAIRS casts on a
-    GPU, where each cast is a launch of its own: ~100 casts of weights in an autocast forward, ~100 of their gradients
-    in the backward; torch._foreach_copy_ launches one a tensor when the dtypes differ). Two kinds move, the values
-    they compute unchanged:
-    - casts of the model's tensors and the function's inputs (names no line makes) run together where the first of a
-      batch ran; a line with effects that reads the input of a later one ends the batch before it (an input written
-      in place keeps its name; a weight written in place is named by that line from then on, so its later casts read
-      a name a line makes and do not move);
-    - casts whose output only the function's return reads, and whose input no later line reads, run together where
-      the last of a batch ran (the gradients' casts to the weights' dtype).
-    A batch holds at most CAST_BATCH_BYTES of outputs: what it makes early (or keeps late) lives that much longer.
-    An early batch of the model's tensors alone casts into outputs the replay keeps from call to call (KeptCasts: no
-    allocation a cast); `const` names an object for the code (Recorder._const).
-    """
-    made = {n for line in lines for n in line.makes}
-    readers = {}
-    for i, line in enumerate(lines):
-        for n in line.reads:
-            readers.setdefault(n, []).append(i)
-    early, late = [[]], [[]]
-    for i, line in enumerate(lines):
-        cast = line.cast
-        if cast is None:
-            continue
-        if cast.src not in made:
-            batch = early[-1]
-            if batch and any(not other.pure and cast.src in other.reads for other in lines[batch[0] + 1 : i]):
-                early.append(batch := [])
-            _add(early, batch, i, lines)
-        elif line.makes[0] in returned and i == readers[cast.src][-1] and line.makes[0] not in readers:
-            _add(late, late[-1], i, lines)
-    at = {ids[0]: ids for ids in early if len(ids) > 1} | {ids[-1]: ids for ids in late if len(ids) > 1}
-    if not at:
-        return lines
-    moved = {i for ids in at.values() for i in ids}
-    kept = {ids[0] for ids in early if len(ids) > 1 and not any(lines[j].cast.read for j in ids)}
-    out = []
-    for i, line in enumerate(lines):
-        if i not in moved:
-            out.append(line)
-        if i in kept:  # an early batch of the model's tensors: cast into the outputs of the call before
-            out.append(_kept_batch(lines, at[i], const))
-        elif i in at:  # an early batch's first line or a late batch's last: the batch instead
-            out += _batch(lines, at[i], const(copy_cast_unchecked))
-    return out
-
-
-# The bytes of cast outputs one batch holds: the casts it runs early (or keeps late) live that much longer than
-# unbatched. 16 MiB: a ViT-S's ~100 weight casts (42 MB in bf16) in 3 batches, a ViT-B's (172 MB) in 11.
-CAST_BATCH_BYTES = 16 << 20
-
-
-def _add(batches: list, batch: list, i: int, lines: list):
-    """lines[i]'s cast into `batch`, the last of `batches`, or into a new one where it would pass CAST_BATCH_BYTES."""
-    if batch and sum(lines[j].cast.nbytes for j in batch) + lines[i].cast.nbytes > CAST_BATCH_BYTES:
-        batches.append(batch := [])
-    batch.append(i)
-
-
-def _batch(lines: list, ids: list, copy: str) -> list:
-    """The lines that do the casts of lines[ids]: their outputs' allocations, then one copy per dtype pair."""
-    out, groups = [], {}
-    for i in ids:
-        line = lines[i]
-        out.append(Line(f"{line.makes[0]} = {line.cast.alloc}", [], line.makes, pure=True))
-        groups.setdefault(line.cast.key, []).append((line.makes[0], line.cast))
-    for pairs in groups.values():
-        dsts, srcs = [d for d, _ in pairs], [c.src for _, c in pairs]
-        reads = dsts + [c.src for _, c in pairs if c.read]
-        out.append(Line(f"{copy}(({', '.join(dsts)},), ({', '.join(srcs)},))", reads))
-    return out
-
-
-def _kept_batch(lines: list, ids: list, const) -> Line:
-    """The line that does the casts of lines[ids], all of the model's tensors, into outputs kept between calls."""
-    casts = [lines[i].cast for i in ids]
-    dsts = [lines[i].makes[0] for i in ids]
-    kept = const(KeptCasts([c.template for c in casts], [c.key for c in casts]))
-    return Line(f"{', '.join(dsts)}, = {kept}({', '.join(c.src for c in casts)})", [], dsts)
+def _source(params, texts, dead_after, returns) -> str:
+    body = []
+    for i, text in enumerate(texts):
+        body.append(text)
+        if i in dead_after:
+            body.append(f"del {', '.join(dead_after[i])}")
+    body.append(f"return {returns}")
+    return f"def replay({', '.join(params)}):\n" + "".join(f"    {t}\n" for t in body)
 
 
 class recording:

@@ -40,10 +40,15 @@ def lines_calling(p, fn) -> int:
     """How many lines of plan p's code (forward and backward) call fn (a class: any instance of it)."""
     # a training plan's source: the forward's function, then the backward's, each with its own recorder's names
     functions = ["def replay(" + f for f in p.source.split("def replay(")[1:]]
-    scopes = [p.fn.__globals__] + ([p.bwd.__globals__] if hasattr(p, "bwd") else [])
+    scopes = [_code(p.fn).__globals__] + ([_code(p.bwd).__globals__] if hasattr(p, "bwd") else [])
     assert len(functions) == len(scopes)
     count = 0
     for source, scope in zip(functions, scopes):
         names = [n for n, v in scope.items() if v is fn or (isinstance(fn, type) and isinstance(v, fn))]
         count += sum(line.strip().split(" = ")[-1].startswith(f"{n}(") for line in source.splitlines() for n in names)
     return count
+
+
+def _code(fn):
+    """A plan's function as its source reads: an arena.ArenaReplay's version that allocates afresh."""
+    return getattr(fn, "fresh", fn)

@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from fastvit_kernels import recording, tuning
+from fastvit_kernels import cast_batches, recording, tuning
 from fastvit_kernels.ops.cast import KeptCasts
 
 
@@ -213,7 +213,7 @@ def test_batches_hold_at_most_cast_batch_bytes(device, monkeypatch):
     """CAST_BATCH_BYTES bounds what a batch makes early (or keeps late): five weights' casts at two a batch make
     batches of two, two and one (left in place); a late batch runs where its last cast ran."""
     weights = [torch.randn(8, 8, device=device) for _ in range(5)]
-    monkeypatch.setattr(recording, "CAST_BATCH_BYTES", 2 * 8 * 8 * 2)  # two bf16 8x8 casts
+    monkeypatch.setattr(cast_batches, "CAST_BATCH_BYTES", 2 * 8 * 8 * 2)  # two bf16 8x8 casts
 
     def body(x, w):
         h = x

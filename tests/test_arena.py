@@ -1,0 +1,138 @@
+"""The arena of step plans' temporaries (fastvit_kernels/arena.py): which allocations are temporaries, a layout in
+which no two alive together overlap, and a replay that allocates afresh when it cannot hold the arena. Replays that
+take their temporaries from it compute what the forward computes: tests/test_plan*.py."""
+
+import random
+
+import pytest
+import torch
+from plans import calls, only_plan, small_model, unplanned
+
+from fastvit_kernels import arena, plan
+from fastvit_kernels.lines import Line
+
+CPU = torch.device("cpu")
+
+
+def _alloc(name, shape=(4, 4), dtype=torch.float32):
+    template = torch.empty((), dtype=dtype).expand(shape)
+    return Line(f"{name} = empty_like(...)", [], [name], pure=True, alloc=template)
+
+
+def test_temporaries_exclude_what_escapes_and_span_the_lines_that_read_their_views():
+    lines = [
+        _alloc("t0"),
+        Line("launch(t0)", ["t0"]),
+        Line("t1 = view(t0)", ["t0"], ["t1"], views=True),
+        Line("launch(t1)", ["t1"]),  # t0's memory is read through its view here: t0's span ends here
+        _alloc("t2"),
+        Line("t3 = sum(t2)", ["t2"], ["t3"]),  # a new tensor: t3 returned does not keep t2
+        _alloc("t4"),
+        Line("t5 = view(t4)", ["t4"], ["t5"], views=True),  # returned: t4 is not a temporary
+        Line("launch(x, t5)", ["x", "t5"]),
+    ]
+    temps = arena.temporaries(lines, keep={"x", "t3", "t5"})
+    assert [(name, first, last) for name, first, last, _ in temps] == [("t0", 0, 3), ("t2", 4, 5)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_layout_never_overlaps_temporaries_alive_together(seed):
+    rng = random.Random(seed)
+    temps = []
+    for k in range(60):
+        first = rng.randrange(100)
+        shape = (rng.randrange(0, 300),)
+        dtype = rng.choice([torch.float32, torch.bfloat16, torch.int32])
+        temps.append((f"t{k}", first, first + rng.randrange(15), torch.empty((), dtype=dtype).expand(shape)))
+    offsets, total = arena.layout(temps)
+    ends = [at + t[3].numel() * t[3].element_size() for at, t in zip(offsets, temps)]
+    assert all(at % arena.ALIGN == 0 for at in offsets) and max(ends) <= total
+    for i in range(len(temps)):
+        for j in range(i):
+            alive_together = temps[i][1] <= temps[j][2] and temps[j][1] <= temps[i][2]
+            if alive_together:
+                assert ends[i] <= offsets[j] or ends[j] <= offsets[i], (temps[i], temps[j])
+    # no more than their sizes side by side, and reuse where spans do not meet
+    assert total <= sum(-(-max(t[3].numel() * t[3].element_size(), 1) // arena.ALIGN) * arena.ALIGN for t in temps)
+
+
+def _replay(temps, arena_):
+    r = arena.ArenaReplay(lambda: "fresh", lambda: "kept", [], temps, CPU)
+    r.arena = arena_
+    return r
+
+
+def test_a_replay_allocates_afresh_while_another_holds_the_arena():
+    a = arena.Arena(CPU)
+    temps = [("t0", 0, 1, torch.empty((), dtype=torch.bfloat16).expand(3, 5)), ("t1", 1, 2, torch.empty(()).expand(7))]
+    r = _replay(temps, a)
+    assert a.lock.acquire(blocking=False)  # another replay's call
+    assert r() == "fresh" and r.views == []
+    a.lock.release()
+    assert r() == "kept" and not a.lock.locked()
+    assert [(v.shape, v.dtype) for v in r.views] == [((3, 5), torch.bfloat16), ((7,), torch.float32)]
+    base = a.buffer.data_ptr()
+    assert all(v.untyped_storage().data_ptr() == base for v in r.views)
+    assert r.views[0].data_ptr() + 30 <= r.views[1].data_ptr()  # alive together on line 1: apart
+
+
+def test_views_move_to_a_grown_arena():
+    a = arena.Arena(CPU)
+    small = _replay([("t0", 0, 0, torch.empty(()).expand(4))], a)
+    small()
+    big = _replay([("t0", 0, 0, torch.empty(()).expand(4096))], a)
+    big()  # grows the buffer: the small replay's views point into the old one until its next call
+    assert small.views[0].untyped_storage().data_ptr() != a.buffer.data_ptr()
+    small()
+    assert small.views[0].untyped_storage().data_ptr() == a.buffer.data_ptr() == big.views[0].data_ptr()
+
+
+def test_inference_and_training_replays_take_their_temporaries_from_the_arena(device, monkeypatch):
+    model = small_model(device)
+    x = torch.randn(3, 3, 8, 8, device=device)
+    calls(model, x, 3)
+    p = only_plan(model)
+    assert isinstance(p.fn, arena.ArenaReplay) and len(p.fn.views) > 10
+    # with the arena held elsewhere (another thread's replay), a replay allocates afresh and computes the same
+    a = p.fn.arena
+    assert a.lock.acquire(blocking=False)
+    try:
+        with torch.no_grad():
+            fresh = model(x)
+    finally:
+        a.lock.release()
+    with torch.no_grad():
+        kept = model(x)
+    assert torch.equal(fresh, kept) and torch.equal(kept, unplanned(model, x, monkeypatch))
+    model.train()
+    for _ in range(3):
+        model(x).sum().backward()
+    (t,) = [q for q in plan.plans(model).values() if isinstance(q, plan.TrainingPlan)]
+    assert isinstance(t.bwd, arena.ArenaReplay) and len(t.bwd.views) > 10
+
+
+def test_without_the_arena_replays_allocate_afresh(device, monkeypatch):
+    monkeypatch.setenv("FASTVIT_ARENA", "0")
+    model = small_model(device)
+    x = torch.randn(3, 3, 8, 8, device=device)
+    outs, p = calls(model, x, 3)
+    assert isinstance(p, plan.Plan) and not isinstance(p.fn, arena.ArenaReplay)
+    assert torch.equal(outs[-1], unplanned(model, x, monkeypatch))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams")
+def test_replays_on_two_streams_wait_for_each_other(monkeypatch):
+    """A replay on another stream than the arena's last user's waits for that stream's work before writing its
+    temporaries: back-to-back replays on two streams, no synchronisation between them, each output as the forward's."""
+    model = small_model("cuda")
+    x = torch.randn(64, 3, 8, 8, device="cuda")
+    calls(model, x, 3)
+    expected = unplanned(model, x, monkeypatch)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    outs = []
+    with torch.no_grad():
+        for i in range(6):
+            with torch.cuda.stream(streams[i % 2]):
+                outs.append(model(x))
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, expected) for o in outs)
