@@ -3,11 +3,11 @@ launch of our cast kernel for many (ops/cast.py), and where they are the model's
 replay keeps from call to call (KeptCasts)."""
 
 from .lines import Line
-from .ops.cast import KeptCasts, copy_cast_unchecked
+from .ops.cast import CastBatch, KeptCasts
 
 
 def batch_casts(lines: list, returned: set, const) -> list:
-    """lines with their casts in batches, one ops.cast.copy_cast_unchecked each (a launch for CAST_PAIRS casts on a
+    """lines with their casts in batches, one ops.cast.CastBatch call each (a launch for CAST_PAIRS casts on a
     GPU, where each cast is a launch of its own: ~100 casts of weights in an autocast forward, ~100 of their gradients
     in the backward; torch._foreach_copy_ launches one a tensor when the dtypes differ). Two kinds move, the values
     they compute unchanged:
@@ -50,7 +50,7 @@ def batch_casts(lines: list, returned: set, const) -> list:
         if i in kept:  # an early batch of the model's tensors: cast into the outputs of the call before
             out.append(_kept_batch(lines, at[i], const))
         elif i in at:  # an early batch's first line or a late batch's last: the batch instead
-            out += _batch(lines, at[i], const(copy_cast_unchecked))
+            out += _batch(lines, at[i], const)
     return out
 
 
@@ -66,8 +66,8 @@ def _add(batches: list, batch: list, i: int, lines: list):
     batch.append(i)
 
 
-def _batch(lines: list, ids: list, copy: str) -> list:
-    """The lines that do the casts of lines[ids]: their outputs' allocations, then one copy per dtype pair."""
+def _batch(lines: list, ids: list, const) -> list:
+    """The lines that do the casts of lines[ids]: their outputs' allocations, then one CastBatch per dtype pair."""
     out, groups = [], {}
     for i in ids:
         line = lines[i]
@@ -76,6 +76,7 @@ def _batch(lines: list, ids: list, copy: str) -> list:
     for pairs in groups.values():
         dsts, srcs = [d for d, _ in pairs], [c.src for _, c in pairs]
         reads = dsts + [c.src for _, c in pairs if c.read]
+        copy = const(CastBatch())
         out.append(Line(f"{copy}(({', '.join(dsts)},), ({', '.join(srcs)},))", reads))
     return out
 

@@ -98,3 +98,28 @@ def test_copy_cast_refuses_what_a_batch_of_casts_never_is(device):
         cast.copy_cast(out, [a, b.half()])
     with pytest.raises(ValueError, match="pair 0 is not contiguous"):
         cast.copy_cast([torch.empty(4, 2, device=device, dtype=torch.bfloat16)], [torch.randn(2, 4, device=device).t()])
+
+
+def test_a_cast_batch_casts_into_each_calls_outputs_and_keeps_none_of_them(device, monkeypatch):
+    """CastBatch makes its launches once while the same sources come: each call's outputs get the casts (the
+    sources' values at that call), the next call's too, and none stays referenced by the batch after its call."""
+    launches = []
+    real = cast.launch_kernel
+    monkeypatch.setattr(
+        cast, "launch_kernel", lambda k, grid, args, consts: launches.append(grid) or real(k, grid, args, consts)
+    )
+    srcs = [torch.randn(n, device=device, dtype=torch.bfloat16) for n in SIZES]
+    batch = cast.CastBatch()
+    for _ in range(3):
+        dsts = [torch.full(s.shape, float("nan"), device=device) for s in srcs]
+        batch(tuple(dsts), tuple(srcs))
+        for d, s in zip(dsts, srcs):
+            _assert_same_bits(d, s.float())
+        assert not any(a is d for _, args, _ in batch.launches for a in args for d in dsts)
+        for s in srcs:
+            s.normal_()  # new values in the same sources: the next call casts them
+    assert len(launches) == 3 * -(-sum(n > 0 for n in SIZES) // CAST_PAIRS)
+    other = [s.clone() for s in srcs]  # other source objects: their launches are made anew
+    dsts = [torch.empty(s.shape, device=device) for s in other]
+    batch(tuple(dsts), tuple(other))
+    assert all(torch.equal(d, s.float()) for d, s in zip(dsts, other))
