@@ -1,6 +1,7 @@
 """Timing and bookkeeping shared by the benchmark files."""
 
 import functools
+import gc
 import json
 import os
 import platform
@@ -135,6 +136,7 @@ def measure(
     for _ in range(opts["warmup"] if warmup is None else warmup):
         timed()  # compile, autotune, cudnn/cublas heuristics: all before the clock starts
     if device.type == "cuda":
+        gc.collect()  # an earlier row's model, optimizer and plans, kept by reference cycles, are not this row's peak
         torch.cuda.reset_peak_memory_stats()
     benchmark.group = group
     gpu_rounds = []

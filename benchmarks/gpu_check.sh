@@ -71,10 +71,14 @@ if [ "$status" -ne 0 ]; then
   export FASTVIT_CAST_KERNEL=0
 fi
 
-echo "=== the step plans: if they fail, the benchmarks run without them"
-PLAN_TESTS="tests/test_plan.py tests/test_plan_training.py tests/test_direct_launch.py tests/test_recording.py"
+echo "=== the step plans: if they fail, the benchmarks run without them (without the arena if only its tests fail)"
+PLAN_TESTS="tests/test_arena.py tests/test_plan.py tests/test_plan_training.py tests/test_direct_launch.py"
+PLAN_TESTS="$PLAN_TESTS tests/test_recording.py"
 run_tests 40 $PLAN_TESTS; status=$?
-if stage_failed "$status"; then
+if [ -n "$(failed_tests)" ] && ! failed_tests | grep -qv "test_arena"; then
+  echo "!!! only the arena's tests failed: benchmarks run with FASTVIT_ARENA=0 (replays allocate afresh)"
+  export FASTVIT_ARENA=0
+elif stage_failed "$status"; then
   echo "!!! step-plan tests failed: again with FASTVIT_PLAN=triton (plans launching through Triton's own run)"
   FASTVIT_PLAN=triton run_tests 30 $PLAN_TESTS; status=$?
   if stage_failed "$status"; then

@@ -17,7 +17,7 @@ WORKLOADS = {
     "cifar10-b8": (vit_cifar10, {}, 8, 8),
     "vitb16-224": (vit_base_patch16_224, {}, 64, 128),
 }
-B8_ROWS = {"ours", "ours-unplanned", "ours-indirect", "ours+cudagraph", "eager-sdpa"}
+B8_ROWS = {"ours", "ours-unplanned", "ours-indirect", "ours-fresh", "ours+cudagraph", "eager-sdpa"}
 CPU_WORKLOADS = {"cifar10": (vit_cifar10, dict(depth=2, dim=192, heads=3, mlp_dim=768), 16, 32)}
 ROWS = [
     "ours",  # each GEMM by the candidate measured faster for its shape (Triton or cuBLAS; the row's `gemm` says)
@@ -25,6 +25,7 @@ ROWS = [
     "ours+cudagraph",
     "ours-unplanned",  # FASTVIT_PLAN=0: the model's forward and backward on every step, no step plan replayed
     "ours-indirect",  # FASTVIT_PLAN=triton: step plans whose launches go through Triton's JITFunction.run (batch 8)
+    "ours-fresh",  # FASTVIT_ARENA=0: step plans that allocate their temporaries afresh (fastvit_kernels/arena.py)
     "ours-compile",
     "ours-compile-reduce-overhead",
     "eager-math",
@@ -107,8 +108,10 @@ def test_e2e(benchmark, bench_opts, device, workload, mode, precision, row, monk
             pytest.skip("batch 8 is about the host's time: bf16, ours with and without plans or graphs, eager SDPA")
         if row == "ours-indirect" and workload != "cifar10-b8":
             pytest.skip("the plans' direct launches against Triton's: measured where the host's time shows, batch 8")
-        if workload == "vitb16-224" and (precision != "bf16" or "compile" in row):
+        if workload == "vitb16-224" and (precision != "bf16" or "compile" in row or row == "ours-fresh"):
             pytest.skip("ViT-B/16 shows the kernels are not tuned to one shape: bf16, no compile rows")
+        if row == "ours-fresh" and precision != "bf16":
+            pytest.skip("the arena against fresh allocations: CIFAR-10 bf16, where the training step waits on the host")
     if row.startswith("ours"):
         need_cuda(device)
     if row == "ours-triton":
@@ -117,6 +120,8 @@ def test_e2e(benchmark, bench_opts, device, workload, mode, precision, row, monk
         monkeypatch.setenv("FASTVIT_PLAN", "0")
     if row == "ours-indirect":
         monkeypatch.setenv("FASTVIT_PLAN", "triton")
+    if row == "ours-fresh":
+        monkeypatch.setenv("FASTVIT_ARENA", "0")
     base, train_b, infer_b = _base_model(workload, device)
     batch = train_b if mode == "train" else infer_b
     model = _make_model(row, base)

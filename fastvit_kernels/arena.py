@@ -11,13 +11,14 @@ ranges); a replay then takes its temporaries as they are.
 Two replays must not use the buffer at once: a replay takes the arena's lock for its call (another thread's replay
 meanwhile allocates afresh), and on a GPU the work it queues on its stream runs after the previous user's, on the same
 stream or after a wait for the other stream. During a CUDA graph capture a replay allocates afresh (the graph would
-keep the buffer's addresses). The buffer is held until the process ends, sized by the largest plan that used it:
+keep the buffer's addresses). The buffer is held while a plan that uses it lives, sized by the largest plan that used it:
 the temporaries of one step, which the caching allocator held between steps before. FASTVIT_ARENA=0 (read when a plan
 is recorded) allocates afresh, as eager does.
 """
 
 import os
 import threading
+import weakref
 
 import torch
 
@@ -125,15 +126,18 @@ class Arena:
         self.lock.release()
 
 
-_ARENAS: dict = {}
+# device -> its Arena, while a plan's replay holds it: the buffer goes with the last plan that used it (a model's plans
+# go with the model, or with plan.forget)
+_ARENAS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
 
 def arena(device: torch.device) -> Arena:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if device not in _ARENAS:
-        _ARENAS[device] = Arena(device)
-    return _ARENAS[device]
+    a = _ARENAS.get(device)
+    if a is None:
+        a = _ARENAS[device] = Arena(device)
+    return a
 
 
 class ArenaReplay:

@@ -2,7 +2,9 @@
 which no two alive together overlap, and a replay that allocates afresh when it cannot hold the arena. Replays that
 take their temporaries from it compute what the forward computes: tests/test_plan*.py."""
 
+import gc
 import random
+import weakref
 
 import pytest
 import torch
@@ -136,3 +138,15 @@ def test_replays_on_two_streams_wait_for_each_other(monkeypatch):
                 outs.append(model(x))
     torch.cuda.synchronize()
     assert all(torch.equal(o, expected) for o in outs)
+
+
+def test_the_arena_goes_with_the_last_plan_that_used_it(device, monkeypatch):
+    monkeypatch.setattr(arena, "_ARENAS", weakref.WeakValueDictionary())  # not the one other tests' plans hold
+    model = small_model(device)
+    x = torch.randn(3, 3, 8, 8, device=device)
+    calls(model, x, 3)
+    held = weakref.ref(only_plan(model).fn.arena)
+    assert held().buffer is not None
+    plan.forget(model)
+    gc.collect()
+    assert held() is None
