@@ -118,7 +118,8 @@ class Arena:
                 self.stream, self.handle = stream, handle
         if self.buffer is None or self.buffer.numel() < nbytes:
             self.buffer = None  # freed on the stream that used it, before the larger one is allocated there
-            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            with torch.inference_mode(False):  # a normal tensor, whichever mode the first replay ran in (see _view)
+                self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             self.generation += 1
         return True
 
@@ -165,10 +166,13 @@ class ArenaReplay:
             a.exit()
 
     def _view(self, buffer):
-        self.views[:] = [
-            buffer[at : at + _nbytes_of(shape, dtype)].view(dtype).view(shape)
-            for at, (shape, dtype) in zip(self.offsets, self.specs)
-        ]
+        # normal tensors even inside torch.inference_mode(): a view made there could not be written in place by a
+        # replay outside it (a training step's after an evaluation)
+        with torch.inference_mode(False):
+            self.views[:] = [
+                buffer[at : at + _nbytes_of(shape, dtype)].view(dtype).view(shape)
+                for at, (shape, dtype) in zip(self.offsets, self.specs)
+            ]
 
 
 def _nbytes_of(shape, dtype) -> int:

@@ -150,3 +150,47 @@ def test_the_arena_goes_with_the_last_plan_that_used_it(device, monkeypatch):
     plan.forget(model)
     gc.collect()
     assert held() is None
+
+
+@pytest.mark.parametrize("first", ["inference_mode", "training"])
+def test_replays_in_and_out_of_inference_mode_share_the_arena(device, monkeypatch, first):
+    """An evaluation under torch.inference_mode() and a training step share the device's arena in either order: the
+    buffer and its views are normal tensors, which a training replay may write in place (an inference tensor made
+    by the first user would refuse it)."""
+    monkeypatch.setattr(arena, "_ARENAS", weakref.WeakValueDictionary())
+    model = small_model(device)
+    x = torch.randn(3, 3, 8, 8, device=device)
+
+    def evaluate():
+        model.eval()
+        with torch.inference_mode():
+            return model(x)
+
+    def train():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    for _ in range(3):
+        if first == "inference_mode":
+            evaluate()
+        train()
+        evaluate()
+    with monkeypatch.context() as m:
+        m.setenv("FASTVIT_PLAN", "0")
+        out_ref, grads_ref = train()
+        with torch.no_grad():
+            model.eval()
+            eval_ref = model(x)
+    out, grads = train()
+    assert torch.equal(out, out_ref) and all(torch.equal(g, r) for g, r in zip(grads, grads_ref))
+    assert torch.equal(evaluate(), eval_ref)
+    assert all(
+        not v.is_inference()
+        for p in plan.plans(model).values()
+        for f in (p.fn, getattr(p, "bwd", None))
+        if isinstance(f, arena.ArenaReplay)
+        for v in f.views
+    )
