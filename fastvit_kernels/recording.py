@@ -56,6 +56,14 @@ def _has_tensor(tree) -> bool:
     return any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(tree))
 
 
+def _shares_memory(out, inputs) -> bool:
+    """An output is a view of an input (the same storage): by what ran, not by the schema, which does not say it for
+    aten._unsafe_view (reshape's view of a fresh product)."""
+    storages = {t.untyped_storage().data_ptr() for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)}
+    storages.discard(0)  # no memory (an empty tensor): nothing to share
+    return any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in storages for t in tree_leaves(out))
+
+
 def _contiguous(shape) -> tuple:
     """The strides torch gives a contiguous tensor of `shape` (a dim of size 0 counts as 1, as c10 counts it)."""
     strides, step = [], 1
@@ -131,7 +139,7 @@ class Recorder(TorchDispatchMode):
         else:
             call = f"{self._const(_callable(func))}({self._call_args(args, kwargs)})"
         if self.failure is None:
-            views = any(r.alias_info is not None for r in func._schema.returns)
+            views = _shares_memory(out, (args, kwargs))
             line = Line(call, pure=_pure(func), cast=self._cast(func, args, kwargs, out), alloc=template, views=views)
             self._bind_outputs(out, line, str(func))
             self.counts["torch"] += 1

@@ -232,3 +232,15 @@ def test_batches_hold_at_most_cast_batch_bytes(device, monkeypatch):
     x2 = torch.randn(4, 8, device=device)
     for a, b in zip(fn(x2), body(x2, weights)):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_a_view_that_its_schema_does_not_declare_is_recorded_as_one(device):
+    """aten._unsafe_view returns a view whose schema declares none: a line's outputs count as views of its inputs by
+    the storage they share (arena.py must not put a tensor under a returned view of it in the arena)."""
+    rec = recording.Recorder({})
+    with recording.recording(rec):
+        a = torch.empty(4, 6, device=device)
+        b = torch.ops.aten._unsafe_view(a, [6, 4])
+        c = a.sum(0)
+    by_text = {line.makes[0]: line.views for line in rec.lines if line.makes}
+    assert by_text == {rec.source(a): False, rec.source(b): True, rec.source(c): False}
