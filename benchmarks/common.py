@@ -187,6 +187,7 @@ def _config_name(cfg):
     flags += " flat" if k.get("FLATTEN") else ""
     flags += " whole" if k.get("WHOLE") else ""  # attention: a (batch, head) pair per tile
     flags += f" tail{k['TAIL']}" if k.get("TAIL") else ""
+    flags += f" rows{k['ROW_TAIL']}" if k.get("ROW_TAIL") else ""  # attention: a pair's last rows in its last block
     flags += f" loads{k['LOAD_STAGES']}" if "LOAD_STAGES" in k else ""  # the LayerNorm backward's pipelined loads
     tile = "x".join(str(k[n]) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if n in k)
     return f"{tile} w{cfg.num_warps} s{cfg.num_stages}{flags}"

@@ -220,13 +220,15 @@ def cast_kernel_on() -> bool:
 # ------------------------------------------------------------------------------------------------------------------
 # Attention (ops/fused_attention.py)
 # ------------------------------------------------------------------------------------------------------------------
-def _attention_cfg(bm, bn, warps, stages, maxnreg=None, whole=None, tail=0):
+def _attention_cfg(bm, bn, warps, stages, maxnreg=None, whole=None, tail=0, row_tail=0):
     """whole: the forward's WHOLE flag (True or False); None for the backward kernels, which have none. tail: TAIL,
     the width of a last partial block of at most that many keys (queries, in the dK/dV kernel's loop), or a WHOLE
-    tile's rows past BLOCK_M."""
+    tile's rows past BLOCK_M. row_tail: the forward's ROW_TAIL, a pair's last rows (at most that many past a full
+    block) taken by that block's program."""
     kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "TAIL": tail}
-    if whole is not None:
+    if whole is not None:  # the forward's
         kwargs["WHOLE"] = whole
+        kwargs["ROW_TAIL"] = row_tail
     return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
@@ -255,12 +257,18 @@ def whole_programs_per_sm(block: int, tail: int = 0) -> int:
 # the tiles where it costs no block per SM and no spill (sm_90, bf16, head dim 64, triton 3.6 / 3.8: 64 x 64
 # 131 / 134 -> 131 / 132 registers, 128 x 64 141 / 131 -> 147 / 127; the 64 x 32 tile would go from 5 blocks per SM to
 # 4 with 3.8 for 16 columns of 32 saved).
+# row_tail=16: where a pair's last query block would hold at most 16 rows (197 = 3 x 64 + 5), the last full block's
+# program also takes them, against the K/V it loads anyway: at N = 197 three programs a pair instead of four. The
+# fourth computed a 64-row tile for 5 rows and read all of the pair's K and V from L2 again; the query-block tiles
+# read K/V once per block, ~440 MB from L2 at ViT-B/16's shape (B = 128, H = 12), near the H100's L2 rate at the
+# 0.088 ms measured (2026-11-27). Ahead of the tile without it: FASTVIT_AUTOTUNE=0 and the tests take it where it applies.
 ATTENTION_FWD_CONFIGS = [
     _attention_cfg(64, 64, 4, 2, whole=True, tail=16),
     _attention_cfg(64, 64, 4, 3, whole=True, tail=16),
     _attention_cfg(128, 128, 8, 3, whole=True),
     _attention_cfg(64, 64, 4, 3, whole=True),
     _attention_cfg(128, 128, 8, 2, whole=True),
+    _attention_cfg(64, 64, 4, 3, whole=False, tail=16, row_tail=16),
     _attention_cfg(64, 64, 4, 3, whole=False, tail=16),
     _attention_cfg(32, 32, 4, 2, whole=False),
     _attention_cfg(32, 64, 4, 3, whole=False),
@@ -309,7 +317,7 @@ def _attention_smem(cfg, block_d, elem):
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     if cfg.kwargs.get("WHOLE"):
         return cfg.num_stages * 3 * (bm + cfg.kwargs["TAIL"]) * block_d * elem
-    return (cfg.num_stages * 2 * max(bm, bn) + min(bm, bn)) * block_d * elem
+    return (cfg.num_stages * 2 * max(bm, bn) + min(bm, bn) + cfg.kwargs.get("ROW_TAIL", 0)) * block_d * elem
 
 
 def prune_attention(configs, args):
@@ -322,9 +330,23 @@ def prune_attention(configs, args):
     n = args.get("N")
     kept = [c for c in kept if not c.kwargs.get("WHOLE") or (whole_attention_on() and (n is None or _whole_fits(c, n)))]
     kept = [c for c in kept if not c.kwargs["TAIL"] or tail_attention_on()]
+    # a row tail must have rows to take (else the tile without it does the same work)
+    kept = [c for c in kept if n is None or _row_tail_fits(c, n)]
     # a register cap fits 16-bit tiles of head dim <= 64 only; wider heads and fp32 tiles would spill under it
     kept = [c for c in kept if c.maxnreg is None or (elem == 2 and block_d <= 64)]
     return kept or [ATTENTION_FALLBACK_CONFIG]
+
+
+def row_blocks(n: int, block: int, row_tail: int) -> int:
+    """The query blocks of a pair (kernels/common.py's row_blocks): cdiv(n, block), one fewer where the last partial
+    block has at most row_tail rows after a full block, which takes them."""
+    rem = n % block
+    return -(-n // block) - (0 < rem <= row_tail and n > block)
+
+
+def _row_tail_fits(cfg, n: int) -> bool:
+    block, row_tail = cfg.kwargs["BLOCK_M"], cfg.kwargs.get("ROW_TAIL", 0)
+    return not row_tail or row_blocks(n, block, row_tail) * block < n
 
 
 def _whole_fits(cfg, n: int) -> bool:

@@ -122,6 +122,8 @@ def test_every_forward_config_matches_reference(cfg, length, device, monkeypatch
     whole, tail = config.kwargs["WHOLE"], config.kwargs["TAIL"]
     if whole and length != "partial":
         pytest.skip("a whole-sequence tile has no key blocks")
+    if config.kwargs.get("ROW_TAIL") and length != "partial":
+        pytest.skip("a row tail takes a partial last block: test_row_tail_tiles_match_reference")
     force_config(monkeypatch, fused_attention._fwd, config)
     n = 65 if whole and tail else 60 if whole and config.kwargs["BLOCK_M"] == 64 else 70 if length == "partial" else 128
     qkv = torch.randn(3, n, 3 * 2 * 64, device=device)
@@ -158,6 +160,27 @@ def test_whole_tail_tiles_take_only_the_lengths_they_hold():
         if prune_attention([config], {"QKV": qkv, "N": n, "BLOCK_D": 64}) == [config]
     ]
     assert kept == [65, 80]
+
+
+@pytest.mark.parametrize("n,d", [(70, 64), (80, 48), (134, 64), (197, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_tail_tiles_match_reference(n, d, dtype, device, monkeypatch):
+    # a pair's last rows (6, 16, 6 and 5 of them) taken by its last full block's program: after one block (70, 80),
+    # two (134) and three (197, ViT-B/16's length), with head dims that are not the tile's (48, 32: masked)
+    config = next(c for c in ATTENTION_FWD_CONFIGS if c.kwargs.get("ROW_TAIL"))
+    force_config(monkeypatch, fused_attention._fwd, config)
+    qkv = torch.randn(2, n, 3 * 2 * d, device=device, requires_grad=True)
+    assert prune_attention([config], {"QKV": qkv.to(dtype), "N": n, "BLOCK_D": max(64, d)}) == [config]
+    check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], dtype)
+
+
+def test_row_tail_tiles_take_only_the_lengths_they_hold():
+    # a last partial block of 1 to 16 rows after at least one full block; else the tile without it does the same
+    config = next(c for c in ATTENTION_FWD_CONFIGS if c.kwargs.get("ROW_TAIL"))
+    qkv = torch.empty(1, 1, 3 * 64, dtype=torch.bfloat16)
+    lengths = (1, 16, 64, 65, 80, 81, 128, 129, 144, 145, 197, 210)
+    kept = [n for n in lengths if prune_attention([config], {"QKV": qkv, "N": n, "BLOCK_D": 64}) == [config]]
+    assert kept == [65, 80, 129, 144, 197]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -7,7 +7,7 @@ qkv is [B, N, 3*D] laid out as timm's qkv Linear writes it: [B, N, 3, H, d]. The
 import triton
 import triton.language as tl
 
-from .common import block_and_head, load_kv
+from .common import block_and_head, load_kv, row_blocks
 
 
 @triton.jit
@@ -31,9 +31,13 @@ def _attend_rows(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TAIL: tl.constexpr,
+    ROW_TAIL: tl.constexpr,
 ):
     """One block of query rows of one (batch, head) pair against all keys, BLOCK_N at a time, and a last partial
-    block of at most TAIL keys TAIL at a time (N = 197 = 3 x 64 + 5: 16 columns of scores there instead of 64)."""
+    block of at most TAIL keys TAIL at a time (N = 197 = 3 x 64 + 5: 16 columns of scores there instead of 64).
+    ROW_TAIL > 0: also the pair's last rows after the block, at most ROW_TAIL of them, against the same K/V loads
+    (197 = 3 x 64 + 5: three programs a pair instead of four, the fourth of which computed 64 rows for 5 and read all
+    of K and V again): their scores transposed, keys by rows, so that the products keep 64-row operands (wgmma)."""
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -55,52 +59,54 @@ def _attend_rows(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # accumulate in fp32 whatever the input dtype
+    if ROW_TAIL > 0:
+        offs_t = (pid_m + 1) * BLOCK_M + tl.arange(0, ROW_TAIL)
+        mask_t = offs_t < N
+        mask_td = mask_t[:, None] & mask_d[None, :]
+        q_t = tl.load(q_base + offs_t[:, None] * stride_qn + offs_d[None, :], mask=mask_td, other=0.0)
+        m_t = tl.full([ROW_TAIL], float("-inf"), dtype=tl.float32)
+        l_t = tl.zeros([ROW_TAIL], dtype=tl.float32)
+        acc_t = tl.zeros([BLOCK_D, ROW_TAIL], dtype=tl.float32)  # transposed: head dim by rows
     # The blocks that hold BLOCK_N real keys run without the column mask (its compare and select on every score);
     # the last, partial block after them with it, TAIL wide where it holds at most TAIL keys.
     n_full = N - N % BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        acc, m_i, l_i = _online_step(
-            q, acc, m_i, l_i, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION, False
-        )
+        k, v = load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D, False)
+        acc, m_i, l_i = _online_step(q, k, v, acc, m_i, l_i, cols, N, qk_scale_log2, DOT_PRECISION, False)
+        if ROW_TAIL > 0:
+            acc_t, m_t, l_t = _online_step_t(q_t, k, v, acc_t, m_t, l_t, cols, N, qk_scale_log2, DOT_PRECISION, False)
     last = N - n_full  # keys in the last, partial block (0: none)
     if TAIL > 0:
         if (last > 0) & (last <= TAIL):
             cols = n_full + tl.arange(0, TAIL)
-            acc, m_i, l_i = _online_step(
-                q, acc, m_i, l_i, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION, True
-            )
+            k, v = load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D, True)
+            acc, m_i, l_i = _online_step(q, k, v, acc, m_i, l_i, cols, N, qk_scale_log2, DOT_PRECISION, True)
+            if ROW_TAIL > 0:
+                acc_t, m_t, l_t = _online_step_t(
+                    q_t, k, v, acc_t, m_t, l_t, cols, N, qk_scale_log2, DOT_PRECISION, True
+                )
             last = 0
     if last > 0:
         cols = n_full + tl.arange(0, BLOCK_N)
-        acc, m_i, l_i = _online_step(
-            q, acc, m_i, l_i, q_base, cols, offs_d, mask_d, stride_qn, N, D, qk_scale_log2, DOT_PRECISION, True
-        )
+        k, v = load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D, True)
+        acc, m_i, l_i = _online_step(q, k, v, acc, m_i, l_i, cols, N, qk_scale_log2, DOT_PRECISION, True)
+        if ROW_TAIL > 0:
+            acc_t, m_t, l_t = _online_step_t(q_t, k, v, acc_t, m_t, l_t, cols, N, qk_scale_log2, DOT_PRECISION, True)
     _store_rows(
         OUT, LSE, acc, m_i, l_i, b, h, pid_bh, offs_m, offs_d, mask_m, mask_d, stride_ob, stride_on, N, HEAD_DIM
     )
+    if ROW_TAIL > 0:
+        acc_t = tl.trans(acc_t)
+        _store_rows(
+            OUT, LSE, acc_t, m_t, l_t, b, h, pid_bh, offs_t, offs_d, mask_t, mask_d, stride_ob, stride_on, N, HEAD_DIM
+        )
 
 
 @triton.jit
-def _online_step(
-    q,
-    acc,
-    m_i,
-    l_i,
-    q_base,
-    cols,
-    offs_d,
-    mask_d,
-    stride_qn,
-    N,
-    D,
-    qk_scale_log2,
-    DOT_PRECISION: tl.constexpr,
-    MASK_COLS: tl.constexpr,
-):
-    """The online softmax's update of (acc, m_i, l_i) with the keys `cols`, at least one of them < N; MASK_COLS where
-    some are not."""
-    k, v = load_kv(q_base, cols, offs_d, mask_d, stride_qn, N, D, MASK_COLS)
+def _online_step(q, k, v, acc, m_i, l_i, cols, N, qk_scale_log2, DOT_PRECISION: tl.constexpr, MASK_COLS: tl.constexpr):
+    """The online softmax's update of (acc, m_i, l_i) with the keys `cols` (their k and v), at least one of them < N;
+    MASK_COLS where some are not."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASK_COLS:
         qk = tl.where(cols[None, :] < N, qk, float("-inf"))
@@ -110,6 +116,23 @@ def _online_step(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _online_step_t(
+    q_t, k, v, acc_t, m_t, l_t, cols, N, qk_scale_log2, DOT_PRECISION: tl.constexpr, MASK_COLS: tl.constexpr
+):
+    """_online_step for a few rows q_t, transposed as _tail_rows computes them: scores keys by rows, acc_t head dim
+    by rows, the softmax along axis 0."""
+    st = tl.dot(k, tl.trans(q_t), input_precision=DOT_PRECISION)  # [keys, rows]
+    if MASK_COLS:
+        st = tl.where(cols[:, None] < N, st, float("-inf"))
+    m_new = tl.maximum(m_t, tl.max(st, 0))
+    p = tl.exp2((st - m_new[None, :]) * qk_scale_log2)
+    alpha = tl.exp2((m_t - m_new) * qk_scale_log2)
+    l_t = l_t * alpha + tl.sum(p, 0)
+    acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=DOT_PRECISION)
+    return acc_t, m_new, l_t
 
 
 @triton.jit
@@ -260,6 +283,7 @@ def attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     WHOLE: tl.constexpr = False,  # a config's choice where N <= BLOCK_M + TAIL: one tile per (batch, head)
     TAIL: tl.constexpr = 0,  # the last partial block in a TAIL-wide tile where it fits (0: none); WHOLE: its rows
+    ROW_TAIL: tl.constexpr = 0,  # a pair's last rows, at most ROW_TAIL past a full block, taken by that block's program
 ):
     if WHOLE:
         # Short sequences (65 tokens): a few persistent programs per SM walk the (batch, head) pairs. The loop has
@@ -285,6 +309,56 @@ def attention_fwd_kernel(
                 BLOCK_M,
                 TAIL,
             )
+    elif ROW_TAIL > 0:
+        blocks = row_blocks(N, BLOCK_M, ROW_TAIL)  # the launcher's grid: ops/fused_attention.py's row_blocks
+        pid_m = tl.program_id(0) % blocks
+        pid_bh = tl.program_id(0) // blocks
+        if (pid_m == blocks - 1) & (blocks * BLOCK_M < N):
+            _attend_rows(
+                QKV,
+                OUT,
+                LSE,
+                pid_m,
+                pid_bh,
+                stride_qb,
+                stride_qn,
+                stride_ob,
+                stride_on,
+                N,
+                H,
+                D,
+                qk_scale_log2,
+                HEAD_DIM,
+                BLOCK_D,
+                DOT_PRECISION,
+                BLOCK_M,
+                BLOCK_N,
+                TAIL,
+                ROW_TAIL,
+            )
+        else:
+            _attend_rows(
+                QKV,
+                OUT,
+                LSE,
+                pid_m,
+                pid_bh,
+                stride_qb,
+                stride_qn,
+                stride_ob,
+                stride_on,
+                N,
+                H,
+                D,
+                qk_scale_log2,
+                HEAD_DIM,
+                BLOCK_D,
+                DOT_PRECISION,
+                BLOCK_M,
+                BLOCK_N,
+                TAIL,
+                0,
+            )
     else:
         pid_m, pid_bh = block_and_head(N, BLOCK_M)
         _attend_rows(
@@ -307,4 +381,5 @@ def attention_fwd_kernel(
             BLOCK_M,
             BLOCK_N,
             TAIL,
+            0,
         )

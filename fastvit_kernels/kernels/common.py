@@ -46,6 +46,14 @@ def block_and_head(N, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def row_blocks(N, BLOCK: tl.constexpr, ROW_TAIL: tl.constexpr):
+    """The query blocks of a pair for a forward tile with ROW_TAIL: where the last partial block has at most ROW_TAIL
+    rows after a full one, the full one takes them (one block fewer than cdiv(N, BLOCK))."""
+    rem = N % BLOCK
+    return tl.cdiv(N, BLOCK) - ((rem > 0) & (rem <= ROW_TAIL) & (N > BLOCK)).to(tl.int32)
+
+
+@triton.jit
 def full_blocks_end(N, BLOCK: tl.constexpr, TAIL: tl.constexpr):
     """Where a loop over N in blocks of BLOCK stops when its last, partial block has at most TAIL (> 0) elements and
     takes a TAIL-wide block of its own: a multiple of BLOCK (else N, every block BLOCK-wide, the last one masked)."""

@@ -16,6 +16,7 @@ from ..configs import (
     ATTENTION_BWD_DQ_CONFIGS,
     ATTENTION_FWD_CONFIGS,
     prune_attention,
+    row_blocks,
     whole_programs_per_sm,
 )
 from ..kernels.attention import attention_fwd_kernel
@@ -77,7 +78,7 @@ def attention_fwd(qkv, num_heads, scale):
     def grid(cfg):
         if cfg.get("WHOLE"):  # persistent: each program walks (batch, head) pairs
             return (min(pairs, whole_programs_per_sm(cfg["BLOCK_M"], cfg["TAIL"]) * sms),)
-        return (cdiv(N, cfg["BLOCK_M"]) * pairs,)
+        return (row_blocks(N, cfg["BLOCK_M"], cfg.get("ROW_TAIL", 0)) * pairs,)
 
     dot = dot_precision(qkv.dtype)
     # everything the configuration depends on (prune_attention: the length, the head dim, the element size)
@@ -125,7 +126,7 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot)
 
     def dq_grid(cfg):
-        return (cdiv(N, cfg["BLOCK_M"]) * pairs,)
+        return (row_blocks(N, cfg["BLOCK_M"], cfg.get("ROW_TAIL", 0)) * pairs,)
 
     def dkdv_grid(cfg):
         return (cdiv(N, cfg["BLOCK_N"]) * pairs,)
