@@ -15,8 +15,8 @@ WIDE=("$T[128x256x64-w8-s3-tma-gelu]" "$T[128x256x64-w8-s3-tma-residual]" "$T[12
   "$T[128x256x64-w8-s3-tma-flat-residual]" tests/test_linear.py::test_linear_residual_layernorm)
 echo "=== the GELU's, the 128 x 256 and LayerNorm GEMM tiles', the attention tests (every tile forced), the step plans'"
 FASTVIT_AUTOTUNE=0 timeout 80 $PY -m pytest -v -rf --tb=short tests/test_gelu.py "${WIDE[@]}" \
-  tests/test_attention.py tests/test_plan.py tests/test_plan_training.py tests/test_direct_launch.py \
-  tests/test_recording.py $XDIST -p no:cacheprovider \
+  tests/test_attention.py tests/test_arena.py tests/test_plan.py tests/test_plan_training.py \
+  tests/test_direct_launch.py tests/test_recording.py $XDIST -p no:cacheprovider \
   2>&1 | tee "$OUT_DIR/focus_tests.log" | grep -E "(FAILED|ERROR) tests/|=.*(passed|failed)" | cut -c1-200 | tail -20
 focus_bench() {  # focus_bench LIMIT WORKLOAD: ours (planned, indirect, unplanned, graphed) and eager SDPA, bf16
   timeout "$1" $PY -m pytest --benchmark-only -q -p no:cacheprovider --bench-rounds 5 --bench-warmup 2 \
