@@ -119,6 +119,8 @@ def report(results: list) -> str:
             epi += ", a whole (batch, head) pair per tile" if c.get("WHOLE") else ""
             if c.get("TAIL"):
                 epi += f" + {c['TAIL']}-row tail" if c.get("WHOLE") else f", last block {c['TAIL']} wide"
+            if c.get("ROW_TAIL"):  # its K step: the loop of the programs without rows to take, the smaller one
+                epi += f", up to {c['ROW_TAIL']} last rows with the block before"
         ops = "/".join(str(p.get(k)) for k in ("A", "C") if k in p) or "/".join(str(v) for v in list(p.values())[:2])
         warn = "yes" if any("C7515" in w for w in r["ptxas_warnings"]) else ""
         # a flattened tile loop has no K loop of its own: its "K step" is the whole loop, the epilogue included
