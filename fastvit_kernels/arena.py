@@ -11,9 +11,9 @@ ranges); a replay then takes its temporaries as they are.
 Two replays must not use the buffer at once: a replay takes the arena's lock for its call (another thread's replay
 meanwhile allocates afresh), and on a GPU the work it queues on its stream runs after the previous user's, on the same
 stream or after a wait for the other stream. During a CUDA graph capture a replay allocates afresh (the graph would
-keep the buffer's addresses). The buffer is held while a plan that uses it lives, sized by the largest plan that used it:
-the temporaries of one step, which the caching allocator held between steps before. FASTVIT_ARENA=0 (read when a plan
-is recorded) allocates afresh, as eager does.
+keep the buffer's addresses). The buffer is held while a plan that uses it lives, sized by the largest plan that
+used it: the temporaries of one step, which the caching allocator held between steps before. FASTVIT_ARENA=0 (read
+when a plan is recorded) allocates afresh, as eager does.
 """
 
 import os

@@ -261,7 +261,8 @@ def whole_programs_per_sm(block: int, tail: int = 0) -> int:
 # program also takes them, against the K/V it loads anyway: at N = 197 three programs a pair instead of four. The
 # fourth computed a 64-row tile for 5 rows and read all of the pair's K and V from L2 again; the query-block tiles
 # read K/V once per block, ~440 MB from L2 at ViT-B/16's shape (B = 128, H = 12), near the H100's L2 rate at the
-# 0.088 ms measured (2026-11-27). Ahead of the tile without it: FASTVIT_AUTOTUNE=0 and the tests take it where it applies.
+# 0.088 ms measured (2026-11-27). Ahead of the tile without it: FASTVIT_AUTOTUNE=0 and the tests take it where it
+# applies.
 ATTENTION_FWD_CONFIGS = [
     _attention_cfg(64, 64, 4, 2, whole=True, tail=16),
     _attention_cfg(64, 64, 4, 3, whole=True, tail=16),
