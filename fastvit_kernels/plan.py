@@ -44,6 +44,7 @@ from torch.nn.modules import module as _module
 
 from . import direct_launch, tuning
 from ._interpreter import interpreting
+from .arena import ArenaReplay
 from .ops._common import autocast_dtype
 from .ops.gemm import _tma_allocator
 from .recording import Line, Recorder, recording
@@ -105,7 +106,8 @@ def plans(model) -> dict:
 
 def summary(model) -> str:
     """One line on what the model's calls replay, for the benchmark rows beside their host time: per signature, the
-    recorded launches (how many call the compiled kernel directly) and torch operations, or why it is not replayed."""
+    recorded launches (how many call the compiled kernel directly) and torch operations (of which the temporaries the
+    arena holds, which a replay does not allocate: arena.py), or why it is not replayed."""
     if not plans_on():
         return f"off (FASTVIT_PLAN={plan_mode()})"
     parts = []
@@ -113,7 +115,9 @@ def summary(model) -> str:
         if isinstance(p, Plan):
             c = p.counts
             kind = "train" if isinstance(p, TrainingPlan) else "infer"
-            parts.append(f"{kind}: {c['direct'] + c['triton']} launches ({c['direct']} direct), {c['torch']} torch ops")
+            kept = sum(len(f.views) for f in (p.fn, getattr(p, "bwd", None)) if isinstance(f, ArenaReplay))
+            ops = f"{c['torch']} torch ops ({kept} temporaries in the arena)"
+            parts.append(f"{kind}: {c['direct'] + c['triton']} launches ({c['direct']} direct), {ops}")
         else:
             parts.append(f"not replayed: {p!r}")
     return "; ".join(parts) or "none recorded"

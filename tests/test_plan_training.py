@@ -165,7 +165,8 @@ def test_training_replay_launches_what_the_step_launches(device, monkeypatch):
         per_step.append([(name, grid) for name, grid in launches])
     assert isinstance(plan_for(model, x), plan.TrainingPlan)
     assert per_step[0] == per_step[2] == per_step[3]
-    summary = re.fullmatch(r"train: (\d+) launches \((\d+) direct\), (\d+) torch ops", plan.summary(model))
+    line = r"train: (\d+) launches \((\d+) direct\), (\d+) torch ops \((\d+) temporaries in the arena\)"
+    summary = re.fullmatch(line, plan.summary(model))
     assert summary and int(summary[1]) == len(per_step[0]), plan.summary(model)  # the forward's and the backward's
     source = plan_for(model, x).source
     assert "saved.clear()" in source  # the backward lets each activation go after its last use
