@@ -14,9 +14,10 @@ weights), the casts of fp32 weights that autocast adds (one per linear per step,
 for one F.linear and 0.1 ms for a sum on this box, so the figure measured meta, not us.)
 
 Rows (backend='triton'): `ours` in `host/cifar10/infer` and `host/cifar10/train` (the optimizer's zero_grad,
-forward, backward; no optimizer step), replayed from the model's step plans (fastvit_kernels/plan.py), and
-`ours-unplanned` in both, FASTVIT_PLAN=0: the model's forward (and backward) on every call. All rows launch the same
-kernels (counted in the rows).
+forward, backward; no optimizer step), replayed from the model's step plans (fastvit_kernels/plan.py), `ours-fresh`
+the same with FASTVIT_ARENA=0 (each temporary allocated afresh, not taken from the arena: fastvit_kernels/arena.py),
+and `ours-unplanned` in both, FASTVIT_PLAN=0: the model's forward (and backward) on every call. All rows launch the
+same kernels (counted in the rows).
 
 `host/cifar10+triton-run/{infer,train}`: the same steps with Triton's own JITFunction.run in every launch (argument
 binding and specialisation, the cache key, launch metadata: ~13-20 us a launch on the CPU box), only the compiled
@@ -73,15 +74,17 @@ def stand_ins(request, monkeypatch):
     return request.param, launches
 
 
-@pytest.mark.parametrize("row", ["ours", "ours-autocast", "ours-indirect", "ours-unplanned"])
+@pytest.mark.parametrize("row", ["ours", "ours-autocast", "ours-fresh", "ours-indirect", "ours-unplanned"])
 @pytest.mark.parametrize("mode", ["infer", "train"])
 def test_host_time(benchmark, bench_opts, stand_ins, monkeypatch, mode, row):
     kind, launches_made = stand_ins
     if row == "ours-indirect" and kind == "no-op":
         pytest.skip("with recorders for kernels every plan launches through kernel[grid]: the same as `ours`")
-    if row == "ours-autocast" and kind != "no-op":
-        pytest.skip("autocast's casts are timed in the no-op group")
+    if row in ("ours-autocast", "ours-fresh") and kind != "no-op":
+        pytest.skip("autocast's casts and the arena's allocations are timed in the no-op group")
     monkeypatch.setenv("FASTVIT_PLAN", {"ours": "1", "ours-indirect": "triton", "ours-unplanned": "0"}.get(row, "1"))
+    if row == "ours-fresh":  # the plans allocating their temporaries afresh (fastvit_kernels/arena.py): its A/B
+        monkeypatch.setenv("FASTVIT_ARENA", "0")
     # ours-autocast: fp32 weights under bf16 autocast, as the GPU's e2e rows run (the weights' casts, batched, and
     # the gradients' casts back are in the step); the other rows: bf16 weights, no casts
     amp = row == "ours-autocast"
