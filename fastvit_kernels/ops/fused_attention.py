@@ -126,7 +126,7 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot)
 
     def dq_grid(cfg):
-        return (row_blocks(N, cfg["BLOCK_M"], cfg.get("ROW_TAIL", 0)) * pairs,)
+        return (cdiv(N, cfg["BLOCK_M"]) * pairs,)
 
     def dkdv_grid(cfg):
         return (cdiv(N, cfg["BLOCK_N"]) * pairs,)
