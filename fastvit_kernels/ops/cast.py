@@ -2,7 +2,7 @@
 instead of torch._foreach_copy_, which launches a kernel per tensor when the dtypes differ.
 
   copy_cast(dsts, srcs)        dsts[i].copy_(srcs[i]) for every i, CAST_PAIRS pairs a launch
-  copy_cast_unchecked(...)     the same without the checks: what a step plan's replay calls
+  copy_cast_unchecked(...)     the same without the checks (copy_cast after them; the cast benchmark's row)
   copy_cast_ref(dsts, srcs)    torch._foreach_copy_(dsts, srcs)
   CastBatch                    a step plan's batch of casts into fresh outputs, its launches made once per sources
   KeptCasts                    a step plan's batch of weight casts into outputs kept from one replay to the next
@@ -47,7 +47,7 @@ def copy_cast(dsts, srcs) -> None:
 
 def copy_cast_unchecked(dsts, srcs) -> None:
     """copy_cast without its checks (~1 us a pair of host time): for a step plan's batches, whose pairs are what
-    copy_cast accepts by construction (recording._batch: contiguous casts to a new tensor of the same shape, grouped
+    copy_cast accepts by construction (cast_batches._batch: contiguous casts to a new tensor of the same shape, grouped
     by dtypes and device)."""
     _run(dsts, srcs, _launches(dsts, srcs))
 
@@ -80,6 +80,12 @@ def _launches(dsts, srcs):
     return launches
 
 
+def _new_sources(srcs, seen) -> bool:
+    """Other source objects than the launches were made for (seen: None before the first call). The line that calls
+    passes a fixed count, so the objects alone are compared."""
+    return seen is None or any(a is not b for a, b in zip(srcs, seen))
+
+
 class CastBatch:
     """A step plan's batch of casts of one dtype pair into fresh outputs (the weight gradients' casts back to the
     weights' dtype): copy_cast_unchecked, with its launches' argument lists made once while the same source objects
@@ -92,7 +98,7 @@ class CastBatch:
         self.slots = []  # (launch, argument position, output index): where each call's outputs go
 
     def __call__(self, dsts, srcs):
-        if self.srcs is None or any(a is not b for a, b in zip(srcs, self.srcs)):  # the line passes a fixed count
+        if _new_sources(srcs, self.srcs):
             self.launches, self.srcs = _launches(dsts, srcs), srcs
             index = {id(d): i for i, d in enumerate(dsts)}
             self.slots = [
@@ -109,7 +115,7 @@ class CastBatch:
 
 
 class KeptCasts:
-    """A step plan's early batch of autocast's casts of the model's tensors (recording._batch_casts): called with the
+    """A step plan's early batch of autocast's casts of the model's tensors (cast_batches.py): called with the
     sources, it casts them into outputs it allocated on its first call and returns those, every call. The casts run
     every call (a weight may change in place without a new version: p.data.mul_()), the ~150 allocations of a
     CIFAR-10 step's weight copies do not. The outputs are held between calls (the weights' size in the compute dtype:
@@ -133,7 +139,7 @@ class KeptCasts:
     def __call__(self, *srcs):
         if self.outs is None:
             self.outs = [torch.empty_like(t) for t in self.templates]
-        if self.srcs is None or any(a is not b for a, b in zip(srcs, self.srcs)):  # the line passes a fixed count
+        if _new_sources(srcs, self.srcs):
             # a launch reads each tensor's address when it runs: a parameter given new .data is still the object
             self.launches = []
             for ids in self.groups.values():
