@@ -29,18 +29,19 @@ failed_tests() {  # the tests the last stage named as failed or in error, one a 
 }
 
 echo "=== the TMA GEMM path first: if it fails here, the benchmarks run without it (FASTVIT_TMA=0)"
-# the warp-specialised and the flattened tiles are offered to the tuner only if they pass here; no -x, so that a
-# failure in one of them does not leave the others untested
+# the warp-specialised, the flattened and the descriptor-epilogue tiles are offered to the tuner only if they pass
+# here; no -x, so that a failure in one of them does not leave the others untested
 export FASTVIT_WARP_SPEC=1
 run_tests 50 tests/test_gelu.py tests/test_linear.py; status=$?
 failed=$(failed_tests)
 if [ -z "$failed" ] && [ "$status" -eq 124 ]; then
-  echo "... no failure before the limit: the TMA tiles stay in, the warp-specialised and flattened go"
-  export FASTVIT_WARP_SPEC=0 FASTVIT_FLATTEN=0
-elif [ -n "$failed" ] && ! echo "$failed" | grep -qvE "warpspec|flat"; then
-  # only warp-specialised or flattened tiles failed: those go, the other TMA tiles stay
+  echo "... no failure before the limit: the TMA tiles stay in, the warp-specialised, flattened and epitma go"
+  export FASTVIT_WARP_SPEC=0 FASTVIT_FLATTEN=0 FASTVIT_EPI_TMA=0
+elif [ -n "$failed" ] && ! echo "$failed" | grep -qvE "warpspec|flat|epitma"; then
+  # only warp-specialised, flattened or descriptor-epilogue tiles failed: those go, the other TMA tiles stay
   echo "$failed" | grep -q warpspec && export FASTVIT_WARP_SPEC=0 && echo "!!! warp-specialised tiles failed: WARP_SPEC=0"
   echo "$failed" | grep -q flat && export FASTVIT_FLATTEN=0 && echo "!!! flattened tiles failed: FASTVIT_FLATTEN=0"
+  echo "$failed" | grep -q epitma && export FASTVIT_EPI_TMA=0 && echo "!!! descriptor epilogues failed: FASTVIT_EPI_TMA=0"
 elif [ -n "$failed" ] || { [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; }; then
   echo "!!! GEMM tests failed: benchmarks run with FASTVIT_TMA=0 (pointer-load tiles only)"
   export FASTVIT_TMA=0 FASTVIT_WARP_SPEC=0
@@ -133,7 +134,8 @@ K=benchmarks/test_kernels.py
 # 2026-11-27; 197 and 257 tokens: gpu_second.sh), then the rest
 bench 80 $K::test_cast $K::test_attention $K::test_layernorm_mlp $K::test_patch_embed $K::test_layernorm_bwd \
   $K::test_column_sum -k "(ours or flash or cudnn or eager or foreach) and not no-whole and not N197 and not N257"
-bench 40 benchmarks/test_gemms.py -k cifar10
+# the GEMMs with an epilogue (their weight gradients and the +norm candidates: gpu_second.sh)
+bench 40 benchmarks/test_gemms.py -k "cifar10 and not dW and not norm"
 echo "=== GPU time per kernel, one CIFAR-10 step (ours and eager SDPA)"
 timeout 25 $PY benchmarks/profile_step.py "$OUT_DIR" 2>&1 | grep -E "^(###|\| \`)" | head -60
 echo "=== host time per phase of a CIFAR-10 step, and the operations ours' training step spends it in"

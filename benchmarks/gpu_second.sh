@@ -2,8 +2,9 @@
 # A second call on the machine `gpu_check.sh` left warm (its tuning on disk): the rows the check's stage limits leave
 # out, 10 rounds each, at most 195 s (what a lent GPU's 15 minutes leave after the check and a start). In priority
 # order: torch.compile with CUDA graphs over our model's training step (the issue's row; it compiles for a minute or
-# more), ViT-B/16 end to end, the attention rows with SDPA's backends, the GEMMs with the next LayerNorm. Rows go to
-# $OUT_DIR/rows.jsonl with their commit, as the check's (FASTVIT_COMMIT=<hash> where the tree came without .git).
+# more), ViT-B/16 end to end, the attention rows with SDPA's backends, CIFAR-10's GEMMs with the next LayerNorm and
+# the weight gradients. Rows go to $OUT_DIR/rows.jsonl with their commit, as the check's (FASTVIT_COMMIT=<hash> where
+# the tree came without .git).
 source "$(dirname "$0")/gpu_env.sh"
 : > "$FASTVIT_BENCH_ROWS"
 b() {  # b LIMIT PYTEST-ARGS...
@@ -15,5 +16,5 @@ b() {  # b LIMIT PYTEST-ARGS...
 b 80 benchmarks/test_e2e.py -k "cifar10 and bf16 and ours-compile-reduce-overhead and train"
 b 45 benchmarks/test_e2e.py -k "vitb16 and (ours or sdpa) and not compile"
 b 50 benchmarks/test_kernels.py::test_attention -k "(ours or flash or cudnn) and not no-whole"
-b 20 benchmarks/test_gemms.py -k "norm"
+b 20 benchmarks/test_gemms.py -k "cifar10 and (norm or dW)"
 $PY benchmarks/summary.py "$FASTVIT_BENCH_ROWS" "$OUT_DIR" | grep "^|"

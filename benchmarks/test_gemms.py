@@ -30,11 +30,12 @@ GEMMS = {  # name -> (N, K) as functions of (D, hidden), and which rows apply
     "qkv": (lambda d, h: (3 * d, d), ("ours", "eager", "cublas", "ln+ours")),
     "proj": (lambda d, h: (d, d), ("ours", "eager", "cublas")),
     "fc1": (lambda d, h: (h, d), ("ours", "eager", "cublas", "ln+ours")),
+    "fc1+pre": (lambda d, h: (h, d), ("ours", "eager", "cublas")),  # training's: the pre-activation stored too
+    "fc2-dgelu": (lambda d, h: (h, d), ("ours", "eager", "cublas")),  # dy @ W2 with GELU' in the epilogue
     "fc2": (lambda d, h: (d, h), ("ours", "eager", "cublas")),
     "proj+norm": (lambda d, h: (d, d), ("ours", "eager", "cublas", "ours+ln", "cublas+addln")),  # + the block's norm2
     "fc2+norm": (lambda d, h: (d, h), ("ours", "eager", "cublas", "ours+ln", "cublas+addln")),  # + the next norm1
     "fc1-dW": (lambda d, h: (h, d), ("ours", "eager", "cublas")),  # weight gradient from the saved LayerNorm rows
-    "fc2-dgelu": (lambda d, h: (h, d), ("ours", "eager", "cublas")),  # dy @ W2 with GELU' in the epilogue
     "fc2-dW": (lambda d, h: (d, h), ("ours", "eager", "cublas")),
 }
 BF16 = torch.bfloat16
@@ -55,12 +56,14 @@ def _case(name, row, R, D, Hd, device):
     xn = F.layer_norm(x, (D,), nw, nb, eps).to(BF16)
     amp = torch.autocast(device.type, dtype=BF16)
 
-    if name in ("qkv", "fc1"):
-        gelu = name == "fc1"
+    if name in ("qkv", "fc1", "fc1+pre"):
+        gelu = name != "qkv"
         act = F.gelu if gelu else (lambda t: t)
         epi = "gelu" if gelu else "none"
+        # fc1+pre: the pre-activation written beside GELU's output, for the backward (eager's linear writes it anyway)
+        pre = torch.empty(R, N, device=device, dtype=BF16) if name == "fc1+pre" else None
         fns = {
-            "ours": lambda: lin.linear(xn, w, b, epilogue=epi),
+            "ours": lambda: lin.linear(xn, w, b, epilogue=epi, pre=pre),
             "eager": lambda: act(F.linear(F.layer_norm(x, (D,), nw, nb, eps), w, b)),
             "cublas": lambda: F.linear(xn, w, b),
             "ln+ours": lambda: lin.linear(lnorm.layernorm_fwd(x, nw, nb, eps, BF16)[0], w, b, epilogue=epi),

@@ -1,4 +1,4 @@
-"""Integer helpers for host code, shared by the launchers (ops/) and the configuration tables (configs.py)."""
+"""Integer helpers for host code, shared by the launchers (ops/) and the configuration tables (configs/)."""
 
 
 def cdiv(a: int, b: int) -> int:

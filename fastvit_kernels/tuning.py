@@ -1,6 +1,6 @@
 """How a kernel's configuration is chosen and launched: the launch modes (autotuning on a GPU; the first surviving
 configuration under the interpreter or with FASTVIT_AUTOTUNE=0), the Launcher that decides once per key, forget(),
-and the choice between Triton and cuBLAS per GEMM. The candidates and their pruning are configs.py's.
+and the choice between Triton and cuBLAS per GEMM. The candidates and their pruning are configs/'s.
 """
 
 import os
@@ -136,9 +136,9 @@ def _tuner_ms(tuner, before=None) -> dict:
 
 def forget() -> None:
     """Forget every per-key decision (configurations, GEMM backends): the environment switches (FASTVIT_GEMM,
-    FASTVIT_AUTOTUNE, FASTVIT_TMA, FASTVIT_WARP_SPEC, FASTVIT_FLATTEN, FASTVIT_ATTN_WHOLE, FASTVIT_ROW_PIPELINE) are
-    read when a key is first launched, so a process that changes one mid-run calls this after it. Triton's timings
-    are kept (each list of candidates a switch leaves has its own autotuner, which times a tuner key once). Step plans
+    FASTVIT_AUTOTUNE, FASTVIT_TMA, FASTVIT_WARP_SPEC, FASTVIT_FLATTEN, FASTVIT_EPI_TMA, FASTVIT_ATTN_WHOLE,
+    FASTVIT_ROW_PIPELINE) are read when a key is first launched, so a process that changes one mid-run calls this after
+    it. Triton's timings are kept (each list of candidates a switch leaves has its own autotuner, which times a tuner key once). Step plans
     recorded before it are not replayed."""
     global _forgets
     for launcher in _LAUNCHERS:

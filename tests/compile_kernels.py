@@ -135,6 +135,7 @@ def _variants(cap):
                 HAS_BIAS=bias,
                 STORE_PRE=epi == "gelu" and pre,
                 TMA_OK=cap >= 90,
+                EPI_TMA_OK=cap >= 90,  # C, the residual and the pre-activation through descriptors too
                 B_KMAJOR=epi != "gelu_grad",
             )
             add(gemm.linear_fwd_kernel, tn.LINEAR_FWD_CONFIGS, ptrs, [consts], tn.prune_linear_fwd, full)

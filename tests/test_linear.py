@@ -284,8 +284,10 @@ def _tile_id(i):
     """A config's test id: its tile, and `warpspec` for the warp-specialised ones (gpu_check.sh selects on it)."""
     c = configs.LINEAR_FWD_CONFIGS[i]
     k = c.kwargs
-    flags = (
-        ("-tma" if k["USE_TMA"] else "") + ("-warpspec" if k["WARP_SPEC"] else "") + ("-flat" if k["FLATTEN"] else "")
+    flags = "".join(
+        f"-{name}"
+        for name, on in (("tma", "USE_TMA"), ("warpspec", "WARP_SPEC"), ("flat", "FLATTEN"), ("epitma", "EPI_TMA"))
+        if k[on]
     )
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-w{c.num_warps}-s{c.num_stages}{flags}"
 
@@ -310,25 +312,31 @@ def test_every_linear_config(cfg, epilogue, device, monkeypatch):
     res = torch.randn(M, N, device=device) if epilogue == "residual" else None
     if configs._serialised(config, epilogue, res):
         pytest.skip("not offered with an fp32 residual: ptxas serialises its wgmma")
-    named = {"A": a, "B": w, "TMA_OK": lin._tma_ok(a, K, w), "EPILOGUE": epilogue, "RES": res}
+    if epilogue == "gelu_grad":
+        w = w.t().contiguous().t()  # [N, K] with N contiguous, as W2.t() is
+        pre = torch.randn(M, N, device=device).to(torch.bfloat16)
+    else:  # the pre-activation the forward writes for the backward
+        pre = torch.full((M, N), float("nan"), device=device, dtype=torch.bfloat16) if epilogue == "gelu" else None
+    out_dtype = torch.float32 if epilogue == "residual" else torch.bfloat16
+    tma_ok = lin._tma_ok(a, K, w)
+    epi_ok = lin._epilogue_tma_ok(tma_ok, N, out_dtype, res, pre)
+    assert tma_ok and epi_ok
+    c = torch.empty(M, N, device=device, dtype=out_dtype)
+    named = dict(A=a, B=w, C=c, RES=res, PRE=pre, TMA_OK=tma_ok, EPI_TMA_OK=epi_ok, EPILOGUE=epilogue)
     assert configs.prune_linear_fwd([config], named) == [config]  # it runs, not a fallback tile
     ref = a.double() @ w.double().t() + b.double()
     if epilogue == "residual":
         out = lin.linear(a, w, b, epilogue="residual", residual=res, out_dtype=torch.float32)
         assert_matches(out, res + F.linear(a, w, b), res.double() + ref, torch.bfloat16)
-        return
-    if epilogue == "gelu_grad":
-        w_n = w.t().contiguous().t()  # [N, K] with N contiguous, as W2.t() is
-        pre = torch.randn(M, N, device=device).to(torch.bfloat16)
-        assert lin._tma_ok(a, K, w_n)
-        out = lin.linear(a, w_n, epilogue="gelu_grad", pre=pre)
+    elif epilogue == "gelu_grad":
+        out = lin.linear(a, w, epilogue="gelu_grad", pre=pre)
         ref = _reference(a.double(), w.double(), None, "gelu_grad", pre.double(), None)
         assert_matches(out, _reference(a, w, None, "gelu_grad", pre, None), ref, torch.bfloat16)
-        return
-    pre = torch.full((M, N), float("nan"), device=device, dtype=torch.bfloat16)
-    out = lin.linear(a, w, b, epilogue="gelu", pre=pre)
-    assert_matches(out, F.gelu(F.linear(a, w, b)), F.gelu(ref), torch.bfloat16)
-    assert_matches(pre, F.linear(a, w, b), ref, torch.bfloat16, "pre-activation")
+    else:
+        out = lin.linear(a, w, b, epilogue="gelu", pre=pre)
+        assert_matches(out, F.gelu(F.linear(a, w, b)), F.gelu(ref), torch.bfloat16)
+        assert_matches(pre, F.linear(a, w, b), ref, torch.bfloat16, "pre-activation")
+    assert lin._fwd.best_config is config
 
 
 def test_warp_specialised_tiles_are_offered_only_when_asked(monkeypatch):
@@ -340,6 +348,29 @@ def test_warp_specialised_tiles_are_offered_only_when_asked(monkeypatch):
     assert not any(c.kwargs["WARP_SPEC"] for c in configs.prune_linear_fwd(configs.LINEAR_FWD_CONFIGS, named))
     monkeypatch.setenv("FASTVIT_WARP_SPEC", "1")
     assert ws == [c for c in configs.prune_linear_fwd(configs.LINEAR_FWD_CONFIGS, named) if c.kwargs["WARP_SPEC"]]
+
+
+def test_descriptor_epilogues_are_offered_beside_a_second_tile_only():
+    # EPI_TMA tiles where the epilogue loads or stores a tile beside C (the residual, the pre-activation) and every
+    # one of them allows a descriptor (16-byte aligned rows); elsewhere the tuner is not offered them
+    epi = [c for c in configs.LINEAR_FWD_CONFIGS if c.kwargs["EPI_TMA"]]
+    assert epi and all(c.kwargs["USE_TMA"] and not c.kwargs["WARP_SPEC"] for c in epi)
+    a, w = torch.empty(8, 48, dtype=torch.bfloat16), torch.empty(304, 48, dtype=torch.bfloat16)
+    res, pre = torch.empty(8, 304), torch.empty(8, 304, dtype=torch.bfloat16)
+    misaligned = torch.empty(8, 306)[:, 1:305]  # rows 1,224 B apart: not a multiple of 16
+    assert lin._epilogue_tma_ok(True, 304, torch.float32, res, None)
+    assert not lin._epilogue_tma_ok(True, 304, torch.float32, misaligned, None)
+    assert not lin._epilogue_tma_ok(True, 300, torch.bfloat16, None, None)  # C's rows: 600 B
+    assert not lin._epilogue_tma_ok(False, 304, torch.bfloat16, None, pre)  # the operands' descriptors come first
+
+    def offered(epilogue, **named):
+        named = dict(dict(A=a, B=w, C=torch.empty(8, 304), TMA_OK=True, EPI_TMA_OK=True, EPILOGUE=epilogue), **named)
+        return [c for c in configs.prune_linear_fwd(configs.LINEAR_FWD_CONFIGS, named) if c.kwargs["EPI_TMA"]]
+
+    assert offered("residual", RES=res) == epi
+    assert offered("gelu", PRE=pre) == epi and offered("gelu_grad", PRE=pre) == epi
+    assert offered("gelu") == [] and offered("none") == []  # C alone: about as fast through pointers
+    assert offered("residual", RES=res, EPI_TMA_OK=False) == []
 
 
 @pytest.mark.parametrize("cfg", range(len(configs.LINEAR_LN_CONFIGS)))

@@ -8,29 +8,8 @@ block on sm_90). Absent tensors are None, and the flags that depend on them are 
 import triton
 import triton.language as tl
 
-from .common import gelu, gelu_grad, grouped_pid, last_to_arrive, sum_partials
-
-
-# Epilogues: acc [BLOCK_M, BLOCK_N] fp32 in, fp32 out; `rows` (int64) and `cols` index the tile, PTR's strides map
-# them to memory.
-@triton.jit
-def _gelu_epilogue(acc, PRE, rows, cols, stride_m, stride_n, mask, STORE_PRE: tl.constexpr):
-    # the pre-activation is written only when a backward will need it (training)
-    if STORE_PRE:
-        tl.store(PRE + rows * stride_m + cols * stride_n, acc.to(PRE.dtype.element_ty), mask=mask)
-    return gelu(acc)
-
-
-@triton.jit
-def _gelu_grad_epilogue(acc, PRE, rows, cols, stride_m, stride_n, mask):
-    # the backward of GELU in the GEMM that produces dGELU: d(pre) = dGELU * GELU'(pre)
-    pre = tl.load(PRE + rows * stride_m + cols * stride_n, mask=mask, other=0.0).to(tl.float32)
-    return acc * gelu_grad(pre)
-
-
-@triton.jit
-def _residual_epilogue(acc, RES, rows, cols, stride_m, stride_n, mask):
-    return acc + tl.load(RES + rows * stride_m + cols * stride_n, mask=mask, other=0.0).to(tl.float32)
+from .common import grouped_pid, last_to_arrive, sum_partials
+from .gemm_epilogue import epilogue_parts, finish_tile
 
 
 @triton.jit
@@ -97,107 +76,6 @@ def _mainloop_tma(
     return acc
 
 
-@triton.jit
-def _finish_cols(
-    acc,
-    pid_m,
-    pid_n,
-    C,
-    BIAS,
-    RES,
-    PRE,
-    M,
-    N,
-    stride_cm,
-    stride_cn,
-    stride_rm,
-    stride_rn,
-    stride_pm,
-    stride_pn,
-    EPILOGUE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    STORE_PRE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Bias, the epilogue, and the store of one [BLOCK_M, BLOCK_N] block of C (the `pid_n`-th of that width)."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mask = (offs_m < M)[:, None] & mask_n[None, :]
-    rows = offs_m[:, None].to(tl.int64)  # M * stride can pass 2**31 (ViT-B's hidden at batch 1024)
-    cols = offs_n[None, :]
-    if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if EPILOGUE == "gelu":
-        acc = _gelu_epilogue(acc, PRE, rows, cols, stride_pm, stride_pn, mask, STORE_PRE)
-    elif EPILOGUE == "gelu_grad":
-        acc = _gelu_grad_epilogue(acc, PRE, rows, cols, stride_pm, stride_pn, mask)
-    elif EPILOGUE == "residual":
-        acc = _residual_epilogue(acc, RES, rows, cols, stride_rm, stride_rn, mask)
-    tl.store(C + rows * stride_cm + cols * stride_cn, acc.to(C.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _finish_tile(
-    acc,
-    pid_m,
-    pid_n,
-    C,
-    BIAS,
-    RES,
-    PRE,
-    M,
-    N,
-    stride_cm,
-    stride_cn,
-    stride_rm,
-    stride_rn,
-    stride_pm,
-    stride_pn,
-    EPILOGUE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    STORE_PRE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """One [BLOCK_M, BLOCK_N] tile of C. A 256-wide tile whose epilogue reads or writes a second tile (the residual,
-    the pre-activation) runs it one 128-column half at a time: whole, the fp32 residual (128 more registers a
-    thread) spilled 728 B at 255 registers, GELU' 64 B and the stored pre-activation 8 B; in halves none spills (128
-    x 256, 8 warps, sm_90, triton 3.6, compiled offline). The others stay whole: halving costs ~70-90 instructions a
-    warp a tile."""
-    SECOND_TILE: tl.constexpr = EPILOGUE == "residual" or EPILOGUE == "gelu_grad" or STORE_PRE
-    HALVES: tl.constexpr = 2 if BLOCK_N >= 256 and SECOND_TILE else 1
-    if HALVES == 2:
-        # [BLOCK_M, BLOCK_N // 2, 2] split: columns [0, BLOCK_N / 2) and [BLOCK_N / 2, BLOCK_N) of the tile
-        parts = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-    else:
-        parts = (acc,)
-    for half in tl.static_range(HALVES):
-        _finish_cols(
-            parts[half],
-            pid_m,
-            HALVES * pid_n + half,
-            C,
-            BIAS,
-            RES,
-            PRE,
-            M,
-            N,
-            stride_cm,
-            stride_cn,
-            stride_rm,
-            stride_rn,
-            stride_pm,
-            stride_pn,
-            EPILOGUE,
-            HAS_BIAS,
-            STORE_PRE,
-            BLOCK_M,
-            BLOCK_N // HALVES,
-        )
-
-
 @triton.heuristics(
     {
         "HAS_BIAS": lambda args: args["BIAS"] is not None,
@@ -237,6 +115,8 @@ def linear_fwd_kernel(
     FLATTEN: tl.constexpr,  # TMA tiles: the tile and K loops pipelined as one (next tile's loads under the epilogue)
     USE_TMA: tl.constexpr,  # the tile's choice: persistent programs loading through tensor descriptors...
     TMA_OK: tl.constexpr,  # ...where the operands allow it (A K-contiguous, B K- or N-contiguous, 16-byte aligned rows)
+    EPI_TMA: tl.constexpr,  # TMA tiles: C stored, the residual or pre-activation loaded, through descriptors too...
+    EPI_TMA_OK: tl.constexpr,  # ...where C, RES and PRE allow it (unit column stride, 16-byte aligned rows)
     HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr,
     B_KMAJOR: tl.constexpr,  # B's K steps are contiguous (nn.Linear's weight as stored), else its N steps are
@@ -249,6 +129,18 @@ def linear_fwd_kernel(
             b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
         else:
             b_desc = tl.make_tensor_descriptor(B, shape=[K, N], strides=[stride_bk, 1], block_shape=[BLOCK_K, BLOCK_N])
+        EPI_DESC: tl.constexpr = EPI_TMA and EPI_TMA_OK
+        if EPI_DESC:  # C, RES and PRE become descriptors of one epilogue part's block (the pointers' slots reused)
+            PART_N: tl.constexpr = BLOCK_N // epilogue_parts(BLOCK_N, EPILOGUE, STORE_PRE, EPI_DESC)
+            C = tl.make_tensor_descriptor(C, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, PART_N])
+            if EPILOGUE == "residual":
+                RES = tl.make_tensor_descriptor(
+                    RES, shape=[M, N], strides=[stride_rm, 1], block_shape=[BLOCK_M, PART_N]
+                )
+            if STORE_PRE or EPILOGUE == "gelu_grad":
+                PRE = tl.make_tensor_descriptor(
+                    PRE, shape=[M, N], strides=[stride_pm, 1], block_shape=[BLOCK_M, PART_N]
+                )
         # num_programs (about two per SM) walk the tiles in grouped order. With WARP_SPEC, Triton splits this loop
         # into warp partitions, the loads apart from the MMAs and the epilogue (4 warps become 12; triton 3.6/3.8
         # ignore it at 8), so that the next tile's loads run under this tile's epilogue (fc1's GELU: ~1,500 SASS
@@ -260,7 +152,7 @@ def linear_fwd_kernel(
         ):
             pid_m, pid_n = grouped_pid(tile, num_pid_m, num_pid_n, GROUP_M)
             acc = _mainloop_tma(a_desc, b_desc, pid_m, pid_n, K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR)
-            _finish_tile(
+            finish_tile(
                 acc,
                 pid_m,
                 pid_n,
@@ -281,6 +173,7 @@ def linear_fwd_kernel(
                 STORE_PRE,
                 BLOCK_M,
                 BLOCK_N,
+                EPI_DESC,
             )
     else:
         pid_m, pid_n = grouped_pid(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
@@ -301,7 +194,7 @@ def linear_fwd_kernel(
             BLOCK_N,
             BLOCK_K,
         )
-        _finish_tile(
+        finish_tile(
             acc,
             pid_m,
             pid_n,
@@ -322,6 +215,7 @@ def linear_fwd_kernel(
             STORE_PRE,
             BLOCK_M,
             BLOCK_N,
+            False,
         )
 
 

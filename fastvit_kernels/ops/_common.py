@@ -1,7 +1,7 @@
 """Helpers shared by the op files: input checks, the compute dtype under autocast, launch geometry, and the call
 path of the custom ops (the op under torch.compile, the implementation directly in eager mode).
 
-Kernel configurations are fastvit_kernels/configs.py's, launch modes tuning.py's, the interpreter's fixes
+Kernel configurations are fastvit_kernels/configs/'s, launch modes tuning.py's, the interpreter's fixes
 _interpreter.py's.
 """
 

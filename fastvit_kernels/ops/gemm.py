@@ -54,7 +54,10 @@ EPILOGUES = ("none", "gelu", "gelu_grad", "residual")
 
 
 _fwd = Launcher(
-    linear_fwd_kernel, LINEAR_FWD_CONFIGS, ["M", "N", "K", "EPILOGUE", "DOT_PRECISION", "TMA_OK"], prune_linear_fwd
+    linear_fwd_kernel,
+    LINEAR_FWD_CONFIGS,
+    ["M", "N", "K", "EPILOGUE", "DOT_PRECISION", "TMA_OK", "EPI_TMA_OK"],
+    prune_linear_fwd,
 )
 _fwd_ln = Launcher(
     linear_residual_layernorm_kernel, LINEAR_LN_CONFIGS, ["M", "N", "K", "DOT_PRECISION", "TMA_OK"], prune_linear_ln
@@ -88,6 +91,21 @@ def _tma_ok(a, a_rows, weight) -> bool:
     )
 
 
+def _epilogue_tma_ok(tma_ok, N, out_dtype, res, pre) -> bool:
+    """Whether the epilogue's tensors can go through tensor descriptors too (where the operands do): C [M, N] (made
+    contiguous), the residual and the pre-activation as the kernel reads them (as_rows), with 16-byte aligned rows
+    and base addresses."""
+
+    def ok(t):
+        if t is None:
+            return True
+        t2, rows = as_rows(t)
+        es = t.element_size()
+        return t2.stride(-1) == 1 and rows > 0 and (rows * es) % 16 == 0 and (t2 is not t or t.data_ptr() % 16 == 0)
+
+    return tma_ok and (N * out_dtype.itemsize) % 16 == 0 and ok(res) and ok(pre)
+
+
 def _tma_allocator() -> None:
     """Triton's allocator for the on-device descriptors of a TMA launch (a context variable: set where the launch
     happens)."""
@@ -116,15 +134,16 @@ def linear(a, weight, bias=None, *, epilogue="none", pre=None, residual=None, ou
         return torch.empty((*a.shape[:-1], N), device=a.device, dtype=out_dtype)
     a, a_rows = as_rows(a)
     tma_ok = _tma_ok(a, a_rows, weight)
-    key = _linear_key(M, N, K, epilogue, a, weight, bias, pre, res, out_dtype, tma_ok)
-    args = (a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, key)
+    epi_ok = _epilogue_tma_ok(tma_ok, N, out_dtype, res, pre)
+    key = _linear_key(M, N, K, epilogue, a, weight, bias, pre, res, out_dtype, tma_ok, epi_ok)
+    args = (a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, epi_ok, key)
     return _run(key, a.is_cuda, _LINEAR, args)
 
 
-def _linear_key(M, N, K, epilogue, a, weight, bias, pre, res, out_dtype, tma_ok):
+def _linear_key(M, N, K, epilogue, a, weight, bias, pre, res, out_dtype, tma_ok, epi_ok):
     """Everything a linear's backend, configuration and launch grid depend on."""
     key = ("linear", M, N, K, epilogue, a.dtype, out_dtype, res is not None and res.dtype, bias is not None)
-    return key + (pre is not None, weight.stride(1), tma_ok, dot_precision(a.dtype), a.device)
+    return key + (pre is not None, weight.stride(1), tma_ok, epi_ok, dot_precision(a.dtype), a.device)
 
 
 def _run(key, timed, candidates: dict, args):
@@ -141,7 +160,7 @@ def _run(key, timed, candidates: dict, args):
 last_backend = None  # the backend of the latest GEMM: the per-GEMM benchmark rows record it
 
 
-def _linear_cublas(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, key):
+def _linear_cublas(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, epi_ok, key):
     """torch's GEMM (cuBLAS on a GPU) rounding to the compute dtype, then the epilogue as torch ops: eager autocast's
     sequence, so it rounds the product before the epilogue where eager does."""
     if epilogue == "gelu" and pre is not None:  # the pre-activation straight into the buffer the backward reads
@@ -162,7 +181,7 @@ def _linear_cublas(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
     return y
 
 
-def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, key):
+def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, epi_ok, key):
     K = a.shape[-1]
     M = a.numel() // K
     N = weight.shape[0]
@@ -205,6 +224,7 @@ def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
         DOT_PRECISION=dot_precision(a.dtype),
         GROUP_M=GROUP_M,
         TMA_OK=tma_ok,
+        EPI_TMA_OK=epi_ok,
     )
     return c
 
@@ -248,8 +268,9 @@ def _residual_then_layernorm_triton(
     """Our residual GEMM, then the LayerNorm row kernel: beside the full-row tile, and for rows wider than it spans."""
     K = a.shape[-1]
     M, N = a.numel() // K, weight.shape[0]
-    gemm_key = _linear_key(M, N, K, "residual", a, weight, bias, None, residual, out_dtype, tma_ok)
-    x = _linear_triton(a, a_rows, weight, bias, "residual", None, residual, out_dtype, tma_ok, gemm_key)
+    epi_ok = _epilogue_tma_ok(tma_ok, N, out_dtype, residual, None)
+    gemm_key = _linear_key(M, N, K, "residual", a, weight, bias, None, residual, out_dtype, tma_ok, epi_ok)
+    x = _linear_triton(a, a_rows, weight, bias, "residual", None, residual, out_dtype, tma_ok, epi_ok, gemm_key)
     return (x, *layernorm_fwd(x, norm_weight, norm_bias, eps, norm_dtype))
 
 
