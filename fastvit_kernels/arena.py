@@ -1,19 +1,20 @@
 """Memory that step plans' replays reuse for their temporaries (fastvit_kernels/plan.py, recording.py).
 
-A temporary is a tensor a replay allocates and lets go before it returns, with no view of it returned or saved: the
-gradient of an activation inside the backward, a bf16 weight gradient before its cast back, the qkv and hidden
-activations of an inference step. A replay allocates ~250 of them a CIFAR-10 training step and ~150 an inference
-step, each a torch call of its own and a free (on the GPU box a torch call costs the host ~15-20 us, and a training
-step was host-bound there: NOTES.md, sessions 13-14). Here each temporary is a view, made once, into one buffer per
-device (its `Arena`), at an offset that no temporary alive at the same time overlaps (`layout`, from the lines' live
-ranges); a replay then takes its temporaries as they are.
+A temporary is a tensor a step allocates and lets go before it ends, with no view of it returned: the qkv and hidden
+activations of an inference step; in training the activations the forward saves for its backward, the gradient of
+an activation inside the backward, a bf16 weight gradient before its cast back. A CIFAR-10 step allocates ~400 of
+them in training and ~150 in inference, each a torch call of its own and a free (on the GPU box a torch call costs
+the host ~15-20 us, and a training step was host-bound there: NOTES.md, sessions 13-14). Here each temporary is a
+view, made once, into one buffer per device (its `Arena`), at an offset that no temporary alive at the same time
+overlaps (`layout`, from the lines' live ranges); a replay then takes its temporaries as they are.
 
-Two replays must not use the buffer at once: a replay takes the arena's lock for its call (another thread's replay
-meanwhile allocates afresh), and on a GPU the work it queues on its stream runs after the previous user's, on the same
-stream or after a wait for the other stream. During a CUDA graph capture a replay allocates afresh (the graph would
-keep the buffer's addresses). The buffer is held while a plan that uses it lives, sized by the largest plan that
-used it: the temporaries of one step, which the caching allocator held between steps before. FASTVIT_ARENA=0 (read
-when a plan is recorded) allocates afresh, as eager does.
+Two replays must not use the buffer at once: a replay takes the arena's lock for its call (ArenaReplay), a training
+step's forward for itself and its backward (StepReplays: a Hold, let go by the backward or with the step); a replay
+that finds it held allocates afresh, and on a GPU the work it queues on its stream runs after the previous user's, on
+the same stream or after a wait for the other stream. During a CUDA graph capture a replay allocates afresh (the
+graph would keep the buffer's addresses). The buffer is held while a plan that uses it lives, sized by the largest
+plan that used it: the temporaries of one step (in training about the activations' peak), which the caching
+allocator held between steps before. FASTVIT_ARENA=0 (read when a plan is recorded) allocates afresh, as eager does.
 """
 
 import os
@@ -104,18 +105,10 @@ class Arena:
         """Take the buffer for one replay needing nbytes (False: allocate afresh; exit() only after True)."""
         if not self.lock.acquire(blocking=False):
             return False
-        if self.device.type == "cuda":
-            if torch.cuda.is_current_stream_capturing():
-                self.lock.release()
-                return False
-            handle = torch._C._cuda_getCurrentRawStream(self.device.index)
-            if handle != self.handle:
-                stream = torch.cuda.current_stream(self.device)
-                if self.stream is not None:
-                    stream.wait_stream(self.stream)  # the last user's work on its stream before this one's writes
-                if self.buffer is not None:
-                    self.buffer.record_stream(stream)  # freed, it waits for this stream's work too
-                self.stream, self.handle = stream, handle
+        if capturing(self.device):
+            self.lock.release()
+            return False
+        self.follow_stream()
         if self.buffer is None or self.buffer.numel() < nbytes:
             self.buffer = None  # freed on the stream that used it, before the larger one is allocated there
             with torch.inference_mode(False):  # a normal tensor, whichever mode the first replay ran in (see _view)
@@ -123,8 +116,27 @@ class Arena:
             self.generation += 1
         return True
 
+    def follow_stream(self):
+        """Order the work about to be queued on the current stream after the last user's (a CUDA device)."""
+        if self.device.type != "cuda":
+            return
+        handle = torch._C._cuda_getCurrentRawStream(self.device.index)
+        if handle != self.handle:
+            stream = torch.cuda.current_stream(self.device)
+            if self.stream is not None:
+                stream.wait_stream(self.stream)  # the last user's work on its stream before this one's writes
+            if self.buffer is not None:
+                self.buffer.record_stream(stream)  # freed, it waits for this stream's work too
+            self.stream, self.handle = stream, handle
+
     def exit(self):
         self.lock.release()
+
+
+def capturing(device: torch.device) -> bool:
+    """A CUDA graph capture on the current stream: a replay allocates afresh (the graph would keep the arena's
+    addresses)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 # device -> its Arena, while a plan's replay holds it: the buffer goes with the last plan that used it (a model's plans
@@ -159,20 +171,103 @@ class ArenaReplay:
             return self.fresh(*args)
         try:
             if self.generation != a.generation:
-                self._view(a.buffer)
+                self.views[:] = _views(a.buffer, self.offsets, self.specs)
                 self.generation = a.generation
             return self.kept(*args)
         finally:
             a.exit()
 
-    def _view(self, buffer):
-        # normal tensors even inside torch.inference_mode(): a view made there could not be written in place by a
-        # replay outside it (a training step's after an evaluation)
-        with torch.inference_mode(False):
-            self.views[:] = [
-                buffer[at : at + _nbytes_of(shape, dtype)].view(dtype).view(shape)
-                for at, (shape, dtype) in zip(self.offsets, self.specs)
-            ]
+
+class Hold:
+    """The arena, taken by a training step's forward for its backward (StepReplays): let go once, by the backward,
+    or when the step is dropped without one (its saved tensors, views into the arena, go with it)."""
+
+    __slots__ = ("arena",)
+
+    def __init__(self, a: Arena):
+        self.arena = a
+
+    def release(self):
+        a, self.arena = self.arena, None
+        if a is not None:
+            a.exit()
+
+    __del__ = release
+
+
+class StepReplays:
+    """A training step's forward and backward replays, each in two versions as ArenaReplay's, whose temporaries share
+    one layout: the activations the forward allocates and its backward lets go, beside each function's own. The
+    forward that takes the arena holds it until its backward has run (a Hold, which the step keeps beside its saved
+    tensors); a forward that finds it held allocates afresh (a second forward before the first one's backward, as in
+    gradient accumulation), and its backward then takes the arena for its own temporaries where it can."""
+
+    def __init__(self, fwd: tuple, bwd: tuple, temps: list, split: int, device: torch.device):
+        """fwd, bwd: (fresh, kept, views) of each; temps: the step's temporaries, the forward's first `split`."""
+        (self.fwd_fresh, self.fwd_kept, self.fwd_views), (self.bwd_fresh, self.bwd_kept, self.bwd_views) = fwd, bwd
+        self.temps = temps
+        self.offsets, self.nbytes = layout(temps)
+        self.specs = [(t[3].shape, t[3].dtype) for t in temps]
+        self.split = split
+        self.arena = arena(device)
+        self.generation = None
+
+    def forward(self, *args) -> tuple:
+        """(the forward's result, the Hold of the arena for the backward, or None where it allocated afresh)."""
+        a = self.arena
+        if not a.enter(self.nbytes):
+            return self.fwd_fresh(*args), None
+        hold = Hold(a)
+        try:
+            self._views(a)
+            return self.fwd_kept(*args), hold
+        except BaseException:
+            hold.release()
+            raise
+
+    def backward(self, hold, *args):
+        """The backward's result; `hold` (the forward's) is let go."""
+        a = self.arena
+        if hold is None and not a.enter(self.nbytes):
+            return self.bwd_fresh(*args)
+        hold = hold or Hold(a)
+        try:
+            if capturing(a.device):  # a capture began after the forward: the graph must not keep the arena's addresses
+                return self.bwd_fresh(*args)
+            a.follow_stream()  # the backward may run on another stream than its forward
+            self._views(a)
+            return self.bwd_kept(*args)
+        finally:
+            hold.release()
+
+    def _views(self, a: Arena):
+        if self.generation != a.generation:
+            views = _views(a.buffer, self.offsets, self.specs)
+            self.fwd_views[:], self.bwd_views[:] = views[: self.split], views[self.split :]
+            self.generation = a.generation
+
+
+class FreshSteps:
+    """StepReplays' two methods where nothing is taken from the arena: both functions allocate."""
+
+    def __init__(self, fwd, bwd):
+        self.fwd_fresh, self.bwd_fresh = fwd, bwd
+
+    def forward(self, *args) -> tuple:
+        return self.fwd_fresh(*args), None
+
+    def backward(self, hold, *args):
+        return self.bwd_fresh(*args)
+
+
+def _views(buffer, offsets, specs) -> list:
+    # normal tensors even inside torch.inference_mode(): a view made there could not be written in place by a replay
+    # outside it (a training step's after an evaluation)
+    with torch.inference_mode(False):
+        return [
+            buffer[at : at + _nbytes_of(shape, dtype)].view(dtype).view(shape)
+            for at, (shape, dtype) in zip(offsets, specs)
+        ]
 
 
 def _nbytes_of(shape, dtype) -> int:

@@ -16,7 +16,8 @@ usual). Both replays run the same operations and the same kernels with the same 
 recorded from, without the Python around them; on a GPU each launch calls the compiled kernel's launcher with the
 arguments Triton passed it when recording (fastvit_kernels/direct_launch.py), without Triton's per-call binding. The
 tensors a replay allocates and lets go before it returns are views made once into one buffer per device
-(fastvit_kernels/arena.py): ~250 allocations of a CIFAR-10 training step, ~150 of an inference step.
+(fastvit_kernels/arena.py): ~400 allocations of a CIFAR-10 training step (the activations its forward saves for its
+backward among them: the forward holds the buffer until its backward), ~150 of an inference step.
 
 A call runs the model's own forward instead when: torch.compile traces it; a CUDA graph is being captured; gradient
 checkpointing is on (its recomputation restores RNG state outside the operations); FASTVIT_PLAN=0; a trainable
@@ -44,7 +45,7 @@ from torch.nn.modules import module as _module
 
 from . import direct_launch, tuning
 from ._interpreter import interpreting
-from .arena import ArenaReplay
+from .arena import ArenaReplay, StepReplays
 from .ops._common import autocast_dtype
 from .ops.gemm import _tma_allocator
 from .recording import Line, Recorder, recording
@@ -115,12 +116,18 @@ def summary(model) -> str:
         if isinstance(p, Plan):
             c = p.counts
             kind = "train" if isinstance(p, TrainingPlan) else "infer"
-            kept = sum(len(f.views) for f in (p.fn, getattr(p, "bwd", None)) if isinstance(f, ArenaReplay))
-            ops = f"{c['torch']} torch ops ({kept} temporaries in the arena)"
+            ops = f"{c['torch']} torch ops ({arena_temporaries(p)} temporaries in the arena)"
             parts.append(f"{kind}: {c['direct'] + c['triton']} launches ({c['direct']} direct), {ops}")
         else:
             parts.append(f"not replayed: {p!r}")
     return "; ".join(parts) or "none recorded"
+
+
+def arena_temporaries(p) -> int:
+    """How many of a plan's allocations its replays take from the arena (arena.py)."""
+    fns = [p.fn, getattr(p, "bwd", None)]
+    steps = {id(r): r for f in fns if isinstance(r := getattr(f, "__self__", None), StepReplays)}
+    return sum(len(f.views) for f in fns if isinstance(f, ArenaReplay)) + sum(len(r.specs) for r in steps.values())
 
 
 class Unplannable:
@@ -392,15 +399,16 @@ class _Recording:
         saved = sorted({n for line in bwd_lines for n in line.reads} & made_before | set(grad_reads) & made_before)
         unpack = [Line(f"{', '.join(saved)}, = saved", ["saved"], saved), Line("saved.clear()")] if saved else []
         fwd_returns = f"({self.recorded.returns}, [{', '.join(saved)}])"
-        fwd, fwd_source = recorder.function(["x"], fwd_lines, fwd_returns, self.recorded.returned + saved, device)
-        bwd, bwd_source = recorder.function(["g", "saved"], unpack + bwd_lines, returns, grad_reads, device)
-        source = fwd_source + bwd_source
+        fwd = (["x"], fwd_lines, fwd_returns, self.recorded.returned + saved)
+        bwd = (["g", "saved"], unpack + bwd_lines, returns, grad_reads)
+        fwd, bwd, source = recorder.step_functions(fwd, bwd, self.recorded.returned, device)
         return TrainingPlan(fwd, bwd, self.params, self.recorded, self.steady[0], device, self.amp, source)
 
 
 class TrainingPlan(Plan):
-    """One signature's training replay: the forward function (the output and what the backward reads) and the
-    backward function (the gradients of the input and of the trainable parameters), run as one _Step."""
+    """One signature's training replay: the forward function (x -> ((the output, what the backward reads), the
+    arena's Hold or None)) and the backward function ((hold, g, saved) -> the gradients of the input and of the
+    trainable parameters), run as one _Step (recording.Recorder.step_functions)."""
 
     def __init__(self, fwd, bwd, params, recorded, epoch, device, amp, source):
         super().__init__(fwd, recorded, epoch, device, amp, source)
@@ -416,13 +424,16 @@ class TrainingPlan(Plan):
         return _Step.apply(self, x, *self.params)
 
     def forward(self, ctx, x):
-        out, ctx.saved = self.run(self.fn, x)
+        # the arena's Hold (recording.Recorder.step_functions), if this step's activations are in it: let go by the
+        # backward, or with ctx when the step is dropped without one
+        (out, ctx.saved), ctx.hold = self.run(self.fn, x)
         # autograd refuses a backward whose saved tensors were changed in place since the forward; so does this
         ctx.versions = list(map(_version, ctx.saved)), list(map(_version, self.tensors))
         return out
 
     def backward(self, ctx, g):
         saved, ctx.saved = ctx.saved, None
+        hold, ctx.hold = ctx.hold, None
         if saved is None:
             raise RuntimeError(
                 "a replayed training step (fastvit_kernels.plan) runs its backward once; for retain_graph=True or a "
@@ -433,4 +444,4 @@ class TrainingPlan(Plan):
                 "a tensor this step's backward reads (the input, a parameter or an activation) was modified by an "
                 "in-place operation after the forward (fastvit_kernels.plan: a replayed step)"
             )
-        return self.run(self.bwd, g, saved)
+        return self.run(self.bwd, hold, g, saved)

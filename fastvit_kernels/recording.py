@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from . import direct_launch, tuning
-from .arena import ArenaReplay, arena_on, temporaries
+from .arena import ArenaReplay, FreshSteps, StepReplays, arena_on, temporaries
 from .cast_batches import batch_casts
 from .lines import Cast, Line
 
@@ -309,6 +309,35 @@ class Recorder(TorchDispatchMode):
         pure lines whose results nothing reads left out (the placeholders an op returns for a gradient that does not
         exist, the pre-activation slot of an inference MLP). With a device (and FASTVIT_ARENA not 0), an
         arena.ArenaReplay where the lines allocate temporaries: the same code taking them from the device's arena."""
+        code = self._code(params, lines, returns, returned)
+        temps = temporaries(code.lines, code.keep) if device is not None and arena_on() else []
+        if not temps:
+            return code.fn, code.source
+        views = []  # ArenaReplay fills it
+        return ArenaReplay(code.fn, self._kept(code, temps, views), views, temps, device), code.source
+
+    def step_functions(self, fwd: tuple, bwd: tuple, outputs: list, device):
+        """(forward, backward, their source) of a training step: fwd and bwd are function()'s (params, lines, returns,
+        returned) of each, `outputs` the names the forward's caller gets (the others it returns are for the backward:
+        its saved tensors). As arena.StepReplays' methods: forward(x) -> (its result, a Hold or None), backward(hold,
+        g, saved). With the arena on, the allocations that die inside the step, in either function (the saved
+        activations included), share one layout of the arena; else both allocate."""
+        f, b = self._code(*fwd), self._code(*bwd)
+        keep = set(outputs) | set(f.params) | b.keep
+        temps = temporaries(f.lines + b.lines, keep) if arena_on() else []
+        if not temps:
+            steps = FreshSteps(f.fn, b.fn)
+            return steps.forward, steps.backward, f.source + b.source
+        split = sum(1 for t in temps if t[1] < len(f.lines))
+        shift = len(f.lines)
+        b_temps = [(n, i - shift, j - shift, t) for n, i, j, t in temps[split:]]
+        f_views, b_views = [], []  # StepReplays fills them
+        fwd_versions = (f.fn, self._kept(f, temps[:split], f_views), f_views)
+        bwd_versions = (b.fn, self._kept(b, b_temps, b_views), b_views)
+        steps = StepReplays(fwd_versions, bwd_versions, temps, split, device)
+        return steps.forward, steps.backward, f.source + b.source
+
+    def _code(self, params, lines, returns, returned) -> "_Code":
         needed = set(returned)
         kept = []
         for line in reversed(lines):
@@ -325,23 +354,34 @@ class Recorder(TorchDispatchMode):
         for n, i in last.items():
             if n not in keep:
                 dead_after.setdefault(i, []).append(n)
-        texts = [line.text for line in lines]
-        source = _source(params, texts, dead_after, returns)
-        fn = self._compile(source)
-        temps = temporaries(lines, keep) if device is not None and arena_on() else []
+        code = _Code(params, lines, keep, dead_after, returns)
+        code.source = _source(params, code.texts, dead_after, returns)
+        code.fn = self._compile(code.source)
+        return code
+
+    def _kept(self, code: "_Code", temps: list, views: list):
+        """code's function with each of `temps` (temporaries() of its lines) read from `views` instead of allocated."""
         if not temps:
-            return fn, source
-        views = []  # ArenaReplay fills it
+            return code.fn
+        texts = list(code.texts)
         name = self._const(views)
         for k, (made, i, _, _) in enumerate(temps):
             texts[i] = f"{made} = {name}[{k}]"
-        kept_fn = self._compile(_source(params, texts, dead_after, returns))
-        return ArenaReplay(fn, kept_fn, views, temps, device), source
+        return self._compile(_source(code.params, texts, code.dead_after, code.returns))
 
     def _compile(self, source):
         scope = dict(self.consts)
         exec(compile(source, "<fastvit_kernels.plan>", "exec"), scope)
         return scope["replay"]
+
+
+class _Code:
+    """A function's lines after the recorder's passes: what its code is made of (Recorder._code)."""
+
+    def __init__(self, params, lines, keep, dead_after, returns):
+        self.params, self.lines, self.keep, self.dead_after, self.returns = params, lines, keep, dead_after, returns
+        self.texts = [line.text for line in lines]
+        self.source = self.fn = None
 
 
 def _source(params, texts, dead_after, returns) -> str:

@@ -50,5 +50,9 @@ def lines_calling(p, fn) -> int:
 
 
 def _code(fn):
-    """A plan's function as its source reads: an arena.ArenaReplay's version that allocates afresh."""
+    """A plan's function as its source reads: the version that allocates afresh of an arena.ArenaReplay, or of a
+    training step's forward or backward (arena.StepReplays' or FreshSteps' methods)."""
+    steps = getattr(fn, "__self__", None)
+    if steps is not None:
+        return steps.fwd_fresh if fn.__name__ == "forward" else steps.bwd_fresh
     return getattr(fn, "fresh", fn)

@@ -110,7 +110,9 @@ def test_inference_and_training_replays_take_their_temporaries_from_the_arena(de
     for _ in range(3):
         model(x).sum().backward()
     (t,) = [q for q in plan.plans(model).values() if isinstance(q, plan.TrainingPlan)]
-    assert isinstance(t.bwd, arena.ArenaReplay) and len(t.bwd.views) > 10
+    steps = t.bwd.__self__  # the forward's activations and the backward's temporaries: one layout
+    assert isinstance(steps, arena.StepReplays) and t.fn.__self__ is steps
+    assert len(steps.fwd_views) > 10 and len(steps.bwd_views) > 10
 
 
 def test_without_the_arena_replays_allocate_afresh(device, monkeypatch):
@@ -187,10 +189,100 @@ def test_replays_in_and_out_of_inference_mode_share_the_arena(device, monkeypatc
     out, grads = train()
     assert torch.equal(out, out_ref) and all(torch.equal(g, r) for g, r in zip(grads, grads_ref))
     assert torch.equal(evaluate(), eval_ref)
-    assert all(
-        not v.is_inference()
-        for p in plan.plans(model).values()
-        for f in (p.fn, getattr(p, "bwd", None))
-        if isinstance(f, arena.ArenaReplay)
-        for v in f.views
-    )
+    views = [v for p in plan.plans(model).values() if isinstance(p.fn, arena.ArenaReplay) for v in p.fn.views]
+    steps = [p.fn.__self__ for p in plan.plans(model).values() if isinstance(p, plan.TrainingPlan)]
+    views += [v for s in steps for v in (*s.fwd_views, *s.bwd_views)]
+    assert len(views) > 20 and not any(v.is_inference() for v in views)
+
+
+def _training_plan(model, x):
+    model.train()
+    for _ in range(3):
+        model(x).sum().backward()
+    (t,) = [p for p in plan.plans(model).values() if isinstance(p, plan.TrainingPlan)]
+    return t.fn.__self__
+
+
+def _grads(model):
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_a_training_step_holds_the_arena_from_its_forward_to_its_backward(device, monkeypatch):
+    """The forward's saved activations are views into the arena: the forward takes it and keeps it for its backward,
+    which lets it go; a step dropped without a backward lets it go too. The activations and the backward's
+    temporaries pack into their peak of live bytes (a stack: the backward frees them in about the reverse order)."""
+    monkeypatch.setattr(arena, "_ARENAS", weakref.WeakValueDictionary())
+    model = small_model(device)
+    x = torch.randn(3, 3, 8, 8, device=device)
+    steps = _training_plan(model, x)
+    a = steps.arena
+    assert isinstance(steps, arena.StepReplays) and len(steps.fwd_views) > 10 and not a.lock.locked()
+    out = model(x)
+    assert a.lock.locked()
+    base = a.buffer.untyped_storage().data_ptr()
+    assert all(v.untyped_storage().data_ptr() == base for v in steps.fwd_views)
+    out.sum().backward()
+    assert not a.lock.locked()
+    out = model(x)
+    assert a.lock.locked()
+    del out  # the step's graph, its saved activations and its hold of the arena with it
+    gc.collect()
+    assert not a.lock.locked()
+    assert steps.nbytes <= 1.1 * _peak_live(steps) + 64 * arena.ALIGN
+
+
+def _peak_live(steps) -> int:
+    """The largest sum of the bytes of the step's temporaries alive on one line."""
+    temps = steps.temps
+    lines = range(max(t[2] for t in temps) + 1)
+    return max(sum(t[3].numel() * t[3].element_size() for t in temps if t[1] <= i <= t[2]) for i in lines)
+
+
+@pytest.mark.parametrize("order", ["first-first", "last-first"])
+def test_two_forwards_before_their_backwards(device, monkeypatch, order):
+    """Gradient accumulation: the second forward finds the arena held by the first step and allocates afresh; each
+    backward, in either order, gives the gradients the unplanned steps give."""
+    model = small_model(device)
+    x1, x2 = torch.randn(3, 3, 8, 8, device=device), torch.randn(3, 3, 8, 8, device=device)
+    _training_plan(model, x1)
+    model.zero_grad(set_to_none=True)
+
+    def accumulate():
+        losses = [model(x1).square().sum(), model(x2).sum()]
+        for loss in losses if order == "first-first" else losses[::-1]:
+            loss.backward()
+        return _grads(model)
+
+    grads = accumulate()
+    with monkeypatch.context() as m:
+        m.setenv("FASTVIT_PLAN", "0")
+        ref = accumulate()
+    assert grads.keys() == ref.keys()
+    assert all(torch.equal(grads[n], ref[n]) for n in grads)
+
+
+def test_an_evaluation_between_a_forward_and_its_backward(device, monkeypatch):
+    """An inference replay while a training step holds the arena allocates afresh; neither disturbs the other."""
+    model = small_model(device)
+    x = torch.randn(3, 3, 8, 8, device=device)
+    _training_plan(model, x)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x * 2)  # the inference plan (the model in train mode: a signature of its own)
+    model.zero_grad(set_to_none=True)
+
+    def step():
+        out = model(x)
+        with torch.no_grad():
+            evaluated = model(x * 2)
+        out.sum().backward()
+        return out.detach(), evaluated, _grads(model)
+
+    out, evaluated, grads = step()
+    with monkeypatch.context() as m:
+        m.setenv("FASTVIT_PLAN", "0")
+        out_ref, eval_ref, grads_ref = step()
+    assert torch.equal(out, out_ref) and torch.equal(evaluated, eval_ref)
+    assert all(torch.equal(grads[n], grads_ref[n]) for n in grads)
