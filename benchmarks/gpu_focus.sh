@@ -13,8 +13,13 @@ source "$(dirname "$0")/gpu_env.sh"
 T=tests/test_linear.py::test_every_linear_config
 WIDE=("$T[128x256x64-w8-s3-tma-gelu]" "$T[128x256x64-w8-s3-tma-residual]" "$T[128x256x64-w8-s3-tma-flat-gelu]"
   "$T[128x256x64-w8-s3-tma-flat-residual]" tests/test_linear.py::test_linear_residual_layernorm)
-echo "=== the GELU's, the 128 x 256 and LayerNorm GEMM tiles', the attention tests (every tile forced), the step plans'"
-FASTVIT_AUTOTUNE=0 timeout 80 $PY -m pytest -v -rf --tb=short tests/test_gelu.py "${WIDE[@]}" \
+# the tiles new since the last GPU run: the descriptor epilogues, the warp-specialised 128 x 128
+for tile in 128x128x64-w8-s3-tma-epitma 128x64x64-w4-s3-tma-epitma 64x128x64-w4-s4-tma-epitma \
+  128x128x64-w4-s3-tma-warpspec; do
+  for epilogue in gelu residual gelu_grad; do WIDE+=("$T[$tile-$epilogue]"); done
+done
+echo "=== the GELU's, the new, 128 x 256 and LayerNorm GEMM tiles', the attention tests (every tile forced), the plans'"
+FASTVIT_WARP_SPEC=1 FASTVIT_AUTOTUNE=0 timeout 80 $PY -m pytest -v -rf --tb=short tests/test_gelu.py "${WIDE[@]}" \
   tests/test_attention.py tests/test_arena.py tests/test_plan.py tests/test_plan_training.py \
   tests/test_direct_launch.py tests/test_recording.py $XDIST -p no:cacheprovider \
   2>&1 | tee "$OUT_DIR/focus_tests.log" | grep -E "(FAILED|ERROR) tests/|=.*(passed|failed)" | cut -c1-200 | tail -20
