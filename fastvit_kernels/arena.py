@@ -111,7 +111,7 @@ class Arena:
         self.follow_stream()
         if self.buffer is None or self.buffer.numel() < nbytes:
             self.buffer = None  # freed on the stream that used it, before the larger one is allocated there
-            with torch.inference_mode(False):  # a normal tensor, whichever mode the first replay ran in (see _view)
+            with torch.inference_mode(False):  # a normal tensor, whichever mode the first replay ran in (see _views)
                 self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             self.generation += 1
         return True
