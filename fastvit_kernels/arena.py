@@ -96,7 +96,8 @@ class Arena:
     def __init__(self, device: torch.device):
         self.device = device
         self.buffer = None
-        self.generation = 0  # bumped when the buffer grows: the views into the old one are made again
+        self.generation = 0  # bumped when the buffer grows or goes: the views into the old one are made again
+        self.users = weakref.WeakSet()  # the replays holding views into the buffer (release() drops them)
         self.lock = threading.Lock()
         self.stream = None  # the CUDA stream whose work last used the buffer, and its handle
         self.handle = None
@@ -132,6 +133,20 @@ class Arena:
     def exit(self):
         self.lock.release()
 
+    def release(self) -> bool:
+        """Let the buffer go, and every replay's views into it, unless a replay holds it now (False then). The next
+        replay that takes the arena allocates it again."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            for user in list(self.users):
+                user.drop_views()
+            self.buffer = None
+            self.generation += 1
+        finally:
+            self.lock.release()
+        return True
+
 
 def capturing(device: torch.device) -> bool:
     """A CUDA graph capture on the current stream: a replay allocates afresh (the graph would keep the arena's
@@ -142,6 +157,15 @@ def capturing(device: torch.device) -> bool:
 # device -> its Arena, while a plan's replay holds it: the buffer goes with the last plan that used it (a model's plans
 # go with the model, or with plan.forget)
 _ARENAS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+
+def release() -> None:
+    """Let every device's arena buffer go where no replay holds it now (Arena.release). A CUDA graph captured after
+    warm-up steps that replayed plans replays its own copies of their kernels, into its own memory: cuda_graphs.py
+    calls this before the capture, so that the buffer (in training about the activations' size) is not held idle
+    beside the graph's."""
+    for a in list(_ARENAS.values()):
+        a.release()
 
 
 def arena(device: torch.device) -> Arena:
@@ -163,6 +187,11 @@ class ArenaReplay:
         self.offsets, self.nbytes = layout(temps)
         self.specs = [(t[3].shape, t[3].dtype) for t in temps]
         self.arena = arena(device)
+        self.arena.users.add(self)
+        self.generation = None
+
+    def drop_views(self):
+        self.views.clear()
         self.generation = None
 
     def __call__(self, *args):
@@ -210,6 +239,12 @@ class StepReplays:
         self.specs = [(t[3].shape, t[3].dtype) for t in temps]
         self.split = split
         self.arena = arena(device)
+        self.arena.users.add(self)
+        self.generation = None
+
+    def drop_views(self):
+        self.fwd_views.clear()
+        self.bwd_views.clear()
         self.generation = None
 
     def forward(self, *args) -> tuple:

@@ -22,13 +22,17 @@ cache_enabled=False)`), or the cached casts would be replayed from stale memory.
 
 import torch
 
+from . import arena
+
 
 def cuda_graph_step(step, warmup: int = 3, pool=None):
     """Capture `step()` (no arguments) in a CUDA graph and return the graph's replay function.
 
     The step first runs `warmup` times on a side stream, so that autotuning, cuBLAS's workspace and the caching
     allocator settle outside the capture (a capture cannot autotune: it would time kernels that do not run), then
-    once under capture. Those warm-up runs are real steps: with an optimizer they update the weights."""
+    once under capture. Those warm-up runs are real steps: with an optimizer they update the weights. The step
+    plans' arena (fastvit_kernels/arena.py), which the warm-up's replays used, is let go before the capture: the
+    graph replays into memory of its own."""
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA graphs need a CUDA GPU; run the step itself on this machine")
     if warmup < 1:
@@ -39,6 +43,7 @@ def cuda_graph_step(step, warmup: int = 3, pool=None):
         for _ in range(warmup):
             step()
     torch.cuda.current_stream().wait_stream(side)
+    arena.release()  # the warm-up's replays took their temporaries from it; the graph's replays use their own memory
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
         step()

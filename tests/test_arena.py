@@ -240,6 +240,31 @@ def _peak_live(steps) -> int:
     return max(sum(t[3].numel() * t[3].element_size() for t in temps if t[1] <= i <= t[2]) for i in lines)
 
 
+def test_release_lets_the_buffer_and_every_view_go_unless_a_step_holds_it(device, monkeypatch):
+    """What a CUDA graph capture does after its warm-up (cuda_graphs.py): the buffer and the replays' views into it
+    go; the next replay allocates it again and computes the same step."""
+    monkeypatch.setattr(arena, "_ARENAS", weakref.WeakValueDictionary())
+    model = small_model(device)
+    x = torch.randn(3, 3, 8, 8, device=device)
+    steps = _training_plan(model, x)
+    a = steps.arena
+    out = model(x)
+    assert not a.release() and a.buffer is not None  # the step's forward holds it
+    out.sum().backward()
+    model.zero_grad(set_to_none=True)
+    arena.release()
+    assert a.buffer is None and not steps.fwd_views and not steps.bwd_views
+    out = model(x)
+    out.sum().backward()
+    grads = _grads(model)
+    assert a.buffer is not None and len(steps.fwd_views) > 10
+    with monkeypatch.context() as m:
+        m.setenv("FASTVIT_PLAN", "0")
+        model(x).sum().backward()
+    ref = _grads(model)
+    assert all(torch.equal(grads[n], ref[n]) for n in grads)
+
+
 @pytest.mark.parametrize("order", ["first-first", "last-first"])
 def test_two_forwards_before_their_backwards(device, monkeypatch, order):
     """Gradient accumulation: the second forward finds the arena held by the first step and allocates afresh; each
