@@ -203,6 +203,14 @@ def _training_plan(model, x):
     return t.fn.__self__
 
 
+def _autocast(forward, kind):
+    def run(x):
+        with torch.autocast(kind, dtype=torch.bfloat16):
+            return forward(x)
+
+    return run
+
+
 def _grads(model):
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -242,18 +250,23 @@ def _peak_live(steps) -> int:
 
 def test_release_lets_the_buffer_and_every_view_go_unless_a_step_holds_it(device, monkeypatch):
     """What a CUDA graph capture does after its warm-up (cuda_graphs.py): the buffer and the replays' views into it
-    go; the next replay allocates it again and computes the same step."""
+    go; the next replay allocates it again and computes the same step. Under autocast: the backward's batch of the
+    gradients' casts back to fp32 reads arena views."""
     monkeypatch.setattr(arena, "_ARENAS", weakref.WeakValueDictionary())
     model = small_model(device)
     x = torch.randn(3, 3, 8, 8, device=device)
+    monkeypatch.setattr(model, "forward", _autocast(model.forward, torch.device(device).type))
     steps = _training_plan(model, x)
     a = steps.arena
     out = model(x)
     assert not a.release() and a.buffer is not None  # the step's forward holds it
     out.sum().backward()
     model.zero_grad(set_to_none=True)
+    storage = a.buffer.untyped_storage()
     arena.release()
     assert a.buffer is None and not steps.fwd_views and not steps.bwd_views
+    gc.collect()
+    assert torch._C._storage_Use_Count(storage._cdata) == 1  # `storage` alone: no view of the buffer is left
     out = model(x)
     out.sum().backward()
     grads = _grads(model)

@@ -11,6 +11,8 @@ Only step plans call it, inside their replays, which neither autograd nor torch.
 custom op.
 """
 
+import weakref
+
 import torch
 
 from ..configs import CAST_BLOCK, CAST_WARPS, cast_kernel_on
@@ -89,28 +91,30 @@ def _new_sources(srcs, seen) -> bool:
 class CastBatch:
     """A step plan's batch of casts of one dtype pair into fresh outputs (the weight gradients' casts back to the
     weights' dtype): copy_cast_unchecked, with its launches' argument lists made once while the same source objects
-    come (a replay's arena views, arena.py) and only the outputs put in at each call (~45 us of host time for 25
-    pairs made afresh on the CPU box, ~150 pairs a CIFAR-10 training step)."""
+    come (a replay's arena views, arena.py) and only the tensors put in at each call (~45 us of host time for 25
+    pairs made afresh on the CPU box, ~150 pairs a CIFAR-10 training step). Between calls it holds no tensor: the
+    sources by weak references (an arena view held here would keep the whole buffer after arena.release())."""
 
     def __init__(self):
-        self.srcs = None
+        self.srcs = None  # weak references to the sources the launches were made for
         self.launches = None  # [(grid, args, constexprs)] or None for torch's copy (_launches)
-        self.slots = []  # (launch, argument position, output index): where each call's outputs go
+        self.slots = []  # (launch, argument position, index in srcs + dsts): where each call's tensors go
 
     def __call__(self, dsts, srcs):
-        if _new_sources(srcs, self.srcs):
-            self.launches, self.srcs = _launches(dsts, srcs), srcs
-            index = {id(d): i for i, d in enumerate(dsts)}
+        if self.srcs is None or any(r() is not s for r, s in zip(self.srcs, srcs)):
+            self.launches, self.srcs = _launches(dsts, srcs), [weakref.ref(s) for s in srcs]
+            index = {id(t): i for i, t in enumerate((*srcs, *dsts))}
             self.slots = [
                 (k, pos, index[id(args[pos])])
                 for k, (_, args, _) in enumerate(self.launches or ())
-                for pos in range(1, len(args), 3)
-                if args[pos] is not None
+                for pos in range(len(args))
+                if pos % 3 != 2 and args[pos] is not None  # (source, output, numel) a pair
             ]
+        tensors = (*srcs, *dsts)
         for k, pos, i in self.slots:
-            self.launches[k][1][pos] = dsts[i]
+            self.launches[k][1][pos] = tensors[i]
         _run(dsts, srcs, self.launches)
-        for k, pos, _ in self.slots:  # the outputs are the caller's: not held until the next call
+        for k, pos, _ in self.slots:  # the caller's tensors: not held until the next call
             self.launches[k][1][pos] = None
 
 
