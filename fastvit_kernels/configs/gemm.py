@@ -109,8 +109,8 @@ def _second_tile(args) -> bool:
 
 def _epilogue_staging(c, args) -> int:
     """Bytes of shared memory a descriptor epilogue (EPI_TMA) stages its stores and loads in: one part of the tile
-    (kernels/gemm.py's epilogue_parts) for C, the residual and the pre-activation each. At or above what Triton
-    allocated in every configuration the compile check builds (it shares one buffer among some of them)."""
+    (kernels/gemm_epilogue.py's epilogue_parts) for C, the residual and the pre-activation each. At or above what
+    Triton allocated in every configuration the compile check builds (it shares one buffer among some of them)."""
     if not c.kwargs.get("EPI_TMA"):
         return 0
     epilogue, bn = args.get("EPILOGUE"), c.kwargs["BLOCK_N"]
