@@ -440,6 +440,8 @@ class TrainingPlan(Plan):
                 "second backward set FASTVIT_PLAN=0"
             )
         if ctx.versions != (list(map(_version, saved)), list(map(_version, self.tensors))):
+            if hold is not None:  # not left to the traceback, which may live on
+                hold.release()
             raise RuntimeError(
                 "a tensor this step's backward reads (the input, a parameter or an activation) was modified by an "
                 "in-place operation after the forward (fastvit_kernels.plan: a replayed step)"
