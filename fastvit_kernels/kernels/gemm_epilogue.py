@@ -8,26 +8,23 @@ import triton.language as tl
 from .common import gelu, gelu_grad
 
 
-# Epilogues: acc [BLOCK_M, BLOCK_N] fp32 in, fp32 out; `rows` (int64) and `cols` index the tile, PTR's strides map
-# them to memory.
+# A second tile beside C (the residual, GELU's pre-activation) through pointers, or through a descriptor (DESC: T is
+# a tensor descriptor of one [BLOCK_M, BLOCK_N] part, at (m0, n0), whose copy engine clips the edges).
 @triton.jit
-def _gelu_epilogue(acc, PRE, rows, cols, stride_m, stride_n, mask, STORE_PRE: tl.constexpr):
-    # the pre-activation is written only when a backward will need it (training)
-    if STORE_PRE:
-        tl.store(PRE + rows * stride_m + cols * stride_n, acc.to(PRE.dtype.element_ty), mask=mask)
-    return gelu(acc)
-
-
-@triton.jit
-def _gelu_grad_epilogue(acc, PRE, rows, cols, stride_m, stride_n, mask):
-    # the backward of GELU in the GEMM that produces dGELU: d(pre) = dGELU * GELU'(pre)
-    pre = tl.load(PRE + rows * stride_m + cols * stride_n, mask=mask, other=0.0).to(tl.float32)
-    return acc * gelu_grad(pre)
+def _load_tile(T, m0, n0, rows, cols, stride_m, stride_n, mask, DESC: tl.constexpr):
+    if DESC:
+        tile = T.load([m0, n0])
+    else:
+        tile = tl.load(T + rows * stride_m + cols * stride_n, mask=mask, other=0.0)
+    return tile.to(tl.float32)
 
 
 @triton.jit
-def _residual_epilogue(acc, RES, rows, cols, stride_m, stride_n, mask):
-    return acc + tl.load(RES + rows * stride_m + cols * stride_n, mask=mask, other=0.0).to(tl.float32)
+def _store_tile(T, value, m0, n0, rows, cols, stride_m, stride_n, mask, DESC: tl.constexpr):
+    if DESC:
+        T.store([m0, n0], value.to(T.dtype))
+    else:
+        tl.store(T + rows * stride_m + cols * stride_n, value.to(T.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -52,10 +49,15 @@ def _finish_cols(
     STORE_PRE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DESC: tl.constexpr,
 ):
-    """Bias, the epilogue, and the store of one [BLOCK_M, BLOCK_N] block of C (the `pid_n`-th of that width)."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Bias, the epilogue, and the store of one [BLOCK_M, BLOCK_N] block of C (the `pid_n`-th of that width): acc
+    fp32 in. DESC: C, RES and PRE are tensor descriptors of that block (the epilogue computes no addresses or masks
+    but the bias's, and its stores leave through shared memory in bulk)."""
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     rows = offs_m[:, None].to(tl.int64)  # M * stride can pass 2**31 (ViT-B's hidden at batch 1024)
@@ -63,42 +65,14 @@ def _finish_cols(
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if EPILOGUE == "gelu":
-        acc = _gelu_epilogue(acc, PRE, rows, cols, stride_pm, stride_pn, mask, STORE_PRE)
-    elif EPILOGUE == "gelu_grad":
-        acc = _gelu_grad_epilogue(acc, PRE, rows, cols, stride_pm, stride_pn, mask)
-    elif EPILOGUE == "residual":
-        acc = _residual_epilogue(acc, RES, rows, cols, stride_rm, stride_rn, mask)
-    tl.store(C + rows * stride_cm + cols * stride_cn, acc.to(C.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _finish_cols_desc(
-    acc,
-    m0,
-    n0,
-    c_desc,
-    BIAS,
-    res_desc,
-    pre_desc,
-    N,
-    EPILOGUE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    STORE_PRE: tl.constexpr,
-):
-    """_finish_cols through tensor descriptors (TMA): the copy engine clips the tile at M and N, so the epilogue
-    computes no addresses or masks, and the stores leave through shared memory in bulk."""
-    if HAS_BIAS:
-        offs_n = n0 + tl.arange(0, acc.shape[1])
-        acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    if EPILOGUE == "gelu":
-        if STORE_PRE:
-            pre_desc.store([m0, n0], acc.to(pre_desc.dtype))
+        if STORE_PRE:  # the pre-activation, only when a backward will need it (training)
+            _store_tile(PRE, acc, m0, n0, rows, cols, stride_pm, stride_pn, mask, DESC)
         acc = gelu(acc)
-    elif EPILOGUE == "gelu_grad":
-        acc = acc * gelu_grad(pre_desc.load([m0, n0]).to(tl.float32))
+    elif EPILOGUE == "gelu_grad":  # the backward of GELU in the GEMM that produces dGELU: d(pre) = dGELU * GELU'(pre)
+        acc = acc * gelu_grad(_load_tile(PRE, m0, n0, rows, cols, stride_pm, stride_pn, mask, DESC))
     elif EPILOGUE == "residual":
-        acc = acc + res_desc.load([m0, n0]).to(tl.float32)
-    c_desc.store([m0, n0], acc.to(c_desc.dtype))
+        acc = acc + _load_tile(RES, m0, n0, rows, cols, stride_rm, stride_rn, mask, DESC)
+    _store_tile(C, acc, m0, n0, rows, cols, stride_cm, stride_cn, mask, DESC)
 
 
 @triton.constexpr_function
@@ -147,30 +121,26 @@ def finish_tile(
     else:
         parts = (acc,)
     for part in tl.static_range(PARTS):
-        if EPI_DESC:
-            m0 = pid_m * BLOCK_M
-            n0 = pid_n * BLOCK_N + part * (BLOCK_N // PARTS)
-            _finish_cols_desc(parts[part], m0, n0, C, BIAS, RES, PRE, N, EPILOGUE, HAS_BIAS, STORE_PRE)
-        else:
-            _finish_cols(
-                parts[part],
-                pid_m,
-                PARTS * pid_n + part,
-                C,
-                BIAS,
-                RES,
-                PRE,
-                M,
-                N,
-                stride_cm,
-                stride_cn,
-                stride_rm,
-                stride_rn,
-                stride_pm,
-                stride_pn,
-                EPILOGUE,
-                HAS_BIAS,
-                STORE_PRE,
-                BLOCK_M,
-                BLOCK_N // PARTS,
-            )
+        _finish_cols(
+            parts[part],
+            pid_m,
+            PARTS * pid_n + part,
+            C,
+            BIAS,
+            RES,
+            PRE,
+            M,
+            N,
+            stride_cm,
+            stride_cn,
+            stride_rm,
+            stride_rn,
+            stride_pm,
+            stride_pn,
+            EPILOGUE,
+            HAS_BIAS,
+            STORE_PRE,
+            BLOCK_M,
+            BLOCK_N // PARTS,
+            EPI_DESC,
+        )
