@@ -124,22 +124,29 @@ def num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few splits still exercise the split paths
 
 
-def as_rows(t):
-    """(t, the stride between its rows) for t [..., C] read as [rows, C]: t itself where its leading dims collapse to
-    one stride (a contiguous tensor; a view such as x[:, 1:]), else a contiguous copy."""
+def row_stride(t):
+    """The stride between the rows of t [..., C] read as [rows, C] where its leading dims collapse to one stride (a
+    contiguous tensor; a view such as x[:, 1:]), else None."""
     if t.is_contiguous():
-        return t, t.shape[-1]
+        return t.shape[-1]
     row = expect = None
     for size, stride in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1])):  # the innermost leading dim first
         if size == 1:
             continue
         if row is None:
             row, expect = stride, stride * size
-        elif stride != expect:  # these leading dims need two strides: a contiguous copy, same shape
-            return t.contiguous(), t.shape[-1]
+        elif stride != expect:  # these leading dims need two strides
+            return None
         else:
             expect *= size
-    return t, t.shape[-1] if row is None else row
+    return t.shape[-1] if row is None else row
+
+
+def as_rows(t):
+    """(t, the stride between its rows) for t [..., C] read as [rows, C]: t itself where its leading dims collapse to
+    one stride (row_stride), else a contiguous copy, same shape."""
+    rows = row_stride(t)
+    return (t.contiguous(), t.shape[-1]) if rows is None else (t, rows)
 
 
 def as_unit_rows(t):

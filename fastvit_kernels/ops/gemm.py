@@ -46,6 +46,7 @@ from ._common import (
     interpreting,
     next_pow2,
     num_sms,
+    row_stride,
     split_rows,
 )
 from .layernorm import add_layernorm_fwd, layernorm_fwd
@@ -81,27 +82,28 @@ def _tma_ok(a, a_rows, weight) -> bool:
     es = a.element_size()
     w_row, w_col = weight.stride()
     w_major = (w_col == 1 and (w_row * es) % 16 == 0) or (w_row == 1 and (w_col * es) % 16 == 0)
-    return (
-        a.stride(-1) == 1
-        and w_major
-        and a_rows > 0  # an expanded input's rows share memory: fine for pointer loads, not for a descriptor
-        and (a_rows * es) % 16 == 0
-        and a.data_ptr() % 16 == 0
-        and weight.data_ptr() % 16 == 0
-    )
+    return _rows_ok(a, a_rows) and w_major and weight.data_ptr() % 16 == 0
+
+
+def _rows_ok(t, rows) -> bool:
+    """Whether t [..., C], its rows `rows` apart, can be read through a tensor descriptor: unit column stride, rows
+    and base address 16-byte aligned (the copy engine's rule), and rows of their own (an expanded tensor's share
+    memory: fine for pointer loads, not for a descriptor)."""
+    return t.stride(-1) == 1 and rows > 0 and (rows * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 def _epilogue_tma_ok(tma_ok, N, out_dtype, res, pre) -> bool:
     """Whether the epilogue's tensors can go through tensor descriptors too (where the operands do): C [M, N] (made
-    contiguous), the residual and the pre-activation as the kernel reads them (as_rows), with 16-byte aligned rows
-    and base addresses."""
+    contiguous), the residual and the pre-activation as the kernel reads them, with 16-byte aligned rows and base
+    addresses (where as_rows will copy one, the contiguous copy's)."""
 
     def ok(t):
         if t is None:
             return True
-        t2, rows = as_rows(t)
-        es = t.element_size()
-        return t2.stride(-1) == 1 and rows > 0 and (rows * es) % 16 == 0 and (t2 is not t or t.data_ptr() % 16 == 0)
+        rows = row_stride(t)
+        if rows is None:  # the copy's rows: contiguous, at an allocator's aligned address
+            return t.shape[-1] > 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+        return _rows_ok(t, rows)
 
     return tma_ok and (N * out_dtype.itemsize) % 16 == 0 and ok(res) and ok(pre)
 
