@@ -309,11 +309,16 @@ def attention_fwd_kernel(
                 BLOCK_M,
                 TAIL,
             )
-    elif ROW_TAIL > 0:
-        blocks = row_blocks(N, BLOCK_M, ROW_TAIL)  # the launcher's grid: ops/fused_attention.py's row_blocks
-        pid_m = tl.program_id(0) % blocks
-        pid_bh = tl.program_id(0) // blocks
-        if (pid_m == blocks - 1) & (blocks * BLOCK_M < N):
+    else:
+        if ROW_TAIL > 0:
+            blocks = row_blocks(N, BLOCK_M, ROW_TAIL)  # the launcher's grid: ops/fused_attention.py's row_blocks
+            pid_m = tl.program_id(0) % blocks
+            pid_bh = tl.program_id(0) // blocks
+            takes_rows = (pid_m == blocks - 1) & (blocks * BLOCK_M < N)  # the pair's last rows are past its blocks
+        else:
+            pid_m, pid_bh = block_and_head(N, BLOCK_M)
+            takes_rows = False  # a constant: the branch below compiles away
+        if takes_rows:
             _attend_rows(
                 QKV,
                 OUT,
@@ -359,27 +364,3 @@ def attention_fwd_kernel(
                 TAIL,
                 0,
             )
-    else:
-        pid_m, pid_bh = block_and_head(N, BLOCK_M)
-        _attend_rows(
-            QKV,
-            OUT,
-            LSE,
-            pid_m,
-            pid_bh,
-            stride_qb,
-            stride_qn,
-            stride_ob,
-            stride_on,
-            N,
-            H,
-            D,
-            qk_scale_log2,
-            HEAD_DIM,
-            BLOCK_D,
-            DOT_PRECISION,
-            BLOCK_M,
-            BLOCK_N,
-            TAIL,
-            0,
-        )
