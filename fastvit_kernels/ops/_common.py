@@ -124,6 +124,14 @@ def num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few splits still exercise the split paths
 
 
+def persistent_programs(device: torch.device, per_sm: int) -> int:
+    """The grid of a kernel whose programs each walk a share of the rows: per_sm programs an SM on a GPU. The
+    interpreter runs the programs one after another at about the same cost whatever rows each has (a program of one
+    row took as long as one of eight): there num_sms' few programs, each looping over several rows, run the same code
+    in a fraction of the time."""
+    return per_sm * num_sms(device) if device.type == "cuda" else num_sms(device)
+
+
 def row_stride(t):
     """The stride between the rows of t [..., C] read as [rows, C] where its leading dims collapse to one stride (a
     contiguous tensor; a view such as x[:, 1:]), else None."""

@@ -12,7 +12,7 @@ from ..configs import (
 )
 from ..kernels.layernorm import layernorm_bwd_kernel, layernorm_fwd_kernel
 from ..tuning import Launcher, launch_kernel
-from ._common import as_unit_rows, cdiv, next_pow2, num_sms
+from ._common import as_unit_rows, cdiv, next_pow2, persistent_programs
 
 MAX_LN_DIM = 8192  # the row kernels keep a whole row in registers
 
@@ -71,7 +71,7 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None, dx_low=None):
     x, x_rows = as_unit_rows(x)
     dres, dres_rows = as_unit_rows(dres) if dres is not None else (None, 0)
     # persistent programs, as many whichever config the tuner takes (the partial sums' rows are one a program)
-    programs = min(M, LAYERNORM_BWD_PROGRAMS_PER_SM * num_sms(x.device))
+    programs = min(M, persistent_programs(x.device, LAYERNORM_BWD_PROGRAMS_PER_SM))
     rows_per_program = cdiv(M, programs)
     programs = cdiv(M, rows_per_program)
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, rows D apart
