@@ -47,6 +47,13 @@ LINEAR_FWD_CONFIGS = [
     # FLATTEN (168-230 registers, no stack; 176 KB, 208 KB with the fp32 residual, which it pipelines too).
     gemm_cfg(128, 256, 64, 8, 3, tma=True),
     gemm_cfg(128, 256, 64, 8, 3, tma=True, flat=True),
+    # 128 x 128 flattened: the next tile's first loads under this tile's epilogue at two blocks an SM, where the
+    # 128 x 256 one runs one. Two stages: flattening adds one (96 KB, as the unflattened three-stage tile; with three,
+    # 128 KB and one block). sm_90, bf16, compiled offline (triton 3.8 / 3.6): GELU 101 / 121 registers, qkv's 114 /
+    # 112, no stack; with a second tile in the epilogue (the pre-activation, the residual, GELU') 138-207 and one block,
+    # where the descriptor epilogues below run two. Flattened, ptxas waits for each wgmma before the next (wait depth
+    # 0 against 1): the other block's warps are what keep the tensor cores fed.
+    gemm_cfg(128, 128, 64, 8, 2, tma=True, flat=True),
     # warp-specialised: Triton adds warps of its own for the loads and the MMAs (12 in all, registers rebalanced by
     # setmaxnreg; sm_90, triton 3.6 and 3.8, compiled offline: 168 registers a thread, at most 8 B of stack, one block
     # per SM). Offered only with FASTVIT_WARP_SPEC=1 (warp_spec_on), which the GPU check sets once their tests pass
