@@ -15,7 +15,7 @@ WIDE=("$T[128x256x64-w8-s3-tma-gelu]" "$T[128x256x64-w8-s3-tma-residual]" "$T[12
   "$T[128x256x64-w8-s3-tma-flat-residual]" tests/test_linear.py::test_linear_residual_layernorm)
 # the tiles new since the last GPU run: the descriptor epilogues, the warp-specialised and the flattened 128 x 128
 for tile in 128x128x64-w8-s3-tma-epitma 128x64x64-w4-s3-tma-epitma 64x128x64-w4-s4-tma-epitma \
-  128x128x64-w4-s3-tma-warpspec 128x128x64-w8-s2-tma-flat; do
+  128x128x64-w8-s2-tma-epitma 128x128x64-w4-s3-tma-warpspec 128x128x64-w8-s2-tma-flat; do
   for epilogue in gelu residual gelu_grad; do WIDE+=("$T[$tile-$epilogue]"); done
 done
 echo "=== the GELU's, the new, 128 x 256 and LayerNorm GEMM tiles', the attention tests (every tile forced), the plans'"

@@ -73,7 +73,11 @@ LINEAR_FWD_CONFIGS = [
     # inference, qkv) about as through pointers (101 registers, 1,455 instructions a warp against 1,511; qkv 265
     # against 323), so not offered there: each candidate costs its compile and timing at a shape's first call. 16-64 KB
     # of staging: 128 x 128 with the fp32 residual takes 128 KB (one block an SM), the 4-warp tiles 88-112 KB (two).
+    # With two stages the 128 x 128 residual tile takes 96 KB (119 registers, triton 3.6): two blocks an SM, for the
+    # residual GEMMs whose K steps load from L2 at the rate it serves (fc2: 64 x 128 tiles read 24 KB a K step for half
+    # the outputs 128 x 128 reads 32 KB for; 0.92 GB from L2 at the 0.116 ms measured, ~7.9 TB/s, H100 2026-11-27).
     gemm_cfg(128, 128, 64, 8, 3, tma=True, epi=True),
+    gemm_cfg(128, 128, 64, 8, 2, tma=True, epi=True),
     gemm_cfg(128, 64, 64, 4, 3, tma=True, epi=True),
     gemm_cfg(64, 128, 64, 4, 4, tma=True, epi=True),
 ]
