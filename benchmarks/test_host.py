@@ -9,6 +9,8 @@ launchers' argument lists) and torch's dispatch, per step. Not timed: Triton's o
 binding and specialisation) and the CUDA driver (the e2e rows' `host_ms` on a GPU has them all). Rows measured
 before commit 44f8e85 swapped whole launchers and so timed less of ours (NOTES.md, session 5). Without autocast (bf16
 weights), the casts of fp32 weights that autocast adds (one per linear per step, on a GPU) are not in these numbers.
+glibc is told to keep the blocks a step frees (_keep_freed_memory), as the CUDA caching allocator does: rows before
+2026-11-28 (session 17) also timed glibc giving freed gradient-sized blocks back to the OS, ~2 ms of a training step.
 
 (The meta device was the first choice and is wrong for this: torch runs many meta shape functions in Python, 0.65 ms
 for one F.linear and 0.1 ms for a sum on this box, so the figure measured meta, not us.)
@@ -33,6 +35,8 @@ no-op: what the plans' direct launches save per launch, the part of a GPU step's
 time.
 """
 
+import ctypes
+import ctypes.util
 import sys
 from pathlib import Path
 
@@ -59,11 +63,26 @@ from offline_triton import (  # noqa: E402
 CPU = torch.device("cpu")
 
 
+def _keep_freed_memory():
+    """glibc keeps the blocks a step frees for the next step's allocations, as the CUDA caching allocator keeps a GPU
+    step's: by default it gave freed weight-sized blocks back to the OS (munmap, and trimming the heap's top), which
+    made the optimizer's zero_grad 0.7-1.1 ms of the training row on this box (0.17 ms without), a cost of the CPU
+    stand-in that a GPU's host path does not have. Process-wide, from the first host row on (mallopt: M_TRIM_THRESHOLD
+    1 GiB, M_MMAP_THRESHOLD its 32 MiB maximum); a libc without mallopt is left as it is."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 @pytest.fixture(params=["no-op", "triton-run"])
 def stand_ins(request, monkeypatch):
     """Our kernel launches and the backward's matmuls as no-ops; CPU tensors accepted as under the interpreter.
     no-op: each kernel a recorder (tests/launches.py); triton-run: Triton's own JITFunction.run of each kernel, with
     a no-op launcher (tests/offline_triton.py). (the kind, the list each launch appends to)"""
+    _keep_freed_memory()
     if request.param == "no-op":
         launches = record_launches(monkeypatch, first_config_only=True)
     else:
