@@ -312,6 +312,8 @@ def test_every_linear_config(cfg, epilogue, device, monkeypatch):
     res = torch.randn(M, N, device=device) if epilogue == "residual" else None
     if configs._serialised(config, epilogue, res):
         pytest.skip("not offered with an fp32 residual: ptxas serialises its wgmma")
+    if not configs._held_in_two_blocks(config, epilogue):
+        pytest.skip(f"not offered with {epilogue}: one block an SM where others keep two")
     if epilogue == "gelu_grad":
         w = w.t().contiguous().t()  # [N, K] with N contiguous, as W2.t() is
         pre = torch.randn(M, N, device=device).to(torch.bfloat16)
@@ -371,6 +373,21 @@ def test_descriptor_epilogues_are_offered_beside_a_second_tile_only():
     assert offered("gelu", PRE=pre) == epi and offered("gelu_grad", PRE=pre) == epi
     assert offered("gelu") == [] and offered("none") == []  # C alone: about as fast through pointers
     assert offered("residual", RES=res, EPI_TMA_OK=False) == []
+
+
+def test_flattened_128_tile_is_offered_where_it_keeps_two_blocks_an_sm():
+    # with C alone or GELU's pre-activation beside it; not with the residual or GELU' (one block an SM there)
+    flat = [c for c in configs.LINEAR_FWD_CONFIGS if c.kwargs["FLATTEN"] and c.kwargs["BLOCK_N"] == 128]
+    assert flat and all(c.kwargs["BLOCK_M"] == 128 for c in flat)
+    a, w = torch.empty(8, 48, dtype=torch.bfloat16), torch.empty(304, 48, dtype=torch.bfloat16)
+    res, pre = torch.empty(8, 304), torch.empty(8, 304, dtype=torch.bfloat16)
+
+    def offered(epilogue, **named):
+        named = dict(dict(A=a, B=w, C=torch.empty(8, 304), TMA_OK=True, EPI_TMA_OK=True, EPILOGUE=epilogue), **named)
+        return [c for c in configs.prune_linear_fwd(configs.LINEAR_FWD_CONFIGS, named) if c in flat]
+
+    assert offered("none") == flat and offered("gelu") == flat and offered("gelu", PRE=pre) == flat
+    assert offered("residual", RES=res) == [] and offered("gelu_grad", PRE=pre) == []
 
 
 @pytest.mark.parametrize("cfg", range(len(configs.LINEAR_LN_CONFIGS)))

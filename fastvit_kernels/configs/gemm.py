@@ -50,9 +50,9 @@ LINEAR_FWD_CONFIGS = [
     # 128 x 128 flattened: the next tile's first loads under this tile's epilogue at two blocks an SM, where the
     # 128 x 256 one runs one. Two stages: flattening adds one (96 KB, as the unflattened three-stage tile; with three,
     # 128 KB and one block). sm_90, bf16, compiled offline (triton 3.8 / 3.6): GELU 101 / 121 registers, qkv's 114 /
-    # 112, no stack; with a second tile in the epilogue (the pre-activation, the residual, GELU') 138-207 and one block,
-    # where the descriptor epilogues below run two. Flattened, ptxas waits for each wgmma before the next (wait depth
-    # 0 against 1): the other block's warps are what keep the tensor cores fed.
+    # 112, no stack; with the residual or GELU' in the epilogue 162-238 and one block, where the descriptor epilogues
+    # below run two: not offered there (_held_in_two_blocks). Flattened, ptxas waits for each wgmma before the next
+    # (wait depth 0 against 1): the other block's warps are what keep the tensor cores fed.
     gemm_cfg(128, 128, 64, 8, 2, tma=True, flat=True),
     # warp-specialised: Triton adds warps of its own for the loads and the MMAs (12 in all, registers rebalanced by
     # setmaxnreg; sm_90, triton 3.6 and 3.8, compiled offline: 168 registers a thread, at most 8 B of stack, one block
@@ -98,6 +98,14 @@ def _serialised(cfg, epilogue, res) -> bool:
     with 8 warps and pointer loads when the epilogue adds an fp32 residual (proj and fc2 under autocast)."""
     tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, bool(cfg.kwargs.get("USE_TMA")))
     return epilogue == "residual" and res is not None and res.element_size() == 4 and tile == (128, 128, 8, False)
+
+
+def _held_in_two_blocks(cfg, epilogue) -> bool:
+    """False for the flattened 128 x 128 tile with the residual or GELU' in its epilogue: 162-238 registers there
+    (sm_90, triton 3.6), one block an SM, where the descriptor-epilogue tiles keep two; not worth its compile and
+    timing at a shape's first call. With GELU and its stored pre-activation it keeps two (108 registers)."""
+    tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], bool(cfg.kwargs.get("FLATTEN")))
+    return not (tile == (128, 128, True) and epilogue in ("residual", "gelu_grad"))
 
 
 def _tma_where_ok(configs, args):
@@ -151,7 +159,8 @@ def epi_tma_on() -> bool:
 def prune_linear_fwd(configs, args):
     """Shared memory as for every GEMM (with a descriptor epilogue's staging); the TMA tiles where _tma_where_ok keeps
     them; the warp-specialised ones where warp_spec_on, the flattened ones where flatten_on, the descriptor
-    epilogues where epi_tma_on; no tile that ptxas serialises."""
+    epilogues where epi_tma_on; no tile that ptxas serialises, nor one that a second tile in the epilogue leaves at
+    one block an SM where others keep two (_held_in_two_blocks)."""
     configs = _tma_where_ok(configs, args)
     if not warp_spec_on():
         configs = [c for c in configs if not c.kwargs.get("WARP_SPEC")]
@@ -159,7 +168,8 @@ def prune_linear_fwd(configs, args):
         configs = [c for c in configs if not c.kwargs.get("FLATTEN")]
     if not epi_tma_on():
         configs = [c for c in configs if not c.kwargs.get("EPI_TMA")]
-    configs = [c for c in configs if not _serialised(c, args.get("EPILOGUE"), args.get("RES"))]
+    epilogue = args.get("EPILOGUE")
+    configs = [c for c in configs if not _serialised(c, epilogue, args.get("RES")) and _held_in_two_blocks(c, epilogue)]
     return _linear_smem(configs, args)
 
 
