@@ -6,7 +6,7 @@ import os
 
 import triton
 
-from ..kernels.gemm_epilogue import epilogue_parts
+from ..kernels.gemm_epilogue import epilogue_parts, second_tile, stores_pre
 from .memory import prune_gemm_configs, smem_limit
 
 GROUP_M = 8  # row blocks that share B's column blocks in L2 (grouped program order), for every GEMM here
@@ -120,10 +120,9 @@ def _tma_where_ok(configs, args):
 
 
 def _second_tile(args) -> bool:
-    """The epilogue reads or writes a tile beside C: the residual, GELU's pre-activation (stored for the backward, or
-    read by GELU')."""
+    """kernels/gemm_epilogue.py's second_tile, from the launch's arguments by name."""
     epilogue = args.get("EPILOGUE")
-    return epilogue in ("residual", "gelu_grad") or (epilogue == "gelu" and args.get("PRE") is not None)
+    return second_tile(epilogue, stores_pre(epilogue, args.get("PRE")))
 
 
 def _epilogue_staging(c, args) -> int:
@@ -133,8 +132,7 @@ def _epilogue_staging(c, args) -> int:
     if not c.kwargs.get("EPI_TMA"):
         return 0
     epilogue, bn = args.get("EPILOGUE"), c.kwargs["BLOCK_N"]
-    store_pre = epilogue == "gelu" and args.get("PRE") is not None
-    part_n = bn // epilogue_parts(bn, epilogue, store_pre, True)
+    part_n = bn // epilogue_parts(bn, epilogue, stores_pre(epilogue, args.get("PRE")), True)
     staged = [args[n] for n in ("C", "RES", "PRE") if args.get(n) is not None]
     return c.kwargs["BLOCK_M"] * part_n * sum(t.element_size() for t in staged)
 

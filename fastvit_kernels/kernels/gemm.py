@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .common import grouped_pid, last_to_arrive, sum_partials
-from .gemm_epilogue import epilogue_parts, finish_tile
+from .gemm_epilogue import epilogue_parts, finish_tile, stores_pre
 
 
 @triton.jit
@@ -79,7 +79,7 @@ def _mainloop_tma(
 @triton.heuristics(
     {
         "HAS_BIAS": lambda args: args["BIAS"] is not None,
-        "STORE_PRE": lambda args: args["EPILOGUE"] == "gelu" and args["PRE"] is not None,
+        "STORE_PRE": lambda args: stores_pre(args["EPILOGUE"], args["PRE"]),
         "B_KMAJOR": lambda args: args["stride_bk"] == 1,
     }
 )

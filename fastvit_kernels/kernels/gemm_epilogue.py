@@ -75,6 +75,17 @@ def _finish_cols(
     _store_tile(C, acc, m0, n0, rows, cols, stride_cm, stride_cn, mask, DESC)
 
 
+def stores_pre(epilogue, pre) -> bool:
+    """STORE_PRE: GELU's epilogue writes the pre-activation too (given only when a backward will read it)."""
+    return epilogue == "gelu" and pre is not None
+
+
+@triton.constexpr_function  # epilogue_parts calls it: a compiled function may only reach constexpr_functions
+def second_tile(epilogue, store_pre) -> bool:
+    """The epilogue reads or writes a tile beside C: the residual, GELU's pre-activation (stored, or read by GELU')."""
+    return epilogue == "residual" or epilogue == "gelu_grad" or store_pre
+
+
 @triton.constexpr_function
 def epilogue_parts(BLOCK_N, EPILOGUE, STORE_PRE, EPI_DESC):
     """How many column parts a tile's epilogue runs in, one after another (the kernel and the shared-memory estimate
@@ -84,8 +95,7 @@ def epilogue_parts(BLOCK_N, EPILOGUE, STORE_PRE, EPI_DESC):
     8 warps, sm_90, triton 3.6, compiled offline); the others stay whole (halving costs ~70-90 instructions a warp a
     tile). Through descriptors every tile from 128 columns on runs in halves: each part's stores (and the residual's
     load) are staged in shared memory, and halves halve that."""
-    second_tile = EPILOGUE == "residual" or EPILOGUE == "gelu_grad" or STORE_PRE
-    return 2 if (BLOCK_N >= 256 and second_tile) or (EPI_DESC and BLOCK_N >= 128) else 1
+    return 2 if (BLOCK_N >= 256 and second_tile(EPILOGUE, STORE_PRE)) or (EPI_DESC and BLOCK_N >= 128) else 1
 
 
 @triton.jit
