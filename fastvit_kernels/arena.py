@@ -15,11 +15,18 @@ the same stream or after a wait for the other stream. During a CUDA graph captur
 graph would keep the buffer's addresses). The buffer is held while a plan that uses it lives, sized by the largest
 plan that used it: the temporaries of one step (in training about the activations' peak), which the caching
 allocator held between steps before. FASTVIT_ARENA=0 (read when a plan is recorded) allocates afresh, as eager does.
+
+Arrival counters (ops/_common.arrival_counters: zeros that the kernels counting on them leave at zero again) come
+from a second, small buffer of the arena, zeroed once when it is allocated: a replay takes them as they are instead
+of a zero-fill each (a launch on a GPU: ~50 a training step where the weight gradients split their rows). They all
+share its first bytes: each is zero when a launch takes it and zero again when that launch ends, and a replay's
+launches run one after another on its stream.
 """
 
 import os
 import threading
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -30,11 +37,21 @@ def arena_on() -> bool:
     return os.environ.get("FASTVIT_ARENA", "1") != "0"
 
 
+class Temp(NamedTuple):
+    """A temporary: the name its allocation line makes, the span of lines over which it or a view of it is read, the
+    template of its allocation, and whether it is arrival counters taken from the arena's zeroed buffer (Line.zeroed)."""
+
+    name: str
+    first: int
+    last: int
+    template: torch.Tensor
+    zeroed: bool = False
+
+
 def temporaries(lines: list, keep: set) -> list:
-    """[(name, first line, last line, template)]: the allocation lines (Line.alloc) whose tensor neither the function
-    returns nor hands to a line that keeps it, with the span of lines over which it or a view of it is read. A line
-    whose outputs may be views of its inputs (Line.views) joins them; a group that reaches a kept name is not
-    temporary."""
+    """[Temp]: the allocation lines (Line.alloc) whose tensor neither the function returns nor hands to a line that
+    keeps it, with the span of lines over which it or a view of it is read. A line whose outputs may be views of its
+    inputs (Line.views) joins them; a group that reaches a kept name is not temporary."""
     parent = {}
 
     def root(n):
@@ -60,7 +77,7 @@ def temporaries(lines: list, keep: set) -> list:
     out = []
     for i, line in enumerate(lines):
         if line.alloc is not None and root(line.makes[0]) not in escapes:
-            out.append((line.makes[0], i, end[root(line.makes[0])], line.alloc))
+            out.append(Temp(line.makes[0], i, end[root(line.makes[0])], line.alloc, line.zeroed))
     return out
 
 
@@ -69,16 +86,21 @@ def _nbytes(template) -> int:
 
 
 def layout(temps: list) -> tuple:
-    """([offset in bytes of each of temps], the bytes they need): offsets ALIGN apart, two temporaries whose spans of
-    lines meet never overlapping. Largest first, each at the lowest offset free over its span (a best fit's usual
-    order; CIFAR-10's backward packs into its peak of live temporaries)."""
-    order = sorted(range(len(temps)), key=lambda k: (-_nbytes(temps[k][3]), temps[k][1]))
-    offsets, total = [0] * len(temps), 0
+    """([offset in bytes of each of temps, None for the zeroed], the bytes they need): offsets ALIGN apart, two
+    temporaries whose spans of lines meet never overlapping. Largest first, each at the lowest offset free over its
+    span (a best fit's usual order; CIFAR-10's backward packs into its peak of live temporaries). The zeroed share
+    the start of the arena's zeroed buffer instead (the module's docstring)."""
+    order = sorted(range(len(temps)), key=lambda k: (-_nbytes(temps[k].template), temps[k].first))
+    offsets, total = [None] * len(temps), 0
     placed = []
     for k in order:
-        _, first, last, template = temps[k]
+        _, first, last, template, zeroed = temps[k]
+        if zeroed:
+            continue
         size = -(-max(_nbytes(template), 1) // ALIGN) * ALIGN
-        taken = sorted((offsets[j], offsets[j] + s) for j, s in placed if temps[j][1] <= last and first <= temps[j][2])
+        taken = sorted(
+            (offsets[j], offsets[j] + s) for j, s in placed if temps[j].first <= last and first <= temps[j].last
+        )
         at = 0
         for lo, hi in taken:
             if at + size <= lo:
@@ -90,20 +112,27 @@ def layout(temps: list) -> tuple:
     return offsets, total
 
 
+def zeroed_bytes(temps: list) -> int:
+    """The bytes of the arena's zeroed buffer that the zeroed of temps need (they share its start)."""
+    return max((_nbytes(t.template) for t in temps if t.zeroed), default=0)
+
+
 class Arena:
     """One device's buffer for the temporaries of the replays (see the module's docstring)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.buffer = None
+        self.zeros = None  # the arrival counters' buffer: zero whenever no launch of a replay is running
         self.generation = 0  # bumped when the buffer grows or goes: the views into the old one are made again
         self.users = weakref.WeakSet()  # the replays holding views into the buffer (release() drops them)
         self.lock = threading.Lock()
         self.stream = None  # the CUDA stream whose work last used the buffer, and its handle
         self.handle = None
 
-    def enter(self, nbytes: int) -> bool:
-        """Take the buffer for one replay needing nbytes (False: allocate afresh; exit() only after True)."""
+    def enter(self, nbytes: int, zeroed: int = 0) -> bool:
+        """Take the buffer for one replay needing nbytes, and zeroed bytes of the zeroed buffer (False: allocate
+        afresh; exit() only after True)."""
         if not self.lock.acquire(blocking=False):
             return False
         if capturing(self.device):
@@ -114,6 +143,11 @@ class Arena:
             self.buffer = None  # freed on the stream that used it, before the larger one is allocated there
             with torch.inference_mode(False):  # a normal tensor, whichever mode the first replay ran in (see _views)
                 self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            self.generation += 1
+        if zeroed and (self.zeros is None or self.zeros.numel() < zeroed):
+            self.zeros = None
+            with torch.inference_mode(False):
+                self.zeros = torch.zeros(zeroed, dtype=torch.uint8, device=self.device)
             self.generation += 1
         return True
 
@@ -126,8 +160,9 @@ class Arena:
             stream = torch.cuda.current_stream(self.device)
             if self.stream is not None:
                 stream.wait_stream(self.stream)  # the last user's work on its stream before this one's writes
-            if self.buffer is not None:
-                self.buffer.record_stream(stream)  # freed, it waits for this stream's work too
+            for held in (self.buffer, self.zeros):
+                if held is not None:
+                    held.record_stream(stream)  # freed, it waits for this stream's work too
             self.stream, self.handle = stream, handle
 
     def exit(self):
@@ -141,7 +176,7 @@ class Arena:
         try:
             for user in list(self.users):
                 user.drop_views()
-            self.buffer = None
+            self.buffer = self.zeros = None
             self.generation += 1
         finally:
             self.lock.release()
@@ -185,7 +220,8 @@ class ArenaReplay:
     def __init__(self, fresh, kept, views: list, temps: list, device: torch.device):
         self.fresh, self.kept, self.views = fresh, kept, views
         self.offsets, self.nbytes = layout(temps)
-        self.specs = [(t[3].shape, t[3].dtype) for t in temps]
+        self.zeroed = zeroed_bytes(temps)
+        self.specs = [(t.template.shape, t.template.dtype) for t in temps]
         self.arena = arena(device)
         self.arena.users.add(self)
         self.generation = None
@@ -196,11 +232,11 @@ class ArenaReplay:
 
     def __call__(self, *args):
         a = self.arena
-        if not a.enter(self.nbytes):
+        if not a.enter(self.nbytes, self.zeroed):
             return self.fresh(*args)
         try:
             if self.generation != a.generation:
-                self.views[:] = _views(a.buffer, self.offsets, self.specs)
+                self.views[:] = _views(a, self.offsets, self.specs)
                 self.generation = a.generation
             return self.kept(*args)
         finally:
@@ -236,7 +272,8 @@ class StepReplays:
         (self.fwd_fresh, self.fwd_kept, self.fwd_views), (self.bwd_fresh, self.bwd_kept, self.bwd_views) = fwd, bwd
         self.temps = temps
         self.offsets, self.nbytes = layout(temps)
-        self.specs = [(t[3].shape, t[3].dtype) for t in temps]
+        self.zeroed = zeroed_bytes(temps)
+        self.specs = [(t.template.shape, t.template.dtype) for t in temps]
         self.split = split
         self.arena = arena(device)
         self.arena.users.add(self)
@@ -250,7 +287,7 @@ class StepReplays:
     def forward(self, *args) -> tuple:
         """(the forward's result, the Hold of the arena for the backward, or None where it allocated afresh)."""
         a = self.arena
-        if not a.enter(self.nbytes):
+        if not a.enter(self.nbytes, self.zeroed):
             return self.fwd_fresh(*args), None
         hold = Hold(a)
         try:
@@ -263,7 +300,7 @@ class StepReplays:
     def backward(self, hold, *args):
         """The backward's result; `hold` (the forward's) is let go."""
         a = self.arena
-        if hold is None and not a.enter(self.nbytes):
+        if hold is None and not a.enter(self.nbytes, self.zeroed):
             return self.bwd_fresh(*args)
         hold = hold or Hold(a)
         try:
@@ -277,7 +314,7 @@ class StepReplays:
 
     def _views(self, a: Arena):
         if self.generation != a.generation:
-            views = _views(a.buffer, self.offsets, self.specs)
+            views = _views(a, self.offsets, self.specs)
             self.fwd_views[:], self.bwd_views[:] = views[: self.split], views[self.split :]
             self.generation = a.generation
 
@@ -295,12 +332,15 @@ class FreshSteps:
         return self.bwd_fresh(*args)
 
 
-def _views(buffer, offsets, specs) -> list:
+def _views(a: Arena, offsets, specs) -> list:
+    """Views into a's buffer at offsets (into its zeroed buffer's start where None), shaped as specs say."""
     # normal tensors even inside torch.inference_mode(): a view made there could not be written in place by a replay
     # outside it (a training step's after an evaluation)
     with torch.inference_mode(False):
         return [
-            buffer[at : at + _nbytes_of(shape, dtype)].view(dtype).view(shape)
+            (a.zeros if at is None else a.buffer)[at or 0 : (at or 0) + _nbytes_of(shape, dtype)]
+            .view(dtype)
+            .view(shape)
             for at, (shape, dtype) in zip(offsets, specs)
         ]
 

@@ -7,11 +7,14 @@ class Line:
     """One line of a replay: its text, the names it reads and the names it makes; pure: an operation without effects
     beyond its outputs (no mutation, no random numbers), which a replay may leave out where nothing reads them; cast:
     for a dtype cast that a batch of casts may replace (cast_batches.py), the Cast; alloc: for a fresh allocation, its
-    template (the arena may hold it instead: arena.py); views: its outputs may be views of what it reads."""
+    template (the arena may hold it instead: arena.py); views: its outputs may be views of what it reads; zeroed: an
+    allocation of zeros that the launches reading it leave at zero again (ops/_common.arrival_counters), which a
+    replay may take from memory kept at zero instead of filling it."""
 
     def __init__(self, text, reads=(), makes=(), pure=False, cast=None, alloc=None, views=False):
         self.text, self.reads, self.makes, self.pure = text, list(reads), list(makes), pure
         self.cast, self.alloc, self.views = cast, alloc, views
+        self.zeroed = False
 
 
 class Cast:

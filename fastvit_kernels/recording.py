@@ -197,6 +197,16 @@ class Recorder(TorchDispatchMode):
         head += f", {self.source(direct.function)}, {self._const(direct.packed_metadata)}, None, None, None"
         return f"{head}, {self._call_args(direct.args, {})})"
 
+    def zeroed(self, t):
+        """t, the zeros the last line made, are arrival counters that the launches reading them leave at zero
+        (ops/_common.arrival_counters): a replay may take them from the arena's zeroed buffer (arena.py)."""
+        if threading.get_ident() != self.thread or self.failure is not None or not self.lines:
+            return
+        line = self.lines[-1]
+        template = self._template(t, {})
+        if line.makes == [self._name(t)] and template is not None:
+            line.alloc, line.zeroed = template, True
+
     # -- names --------------------------------------------------------------------------------------------------------
     def bind(self, t, name=None):
         """Name t (an input of a function, or what a line made); returns the name."""
@@ -328,9 +338,9 @@ class Recorder(TorchDispatchMode):
         if not temps:
             steps = FreshSteps(f.fn, b.fn)
             return steps.forward, steps.backward, f.source + b.source
-        split = sum(1 for t in temps if t[1] < len(f.lines))
+        split = sum(1 for t in temps if t.first < len(f.lines))
         shift = len(f.lines)
-        b_temps = [(n, i - shift, j - shift, t) for n, i, j, t in temps[split:]]
+        b_temps = [t._replace(first=t.first - shift, last=t.last - shift) for t in temps[split:]]
         f_views, b_views = [], []  # StepReplays fills them
         fwd_versions = (f.fn, self._kept(f, temps[:split], f_views), f_views)
         bwd_versions = (b.fn, self._kept(b, b_temps, b_views), b_views)
@@ -365,8 +375,8 @@ class Recorder(TorchDispatchMode):
             return code.fn
         texts = list(code.texts)
         name = self._const(views)
-        for k, (made, i, _, _) in enumerate(temps):
-            texts[i] = f"{made} = {name}[{k}]"
+        for k, t in enumerate(temps):
+            texts[t.first] = f"{t.name} = {name}[{k}]"
         return self._compile(_source(code.params, texts, code.dead_after, code.returns))
 
     def _compile(self, source):

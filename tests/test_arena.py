@@ -12,6 +12,7 @@ from plans import calls, only_plan, small_model, unplanned
 
 from fastvit_kernels import arena, plan
 from fastvit_kernels.lines import Line
+from fastvit_kernels.ops import fused_patch_embed, gemm
 
 CPU = torch.device("cpu")
 
@@ -34,7 +35,7 @@ def test_temporaries_exclude_what_escapes_and_span_the_lines_that_read_their_vie
         Line("launch(x, t5)", ["x", "t5"]),
     ]
     temps = arena.temporaries(lines, keep={"x", "t3", "t5"})
-    assert [(name, first, last) for name, first, last, _ in temps] == [("t0", 0, 3), ("t2", 4, 5)]
+    assert [(t.name, t.first, t.last, t.zeroed) for t in temps] == [("t0", 0, 3, False), ("t2", 4, 5, False)]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -45,7 +46,7 @@ def test_layout_never_overlaps_temporaries_alive_together(seed):
         first = rng.randrange(100)
         shape = (rng.randrange(0, 300),)
         dtype = rng.choice([torch.float32, torch.bfloat16, torch.int32])
-        temps.append((f"t{k}", first, first + rng.randrange(15), torch.empty((), dtype=dtype).expand(shape)))
+        temps.append(arena.Temp(f"t{k}", first, first + rng.randrange(15), torch.empty((), dtype=dtype).expand(shape)))
     offsets, total = arena.layout(temps)
     ends = [at + t[3].numel() * t[3].element_size() for at, t in zip(offsets, temps)]
     assert all(at % arena.ALIGN == 0 for at in offsets) and max(ends) <= total
@@ -58,6 +59,25 @@ def test_layout_never_overlaps_temporaries_alive_together(seed):
     assert total <= sum(-(-max(t[3].numel() * t[3].element_size(), 1) // arena.ALIGN) * arena.ALIGN for t in temps)
 
 
+def test_zeroed_temporaries_share_the_start_of_the_zeroed_buffer():
+    """Arrival counters (Temp.zeroed) are not placed in the buffer: every one is a view of the zeroed buffer's start,
+    which is zero when allocated, and as large as the largest of them."""
+    temps = [
+        arena.Temp("t0", 0, 3, torch.empty(()).expand(40)),
+        arena.Temp("t1", 1, 2, torch.empty((), dtype=torch.int32).expand(9), zeroed=True),
+        arena.Temp("t2", 1, 4, torch.empty((), dtype=torch.int32).expand(300), zeroed=True),
+    ]
+    offsets, total = arena.layout(temps)
+    assert offsets == [0, None, None] and total == arena.ALIGN and arena.zeroed_bytes(temps) == 1200
+    a = arena.Arena(CPU)
+    r = _replay(temps, a)
+    assert r() == "kept" and a.zeros.numel() == 1200 and not a.zeros.any()
+    base = a.zeros.data_ptr()
+    assert [v.data_ptr() == base for v in r.views] == [False, True, True]
+    assert r.views[0].untyped_storage().data_ptr() == a.buffer.data_ptr()
+    assert [(v.shape, v.dtype) for v in r.views[1:]] == [((9,), torch.int32), ((300,), torch.int32)]
+
+
 def _replay(temps, arena_):
     r = arena.ArenaReplay(lambda: "fresh", lambda: "kept", [], temps, CPU)
     r.arena = arena_
@@ -66,7 +86,8 @@ def _replay(temps, arena_):
 
 def test_a_replay_allocates_afresh_while_another_holds_the_arena():
     a = arena.Arena(CPU)
-    temps = [("t0", 0, 1, torch.empty((), dtype=torch.bfloat16).expand(3, 5)), ("t1", 1, 2, torch.empty(()).expand(7))]
+    temps = [arena.Temp("t0", 0, 1, torch.empty((), dtype=torch.bfloat16).expand(3, 5))]
+    temps.append(arena.Temp("t1", 1, 2, torch.empty(()).expand(7)))
     r = _replay(temps, a)
     assert a.lock.acquire(blocking=False)  # another replay's call
     assert r() == "fresh" and r.views == []
@@ -80,9 +101,9 @@ def test_a_replay_allocates_afresh_while_another_holds_the_arena():
 
 def test_views_move_to_a_grown_arena():
     a = arena.Arena(CPU)
-    small = _replay([("t0", 0, 0, torch.empty(()).expand(4))], a)
+    small = _replay([arena.Temp("t0", 0, 0, torch.empty(()).expand(4))], a)
     small()
-    big = _replay([("t0", 0, 0, torch.empty(()).expand(4096))], a)
+    big = _replay([arena.Temp("t0", 0, 0, torch.empty(()).expand(4096))], a)
     big()  # grows the buffer: the small replay's views point into the old one until its next call
     assert small.views[0].untyped_storage().data_ptr() != a.buffer.data_ptr()
     small()
@@ -324,3 +345,30 @@ def test_an_evaluation_between_a_forward_and_its_backward(device, monkeypatch):
         out_ref, eval_ref, grads_ref = step()
     assert torch.equal(out, out_ref) and torch.equal(evaluated, eval_ref)
     assert all(torch.equal(grads[n], grads_ref[n]) for n in grads)
+
+
+def test_a_step_takes_its_arrival_counters_from_the_zeroed_buffer(device, monkeypatch):
+    """A training step whose weight gradients split their rows counts the splits' arrivals (ops/_common.py
+    arrival_counters): its replay takes the counters from the arena's zeroed buffer, zero again after every step,
+    instead of a zero-fill each, and its gradients are the unplanned step's. Counters left non-zero there would
+    break the next step: the replay reads them."""
+    monkeypatch.setattr(arena, "_ARENAS", weakref.WeakValueDictionary())
+    for op in (gemm, fused_patch_embed):  # splits of 64 rows (BLOCK_K of every dW config): 85 token, 68 patch rows
+        monkeypatch.setattr(op, "split_rows", lambda rows, tiles, device: (-(-rows // 64), 64))
+    model = small_model(device, depth=1, heads=1)
+    x = torch.randn(17, 3, 8, 8, device=device)
+    steps = _training_plan(model, x)
+    a = steps.arena
+    assert sum(t.zeroed for t in steps.temps) == 5  # the block's four linear layers and the patch embedding
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    assert not a.zeros.any()
+    grads = _grads(model)
+    with monkeypatch.context() as m:
+        m.setenv("FASTVIT_PLAN", "0")
+        model(x).sum().backward()
+    ref = _grads(model)
+    assert all(torch.equal(grads[n], ref[n]) for n in grads)
+    a.zeros.fill_(1)  # what the replay reads: the splits never see their last arrival
+    model(x).sum().backward()
+    assert not all(torch.equal(g, ref[n]) for n, g in _grads(model).items())

@@ -9,6 +9,7 @@ import functools
 
 import torch
 
+from .. import tuning
 from .._interpreter import interpreting
 from .._intmath import cdiv, next_pow2  # noqa: F401 - the op files take them from here
 
@@ -130,6 +131,16 @@ def persistent_programs(device: torch.device, per_sm: int) -> int:
     row took as long as one of eight): there num_sms' few programs, each looping over several rows, run the same code
     in a fraction of the time."""
     return per_sm * num_sms(device) if device.type == "cuda" else num_sms(device)
+
+
+def arrival_counters(n: int, device: torch.device) -> torch.Tensor:
+    """n int32 counters at zero, for a kernel whose programs count their arrivals at them (kernels/common.py
+    last_to_arrive) and leave each at zero again. A step plan's replay takes them from its arena's zeroed buffer
+    instead of a zero-fill a call (arena.py): only a kernel that keeps that promise may be handed them."""
+    t = torch.zeros(n, device=device, dtype=torch.int32)
+    if tuning.recorder is not None:
+        tuning.recorder.zeroed(t)
+    return t
 
 
 def row_stride(t):

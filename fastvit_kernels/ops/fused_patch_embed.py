@@ -21,6 +21,7 @@ from ..configs import (
 from ..kernels.patch_embed import patch_embed_bwd_dw_kernel, patch_embed_bwd_dx_kernel, patch_embed_fwd_kernel
 from ..tuning import Launcher
 from ._common import (
+    arrival_counters,
     autocast_on,
     call,
     cdiv,
@@ -117,7 +118,7 @@ def patch_embed_bwd_weight(g, images, weight):
     part = arrived = None
     if splits > 1:  # the kernel's last split per tile adds the partials up
         part = torch.empty((splits, D, K), device=g.device, dtype=torch.float32)
-        arrived = torch.zeros(cdiv(D, 16) * cdiv(K, 16), device=g.device, dtype=torch.int32)  # any tile >= 16
+        arrived = arrival_counters(cdiv(D, 16) * cdiv(K, 16), g.device)  # any tile >= 16
     dot = dot_precision(g.dtype)
     key = _key(images, D, K, ph, pw, g, images, dot)
     _bwd_dw.launch(

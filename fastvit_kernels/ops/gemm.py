@@ -38,6 +38,7 @@ from ..kernels.gemm_layernorm import linear_residual_layernorm_kernel
 from ..kernels.reduce import column_sum_kernel
 from ..tuning import Launcher, known_gemm_backend, pick_gemm_backend
 from ._common import (
+    arrival_counters,
     as_rows,
     as_unit_rows,
     cdiv,
@@ -338,8 +339,8 @@ def _residual_layernorm_triton(
 def linear_weight_grad(g, x, need_bias=True, out_dtype=torch.float32):
     """(dW [NF, KF], db [NF] or None) for y = x @ W^T + b with dL/dy = g [..., NF], x [..., KF] as the forward's GEMM
     read it (R rows each): fp32 sums, written in out_dtype (the weight's, so that no cast follows). The reduction over
-    rows is split (see split_rows); the kernel adds the splits' partials itself (one zero-fill and one launch a
-    call)."""
+    rows is split (see split_rows); the kernel adds the splits' partials itself (a zero-fill of its arrival counters
+    and one launch a call; a step plan's replay takes the counters zeroed: arrival_counters)."""
     NF, KF = g.shape[-1], x.shape[-1]
     R = g.numel() // NF
     if R == 0:  # an empty batch: the sums over no rows
@@ -389,7 +390,7 @@ def _weight_grad_triton(g, x, need_bias, out_dtype, key):
     if splits > 1:
         dw_part = torch.empty((splits, NF, KF), device=g.device, dtype=torch.float32)
         db_part = torch.empty((splits, NF), device=g.device, dtype=torch.float32) if need_bias else None
-        arrived = torch.zeros(cdiv(NF, 16) * cdiv(KF, 16), device=g.device, dtype=torch.int32)  # any tile >= 16
+        arrived = arrival_counters(cdiv(NF, 16) * cdiv(KF, 16), g.device)  # any tile >= 16
 
     _dw.launch(
         key,
