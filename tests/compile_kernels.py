@@ -193,7 +193,14 @@ def _variants(cap):
             add(lnk.layernorm_bwd_kernel, tn.LAYERNORM_BWD_CONFIGS, ln_ptrs, bwd_consts, tn.prune_layernorm_bwd, every)
         if stream == w:  # the bias gradient beside cuBLAS's weight gradient: column sums of G (its dtype alone)
             colsum_consts = [dict(BLOCK_N=tn.COLUMN_SUM_BLOCK_N)]
-            add(red.column_sum_kernel, tn.COLUMN_SUM_CONFIGS, {"G": w, "PART": f32}, colsum_consts, None, full)
+            add(
+                red.column_sum_kernel,
+                tn.COLUMN_SUM_CONFIGS,
+                {"G": w, "PART": f32, "OUT": w, "ARRIVED": "i32"},
+                colsum_consts,
+                None,
+                full,
+            )
         pe_ptrs = {
             "IMG": stream,
             "W": w,

@@ -253,17 +253,25 @@ def test_a_backend_family_is_timed_among_its_own_candidates(monkeypatch):
         assert tuning.pick_gemm_backend("k", candidates, timed=False) == ("cublas" if mode == "cublas" else "triton")
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N", [100, 384])
 @pytest.mark.parametrize("cfg", range(len(configs.COLUMN_SUM_CONFIGS)))
-def test_every_column_sum_config(cfg, N, device, monkeypatch):
+def test_every_column_sum_config(cfg, N, out_dtype, device, monkeypatch):
     # the bias gradient beside cuBLAS's weight gradient: each config forced, on bf16 rows with a padded stride (the
-    # leading dims read in place) and a row count no row block divides; N = 100 leaves a partial column strip
+    # leading dims read in place) and a row count no row block divides; N = 100 leaves a partial column strip. The
+    # kernel launched twice on the same buffers, as the autotuner launches it: each strip's last program adds the
+    # partial rows up, in out_dtype, and leaves its arrival counter at zero for the next launch
     force_config(monkeypatch, lin._colsum, configs.COLUMN_SUM_CONFIGS[cfg])
+    twice = _Twice(lin._colsum.kernel)
+    monkeypatch.setattr(lin._colsum, "kernel", twice)
     g = torch.randn(3, 177, N + 8, device=device).to(torch.bfloat16)[..., :N]  # [3, 177, N], rows N + 8 apart
-    out = lin.column_sum(g)
-    assert lin._colsum.best_config is configs.COLUMN_SUM_CONFIGS[cfg] and out.dtype == torch.float32
+    out = lin.column_sum(g, out_dtype)
+    assert lin._colsum.best_config is configs.COLUMN_SUM_CONFIGS[cfg] and out.dtype == out_dtype
+    parts, arrived = (twice.args[twice.arg_names.index(name)] for name in ("PART", "ARRIVED"))
+    assert parts.shape[0] > 1 and arrived.numel() == -(-N // configs.COLUMN_SUM_BLOCK_N) and not arrived.any()
     rows = g.reshape(-1, N)
-    assert_matches(out, rows.sum(0, dtype=torch.float32), rows.double().sum(0), torch.float32, "column sums")
+    ref = rows.sum(0, dtype=torch.float32).to(out_dtype)
+    assert_matches(out, ref, rows.double().sum(0), out_dtype, "column sums")
 
 
 def test_the_autotuners_times_are_kept_only_for_the_key_it_chose_for():

@@ -145,15 +145,15 @@ def sum_partials(PART, split_stride, offsets, mask, splits):
 
 
 @triton.jit
-def last_to_arrive(ARRIVED):
-    """Count the arrival of this program's split (one per tl.program_id(2)) at its output tile, whose counter is at
-    ARRIVED; True for the tile's last split, which then adds the partials up (sum_partials). The barrier first: a
+def last_to_arrive(ARRIVED, splits):
+    """Count the arrival of this program's split (one of `splits`) at its output tile, whose counter is at ARRIVED;
+    True for the tile's last split, which then adds the partials up (sum_partials). The barrier first: a
     scalar atomic runs in one thread, whose release then covers every thread's stores; the atomic's acq_rel order
     publishes them before the arrival, and shows the last one everyone else's. The last leaves the counter at zero:
     Triton's autotuner launches a kernel several times on the same arguments while it times the configs, then once
     more, and each launch must count from zero."""
     tl.debug_barrier()
-    last = tl.atomic_add(ARRIVED, 1, sem="acq_rel") == tl.num_programs(2) - 1
+    last = tl.atomic_add(ARRIVED, 1, sem="acq_rel") == splits - 1
     if last:
         tl.store(ARRIVED, 0)
     return last

@@ -293,8 +293,8 @@ def linear_dw_kernel(
         if HAS_DBIAS:
             if pid_n == 0:
                 tl.store(DB_PART + pid_s * stride_dbs + offs_m, bias, mask=mask_m)
-        if last_to_arrive(ARRIVED + pid_m * tl.num_programs(1) + pid_n):
-            splits = tl.num_programs(2)
+        splits = tl.num_programs(2)
+        if last_to_arrive(ARRIVED + pid_m * tl.num_programs(1) + pid_n, splits):
             part = offs_m[:, None] * stride_dwn + offs_n[None, :]
             acc = sum_partials(DW_PART, stride_dws, part, mask, splits)
             tl.store(DW_OUT + tile, acc.to(DW_OUT.dtype.element_ty), mask=mask)

@@ -3,7 +3,7 @@
   linear(a, weight, bias, epilogue=..., ...)     C = epilogue(a @ weight^T + bias)
   linear_residual_layernorm(a, weight, ...)     X = residual + a @ weight^T + bias, Y = LayerNorm(X)
   linear_weight_grad(g, x, need_bias)            (dW, db) of y = x @ W^T + b
-  column_sum(g)                                  the fp32 sums over g's rows (db beside cuBLAS's dW)
+  column_sum(g, out_dtype)                       the fp32 sums over g's rows (db beside cuBLAS's dW)
 
 a is [..., K] (any leading dims, read as rows without a copy where they collapse to one stride, as in every
 contiguous tensor: _common.as_rows), weight [N, K] as nn.Linear keeps it (any strides), and C comes back as [..., N]:
@@ -354,28 +354,40 @@ def _weight_grad_cublas(g, x, need_bias, out_dtype, key):
     """G^T @ X through cuBLAS (fp32 accumulation, rounded to G's dtype as eager's backward rounds), the bias as our
     column sums in fp32."""
     g, x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # [R, NF], [R, KF]
-    db = column_sum(g).to(out_dtype) if need_bias else None
+    db = column_sum(g, out_dtype) if need_bias else None
     return (g.t() @ x).to(out_dtype), db
 
 
-def column_sum(g):
-    """The fp32 sums over the rows of g [..., N] (kernels/reduce.py), [N]: each program's partial row, then their
-    sum."""
+def column_sum(g, out_dtype=torch.float32):
+    """The fp32 sums over the rows of g [..., N] (kernels/reduce.py), [N] in out_dtype (rounded once): each program's
+    partial row, added up by the last program of its column strip."""
     N = g.shape[-1]
     R = g.numel() // N
     if R == 0:
-        return torch.zeros(N, device=g.device, dtype=torch.float32)
+        return torch.zeros(N, device=g.device, dtype=out_dtype)
     g, g_rows = as_unit_rows(g)
     strips = cdiv(N, COLUMN_SUM_BLOCK_N)
     programs = max(1, min(cdiv(R, 32), COLUMN_SUM_PROGRAMS_PER_SM * num_sms(g.device) // strips))
     rows_per_program = cdiv(R, programs)
     programs = cdiv(R, rows_per_program)
     parts = torch.empty((programs, N), device=g.device, dtype=torch.float32)
-    key = ("column_sum", R, N, g.dtype, g.device)
+    out = torch.empty(N, device=g.device, dtype=out_dtype)
+    arrived = arrival_counters(strips, g.device)
+    key = ("column_sum", R, N, g.dtype, out_dtype, g.device)
     _colsum.launch(
-        key, lambda cfg: (strips, programs), g, parts, R, N, rows_per_program, g_rows, BLOCK_N=COLUMN_SUM_BLOCK_N
+        key,
+        lambda cfg: (strips, programs),
+        g,
+        parts,
+        out,
+        arrived,
+        R,
+        N,
+        rows_per_program,
+        g_rows,
+        BLOCK_N=COLUMN_SUM_BLOCK_N,
     )
-    return parts.sum(0)
+    return out
 
 
 def _weight_grad_triton(g, x, need_bias, out_dtype, key):
