@@ -33,7 +33,8 @@ echo "=== the TMA GEMM path first: if it fails here, the benchmarks run without 
 # here; no -x, so that a failure in one of them does not leave the others untested
 export FASTVIT_WARP_SPEC=1
 run_tests 60 tests/test_gelu.py tests/test_linear.py; status=$?  # 38 s of 50 on an H100 before 17 more tile tests
-failed=$(failed_tests)
+# the column sums (no TMA in them; their own memcheck below) do not decide the GEMM tiles
+failed=$(failed_tests | grep -v column_sum)
 if [ -z "$failed" ] && [ "$status" -eq 124 ]; then
   echo "... no failure before the limit: the TMA tiles stay in, the warp-specialised, flattened and epitma go"
   export FASTVIT_WARP_SPEC=0 FASTVIT_FLATTEN=0 FASTVIT_EPI_TMA=0
@@ -55,9 +56,13 @@ stage_failed() {  # stage_failed STATUS: a failure named, or an exit other than 
 echo "=== the kernels new since the last GPU run, under compute-sanitizer's memcheck: if they fail, they go"
 # an out-of-range shared-memory read passed the tests and crashed a later stage in session 9 (H100); memcheck names
 # the kernel and the source line. New now: the step plans' batched casts (FASTVIT_CAST_KERNEL=0 without them), before
-# the plans' tests, which replay them; the attention forward's row-tail tile in bf16 (FASTVIT_ATTN_TAIL=0 without it)
+# the plans' tests, which replay them; the attention forward's row-tail tile in bf16 (FASTVIT_ATTN_TAIL=0 without it);
+# the column sums' last program adding the partial rows (session 18; no switch: a failure here is reported, the rows
+# run as they are)
 ROW_TAIL_TEST=tests/test_attention.py::test_row_tail_tiles_match_reference
-NEW_KERNEL_TESTS=(tests/test_cast.py "$ROW_TAIL_TEST[torch.bfloat16-134-64]" "$ROW_TAIL_TEST[torch.bfloat16-197-32]")
+COLSUM_TEST=tests/test_linear.py::test_every_column_sum_config
+NEW_KERNEL_TESTS=(tests/test_cast.py "$ROW_TAIL_TEST[torch.bfloat16-134-64]" "$ROW_TAIL_TEST[torch.bfloat16-197-32]"
+  "$COLSUM_TEST[0-100-torch.bfloat16]" "$COLSUM_TEST[1-384-torch.float32]")
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$SANITIZER" ]; then
   SAN_LOG="$OUT_DIR/sanitizer.log"
@@ -73,11 +78,13 @@ fi
 # which kernel failed: a test named as failed, or memcheck's report naming the kernel
 attn_failed=$(grep -cE "(FAILED|ERROR) tests/test_attention|test_attention[^ ]* (FAILED|ERROR)|attention_fwd" "$SAN_LOG")
 cast_failed=$(grep -cE "(FAILED|ERROR) tests/test_cast|test_cast[^ ]* (FAILED|ERROR)|cast_pairs" "$SAN_LOG")
+colsum_failed=$(grep -cE "(FAILED|ERROR) [^ ]*column_sum|column_sum[^ ]* (FAILED|ERROR)|column_sum_kernel" "$SAN_LOG")
+[ "$colsum_failed" -gt 0 ] && echo "!!! the column sums failed: reported, the rows run as they are (no switch)"
 if [ "$attn_failed" -gt 0 ]; then
   echo "!!! the attention row-tail tile failed: FASTVIT_ATTN_TAIL=0 (the other tail tiles go with it)"
   export FASTVIT_ATTN_TAIL=0
 fi
-if [ "$cast_failed" -gt 0 ] || { [ "$status" -ne 0 ] && [ "$attn_failed" -eq 0 ]; }; then
+if [ "$cast_failed" -gt 0 ] || { [ "$status" -ne 0 ] && [ "$attn_failed" -eq 0 ] && [ "$colsum_failed" -eq 0 ]; }; then
   echo "!!! the batched casts failed (or the stage ran past its limit): FASTVIT_CAST_KERNEL=0"
   export FASTVIT_CAST_KERNEL=0
 fi
