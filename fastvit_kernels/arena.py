@@ -114,7 +114,7 @@ def layout(temps: list) -> tuple:
 
 def zeroed_bytes(temps: list) -> int:
     """The bytes of the arena's zeroed buffer that the zeroed of temps need (they share its start)."""
-    return max((_nbytes(t.template) for t in temps if t.zeroed), default=0)
+    return max((max(_nbytes(t.template), 1) for t in temps if t.zeroed), default=0)
 
 
 class Arena:
