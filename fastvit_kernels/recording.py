@@ -272,6 +272,8 @@ class Recorder(TorchDispatchMode):
         key = (tuple(out.shape), out.dtype, out.device)
         if key not in self._templates:
             template = torch.empty((), dtype=out.dtype, device=out.device).expand(out.shape)
+            if out.numel() == 1:  # expanded, it reads as dense and empty_like keeps its zero strides: a real one
+                template = torch.empty(out.shape, dtype=out.dtype, device=out.device)
             self._templates[key] = template if torch.empty_like(template).stride() == _contiguous(out.shape) else None
         template = self._templates[key]
         return template if template is not None and out.stride() == _contiguous(out.shape) else None
