@@ -338,11 +338,12 @@ def _views(a: Arena, offsets, specs) -> list:
     # outside it (a training step's after an evaluation)
     with torch.inference_mode(False):
         return [
-            (a.zeros if at is None else a.buffer)[at or 0 : (at or 0) + _nbytes_of(shape, dtype)]
-            .view(dtype)
-            .view(shape)
-            for at, (shape, dtype) in zip(offsets, specs)
+            _view(a.zeros, 0, *spec) if at is None else _view(a.buffer, at, *spec) for at, spec in zip(offsets, specs)
         ]
+
+
+def _view(buffer, at, shape, dtype):
+    return buffer[at : at + _nbytes_of(shape, dtype)].view(dtype).view(shape)
 
 
 def _nbytes_of(shape, dtype) -> int:

@@ -156,8 +156,9 @@ def patch_embed_bwd_dw_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT:  # the last split of the tile to arrive adds the partials up: no sum kernel after this one
         tl.store(DW_PART + pid_s * stride_dws + tile, acc, mask=mask)
-        if last_to_arrive(ARRIVED + pid_m * tl.num_programs(1) + pid_n, tl.num_programs(2)):
-            tl.store(DW_OUT + tile, sum_partials(DW_PART, stride_dws, tile, mask, tl.num_programs(2)), mask=mask)
+        splits = tl.num_programs(2)
+        if last_to_arrive(ARRIVED + pid_m * tl.num_programs(1) + pid_n, splits):
+            tl.store(DW_OUT + tile, sum_partials(DW_PART, stride_dws, tile, mask, splits), mask=mask)
     else:
         tl.store(DW_OUT + tile, acc, mask=mask)
 

@@ -41,6 +41,7 @@ def column_sum_kernel(
     tl.store(PART + pid_r * N + cols, tl.sum(acc, 0), mask=mask_n)
     programs = tl.num_programs(1)
     if last_to_arrive(ARRIVED + pid_n, programs):  # the strip's partial rows, in program order whichever is last
+        # BLOCK_R rows a load, not sum_partials' one tile a load: up to hundreds of rows here, each load waited for
         total = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
         for p0 in range(0, programs, BLOCK_R):
             parts = p0 + tl.arange(0, BLOCK_R)

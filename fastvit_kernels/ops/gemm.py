@@ -352,7 +352,7 @@ def linear_weight_grad(g, x, need_bias=True, out_dtype=torch.float32):
 
 def _weight_grad_cublas(g, x, need_bias, out_dtype, key):
     """G^T @ X through cuBLAS (fp32 accumulation, rounded to G's dtype as eager's backward rounds), the bias as our
-    column sums in fp32."""
+    column sums (fp32, rounded once to out_dtype)."""
     g, x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # [R, NF], [R, KF]
     db = column_sum(g, out_dtype) if need_bias else None
     return (g.t() @ x).to(out_dtype), db
