@@ -168,10 +168,13 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, monkeypatch, capsys
     write_cifar10(tmp_path)  # 100 training images: 5 batches of 20 per epoch
     train(_args(tmp_path, tmp_path / "straight", "--epochs", "2"))
     restore = _interrupt_at(monkeypatch, *where, hard=hard)
+    # the handler in place before, put back after: Python's default, or SIG_IGN where the tests run in a background
+    # job of a non-interactive shell (which starts them with SIGINT ignored)
+    before = signal.getsignal(signal.SIGINT)
     assert train(_args(tmp_path, tmp_path / "split", "--epochs", "2")) == 130
     said = capsys.readouterr().out
     assert "Ctrl-C: finishing this batch" in said
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is before
     ckpt = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
     assert (ckpt["epoch"], ckpt["batch"]) == saved
     # the curves are drawn after every epoch, so a run stopped after one has them
