@@ -34,6 +34,8 @@ def _hot_path(r):
     ptrs, consts = r["ptrs"], r["consts"]
     if r["kernel"] in ROW_KERNELS:
         return consts["BLOCK_D"] <= 4096
+    if r["kernel"] == "column_sum_kernel":  # the bias gradients' (16-bit G) and the LayerNorm backward's (fp32 G)
+        return True
     if "HEAD_DIM" in consts:
         return ptrs["QKV"] in HALF and consts["HEAD_DIM"] <= 64
     weights = ptrs.get("B") or ptrs.get("G") or ptrs.get("W")

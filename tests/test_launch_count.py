@@ -2,7 +2,7 @@
 the H100 machine's CPU, 2026-11-26), so the count is held here and lowered on purpose, never raised by accident.
 
 Counted by recording the launches (tests/launches.py) of a one-block and a two-block model: the difference is one
-block. torch's own kernels (the backward's dx GEMMs, casts, the sums of split partials) are not counted here.
+block. torch's own kernels (the backward's dx GEMMs, casts) are not counted here.
 """
 
 import torch
@@ -12,9 +12,10 @@ from fastvit_kernels import ViT
 
 # inference: qkv, attention, proj+residual+norm2, fc1+GELU, fc2+residual+the next norm1 (the issue's goal: five)
 INFERENCE_PER_BLOCK = 5
-# training adds the backward: the next norm1's LayerNorm backward (with the residual gradient), dW fc2, dGELU, dW fc1,
-# norm2's LayerNorm backward, dW proj, attention dq and dk/dv, dW qkv
-TRAINING_PER_BLOCK = 14
+# training adds the backward: the next norm1's LayerNorm backward (with the residual gradient) and the column sums of
+# its partial rows, dW fc2, dGELU, dW fc1, norm2's LayerNorm backward and its column sums, dW proj, attention dq and
+# dk/dv, dW qkv (the two column sums replaced two torch sums: as many launches in all, two more of ours)
+TRAINING_PER_BLOCK = 16
 
 
 def _count(monkeypatch, depth, train, device):

@@ -11,6 +11,7 @@ from helpers import assert_matches, force_config, force_gemm_candidate
 
 from fastvit_kernels import configs, tuning
 from fastvit_kernels.ops import gemm as lin
+from fastvit_kernels.ops import reduce as red
 
 F = torch.nn.functional
 
@@ -257,21 +258,31 @@ def test_a_backend_family_is_timed_among_its_own_candidates(monkeypatch):
 @pytest.mark.parametrize("N", [100, 384])
 @pytest.mark.parametrize("cfg", range(len(configs.COLUMN_SUM_CONFIGS)))
 def test_every_column_sum_config(cfg, N, out_dtype, device, monkeypatch):
-    # the bias gradient beside cuBLAS's weight gradient: each config forced, on bf16 rows with a padded stride (the
-    # leading dims read in place) and a row count no row block divides; N = 100 leaves a partial column strip. The
-    # kernel launched twice on the same buffers, as the autotuner launches it: each strip's last program adds the
-    # partial rows up, in out_dtype, and leaves its arrival counter at zero for the next launch
-    force_config(monkeypatch, lin._colsum, configs.COLUMN_SUM_CONFIGS[cfg])
-    twice = _Twice(lin._colsum.kernel)
-    monkeypatch.setattr(lin._colsum, "kernel", twice)
-    g = torch.randn(3, 177, N + 8, device=device).to(torch.bfloat16)[..., :N]  # [3, 177, N], rows N + 8 apart
-    out = lin.column_sum(g, out_dtype)
-    assert lin._colsum.best_config is configs.COLUMN_SUM_CONFIGS[cfg] and out.dtype == out_dtype
+    # the bias gradient beside cuBLAS's weight gradient (bf16 rows, bf16 sums) and the LayerNorm backward's weight
+    # and bias gradients (fp32 partial rows, fp32 sums): each config forced, on rows with a padded stride (the leading
+    # dims read in place) and a row count no row block divides; N = 100 leaves a partial column strip. The kernel
+    # launched twice on the same buffers, as the autotuner launches it: each strip's last program adds the partial
+    # rows up, in out_dtype, and leaves its arrival counter at zero for the next launch
+    force_config(monkeypatch, red._colsum, configs.COLUMN_SUM_CONFIGS[cfg])
+    twice = _Twice(red._colsum.kernel)
+    monkeypatch.setattr(red._colsum, "kernel", twice)
+    g = torch.randn(3, 177, N + 8, device=device).to(out_dtype)[..., :N]  # [3, 177, N], rows N + 8 apart
+    out = red.column_sum(g, out_dtype)
+    assert red._colsum.best_config is configs.COLUMN_SUM_CONFIGS[cfg] and out.dtype == out_dtype
     parts, arrived = (twice.args[twice.arg_names.index(name)] for name in ("PART", "ARRIVED"))
     assert parts.shape[0] > 1 and arrived.numel() == -(-N // configs.COLUMN_SUM_BLOCK_N) and not arrived.any()
     rows = g.reshape(-1, N)
     ref = rows.sum(0, dtype=torch.float32).to(out_dtype)
     assert_matches(out, ref, rows.double().sum(0), out_dtype, "column sums")
+
+
+def test_column_sums_switched_off_are_torchs(device, monkeypatch):
+    # FASTVIT_COLUMN_SUM=0 (the GPU check's way out if the kernel fails there): torch's sum and cast, bit for bit, and
+    # no launch of ours
+    monkeypatch.setenv("FASTVIT_COLUMN_SUM", "0")
+    monkeypatch.setattr(red._colsum, "launch", lambda *a, **k: pytest.fail("the column-sum kernel launched"))
+    g = torch.randn(5, 33, 100, device=device).to(torch.bfloat16)
+    assert torch.equal(red.column_sum(g, torch.bfloat16), g.view(-1, 100).sum(0, dtype=torch.float32).bfloat16())
 
 
 def test_the_autotuners_times_are_kept_only_for_the_key_it_chose_for():

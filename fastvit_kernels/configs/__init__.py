@@ -57,6 +57,7 @@ from .rows import (  # noqa: F401
     LAYERNORM_BWD_PROGRAMS_PER_SM,
     LAYERNORM_FWD_PARAMS,
     cast_kernel_on,
+    column_sum_kernel_on,
     prune_column_sum,
     prune_layernorm_bwd,
     row_kernel_params,

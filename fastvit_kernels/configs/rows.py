@@ -20,6 +20,15 @@ def row_pipeline_on() -> bool:
 # grid, and so the partial rows, do not depend on the config), row blocks of BLOCK_R with LOAD_STAGES - 1 ahead in
 # flight; programs COLUMN_SUM_PROGRAMS_PER_SM an SM in all.
 COLUMN_SUM_BLOCK_N = 128
+
+
+def column_sum_kernel_on() -> bool:
+    """FASTVIT_COLUMN_SUM=0 adds the columns up with torch's sum and a cast instead of our kernel (on the default
+    training path, the LayerNorm backward's too, and not yet run on a GPU: the GPU check sets it if the kernel's tests
+    or memcheck fail there)."""
+    return os.environ.get("FASTVIT_COLUMN_SUM", "1") != "0"
+
+
 COLUMN_SUM_PROGRAMS_PER_SM = 4
 COLUMN_SUM_CONFIGS = [
     triton.Config({"BLOCK_R": 32, "LOAD_STAGES": 3}, num_warps=4),

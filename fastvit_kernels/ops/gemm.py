@@ -3,7 +3,6 @@
   linear(a, weight, bias, epilogue=..., ...)     C = epilogue(a @ weight^T + bias)
   linear_residual_layernorm(a, weight, ...)     X = residual + a @ weight^T + bias, Y = LayerNorm(X)
   linear_weight_grad(g, x, need_bias)            (dW, db) of y = x @ W^T + b
-  column_sum(g, out_dtype)                       the fp32 sums over g's rows (db beside cuBLAS's dW)
 
 a is [..., K] (any leading dims, read as rows without a copy where they collapse to one stride, as in every
 contiguous tensor: _common.as_rows), weight [N, K] as nn.Linear keeps it (any strides), and C comes back as [..., N]:
@@ -20,22 +19,17 @@ import torch.nn.functional as F
 import triton
 
 from ..configs import (
-    COLUMN_SUM_BLOCK_N,
-    COLUMN_SUM_CONFIGS,
-    COLUMN_SUM_PROGRAMS_PER_SM,
     GROUP_M,
     LINEAR_DW_CONFIGS,
     LINEAR_FWD_CONFIGS,
     LINEAR_LN_CONFIGS,
     TMA_PROGRAMS_PER_SM,
-    prune_column_sum,
     prune_linear_dw,
     prune_linear_fwd,
     prune_linear_ln,
 )
 from ..kernels.gemm import linear_dw_kernel, linear_fwd_kernel
 from ..kernels.gemm_layernorm import linear_residual_layernorm_kernel
-from ..kernels.reduce import column_sum_kernel
 from ..tuning import Launcher, known_gemm_backend, pick_gemm_backend
 from ._common import (
     arrival_counters,
@@ -51,6 +45,7 @@ from ._common import (
     split_rows,
 )
 from .layernorm import add_layernorm_fwd, layernorm_fwd
+from .reduce import column_sum
 
 EPILOGUES = ("none", "gelu", "gelu_grad", "residual")
 
@@ -65,7 +60,6 @@ _fwd_ln = Launcher(
     linear_residual_layernorm_kernel, LINEAR_LN_CONFIGS, ["M", "N", "K", "DOT_PRECISION", "TMA_OK"], prune_linear_ln
 )
 _dw = Launcher(linear_dw_kernel, LINEAR_DW_CONFIGS, ["R", "NF", "KF", "DOT_PRECISION"], prune_linear_dw)
-_colsum = Launcher(column_sum_kernel, COLUMN_SUM_CONFIGS, ["R", "N"], prune_column_sum)
 
 
 def _tma_scratch(size: int, alignment: int, stream):
@@ -356,38 +350,6 @@ def _weight_grad_cublas(g, x, need_bias, out_dtype, key):
     g, x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # [R, NF], [R, KF]
     db = column_sum(g, out_dtype) if need_bias else None
     return (g.t() @ x).to(out_dtype), db
-
-
-def column_sum(g, out_dtype=torch.float32):
-    """The fp32 sums over the rows of g [..., N] (kernels/reduce.py), [N] in out_dtype (rounded once): each program's
-    partial row, added up by the last program of its column strip."""
-    N = g.shape[-1]
-    R = g.numel() // N
-    if R == 0:
-        return torch.zeros(N, device=g.device, dtype=out_dtype)
-    g, g_rows = as_unit_rows(g)
-    strips = cdiv(N, COLUMN_SUM_BLOCK_N)
-    programs = max(1, min(cdiv(R, 32), COLUMN_SUM_PROGRAMS_PER_SM * num_sms(g.device) // strips))
-    rows_per_program = cdiv(R, programs)
-    programs = cdiv(R, rows_per_program)
-    parts = torch.empty((programs, N), device=g.device, dtype=torch.float32)
-    out = torch.empty(N, device=g.device, dtype=out_dtype)
-    arrived = arrival_counters(strips, g.device)
-    key = ("column_sum", R, N, g.dtype, out_dtype, g.device)
-    _colsum.launch(
-        key,
-        lambda cfg: (strips, programs),
-        g,
-        parts,
-        out,
-        arrived,
-        R,
-        N,
-        rows_per_program,
-        g_rows,
-        BLOCK_N=COLUMN_SUM_BLOCK_N,
-    )
-    return out
 
 
 def _weight_grad_triton(g, x, need_bias, out_dtype, key):
