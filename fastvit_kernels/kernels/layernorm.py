@@ -67,7 +67,7 @@ def layernorm_bwd_kernel(
     DRES,  # [M, D] residual gradient added to dx in the same pass, or None
     DX,  # [M, D] input gradient, in X's dtype
     DX_LOW,  # [M, D] dx again in the compute dtype, rows stride_dxm apart (the next GEMMs read it), or None
-    PART,  # [programs, 2, D] fp32, contiguous: per program the weight gradient's partial sums, then the bias's
+    PART,  # [programs, 2D] fp32, contiguous: per program the weight gradient's partial sums, then the bias's
     M,
     D,
     rows_per_program,
