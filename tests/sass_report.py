@@ -6,6 +6,8 @@ in the loop (0: every wgmma waits for the previous one to finish); how operands 
 on one SM; and ptxas's performance warnings (C7515: wgmma serialised). Counts are per warp, in SASS instructions.
 """
 
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -33,18 +35,36 @@ def _sass(cubin: bytes) -> list:
 
 
 def ptxas_warnings(ptx: str, cap: int) -> list:
-    """ptxas's performance notes for this PTX (C7515 and the like), from the ptxas inside Triton's wheel."""
+    """ptxas's performance notes for this PTX (C7515 and the like), from the ptxas inside Triton's wheel. Kept beside
+    Triton's cache, keyed by the PTX, the target and that ptxas: Triton's cache spares the compile check its compiles,
+    not this second ptxas run (~220 of them, ~80 s of a 2-core box's CPU a check)."""
     arch = f"sm_{cap}a" if cap == 90 else f"sm_{cap}"
+    ptxas = _tool("ptxas")
+    stat = os.stat(ptxas)
+    key = hashlib.sha256(f"{ptxas} {stat.st_size} {stat.st_mtime_ns} {arch}\n{ptx}".encode()).hexdigest()
+    from triton import knobs
+
+    kept = os.path.join(knobs.cache.dir, "fastvit-ptxas-notes", f"{key}.json")
+    try:
+        with open(kept) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
         out = subprocess.run(
-            [_tool("ptxas"), f"-arch={arch}", "-v", src, "-o", os.path.join(d, "k.cubin")],
-            capture_output=True,
-            text=True,
+            [ptxas, f"-arch={arch}", "-v", src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True
         )
-    return [line.strip() for line in (out.stdout + out.stderr).splitlines() if "C75" in line or "Loss" in line]
+    if out.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {out.stderr[-2000:]}")
+    notes = [line.strip() for line in (out.stdout + out.stderr).splitlines() if "C75" in line or "Loss" in line]
+    os.makedirs(os.path.dirname(kept), exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(kept), delete=False, suffix=".tmp") as f:
+        json.dump(notes, f)
+    os.replace(f.name, kept)  # whole or not at all, whichever process of the pool writes it
+    return notes
 
 
 def _count(sass, lo, hi):
