@@ -179,7 +179,7 @@ def _variants(cap):
             "DX_LOW": w if stream != w else None,  # under autocast: the GEMMs' operand beside the fp32 gradient
             "PART": f32,
         }
-        for dim in (100, 384, 768, 1024, 8192) if full else (768,):
+        for dim in (64, 100, 384, 768, 1024, 8192) if full else (768,):  # 64: the narrow rows' 32-row backward
             bm, bd, warps = tn.row_kernel_params(dim, **tn.LAYERNORM_FWD_PARAMS)
             for has_res in (False, True):  # the row kernel alone, and the add + LayerNorm after a cuBLAS GEMM
                 fwd_ptrs = {"X": stream, "RES": None, "S": None, "W": f32, "B": f32, "Y": w, "MEAN": f32, "RSTD": f32}

@@ -75,7 +75,8 @@ def test_every_layernorm_bwd_config(cfg, D, device, monkeypatch):
 
 def test_layernorm_bwd_configs_kept_per_width(monkeypatch):
     # 4 to 16 elements of a row tensor a thread: at CIFAR-10's 384 and ViT-B's 768 the tuner times several (pipelined
-    # ones among them), at 8192 the one 16-warp row; FASTVIT_ROW_PIPELINE=0 leaves the pipelined ones out
+    # ones among them), at 8192 the one 16-warp row, at 16-64 the 32-row block; FASTVIT_ROW_PIPELINE=0 leaves the
+    # pipelined ones out
     def kept(D):
         dy = torch.empty(0, dtype=torch.bfloat16)
         args = {"BLOCK_D": ln_ops.next_pow2(D), "DY": dy, "X": torch.empty(0), "DRES": torch.empty(0)}
@@ -85,7 +86,8 @@ def test_layernorm_bwd_configs_kept_per_width(monkeypatch):
     assert kept(384) == ["8rows-w8-s1", "4rows-w8-s1", "2rows-w2-s3", "2rows-w4-s3", "1rows-w2-s3", "1rows-w4-s3"]
     assert kept(768) == ["4rows-w8-s1", "2rows-w4-s3", "1rows-w2-s3", "1rows-w4-s3", "1rows-w8-s1"]
     assert kept(8192) == ["1rows-w16-s1"]
-    assert kept(16) == [_bwd_id(i) for i in range(len(ALL))]  # too narrow for 4 a thread: every one fits
+    assert kept(16) == kept(64) == ["32rows-w4-s1"]
+    assert kept(8) == [_bwd_id(i) for i in range(len(ALL))]  # too narrow for 4 a thread: every one fits
     monkeypatch.setenv("FASTVIT_ROW_PIPELINE", "0")
     assert kept(384) == ["8rows-w8-s1", "4rows-w8-s1"]
 
