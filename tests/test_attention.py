@@ -47,9 +47,12 @@ def test_attention_custom_scale_and_sdpa_reference(device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_attention_large_logits_are_stable(dtype, device):
-    # logits in the thousands: a naive exp overflows; the online softmax must stay finite and right. Four (batch,
-    # head) pairs: with one, a single row's score rounding decided the error's norm, ours or eager's by luck
-    qkv = (torch.randn(2, 40, 3 * 2 * 64, device=device) * 30).requires_grad_()
+    # logits in the thousands: a naive exp overflows; the online softmax must stay finite and right. Most rows are
+    # saturated (one-hot); the few whose top two logits lie within a few units carry the error's norm, and there the
+    # fp32 rounding of q.k (~1e-4 at 1,400) decides it, ours or eager's by the luck of the summation order. Sixteen
+    # (batch, head) pairs, so that no one row decides: with four, one row put ours at 3.4x eager's error (fp32,
+    # FASTVIT_TEST_SEED=1994066395; ours 0.03-0.6x eager's over 12 other seeds), with sixteen 0.08-0.55x over 16 seeds
+    qkv = (torch.randn(8, 40, 3 * 2 * 64, device=device) * 30).requires_grad_()
     check_op(lambda t: attention(t, 2), lambda t: attention_ref(t, 2), [qkv], dtype)
 
 
