@@ -16,10 +16,16 @@ def row_pipeline_on() -> bool:
     return os.environ.get("FASTVIT_ROW_PIPELINE", "1") != "0"
 
 
-# The column sums beside cuBLAS's weight gradient (kernels/reduce.py): strips of COLUMN_SUM_BLOCK_N columns (the
-# grid, and so the partial rows, do not depend on the config), row blocks of BLOCK_R with LOAD_STAGES - 1 ahead in
-# flight; programs COLUMN_SUM_PROGRAMS_PER_SM an SM in all.
+# The column sums (kernels/reduce.py: the bias gradient beside cuBLAS's weight gradient, the LayerNorm backward's
+# partial rows): strips of COLUMN_SUM_BLOCK_N columns (the grid, and so the partial rows, do not depend on the
+# config), row blocks of BLOCK_R with LOAD_STAGES - 1 ahead in flight; programs COLUMN_SUM_PROGRAMS_PER_SM an SM in all.
 COLUMN_SUM_BLOCK_N = 128
+COLUMN_SUM_PROGRAMS_PER_SM = 4
+COLUMN_SUM_CONFIGS = [
+    triton.Config({"BLOCK_R": 32, "LOAD_STAGES": 3}, num_warps=4),
+    triton.Config({"BLOCK_R": 64, "LOAD_STAGES": 3}, num_warps=4),
+    triton.Config({"BLOCK_R": 32, "LOAD_STAGES": 1}, num_warps=4),
+]
 
 
 def column_sum_kernel_on() -> bool:
@@ -27,14 +33,6 @@ def column_sum_kernel_on() -> bool:
     training path, the LayerNorm backward's too, and not yet run on a GPU: the GPU check sets it if the kernel's tests
     or memcheck fail there)."""
     return os.environ.get("FASTVIT_COLUMN_SUM", "1") != "0"
-
-
-COLUMN_SUM_PROGRAMS_PER_SM = 4
-COLUMN_SUM_CONFIGS = [
-    triton.Config({"BLOCK_R": 32, "LOAD_STAGES": 3}, num_warps=4),
-    triton.Config({"BLOCK_R": 64, "LOAD_STAGES": 3}, num_warps=4),
-    triton.Config({"BLOCK_R": 32, "LOAD_STAGES": 1}, num_warps=4),
-]
 
 
 def prune_column_sum(configs, args):

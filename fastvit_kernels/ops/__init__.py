@@ -1,8 +1,8 @@
 """The functional ops: our Triton kernels, each with its eager PyTorch reference (`*_ref`) beside it.
 
 Each op file reads top to bottom: custom ops (torch.library) with fake and autograd, public op, reference. The GEMM
-engine of the linear layers is gemm.py, the LayerNorm row launchers layernorm.py; their `@triton.jit` kernels live in
-fastvit_kernels/kernels/.
+engine of the linear layers is gemm.py, the LayerNorm row launchers layernorm.py, the column sums reduce.py; their
+`@triton.jit` kernels live in fastvit_kernels/kernels/.
 """
 
 from .fused_attention import attention, attention_ref
