@@ -191,17 +191,18 @@ def _variants(cap):
             bwd_consts = [dict(HAS_DRES=True, HAS_DX_LOW=ln_ptrs["DX_LOW"] is not None, BLOCK_D=tn.next_pow2(dim))]
             every = full and dim == 384
             add(lnk.layernorm_bwd_kernel, tn.LAYERNORM_BWD_CONFIGS, ln_ptrs, bwd_consts, tn.prune_layernorm_bwd, every)
-        # column sums: the bias gradient beside cuBLAS's weight gradient (G in the compute dtype, here where the
-        # stream shares it) and, under autocast, the LayerNorm backward's fp32 partial rows (fp32 models add theirs
-        # alike: the same variant)
-        sums = w if stream == w != f32 else f32 if (stream, w) == (f32, "bf16") else None
-        if sums is not None:
-            colsum_consts = [dict(BLOCK_N=tn.COLUMN_SUM_BLOCK_N)]
+        # column sums: the bias gradient beside cuBLAS's weight gradient (G and its sums in the compute dtype, here
+        # where the stream shares it), and the LayerNorm backward's fp32 partial rows summed into the LayerNorm
+        # weights' dtype (the stream's; fp32 under autocast). fp32 models' are the autocast variant.
+        sums = [(w, w)] if stream == w != f32 else []
+        if w != f32:
+            sums.append((f32, stream))
+        for g_dtype, out_dtype in sums:
             add(
                 red.column_sum_kernel,
                 tn.COLUMN_SUM_CONFIGS,
-                {"G": sums, "PART": f32, "OUT": sums, "ARRIVED": "i32"},
-                colsum_consts,
+                {"G": g_dtype, "PART": f32, "OUT": out_dtype, "ARRIVED": "i32"},
+                [dict(BLOCK_N=tn.COLUMN_SUM_BLOCK_N)],
                 None,
                 full,
             )

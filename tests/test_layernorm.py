@@ -73,6 +73,20 @@ def test_every_layernorm_bwd_config(cfg, D, device, monkeypatch):
     assert_matches(db, dy.float().sum(0), dy.double().sum(0), torch.float32, "dbias")
 
 
+def test_layernorm_bwd_gives_the_weight_grads_in_the_weights_dtype(device):
+    # a LayerNorm in bf16 (a model cast to bf16): its weight and bias gradients come back in bf16, the fp32 sums
+    # rounded once by the column sums, the bits a cast of the fp32 sums gives; no cast launch after them
+    M, D = 45, 100
+    x = (torch.randn(M, D, device=device) * 3 + 1).bfloat16()
+    w = (1 + 0.1 * torch.randn(D, device=device)).bfloat16()
+    dy = torch.randn(M, D, device=device).bfloat16()
+    _, mean, rstd = layernorm_fwd(x, w, torch.zeros_like(w), 1e-6, torch.bfloat16)
+    _, dnorm = layernorm_bwd(dy, x, mean, rstd, w)
+    _, dnorm32 = layernorm_bwd(dy, x, mean, rstd, w.float())  # the same partial sums: W is read as fp32
+    assert dnorm.dtype == torch.bfloat16 and dnorm32.dtype == torch.float32
+    assert torch.equal(dnorm, dnorm32.bfloat16())
+
+
 def test_layernorm_bwd_configs_kept_per_width(monkeypatch):
     # 4 to 16 elements of a row tensor a thread: at CIFAR-10's 384 and ViT-B's 768 the tuner times several (pipelined
     # ones among them), at 8192 the one 16-warp row, at 16-64 the 32-row block; FASTVIT_ROW_PIPELINE=0 leaves the

@@ -51,8 +51,7 @@ def stream_grad(dout, dnormed, out, mean, rstd, norm_w):
         dx = dout if dout is not None else torch.zeros_like(out)
         dnorm = norm_w.new_zeros((2, norm_w.shape[0])) if norm_w.numel() else norm_w.new_empty(NO_BIAS)
         return dx, dnorm
-    dx, dnorm = layernorm_bwd(dnormed, out, mean, rstd, norm_w, dres=dout)
-    return dx, cast(dnorm, norm_w.dtype)
+    return layernorm_bwd(dnormed, out, mean, rstd, norm_w, dres=dout)
 
 
 def stream_grads(dout, dnormed, out, mean, rstd, norm_w, dtype):
@@ -64,7 +63,7 @@ def stream_grads(dout, dnormed, out, mean, rstd, norm_w, dtype):
         return dx, cast(dx, dtype), dnorm
     dx_low = torch.empty(out.shape, device=out.device, dtype=dtype)
     dx, dnorm = layernorm_bwd(dnormed, out, mean, rstd, norm_w, dres=dout, dx_low=dx_low)
-    return dx, dx_low, cast(dnorm, norm_w.dtype)
+    return dx, dx_low, dnorm
 
 
 def norm_grads(dnorm):
