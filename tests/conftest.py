@@ -10,10 +10,30 @@ if not torch.cuda.is_available():
     assert "triton" not in sys.modules, "triton was imported before conftest could set TRITON_INTERPRET"
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import hashlib  # noqa: E402
 import random  # noqa: E402
+import tempfile  # noqa: E402
 import zlib  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+def _inductor_cache_for_this_source():
+    """Inductor's on-disk caches keyed by our source: torch's AOTAutograd cache keys a compiled training graph by the
+    forward graph, which names our ops but holds neither their autograd formulas nor their backward ops' fake
+    implementations (pytorch/pytorch#144344): after one of those changes, a shared cache dir served the old compiled
+    backward (wrong output count, a failed size assert). Unchanged sources keep a warm cache between runs."""
+    package = Path(__file__).parent.parent / "fastvit_kernels"
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    user = os.environ.get("USER", "user")
+    return str(Path(tempfile.gettempdir()) / f"torchinductor_{user}" / f"fastvit-{digest.hexdigest()[:16]}")
+
+
+# before Inductor first reads it; pytest-xdist's workers inherit it
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache_for_this_source())
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Fresh inputs every run; FASTVIT_TEST_SEED=<n> replays a run (the header prints the one in use).
