@@ -198,11 +198,12 @@ def _variants(cap):
         if w != f32:
             sums.append((f32, stream))
         for g_dtype, out_dtype in sums:
+            split = g_dtype == f32  # the LayerNorm's weight and bias gradients: two outputs
             add(
                 red.column_sum_kernel,
                 tn.COLUMN_SUM_CONFIGS,
-                {"G": g_dtype, "PART": f32, "OUT": out_dtype, "ARRIVED": "i32"},
-                [dict(BLOCK_N=tn.COLUMN_SUM_BLOCK_N)],
+                {"G": g_dtype, "PART": f32, "OUT": out_dtype, "OUT2": out_dtype if split else None, "ARRIVED": "i32"},
+                [dict(BLOCK_N=tn.COLUMN_SUM_BLOCK_N, HAS_OUT2=split)],
                 None,
                 full,
             )

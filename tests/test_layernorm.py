@@ -32,7 +32,7 @@ def test_layernorm_forward_and_backward(D, out_dtype, device):
     var = x.double().var(1, unbiased=False)
     torch.testing.assert_close(rstd.double(), 1 / torch.sqrt(var + 1e-6), rtol=1e-5, atol=0)
 
-    dx, (dw, db) = layernorm_bwd(dy, x, mean, rstd, w, dres=dres)  # [2, D]: the weight's row, then the bias's
+    dx, dw, db = layernorm_bwd(dy, x, mean, rstd, w, dres=dres)
     ref.backward(dy.double())
     lowp = [t.detach().requires_grad_() for t in (x, w, b)]
     F.layer_norm(*lowp[:1], (D,), lowp[1], lowp[2], 1e-6).backward(dy)
@@ -61,7 +61,7 @@ def test_every_layernorm_bwd_config(cfg, D, device, monkeypatch):
     dres = torch.randn(M, D, device=device)
     _, mean, rstd = layernorm_fwd(x, w, torch.zeros_like(w), 1e-6, torch.bfloat16)
     dx_low = torch.full((M, D), float("nan"), device=device, dtype=torch.bfloat16)  # the next GEMMs' operand
-    dx, (dw, db) = layernorm_bwd(dy, x, mean, rstd, w, dres=dres, dx_low=dx_low)
+    dx, dw, db = layernorm_bwd(dy, x, mean, rstd, w, dres=dres, dx_low=dx_low)
     assert ln_ops._bwd.best_config is config
     assert torch.equal(dx_low, dx.to(torch.bfloat16))  # the bits a cast of dx gives (eager autocast's rounding)
     leaves = [t.double().requires_grad_() for t in (x, w)]
@@ -81,10 +81,10 @@ def test_layernorm_bwd_gives_the_weight_grads_in_the_weights_dtype(device):
     w = (1 + 0.1 * torch.randn(D, device=device)).bfloat16()
     dy = torch.randn(M, D, device=device).bfloat16()
     _, mean, rstd = layernorm_fwd(x, w, torch.zeros_like(w), 1e-6, torch.bfloat16)
-    _, dnorm = layernorm_bwd(dy, x, mean, rstd, w)
-    _, dnorm32 = layernorm_bwd(dy, x, mean, rstd, w.float())  # the same partial sums: W is read as fp32
-    assert dnorm.dtype == torch.bfloat16 and dnorm32.dtype == torch.float32
-    assert torch.equal(dnorm, dnorm32.bfloat16())
+    _, dw, db = layernorm_bwd(dy, x, mean, rstd, w)
+    _, dw32, db32 = layernorm_bwd(dy, x, mean, rstd, w.float())  # the same partial sums: W is read as fp32
+    assert dw.dtype == db.dtype == torch.bfloat16 and dw32.dtype == db32.dtype == torch.float32
+    assert torch.equal(dw, dw32.bfloat16()) and torch.equal(db, db32.bfloat16())
 
 
 def test_layernorm_bwd_configs_kept_per_width(monkeypatch):
@@ -124,7 +124,7 @@ def test_layernorm_rows_of_any_layout(layout, device):
     xd = x.double().requires_grad_()
     ref = F.layer_norm(xd, (D,), w.double(), b.double(), 1e-6)
     assert_matches(y, F.layer_norm(x, (D,), w, b, 1e-6), ref, torch.float32, "normalised rows")
-    dx, _ = layernorm_bwd(dy, x, mean, rstd, w, dres=dres)
+    dx, _, _ = layernorm_bwd(dy, x, mean, rstd, w, dres=dres)
     ref.backward(dy.double())
     xl = x.detach().requires_grad_()
     F.layer_norm(xl, (D,), w, b, 1e-6).backward(dy)

@@ -259,21 +259,28 @@ def test_a_backend_family_is_timed_among_its_own_candidates(monkeypatch):
 @pytest.mark.parametrize("cfg", range(len(configs.COLUMN_SUM_CONFIGS)))
 def test_every_column_sum_config(cfg, N, out_dtype, device, monkeypatch):
     # the bias gradient beside cuBLAS's weight gradient (bf16 rows, bf16 sums) and the LayerNorm backward's weight
-    # and bias gradients (fp32 partial rows, fp32 sums): each config forced, on rows with a padded stride (the leading
-    # dims read in place) and a row count no row block divides; N = 100 leaves a partial column strip. The kernel
+    # and bias gradients (fp32 partial rows, fp32 sums split into two outputs, here where a column strip straddles the
+    # split): each config forced, on rows with a padded stride (the leading dims read in place) and a row count no
+    # row block divides; N = 100 leaves a partial column strip. The kernel
     # launched twice on the same buffers, as the autotuner launches it: each strip's last program adds the partial
     # rows up, in out_dtype, and leaves its arrival counter at zero for the next launch
     force_config(monkeypatch, red._colsum, configs.COLUMN_SUM_CONFIGS[cfg])
     twice = _Twice(red._colsum.kernel)
     monkeypatch.setattr(red._colsum, "kernel", twice)
     g = torch.randn(3, 177, N + 8, device=device).to(out_dtype)[..., :N]  # [3, 177, N], rows N + 8 apart
-    out = red.column_sum(g, out_dtype)
-    assert red._colsum.best_config is configs.COLUMN_SUM_CONFIGS[cfg] and out.dtype == out_dtype
+    split = N // 2 + 3 if out_dtype == torch.float32 else None
+    out = red.column_sum(g, out_dtype, split=split)
+    assert red._colsum.best_config is configs.COLUMN_SUM_CONFIGS[cfg]
     parts, arrived = (twice.args[twice.arg_names.index(name)] for name in ("PART", "ARRIVED"))
     assert parts.shape[0] > 1 and arrived.numel() == -(-N // configs.COLUMN_SUM_BLOCK_N) and not arrived.any()
     rows = g.reshape(-1, N)
-    ref = rows.sum(0, dtype=torch.float32).to(out_dtype)
-    assert_matches(out, ref, rows.double().sum(0), out_dtype, "column sums")
+    ref, exact = rows.sum(0, dtype=torch.float32).to(out_dtype), rows.double().sum(0)
+    if split is not None:  # two tensors of their own, [split] and [N - split]
+        assert out[0].shape == (split,) and out[1].shape == (N - split,)
+        assert out[0].untyped_storage().data_ptr() != out[1].untyped_storage().data_ptr()
+        out = torch.cat(out)  # compared as one row
+    assert out.dtype == out_dtype
+    assert_matches(out, ref, exact, out_dtype, "column sums")
 
 
 def test_column_sums_switched_off_are_torchs(device, monkeypatch):
@@ -282,7 +289,16 @@ def test_column_sums_switched_off_are_torchs(device, monkeypatch):
     monkeypatch.setenv("FASTVIT_COLUMN_SUM", "0")
     monkeypatch.setattr(red._colsum, "launch", lambda *a, **k: pytest.fail("the column-sum kernel launched"))
     g = torch.randn(5, 33, 100, device=device).to(torch.bfloat16)
-    assert torch.equal(red.column_sum(g, torch.bfloat16), g.view(-1, 100).sum(0, dtype=torch.float32).bfloat16())
+    ref = g.view(-1, 100).sum(0, dtype=torch.float32).bfloat16()
+    assert torch.equal(red.column_sum(g, torch.bfloat16), ref)
+    first, rest = red.column_sum(g, torch.bfloat16, split=40)
+    assert torch.equal(first, ref[:40]) and torch.equal(rest, ref[40:]) and first._base is None is rest._base
+
+
+@pytest.mark.parametrize("split", [0, 100, -3])
+def test_column_sum_split_outside_the_row_is_refused(split):
+    with pytest.raises(ValueError, match=f"split {split} outside"):
+        red.column_sum(torch.ones(4, 100), split=split)
 
 
 def test_the_autotuners_times_are_kept_only_for_the_key_it_chose_for():

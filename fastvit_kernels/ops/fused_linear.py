@@ -42,37 +42,41 @@ def bias_grad(db, has_b, w):
 
 
 def stream_grad(dout, dnormed, out, mean, rstd, norm_w):
-    """(d stream, d norm) where the stream `out` [..., D] feeds the next residual add (gradient dout) and LayerNorm
-    (gradient dnormed): the LayerNorm backward adds dout in the same pass. d norm is [2, D] (the LayerNorm weight's
-    gradient, then its bias's: ops may not return two views of one tensor; zeros when dnormed did not flow), empty
-    without a LayerNorm. A gradient that did not flow is None; an op without LayerNorm has an empty norm_w, and its
-    d stream is dout itself."""
+    """(d stream, d norm weight, d norm bias) where the stream `out` [..., D] feeds the next residual add (gradient
+    dout) and LayerNorm (gradient dnormed): the LayerNorm backward adds dout in the same pass. The LayerNorm's
+    gradients are [D] (zeros when dnormed did not flow), empty without a LayerNorm. A gradient that did not flow is
+    None; an op without LayerNorm has an empty norm_w, and its d stream is dout itself."""
     if dnormed is None or not norm_w.numel():
         dx = dout if dout is not None else torch.zeros_like(out)
-        dnorm = norm_w.new_zeros((2, norm_w.shape[0])) if norm_w.numel() else norm_w.new_empty(NO_BIAS)
-        return dx, dnorm
+        return dx, *norm_grad_zeros(norm_w)
     return layernorm_bwd(dnormed, out, mean, rstd, norm_w, dres=dout)
 
 
+def norm_grad_zeros(norm_w):
+    """(d norm weight, d norm bias) where dnormed did not flow: zeros, or empty tensors without a LayerNorm (ops may
+    not return one tensor twice)."""
+    if norm_w.numel():
+        return torch.zeros_like(norm_w), torch.zeros_like(norm_w)
+    return norm_w.new_empty(NO_BIAS), norm_w.new_empty(NO_BIAS)
+
+
 def stream_grads(dout, dnormed, out, mean, rstd, norm_w, dtype):
-    """stream_grad's (d stream, d norm) with d stream in `dtype` between them, the operand of the GEMMs' backward
-    (eager autocast's rounding of the fp32 gradient): where a LayerNorm backward runs, its pass writes it beside the
-    fp32 one, instead of a cast reading that again (at CIFAR-10's shape 77 MB, ~26 us at 3 TB/s, two a block)."""
+    """stream_grad's (d stream, d norm weight, d norm bias) with d stream in `dtype` after d stream, the operand of the
+    GEMMs' backward (eager autocast's rounding of the fp32 gradient): where a LayerNorm backward runs, its pass writes
+    it beside the fp32 one, instead of a cast reading that again (at CIFAR-10's shape 77 MB, ~26 us at 3 TB/s, two a
+    block)."""
     if dnormed is None or not norm_w.numel() or out.dtype == dtype:
-        dx, dnorm = stream_grad(dout, dnormed, out, mean, rstd, norm_w)
-        return dx, cast(dx, dtype), dnorm
+        dx, dnw, dnb = stream_grad(dout, dnormed, out, mean, rstd, norm_w)
+        return dx, cast(dx, dtype), dnw, dnb
     dx_low = torch.empty(out.shape, device=out.device, dtype=dtype)
-    dx, dnorm = layernorm_bwd(dnormed, out, mean, rstd, norm_w, dres=dout, dx_low=dx_low)
-    return dx, dx_low, dnorm
-
-
-def norm_grads(dnorm):
-    """(d norm weight, d norm bias), or (None, None), from an op's [2, D] d norm."""
-    return (dnorm[0], dnorm[1]) if dnorm.numel() else (None, None)
+    dx, dnw, dnb = layernorm_bwd(dnormed, out, mean, rstd, norm_w, dres=dout, dx_low=dx_low)
+    return dx, dx_low, dnw, dnb
 
 
 def norm_grad_fake(norm_w):
-    return norm_w.new_empty((2, norm_w.shape[0]) if norm_w.numel() else NO_BIAS)
+    """The fake (d norm weight, d norm bias) of an op: [D] each, or empty without a LayerNorm."""
+    shape = norm_w.shape if norm_w.numel() else NO_BIAS
+    return norm_w.new_empty(shape), norm_w.new_empty(shape)
 
 
 def stream_norm_fake(stream, norm_w, normed_dtype):
@@ -129,19 +133,19 @@ def _layer_norm_setup(ctx, inputs, output):
 
 def _layer_norm_backward(ctx, dy, *unused):
     x, w, mean, rstd = ctx.saved_tensors
-    dx, dnorm = call(_layer_norm_bwd, dy, x, w, mean, rstd)
-    return dx, dnorm[0], dnorm[1], None, None
+    dx, dw, db = call(_layer_norm_bwd, dy, x, w, mean, rstd)
+    return dx, dw, db, None, None
 
 
 @custom_op("fastvit::layer_norm_bwd")
 @on_input_device
-def _layer_norm_bwd(dy: Tensor, x: Tensor, w: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+def _layer_norm_bwd(dy: Tensor, x: Tensor, w: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return stream_grad(None, dy, x, mean, rstd, w)
 
 
 @_layer_norm_bwd.register_fake
 def _(dy, x, w, mean, rstd):
-    return torch.empty_like(x), w.new_empty((2, w.shape[0]))
+    return torch.empty_like(x), *norm_grad_fake(w)
 
 
 register_autograd(_layer_norm_fwd, _layer_norm_backward, _layer_norm_setup)
@@ -219,18 +223,18 @@ def _linear_residual_bwd(
     dout: Tensor | None,
     dnormed: Tensor | None,
     has_b: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dstream, dy, dnorm = stream_grads(dout, dnormed, out, mean, rstd, norm_w, w.dtype)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dstream, dy, dnw, dnb = stream_grads(dout, dnormed, out, mean, rstd, norm_w, w.dtype)
     dw, db = linear_weight_grad(dy, x, need_bias=has_b, out_dtype=w.dtype)
     dx = torch.matmul(dy, w)  # plain GEMM, nothing to fuse
-    return dx, dw, bias_grad(db, has_b, w), stream_grad_out(dstream, norm_w), dnorm
+    return dx, dw, bias_grad(db, has_b, w), stream_grad_out(dstream, norm_w), dnw, dnb
 
 
 @_linear_residual_bwd.register_fake
 def _(x, w, norm_w, out, mean, rstd, dout, dnormed, has_b):
     bias = w.new_empty(w.shape[0] if has_b else NO_BIAS)
     dres = torch.empty_like(out) if norm_w.numel() else out.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(w), bias, dres, norm_grad_fake(norm_w)
+    return torch.empty_like(x), torch.empty_like(w), bias, dres, *norm_grad_fake(norm_w)
 
 
 def _linear_residual_setup(ctx, inputs, output):
@@ -241,9 +245,9 @@ def _linear_residual_setup(ctx, inputs, output):
 
 
 def _linear_residual_backward(ctx, dout, dnormed, *unused):
-    dx, dw, db, dres, dnorm = call(_linear_residual_bwd, *ctx.saved_tensors, dout, dnormed, ctx.has_b)
+    dx, dw, db, dres, dnw, dnb = call(_linear_residual_bwd, *ctx.saved_tensors, dout, dnormed, ctx.has_b)
     dres = dres if ctx.has_norm else dout
-    return dx, dw, grad_or_none(db), dres, *norm_grads(dnorm), None, None
+    return dx, dw, grad_or_none(db), dres, grad_or_none(dnw), grad_or_none(dnb), None, None
 
 
 register_autograd(_linear_residual_fwd, _linear_residual_backward, _linear_residual_setup)

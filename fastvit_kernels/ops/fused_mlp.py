@@ -34,7 +34,6 @@ from .fused_linear import (
     layer_norm,
     layer_norm_ref,
     norm_grad_fake,
-    norm_grads,
     norm_or_empty,
     residual_dtype,
     residual_then_norm,
@@ -91,16 +90,16 @@ def _mlp_bwd(
     dnormed: Tensor | None,
     has_b1: bool,
     has_b2: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # [..., D] twice (the GEMMs run in the compute dtype, as eager autocast's backward does), [2, D]
-    dstream, dy, dnorm = stream_grads(dout, dnormed, out, mean, rstd, norm_w, w2.dtype)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # [..., D] twice (the GEMMs run in the compute dtype, as eager autocast's backward does), [D] twice
+    dstream, dy, dnw, dnb = stream_grads(dout, dnormed, out, mean, rstd, norm_w, w2.dtype)
     dw2, db2 = linear_weight_grad(dy, act, need_bias=has_b2, out_dtype=w2.dtype)
     # d(pre-activation) = (dy @ W2) * GELU'(pre): GELU's derivative in the GEMM epilogue
     dpre = linear(dy, w2.t(), epilogue="gelu_grad", pre=pre)  # [..., hidden]
     dw1, db1 = linear_weight_grad(dpre, h, need_bias=has_b1, out_dtype=w1.dtype)
     dh = torch.matmul(dpre, w1)  # plain GEMM, nothing to fuse: the LayerNorm backward before it needs whole rows
     db1, db2 = bias_grad(db1, has_b1, w1), bias_grad(db2, has_b2, w2)
-    return dh, stream_grad_out(dstream, norm_w), dw1, db1, dw2, db2, dnorm
+    return dh, stream_grad_out(dstream, norm_w), dw1, db1, dw2, db2, dnw, dnb
 
 
 @_mlp_bwd.register_fake
@@ -112,7 +111,7 @@ def _(h, w1, w2, norm_w, out, mean, rstd, act, pre, dout, dnormed, has_b1, has_b
         w1.new_empty(w1.shape[0] if has_b1 else NO_BIAS),
         torch.empty_like(w2),
         w2.new_empty(w2.shape[0] if has_b2 else NO_BIAS),
-        norm_grad_fake(norm_w),
+        *norm_grad_fake(norm_w),
     )
 
 
@@ -125,7 +124,7 @@ def _mlp_setup(ctx, inputs, output):
 
 def _mlp_backward(ctx, dout, dnormed, *unused):
     grads = call(_mlp_bwd, *ctx.saved_tensors, dout, dnormed, ctx.has_b1, ctx.has_b2)
-    dh, dres, dw1, db1, dw2, db2, dnorm = grads
+    dh, dres, dw1, db1, dw2, db2, dnw, dnb = grads
     return (
         dh,
         dres if ctx.has_norm else dout,
@@ -133,7 +132,8 @@ def _mlp_backward(ctx, dout, dnormed, *unused):
         grad_or_none(db1),
         dw2,
         grad_or_none(db2),
-        *norm_grads(dnorm),
+        grad_or_none(dnw),
+        grad_or_none(dnb),
         None,
         None,
         None,

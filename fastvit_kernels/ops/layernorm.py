@@ -57,17 +57,17 @@ def _layernorm_fwd(x, residual, weight, bias, eps, out_dtype):
 
 
 def layernorm_bwd(dy, x, mean, rstd, weight, dres=None, dx_low=None):
-    """(dx, dnorm) of LayerNorm, dx += dres in the same pass; dnorm [2, D] holds the weight's gradient (row 0) and the
-    bias's (row 1), fp32 sums rounded once to weight's dtype: one tensor, so that one column sum adds up both. dy, x, dres and dx are [..., D] alike. dx_low,
-    a contiguous tensor of x's shape in another dtype (the compute dtype of the GEMMs that read the gradient next),
-    is filled with dx in its dtype by the same pass, instead of a cast that reads dx again."""
+    """(dx, dw, db) of LayerNorm, dx += dres in the same pass; dw and db [D], the weight's and the bias's gradients,
+    fp32 sums rounded once to weight's dtype (one column sum adds up both). dy, x, dres and dx are [..., D] alike.
+    dx_low, a contiguous tensor of x's shape in another dtype (the compute dtype of the GEMMs that read the gradient
+    next), is filled with dx in its dtype by the same pass, instead of a cast that reads dx again."""
     D = x.shape[-1]
     M = x.numel() // D
     if dx_low is not None and (dx_low.shape != x.shape or not dx_low.is_contiguous()):
         layout = "" if dx_low.is_contiguous() else ", not contiguous"
         raise ValueError(f"dx_low must be a contiguous {tuple(x.shape)} tensor, got {tuple(dx_low.shape)}{layout}")
     if M == 0:
-        return torch.empty_like(x), torch.zeros((2, D), device=x.device, dtype=weight.dtype)
+        return torch.empty_like(x), torch.zeros_like(weight), torch.zeros_like(weight)
     dy, dy_rows = as_unit_rows(dy)
     x, x_rows = as_unit_rows(x)
     dres, dres_rows = as_unit_rows(dres) if dres is not None else (None, 0)
@@ -84,4 +84,4 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None, dx_low=None):
     _bwd.launch(key, lambda cfg: (programs,), *args, BLOCK_D=next_pow2(D))
     # our column sums rather than torch's sum(0): the same bytes (4.9 MB at 1,584 programs, D = 384), and in a step
     # plan's replay a direct launch instead of a torch reduction's host path, 25 a CIFAR-10 training step
-    return dx, column_sum(parts, weight.dtype).view(2, D)  # [2D] -> [2, D]
+    return dx, *column_sum(parts, weight.dtype, split=D)
