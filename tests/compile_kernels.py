@@ -187,26 +187,36 @@ def _variants(cap):
                     fwd_ptrs.update(X=w, RES=stream, S=stream)
                 consts = dict(HAS_RES=has_res, BLOCK_M=bm, BLOCK_D=bd)
                 out.append(("layernorm_fwd_kernel", lnk.__name__, fwd_ptrs, consts, warps, 3))
-            # every config the tuner may time at CIFAR-10's width, the first and largest elsewhere
-            bwd_consts = [dict(HAS_DRES=True, HAS_DX_LOW=ln_ptrs["DX_LOW"] is not None, BLOCK_D=tn.next_pow2(dim))]
+            # every config the tuner may time at CIFAR-10's width with dx's sums (proj's and fc2's bias gradients:
+            # the training step's hot path), the first and largest elsewhere and without them
+            low = ln_ptrs["DX_LOW"] is not None
+            bwd_consts = [
+                dict(HAS_DRES=True, HAS_DX_LOW=low, SUM_DX=s, BLOCK_D=tn.next_pow2(dim)) for s in (True, False)
+            ]
             every = full and dim == 384
-            add(lnk.layernorm_bwd_kernel, tn.LAYERNORM_BWD_CONFIGS, ln_ptrs, bwd_consts, tn.prune_layernorm_bwd, every)
+            add(
+                lnk.layernorm_bwd_kernel,
+                tn.LAYERNORM_BWD_CONFIGS,
+                ln_ptrs,
+                bwd_consts,
+                tn.prune_layernorm_bwd,
+                every,
+                hot=lambda consts: consts["SUM_DX"],
+            )
         # column sums: the bias gradient beside cuBLAS's weight gradient (G and its sums in the compute dtype, here
         # where the stream shares it), and the LayerNorm backward's fp32 partial rows summed into the LayerNorm
-        # weights' dtype (the stream's; fp32 under autocast). fp32 models' are the autocast variant.
-        sums = [(w, w)] if stream == w != f32 else []
+        # weights' dtype (the stream's; fp32 under autocast), with the next GEMM's bias gradient in the compute dtype
+        # and without it. fp32 models' are the autocast variant.
+        colsum = {"G": w, "PART": f32, "OUT": w, "OUT2": None, "OUT3": None, "ARRIVED": "i32"}
+        bias_sums = [dict(BLOCK_N=tn.COLUMN_SUM_BLOCK_N, HAS_OUT2=False, HAS_OUT3=False)]
+        if stream == w != f32:
+            add(red.column_sum_kernel, tn.COLUMN_SUM_CONFIGS, colsum, bias_sums, None, full)
         if w != f32:
-            sums.append((f32, stream))
-        for g_dtype, out_dtype in sums:
-            split = g_dtype == f32  # the LayerNorm's weight and bias gradients: two outputs
-            add(
-                red.column_sum_kernel,
-                tn.COLUMN_SUM_CONFIGS,
-                {"G": g_dtype, "PART": f32, "OUT": out_dtype, "OUT2": out_dtype if split else None, "ARRIVED": "i32"},
-                [dict(BLOCK_N=tn.COLUMN_SUM_BLOCK_N, HAS_OUT2=split)],
-                None,
-                full,
-            )
+            ln_sums = dict(colsum, G=f32, OUT=stream, OUT2=stream)
+            for has_out3 in (True, False):
+                consts = [dict(BLOCK_N=tn.COLUMN_SUM_BLOCK_N, HAS_OUT2=True, HAS_OUT3=has_out3)]
+                ptrs = dict(ln_sums, OUT3=w if has_out3 else None)
+                add(red.column_sum_kernel, tn.COLUMN_SUM_CONFIGS, ptrs, consts, None, full)
         pe_ptrs = {
             "IMG": stream,
             "W": w,

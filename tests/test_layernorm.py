@@ -32,18 +32,23 @@ def test_layernorm_forward_and_backward(D, out_dtype, device):
     var = x.double().var(1, unbiased=False)
     torch.testing.assert_close(rstd.double(), 1 / torch.sqrt(var + 1e-6), rtol=1e-5, atol=0)
 
-    dx, dw, db = layernorm_bwd(dy, x, mean, rstd, w, dres=dres)
+    # dx's column sums too (the bias gradient of the GEMM whose output gradient dx is), here from fp32 dx into bf16
+    dx, dw, db, dx_sum = layernorm_bwd(dy, x, mean, rstd, w, dres=dres, dx_sum_dtype=torch.bfloat16)
     ref.backward(dy.double())
     lowp = [t.detach().requires_grad_() for t in (x, w, b)]
     F.layer_norm(*lowp[:1], (D,), lowp[1], lowp[2], 1e-6).backward(dy)
     assert_matches(dx, lowp[0].grad + dres, leaves[0].grad + dres.double(), torch.float32, "dx + residual grad")
     assert_matches(dw, lowp[1].grad, leaves[1].grad, torch.float32, "dweight")
     assert_matches(db, lowp[2].grad, leaves[2].grad, torch.float32, "dbias")
+    exact = leaves[0].grad.sum(0) + dres.double().sum(0)
+    assert dx_sum.dtype == torch.bfloat16
+    assert_matches(dx_sum, (lowp[0].grad + dres).sum(0).bfloat16(), exact, torch.bfloat16, "dx's column sums")
 
 
 def _bwd_id(i):
     c = configs.LAYERNORM_BWD_CONFIGS[i]
-    return f"{c.kwargs['BLOCK_M']}rows-w{c.num_warps}-s{c.kwargs['LOAD_STAGES']}"
+    cap = f"-r{c.maxnreg}" if c.maxnreg else ""
+    return f"{c.kwargs['BLOCK_M']}rows-w{c.num_warps}-s{c.kwargs['LOAD_STAGES']}{cap}"
 
 
 @pytest.mark.parametrize("D", [100, 384], ids=lambda d: f"D{d}")
@@ -61,9 +66,12 @@ def test_every_layernorm_bwd_config(cfg, D, device, monkeypatch):
     dres = torch.randn(M, D, device=device)
     _, mean, rstd = layernorm_fwd(x, w, torch.zeros_like(w), 1e-6, torch.bfloat16)
     dx_low = torch.full((M, D), float("nan"), device=device, dtype=torch.bfloat16)  # the next GEMMs' operand
-    dx, dw, db = layernorm_bwd(dy, x, mean, rstd, w, dres=dres, dx_low=dx_low)
+    dx, dw, db, dx_sum = layernorm_bwd(dy, x, mean, rstd, w, dres=dres, dx_low=dx_low, dx_sum_dtype=torch.bfloat16)
     assert ln_ops._bwd.best_config is config
     assert torch.equal(dx_low, dx.to(torch.bfloat16))  # the bits a cast of dx gives (eager autocast's rounding)
+    # the next GEMM's bias gradient: the sums of the rounded rows it reads, as a column sum of dx_low gives them
+    sums = dx_low.float().sum(0)
+    assert_matches(dx_sum, sums.bfloat16(), dx_low.double().sum(0), torch.bfloat16, "dx_low's column sums")
     leaves = [t.double().requires_grad_() for t in (x, w)]
     F.layer_norm(leaves[0], (D,), leaves[1], None, 1e-6).backward(dy.double())
     lowp = [t.detach().requires_grad_() for t in (x, w)]
@@ -97,8 +105,8 @@ def test_layernorm_bwd_configs_kept_per_width(monkeypatch):
         return [_bwd_id(configs.LAYERNORM_BWD_CONFIGS.index(c)) for c in configs.prune_layernorm_bwd(ALL, args)]
 
     ALL = configs.LAYERNORM_BWD_CONFIGS
-    assert kept(384) == ["8rows-w8-s1", "4rows-w8-s1", "2rows-w2-s3", "2rows-w4-s3", "1rows-w2-s3", "1rows-w4-s3"]
-    assert kept(768) == ["4rows-w8-s1", "2rows-w4-s3", "1rows-w2-s3", "1rows-w4-s3", "1rows-w8-s1"]
+    assert kept(384) == ["8rows-w8-s1", "4rows-w8-s1", "2rows-w2-s3", "2rows-w4-s3", "1rows-w2-s3-r80", "1rows-w4-s3"]
+    assert kept(768) == ["4rows-w8-s1", "2rows-w4-s3", "1rows-w4-s3", "1rows-w8-s1"]  # 1,024 columns: past the cap
     assert kept(8192) == ["1rows-w16-s1"]
     assert kept(16) == kept(64) == ["32rows-w4-s1"]
     assert kept(8) == [_bwd_id(i) for i in range(len(ALL))]  # too narrow for 4 a thread: every one fits

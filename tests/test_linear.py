@@ -258,47 +258,52 @@ def test_a_backend_family_is_timed_among_its_own_candidates(monkeypatch):
 @pytest.mark.parametrize("N", [100, 384])
 @pytest.mark.parametrize("cfg", range(len(configs.COLUMN_SUM_CONFIGS)))
 def test_every_column_sum_config(cfg, N, out_dtype, device, monkeypatch):
-    # the bias gradient beside cuBLAS's weight gradient (bf16 rows, bf16 sums) and the LayerNorm backward's weight
-    # and bias gradients (fp32 partial rows, fp32 sums split into two outputs, here where a column strip straddles the
-    # split): each config forced, on rows with a padded stride (the leading dims read in place) and a row count no
-    # row block divides; N = 100 leaves a partial column strip. The kernel
-    # launched twice on the same buffers, as the autotuner launches it: each strip's last program adds the partial
-    # rows up, in out_dtype, and leaves its arrival counter at zero for the next launch
+    # the bias gradient beside cuBLAS's weight gradient (bf16 rows, bf16 sums) and the LayerNorm backward's gradients
+    # (fp32 partial rows: its weight's and bias's sums in fp32, then the next GEMM's bias gradient in bf16, three
+    # tensors, here where column strips straddle the parts' edges): each config forced, on rows with a padded stride
+    # (the leading dims read in place) and a row count no row block divides; N = 100 leaves a partial column strip.
+    # The kernel launched twice on the same buffers, as the autotuner launches it: each strip's last program adds the
+    # partial rows up, rounds them to each part's dtype, and leaves its arrival counter at zero for the next launch
     force_config(monkeypatch, red._colsum, configs.COLUMN_SUM_CONFIGS[cfg])
     twice = _Twice(red._colsum.kernel)
     monkeypatch.setattr(red._colsum, "kernel", twice)
     g = torch.randn(3, 177, N + 8, device=device).to(out_dtype)[..., :N]  # [3, 177, N], rows N + 8 apart
-    split = N // 2 + 3 if out_dtype == torch.float32 else None
-    out = red.column_sum(g, out_dtype, split=split)
+    if out_dtype == torch.float32:
+        parts = [(N // 3 + 1, torch.float32), (N // 3 + 2, torch.float32), (N - 2 * (N // 3) - 3, torch.bfloat16)]
+    else:
+        parts = [(N, out_dtype)]
+    outs = red.column_sums(g, parts)
     assert red._colsum.best_config is configs.COLUMN_SUM_CONFIGS[cfg]
-    parts, arrived = (twice.args[twice.arg_names.index(name)] for name in ("PART", "ARRIVED"))
-    assert parts.shape[0] > 1 and arrived.numel() == -(-N // configs.COLUMN_SUM_BLOCK_N) and not arrived.any()
+    partials, arrived = (twice.args[twice.arg_names.index(name)] for name in ("PART", "ARRIVED"))
+    assert partials.shape[0] > 1 and arrived.numel() == -(-N // configs.COLUMN_SUM_BLOCK_N) and not arrived.any()
     rows = g.reshape(-1, N)
-    ref, exact = rows.sum(0, dtype=torch.float32).to(out_dtype), rows.double().sum(0)
-    if split is not None:  # two tensors of their own, [split] and [N - split]
-        assert out[0].shape == (split,) and out[1].shape == (N - split,)
-        assert out[0].untyped_storage().data_ptr() != out[1].untyped_storage().data_ptr()
-        out = torch.cat(out)  # compared as one row
-    assert out.dtype == out_dtype
-    assert_matches(out, ref, exact, out_dtype, "column sums")
+    ref, exact = rows.sum(0, dtype=torch.float32), rows.double().sum(0)
+    assert len({out.untyped_storage().data_ptr() for out in outs}) == len(parts)  # tensors of their own
+    start = 0
+    for out, (width, dtype) in zip(outs, parts):
+        assert out.shape == (width,) and out.dtype == dtype
+        cols = slice(start, start + width)
+        assert_matches(out, ref[cols].to(dtype), exact[cols], dtype, f"column sums {start}..{start + width}")
+        start += width
 
 
 def test_column_sums_switched_off_are_torchs(device, monkeypatch):
-    # FASTVIT_COLUMN_SUM=0 (the GPU check's way out if the kernel fails there): torch's sum and cast, bit for bit, and
-    # no launch of ours
+    # FASTVIT_COLUMN_SUM=0 (the GPU check's way out if the kernel fails there): torch's sum and casts, bit for bit,
+    # and no launch of ours
     monkeypatch.setenv("FASTVIT_COLUMN_SUM", "0")
     monkeypatch.setattr(red._colsum, "launch", lambda *a, **k: pytest.fail("the column-sum kernel launched"))
     g = torch.randn(5, 33, 100, device=device).to(torch.bfloat16)
-    ref = g.view(-1, 100).sum(0, dtype=torch.float32).bfloat16()
-    assert torch.equal(red.column_sum(g, torch.bfloat16), ref)
-    first, rest = red.column_sum(g, torch.bfloat16, split=40)
-    assert torch.equal(first, ref[:40]) and torch.equal(rest, ref[40:]) and first._base is None is rest._base
+    ref = g.view(-1, 100).sum(0, dtype=torch.float32)
+    assert torch.equal(red.column_sum(g, torch.bfloat16), ref.bfloat16())
+    first, rest = red.column_sums(g, [(40, torch.float32), (60, torch.bfloat16)])
+    assert torch.equal(first, ref[:40]) and torch.equal(rest, ref[40:].bfloat16())
+    assert first._base is None is rest._base
 
 
-@pytest.mark.parametrize("split", [0, 100, -3])
-def test_column_sum_split_outside_the_row_is_refused(split):
-    with pytest.raises(ValueError, match=f"split {split} outside"):
-        red.column_sum(torch.ones(4, 100), split=split)
+@pytest.mark.parametrize("widths", [[], [50, 51], [0, 100], [10, 20, 30, 40]], ids=str)
+def test_column_sums_parts_must_split_the_row(widths):
+    with pytest.raises(ValueError, match="do not split 100 columns"):
+        red.column_sums(torch.ones(4, 100), [(w, torch.float32) for w in widths])
 
 
 def test_the_autotuners_times_are_kept_only_for_the_key_it_chose_for():

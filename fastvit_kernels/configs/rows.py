@@ -76,8 +76,14 @@ LAYERNORM_FWD_PARAMS = dict(elems=4096, max_rows=16)  # three live row tensors: 
 # elements a thread (more spills; fewer wastes the warps), first the one the interpreter and FASTVIT_AUTOTUNE=0 run.
 # 32 rows with 4 warps is kept only for narrow rows (D <= 64, 8-16 elements a thread, where every other config holds
 # fewer than 4): the tests' small models, whose interpreted row loops it shortens fourfold.
-def _ln_bwd_cfg(rows, warps, stages):
-    return triton.Config({"BLOCK_M": rows, "LOAD_STAGES": stages}, num_warps=warps)
+# The 1-row, 2-warp program (the H100's choice at D = 384, 2026-11-27) is capped at 80 registers: summing dx's columns
+# too (SUM_DX) takes it from 78 to 91 (triton 3.8, sm_90), ten programs an SM instead of the grid's twelve; capped, 80
+# and no stack either way. Kept only where a row fits the cap (next_pow2(D) <= 512; at 1024 it would spill).
+def _ln_bwd_cfg(rows, warps, stages, maxnreg=None):
+    return triton.Config({"BLOCK_M": rows, "LOAD_STAGES": stages}, num_warps=warps, maxnreg=maxnreg)
+
+
+LN_BWD_CAPPED_MAX_BLOCK_D = 512
 
 
 LAYERNORM_BWD_CONFIGS = [
@@ -86,7 +92,7 @@ LAYERNORM_BWD_CONFIGS = [
     _ln_bwd_cfg(4, 8, 1),
     _ln_bwd_cfg(2, 2, 3),
     _ln_bwd_cfg(2, 4, 3),
-    _ln_bwd_cfg(1, 2, 3),
+    _ln_bwd_cfg(1, 2, 3, maxnreg=80),
     _ln_bwd_cfg(1, 4, 3),
     _ln_bwd_cfg(1, 8, 1),
     _ln_bwd_cfg(1, 16, 1),
@@ -101,7 +107,8 @@ def _ln_bwd_elems(cfg, block_d) -> float:
 
 def prune_layernorm_bwd(configs, args):
     """The configs holding 4 to 16 elements of a row tensor a thread (at most 16 where D is too small for 4) whose
-    pipelined loads fit the device's shared memory; the pipelined ones where row_pipeline_on."""
+    pipelined loads fit the device's shared memory, the register-capped one where a row fits its cap; the pipelined
+    ones where row_pipeline_on."""
     if not row_pipeline_on():
         configs = [c for c in configs if c.kwargs["LOAD_STAGES"] == 1]
     block_d = args["BLOCK_D"]
@@ -113,5 +120,6 @@ def prune_layernorm_bwd(configs, args):
         if _ln_bwd_elems(c, block_d) <= 16
         and (c.kwargs["LOAD_STAGES"] - 1) * c.kwargs["BLOCK_M"] * block_d * loaded <= limit
     ]
+    fits = [c for c in fits if c.maxnreg is None or block_d <= LN_BWD_CAPPED_MAX_BLOCK_D]
     kept = [c for c in fits if _ln_bwd_elems(c, block_d) >= 4] or fits
     return kept or [min(configs, key=lambda c: _ln_bwd_elems(c, block_d))]

@@ -68,6 +68,7 @@ def layernorm_bwd_kernel(
     DX,  # [M, D] input gradient, in X's dtype
     DX_LOW,  # [M, D] dx again in the compute dtype, rows stride_dxm apart (the next GEMMs read it), or None
     PART,  # [programs, 2D] fp32, contiguous: per program the weight gradient's partial sums, then the bias's
+    #        ([programs, 3D] with SUM_DX: then dx's, as the next GEMM reads it: DX_LOW's values, else DX's)
     M,
     D,
     rows_per_program,
@@ -79,6 +80,7 @@ def layernorm_bwd_kernel(
     BLOCK_D: tl.constexpr,
     HAS_DRES: tl.constexpr,
     HAS_DX_LOW: tl.constexpr,
+    SUM_DX: tl.constexpr,  # dx's column sums too: the bias gradient of the GEMM whose output gradient dx is
     LOAD_STAGES: tl.constexpr = 1,  # > 1: the next row blocks' loads in flight (cp.async into shared memory)
 ):
     # Per-program partial sums of the weight and bias gradients, so no separate reduction kernel reads the
@@ -92,6 +94,7 @@ def layernorm_bwd_kernel(
     w = tl.load(W + cols, mask=mask_d, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dx_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     for r0 in tl.range(row_start, row_end, BLOCK_M, num_stages=LOAD_STAGES):
@@ -110,11 +113,17 @@ def layernorm_bwd_kernel(
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DRES:
             dx += tl.load(DRES + rows64 * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows64 * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dx_out = dx.to(DX.dtype.element_ty)
+        tl.store(DX + rows64 * stride_dxm + cols[None, :], dx_out, mask=mask)
         if HAS_DX_LOW:  # rounded from the fp32 value, as a cast of the stored fp32 DX rounds it: the same bits
-            tl.store(DX_LOW + rows64 * stride_dxm + cols[None, :], dx.to(DX_LOW.dtype.element_ty), mask=mask)
+            dx_out = dx.to(DX_LOW.dtype.element_ty)
+            tl.store(DX_LOW + rows64 * stride_dxm + cols[None, :], dx_out, mask=mask)
         dw_acc += tl.sum(dy * xhat, 0)
         db_acc += tl.sum(dy, 0)
-    part = PART + pid * 2 * D + cols
+        if SUM_DX:  # the values the GEMM reads, summed as a column sum of them would (padding rows hold zeros)
+            dx_acc += tl.sum(dx_out.to(tl.float32), 0)
+    part = PART + pid * (3 if SUM_DX else 2) * D + cols
     tl.store(part, dw_acc, mask=mask_d)
     tl.store(part + D, db_acc, mask=mask_d)
+    if SUM_DX:
+        tl.store(part + 2 * D, dx_acc, mask=mask_d)

@@ -1,5 +1,6 @@
 """Column sums of a tall matrix: the bias gradient of a linear layer whose weight gradient cuBLAS computes, and the
-LayerNorm backward's weight and bias gradients from its programs' partial rows (two outputs of one pass).
+LayerNorm backward's weight and bias gradients (and the next GEMM's bias gradient) from its programs' partial rows:
+up to three outputs of one pass, each in its own dtype.
 
 torch's `g.sum(0)` over a linear layer's output gradient ([33,280, N] bf16 in a CIFAR-10 training step) ran at about a
 quarter of its bytes' speed on an H200 (48 launches, 46 us each, 2.2 ms of a 21.4 ms step, 2026-11-27). Here each
@@ -15,23 +16,34 @@ import triton.language as tl
 from .common import last_to_arrive
 
 
-@triton.heuristics({"HAS_OUT2": lambda args: args["OUT2"] is not None})
+@triton.jit
+def _store_columns(OUT, sums, cols, start, end):
+    """sums of columns [start, end) of the strip `cols` into OUT [end - start], rounded once to OUT's dtype."""
+    tl.store(OUT + (cols - start), sums.to(OUT.dtype.element_ty), mask=(cols >= start) & (cols < end))
+
+
+@triton.heuristics(
+    {"HAS_OUT2": lambda args: args["OUT2"] is not None, "HAS_OUT3": lambda args: args["OUT3"] is not None}
+)
 @triton.jit
 def column_sum_kernel(
     G,  # [R, N], rows stride_gr apart, unit stride along N: any float dtype
     PART,  # [programs along R, N] fp32: each program's column sums over its rows
-    OUT,  # [N], or [split] with OUT2: the column sums, rounded once to its dtype
-    OUT2,  # [N - split] in OUT's dtype: the sums of columns split.. (two gradients from one pass), or None
+    OUT,  # [N], or [split2] with OUT2: the sums of the first columns, rounded once to its dtype
+    OUT2,  # [split3 - split2] (or [N - split2]) in its own dtype: the next columns' sums (another gradient), or None
+    OUT3,  # [N - split3] in its own dtype: the last columns' sums (with OUT2), or None
     ARRIVED,  # [strips] int32, zeroed: the programs of each strip done; left zero again
     R,
     N,
     rows_per_program,
     stride_gr,
-    split,  # the first column whose sum goes to OUT2 (with OUT2)
+    split2,  # the first column whose sum goes to OUT2 (with OUT2)
+    split3,  # the first column whose sum goes to OUT3 (with OUT3)
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     LOAD_STAGES: tl.constexpr,
     HAS_OUT2: tl.constexpr,
+    HAS_OUT3: tl.constexpr,
 ):
     pid_n, pid_r = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -53,9 +65,13 @@ def column_sum_kernel(
             mask = (parts < programs)[:, None] & mask_n[None, :]
             # .cg: written by other SMs, past this SM's L1
             total += tl.load(PART + parts[:, None] * N + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-        sums = tl.sum(total, 0).to(OUT.dtype.element_ty)
-        if HAS_OUT2:
-            tl.store(OUT + cols, sums, mask=mask_n & (cols < split))
-            tl.store(OUT2 + (cols - split), sums, mask=mask_n & (cols >= split))
+        sums = tl.sum(total, 0)
+        if HAS_OUT3:
+            _store_columns(OUT, sums, cols, 0, split2)
+            _store_columns(OUT2, sums, cols, split2, split3)
+            _store_columns(OUT3, sums, cols, split3, N)
+        elif HAS_OUT2:
+            _store_columns(OUT, sums, cols, 0, split2)
+            _store_columns(OUT2, sums, cols, split2, N)
         else:
-            tl.store(OUT + cols, sums, mask=mask_n)
+            _store_columns(OUT, sums, cols, 0, N)

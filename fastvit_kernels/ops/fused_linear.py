@@ -60,17 +60,20 @@ def norm_grad_zeros(norm_w):
     return norm_w.new_empty(NO_BIAS), norm_w.new_empty(NO_BIAS)
 
 
-def stream_grads(dout, dnormed, out, mean, rstd, norm_w, dtype):
-    """stream_grad's (d stream, d norm weight, d norm bias) with d stream in `dtype` after d stream, the operand of the
-    GEMMs' backward (eager autocast's rounding of the fp32 gradient): where a LayerNorm backward runs, its pass writes
-    it beside the fp32 one, instead of a cast reading that again (at CIFAR-10's shape 77 MB, ~26 us at 3 TB/s, two a
-    block)."""
-    if dnormed is None or not norm_w.numel() or out.dtype == dtype:
+def stream_grads(dout, dnormed, out, mean, rstd, norm_w, dtype, bias_sum=False):
+    """stream_grad's gradients with d stream in `dtype` after d stream, the operand of the GEMMs' backward (eager
+    autocast's rounding of the fp32 gradient): where a LayerNorm backward runs, its pass writes it beside the fp32 one,
+    instead of a cast reading that again (at CIFAR-10's shape 77 MB, ~26 us at 3 TB/s, two a block). Then d norm
+    weight, d norm bias, and db: with bias_sum where a LayerNorm backward runs, the column sums of d stream in `dtype`
+    (the bias gradient of the GEMM that wrote `out`, rounded to dtype) from the same pass, else None (the caller sums
+    them: linear_weight_grad)."""
+    if dnormed is None or not norm_w.numel():
         dx, dnw, dnb = stream_grad(dout, dnormed, out, mean, rstd, norm_w)
-        return dx, cast(dx, dtype), dnw, dnb
-    dx_low = torch.empty(out.shape, device=out.device, dtype=dtype)
-    dx, dnw, dnb = layernorm_bwd(dnormed, out, mean, rstd, norm_w, dres=dout, dx_low=dx_low)
-    return dx, dx_low, dnw, dnb
+        return dx, cast(dx, dtype), dnw, dnb, None
+    dx_low = None if out.dtype == dtype else torch.empty(out.shape, device=out.device, dtype=dtype)
+    sum_dtype = dtype if bias_sum else None
+    dx, dnw, dnb, *db = layernorm_bwd(dnormed, out, mean, rstd, norm_w, dout, dx_low, sum_dtype)
+    return dx, dx if dx_low is None else dx_low, dnw, dnb, (db[0] if db else None)
 
 
 def norm_grad_fake(norm_w):
@@ -224,9 +227,10 @@ def _linear_residual_bwd(
     dnormed: Tensor | None,
     has_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dstream, dy, dnw, dnb = stream_grads(dout, dnormed, out, mean, rstd, norm_w, w.dtype)
-    dw, db = linear_weight_grad(dy, x, need_bias=has_b, out_dtype=w.dtype)
+    dstream, dy, dnw, dnb, db = stream_grads(dout, dnormed, out, mean, rstd, norm_w, w.dtype, bias_sum=has_b)
+    dw, db_gemm = linear_weight_grad(dy, x, need_bias=has_b and db is None, out_dtype=w.dtype)
     dx = torch.matmul(dy, w)  # plain GEMM, nothing to fuse
+    db = db if db is not None else db_gemm
     return dx, dw, bias_grad(db, has_b, w), stream_grad_out(dstream, norm_w), dnw, dnb
 
 

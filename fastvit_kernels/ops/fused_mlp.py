@@ -91,9 +91,11 @@ def _mlp_bwd(
     has_b1: bool,
     has_b2: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # [..., D] twice (the GEMMs run in the compute dtype, as eager autocast's backward does), [D] twice
-    dstream, dy, dnw, dnb = stream_grads(dout, dnormed, out, mean, rstd, norm_w, w2.dtype)
-    dw2, db2 = linear_weight_grad(dy, act, need_bias=has_b2, out_dtype=w2.dtype)
+    # [..., D] twice (the GEMMs run in the compute dtype, as eager autocast's backward does), [D] twice, and fc2's
+    # bias gradient where the LayerNorm backward summed it (else None)
+    dstream, dy, dnw, dnb, db2 = stream_grads(dout, dnormed, out, mean, rstd, norm_w, w2.dtype, bias_sum=has_b2)
+    dw2, db2_gemm = linear_weight_grad(dy, act, need_bias=has_b2 and db2 is None, out_dtype=w2.dtype)
+    db2 = db2 if db2 is not None else db2_gemm
     # d(pre-activation) = (dy @ W2) * GELU'(pre): GELU's derivative in the GEMM epilogue
     dpre = linear(dy, w2.t(), epilogue="gelu_grad", pre=pre)  # [..., hidden]
     dw1, db1 = linear_weight_grad(dpre, h, need_bias=has_b1, out_dtype=w1.dtype)

@@ -13,7 +13,7 @@ from ..configs import (
 from ..kernels.layernorm import layernorm_bwd_kernel, layernorm_fwd_kernel
 from ..tuning import Launcher, launch_kernel
 from ._common import as_unit_rows, cdiv, next_pow2, persistent_programs
-from .reduce import column_sum
+from .reduce import column_sums
 
 MAX_LN_DIM = 8192  # the row kernels keep a whole row in registers
 
@@ -56,18 +56,23 @@ def _layernorm_fwd(x, residual, weight, bias, eps, out_dtype):
     return s, y, mean, rstd
 
 
-def layernorm_bwd(dy, x, mean, rstd, weight, dres=None, dx_low=None):
+def layernorm_bwd(dy, x, mean, rstd, weight, dres=None, dx_low=None, dx_sum_dtype=None):
     """(dx, dw, db) of LayerNorm, dx += dres in the same pass; dw and db [D], the weight's and the bias's gradients,
     fp32 sums rounded once to weight's dtype (one column sum adds up both). dy, x, dres and dx are [..., D] alike.
     dx_low, a contiguous tensor of x's shape in another dtype (the compute dtype of the GEMMs that read the gradient
-    next), is filled with dx in its dtype by the same pass, instead of a cast that reads dx again."""
+    next), is filled with dx in its dtype by the same pass, instead of a cast that reads dx again.
+
+    With dx_sum_dtype, also the column sums of dx as the next GEMM reads it (dx_low, else dx), rounded once to that
+    dtype: the bias gradient of the GEMM whose output dx is the gradient of, from the same pass and the same column
+    sums, where a column sum of its own would read the [..., D] rows again. Returned fourth."""
     D = x.shape[-1]
     M = x.numel() // D
     if dx_low is not None and (dx_low.shape != x.shape or not dx_low.is_contiguous()):
         layout = "" if dx_low.is_contiguous() else ", not contiguous"
         raise ValueError(f"dx_low must be a contiguous {tuple(x.shape)} tensor, got {tuple(dx_low.shape)}{layout}")
     if M == 0:
-        return torch.empty_like(x), torch.zeros_like(weight), torch.zeros_like(weight)
+        dx_sum = (torch.zeros(D, device=x.device, dtype=dx_sum_dtype),) if dx_sum_dtype is not None else ()
+        return torch.empty_like(x), torch.zeros_like(weight), torch.zeros_like(weight), *dx_sum
     dy, dy_rows = as_unit_rows(dy)
     x, x_rows = as_unit_rows(x)
     dres, dres_rows = as_unit_rows(dres) if dres is not None else (None, 0)
@@ -76,12 +81,14 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None, dx_low=None):
     rows_per_program = cdiv(M, programs)
     programs = cdiv(M, rows_per_program)
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, rows D apart
-    # [programs, 2D]: each program's partial sums of the weight's gradient, then of the bias's, so that one column sum
-    # adds up both
-    parts = torch.empty((programs, 2 * D), device=x.device, dtype=torch.float32)
+    # [programs, 2D or 3D]: each program's partial sums of the weight's gradient, then of the bias's (then of dx),
+    # so that one column sum adds them all up
+    sum_dx = dx_sum_dtype is not None
+    parts = torch.empty((programs, (3 if sum_dx else 2) * D), device=x.device, dtype=torch.float32)
     args = (dy, x, mean, rstd, weight, dres, dx, dx_low, parts, M, D, rows_per_program, dy_rows, x_rows, dres_rows, D)
-    key = (M, D, dy.dtype, x.dtype, dres is not None and dres.dtype, dx_low is not None and dx_low.dtype, x.device)
-    _bwd.launch(key, lambda cfg: (programs,), *args, BLOCK_D=next_pow2(D))
+    key = (M, D, dy.dtype, x.dtype, dres is not None and dres.dtype, dx_low is not None and dx_low.dtype, sum_dx)
+    _bwd.launch(key + (x.device,), lambda cfg: (programs,), *args, BLOCK_D=next_pow2(D), SUM_DX=sum_dx)
     # our column sums rather than torch's sum(0): the same bytes (4.9 MB at 1,584 programs, D = 384), and in a step
     # plan's replay a direct launch instead of a torch reduction's host path, 25 a CIFAR-10 training step
-    return dx, *column_sum(parts, weight.dtype, split=D)
+    sums = [(D, weight.dtype), (D, weight.dtype)] + ([(D, dx_sum_dtype)] if sum_dx else [])
+    return dx, *column_sums(parts, sums)

@@ -18,44 +18,52 @@ from ._common import arrival_counters, as_unit_rows, cdiv, num_sms
 _colsum = Launcher(column_sum_kernel, COLUMN_SUM_CONFIGS, ["R", "N"], prune_column_sum)
 
 
-def column_sum(g, out_dtype=torch.float32, split=None):
+def column_sum(g, out_dtype=torch.float32):
     """The fp32 sums over the rows of g [..., N] (kernels/reduce.py), [N] in out_dtype (rounded once): each program's
-    partial row, added up by the last program of its column strip. With `split`, the sums of columns [0, split) and
-    [split, N) as two tensors (the LayerNorm backward's weight and bias gradients: one pass, and no views of one
-    tensor to make, which would cost a step plan's replay a line each)."""
+    partial row, added up by the last program of its column strip."""
+    return column_sums(g, [(g.shape[-1], out_dtype)])[0]
+
+
+def column_sums(g, parts):
+    """column_sum's sums as consecutive column ranges, one tensor each: parts [(width, dtype), ...], one to three,
+    widths adding up to N. Several gradients from one pass (the LayerNorm backward's weight and bias gradients and
+    the next GEMM's bias gradient), each rounded once to its own dtype, and no views of one tensor to make, which
+    would cost a step plan's replay a line each."""
     N = g.shape[-1]
     R = g.numel() // N
-    if split is not None and not 0 < split < N:
-        raise ValueError(f"column_sum: split {split} outside (0, {N})")
-    if R == 0:
-        out = torch.zeros(N, device=g.device, dtype=out_dtype)
-        return out if split is None else (out[:split].clone(), out[split:].clone())
-    if not column_sum_kernel_on():  # FASTVIT_COLUMN_SUM=0: torch's sum and cast
-        out = g.reshape(R, N).sum(0, dtype=torch.float32).to(out_dtype)  # [..., N] -> [R, N] -> [N]
-        return out if split is None else (out[:split].clone(), out[split:].clone())
+    widths = [w for w, _ in parts]
+    if not 1 <= len(parts) <= 3 or sum(widths) != N or min(widths) < 1:
+        raise ValueError(f"column_sums: parts of widths {widths} do not split {N} columns into one to three")
+    starts = [sum(widths[:i]) for i in range(len(parts))]
+    if R == 0 or not column_sum_kernel_on():  # FASTVIT_COLUMN_SUM=0: torch's sum and casts
+        sums = g.reshape(R, N).sum(0, dtype=torch.float32)  # [..., N] -> [R, N] -> [N]
+        return tuple(sums[s : s + w].to(dt, copy=True) for s, (w, dt) in zip(starts, parts))
     g, g_rows = as_unit_rows(g)
     strips = cdiv(N, COLUMN_SUM_BLOCK_N)
     programs = max(1, min(cdiv(R, 32), COLUMN_SUM_PROGRAMS_PER_SM * num_sms(g.device) // strips))
     rows_per_program = cdiv(R, programs)
     programs = cdiv(R, rows_per_program)
-    parts = torch.empty((programs, N), device=g.device, dtype=torch.float32)
-    out = torch.empty(N if split is None else split, device=g.device, dtype=out_dtype)
-    out2 = None if split is None else torch.empty(N - split, device=g.device, dtype=out_dtype)
+    partials = torch.empty((programs, N), device=g.device, dtype=torch.float32)
+    outs = [torch.empty(w, device=g.device, dtype=dt) for w, dt in parts]
+    out, out2, out3 = (*outs, None, None)[:3]
+    split2, split3 = (*starts[1:], 0, 0)[:2]
     arrived = arrival_counters(strips, g.device)
-    key = ("column_sum", R, N, split, g.dtype, out_dtype, g.device)
+    key = ("column_sum", R, N, g.dtype, tuple(parts), g.device)
     _colsum.launch(
         key,
         lambda cfg: (strips, programs),
         g,
-        parts,
+        partials,
         out,
         out2,
+        out3,
         arrived,
         R,
         N,
         rows_per_program,
         g_rows,
-        split or 0,
+        split2,
+        split3,
         BLOCK_N=COLUMN_SUM_BLOCK_N,
     )
-    return out if split is None else (out, out2)
+    return tuple(outs)
