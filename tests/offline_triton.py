@@ -73,7 +73,7 @@ def use_offline_driver(monkeypatch):
 
 # The LayerNorm backward kernel's launch of 40 rows of 96 without a residual gradient (DRES None: HAS_DRES by the
 # heuristic): 18 arguments, a heuristics wrapper.
-LN_BWD_CONSTS = dict(BLOCK_M=8, BLOCK_D=128, num_warps=4)
+LN_BWD_CONSTS = dict(BLOCK_M=8, BLOCK_D=128, SUM_DX=False, num_warps=4)
 
 
 def ln_bwd_args() -> tuple:
