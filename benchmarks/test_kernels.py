@@ -149,8 +149,9 @@ def test_layernorm_mlp(benchmark, bench_opts, device, shape, row, mode, monkeypa
 def test_layernorm_bwd(benchmark, bench_opts, device, shape, row):
     """The LayerNorm backward of a training step under bf16 autocast, the residual gradient added: dy in bf16 (our
     GEMM's input gradient; eager's arrives in fp32), the fp32 stream x, its gradient dres and dx in fp32. Eager: aten's
-    layer_norm backward (input, weight and bias gradients) and the add. +bf16 / +cast: dx in bf16 too, the operand of
-    the GEMMs' backward after proj and fc2 (ours in the same pass, eager a cast)."""
+    layer_norm backward (input, weight and bias gradients) and the add. +bf16 / +cast: what a training step runs after
+    proj and fc2: dx in bf16 too, the operand of the GEMMs' backward, and its column sums, that GEMM's bias gradient
+    (ours in the same pass and the same column sums; eager a cast and a sum)."""
     need_cuda(device, "kernel benchmarks")
     R, D, _ = MLP_SHAPES[shape]
     x = torch.randn(R, D, device=device)
@@ -159,10 +160,11 @@ def test_layernorm_bwd(benchmark, bench_opts, device, shape, row):
     dy = torch.randn(R, D, device=device, dtype=DT)
     _, mean, rstd = ln.layernorm_fwd(x, w, b, 1e-6, DT)
     low = torch.empty(R, D, device=device, dtype=DT) if row.endswith(("+bf16", "+cast")) else None
+    sum_dtype = DT if low is not None else None
     if row.startswith("ours"):
 
         def step():
-            ln.layernorm_bwd(dy, x, mean, rstd, w, dres=dres, dx_low=low)
+            ln.layernorm_bwd(dy, x, mean, rstd, w, dres=dres, dx_low=low, dx_sum_dtype=sum_dtype)
 
         describe = chosen_configs(ln_bwd=ln._bwd, colsum=red._colsum)
     else:
@@ -173,6 +175,7 @@ def test_layernorm_bwd(benchmark, bench_opts, device, shape, row):
             dx.add_(dres)
             if low is not None:
                 low.copy_(dx)
+                low.sum(0)  # the bias gradient of the GEMM that reads low (bf16, as autocast's backward gives it)
 
         describe = None
     _measure_rows_pass(benchmark, bench_opts, device, step, f"layernorm/{shape}/bwd", row, R, describe)
