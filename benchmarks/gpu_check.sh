@@ -58,13 +58,14 @@ echo "=== the kernels new since the last GPU run, under compute-sanitizer's memc
 # the kernel and the source line. New now: the step plans' batched casts (FASTVIT_CAST_KERNEL=0 without them), before
 # the plans' tests, which replay them; the attention forward's row-tail tile in bf16 (FASTVIT_ATTN_TAIL=0 without it);
 # the column sums' last program adding the partial rows (the bias gradients beside cuBLAS's dW since session 18, the
-# LayerNorm backward's since session 19, three outputs since session 20: FASTVIT_COLUMN_SUM=0 without it, torch's
-# sums); the LayerNorm backward's sums of dx (session 20, no switch: a failure here is named, not worked around) in
-# its register-capped tile
+# LayerNorm backward's since session 19, three outputs and cuBLAS's dgelu pass since session 20: FASTVIT_COLUMN_SUM=0
+# without it, torch's sums and gelu_backward); the LayerNorm backward's sums of dx (session 20, no switch: a failure
+# here is named, not worked around) in its register-capped tile
 ROW_TAIL_TEST=tests/test_attention.py::test_row_tail_tiles_match_reference
 COLSUM_TEST=tests/test_linear.py::test_every_column_sum_config
 NEW_KERNEL_TESTS=(tests/test_cast.py "$ROW_TAIL_TEST[torch.bfloat16-134-64]" "$ROW_TAIL_TEST[torch.bfloat16-197-32]"
   "$COLSUM_TEST[0-100-torch.bfloat16]" "$COLSUM_TEST[1-384-torch.float32]"
+  "tests/test_linear.py::test_every_gelu_grad_column_sum_config[1-384]"
   "tests/test_layernorm.py::test_every_layernorm_bwd_config[1rows-w2-s3-r80-D384]")
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$SANITIZER" ]; then

@@ -207,14 +207,17 @@ def _variants(cap):
         # where the stream shares it), and the LayerNorm backward's fp32 partial rows summed into the LayerNorm
         # weights' dtype (the stream's; fp32 under autocast), with the next GEMM's bias gradient in the compute dtype
         # and without it. fp32 models' are the autocast variant.
-        colsum = {"G": w, "PART": f32, "OUT": w, "OUT2": None, "OUT3": None, "ARRIVED": "i32"}
-        bias_sums = [dict(BLOCK_N=tn.COLUMN_SUM_BLOCK_N, HAS_OUT2=False, HAS_OUT3=False)]
+        colsum = {"G": w, "PRE": None, "DG": None, "PART": f32, "OUT": w, "OUT2": None, "OUT3": None, "ARRIVED": "i32"}
+        sums = dict(BLOCK_N=tn.COLUMN_SUM_BLOCK_N, HAS_OUT2=False, HAS_OUT3=False, HAS_PRE=False)
         if stream == w != f32:
-            add(red.column_sum_kernel, tn.COLUMN_SUM_CONFIGS, colsum, bias_sums, None, full)
+            add(red.column_sum_kernel, tn.COLUMN_SUM_CONFIGS, colsum, [sums], None, full)
+            # fc1's bias gradient with GELU's backward in the pass (cuBLAS's dgelu candidate)
+            gelu_ptrs = dict(colsum, PRE=w, DG=w)
+            add(red.column_sum_kernel, tn.COLUMN_SUM_CONFIGS, gelu_ptrs, [dict(sums, HAS_PRE=True)], None, full)
         if w != f32:
             ln_sums = dict(colsum, G=f32, OUT=stream, OUT2=stream)
             for has_out3 in (True, False):
-                consts = [dict(BLOCK_N=tn.COLUMN_SUM_BLOCK_N, HAS_OUT2=True, HAS_OUT3=has_out3)]
+                consts = [dict(sums, HAS_OUT2=True, HAS_OUT3=has_out3)]
                 ptrs = dict(ln_sums, OUT3=w if has_out3 else None)
                 add(red.column_sum_kernel, tn.COLUMN_SUM_CONFIGS, ptrs, consts, None, full)
         pe_ptrs = {

@@ -85,6 +85,28 @@ def test_linear_epilogues(epilogue, shape, dtype, device, backend):
         assert_matches(stored, a @ w.t() + b, pre_ref, dtype, "pre-activation")
 
 
+@pytest.mark.parametrize(
+    "shape, dtype", [(SHAPES[0], torch.bfloat16), (SHAPES[1], torch.bfloat16), (SHAPES[0], torch.float32)], ids=str
+)
+def test_gelu_grad_with_its_bias_sums(shape, dtype, device, backend):
+    # fc1's output gradient (dy @ W2) * GELU'(pre) from each candidate, and its column sums, fc1's bias gradient,
+    # from cuBLAS's GELU' pass (reduce.gelu_grad_column_sum); ours leaves them to the weight gradient (None)
+    M, K, N = shape
+    a = torch.randn(M, K, device=device).to(dtype)
+    w = (torch.randn(N, K, device=device) * K**-0.5).to(dtype)
+    pre = torch.randn(M, N, device=device).to(dtype)
+    dpre, db = lin.linear_gelu_grad(a, w.t().contiguous().t(), pre, dtype)
+    assert lin.last_backend == backend and dpre.dtype == dtype
+    ref = _reference(a.double(), w.double(), None, "gelu_grad", pre.double(), None)
+    low = _reference(a, w, None, "gelu_grad", pre, None)
+    assert_matches(dpre, low, ref, dtype, "d pre")
+    if backend == "triton":
+        assert db is None
+    else:
+        assert db.dtype == dtype and db.shape == (N,)
+        assert_matches(db, low.sum(0, dtype=torch.float32).to(dtype), ref.sum(0), dtype, "bias gradient")
+
+
 def _layouts(B, T, K, device):
     """[B, T, K] operands: contiguous; rows padded to K + 8 (the leading dims still one stride apart: read in place);
     tokens sliced out of T + 1 (two strides: copied)."""
@@ -287,6 +309,27 @@ def test_every_column_sum_config(cfg, N, out_dtype, device, monkeypatch):
         start += width
 
 
+@pytest.mark.parametrize("N", [100, 384])
+@pytest.mark.parametrize("cfg", range(len(configs.COLUMN_SUM_CONFIGS)))
+def test_every_gelu_grad_column_sum_config(cfg, N, device, monkeypatch):
+    # fc1's bias gradient on cuBLAS's path: GELU's backward in the column sums' pass, d pre written (rounded to bf16,
+    # as torch's gelu_backward rounds it) and its rounded rows summed; each config forced, G's rows padded, twice on
+    # the same buffers (the autotuner's launches)
+    force_config(monkeypatch, red._colsum, configs.COLUMN_SUM_CONFIGS[cfg])
+    twice = _Twice(red._colsum.kernel)
+    monkeypatch.setattr(red._colsum, "kernel", twice)
+    g = torch.randn(3, 177, N + 8, device=device).to(torch.bfloat16)[..., :N]  # [3, 177, N], rows N + 8 apart
+    pre = (2 * torch.randn(3, 177, N, device=device)).to(torch.bfloat16)
+    dg, db = red.gelu_grad_column_sum(g, pre, torch.bfloat16)
+    assert red._colsum.best_config is configs.COLUMN_SUM_CONFIGS[cfg] and dg.shape == g.shape and dg.is_contiguous()
+    low = torch.ops.aten.gelu_backward(g, pre)
+    exact = g.double() * _gelu_grad_ref(pre.double())
+    assert_matches(dg, low, exact, torch.bfloat16, "d pre")
+    rows = dg.reshape(-1, N)  # its sums are of the rounded rows, as a column sum of d pre would add them
+    ref = rows.sum(0, dtype=torch.float32).bfloat16()
+    assert_matches(db, ref, rows.double().sum(0), torch.bfloat16, "bias gradient")
+
+
 def test_column_sums_switched_off_are_torchs(device, monkeypatch):
     # FASTVIT_COLUMN_SUM=0 (the GPU check's way out if the kernel fails there): torch's sum and casts, bit for bit,
     # and no launch of ours
@@ -298,6 +341,10 @@ def test_column_sums_switched_off_are_torchs(device, monkeypatch):
     first, rest = red.column_sums(g, [(40, torch.float32), (60, torch.bfloat16)])
     assert torch.equal(first, ref[:40]) and torch.equal(rest, ref[40:].bfloat16())
     assert first._base is None is rest._base
+    pre = torch.randn(5, 33, 100, device=device).to(torch.bfloat16)
+    dg, db = red.gelu_grad_column_sum(g, pre, torch.bfloat16)
+    torch_dg = torch.ops.aten.gelu_backward(g, pre)
+    assert torch.equal(dg, torch_dg) and torch.equal(db, torch_dg.view(-1, 100).sum(0, dtype=torch.float32).bfloat16())
 
 
 @pytest.mark.parametrize("widths", [[], [50, 51], [0, 100], [10, 20, 30, 40]], ids=str)

@@ -30,8 +30,8 @@ COLUMN_SUM_CONFIGS = [
 
 def column_sum_kernel_on() -> bool:
     """FASTVIT_COLUMN_SUM=0 adds the columns up with torch's sum and a cast instead of our kernel (on the default
-    training path, the LayerNorm backward's too, and not yet run on a GPU: the GPU check sets it if the kernel's tests
-    or memcheck fail there)."""
+    training path: the bias gradients, the LayerNorm backward's, cuBLAS's dgelu pass, there with torch's gelu_backward;
+    the GPU check sets it if the kernel's tests or memcheck fail there)."""
     return os.environ.get("FASTVIT_COLUMN_SUM", "1") != "0"
 
 

@@ -1,6 +1,7 @@
-"""Column sums of a tall matrix: the bias gradient of a linear layer whose weight gradient cuBLAS computes, and the
-LayerNorm backward's weight and bias gradients (and the next GEMM's bias gradient) from its programs' partial rows:
-up to three outputs of one pass, each in its own dtype.
+"""Column sums of a tall matrix: the bias gradient of a linear layer whose weight gradient cuBLAS computes (fc1's
+with GELU's backward in the same pass: its d pre-activation written and summed), and the LayerNorm backward's weight
+and bias gradients (and the next GEMM's bias gradient) from its programs' partial rows: up to three outputs of one
+pass, each in its own dtype.
 
 torch's `g.sum(0)` over a linear layer's output gradient ([33,280, N] bf16 in a CIFAR-10 training step) ran at about a
 quarter of its bytes' speed on an H200 (48 launches, 46 us each, 2.2 ms of a 21.4 ms step, 2026-11-27). Here each
@@ -13,7 +14,7 @@ no torch sum and cast after it (two launches a bias gradient, 96 a CIFAR-10 trai
 import triton
 import triton.language as tl
 
-from .common import last_to_arrive
+from .common import gelu_grad, last_to_arrive
 
 
 @triton.jit
@@ -23,11 +24,18 @@ def _store_columns(OUT, sums, cols, start, end):
 
 
 @triton.heuristics(
-    {"HAS_OUT2": lambda args: args["OUT2"] is not None, "HAS_OUT3": lambda args: args["OUT3"] is not None}
+    {
+        "HAS_OUT2": lambda args: args["OUT2"] is not None,
+        "HAS_OUT3": lambda args: args["OUT3"] is not None,
+        "HAS_PRE": lambda args: args["PRE"] is not None,
+    }
 )
 @triton.jit
 def column_sum_kernel(
-    G,  # [R, N], rows stride_gr apart, unit stride along N: any float dtype
+    G,  # [R, N], rows stride_gr apart, unit stride along N: any float dtype (with PRE: GELU's output gradient)
+    PRE,  # [R, N] GELU's pre-activation, rows stride_pr apart, or None: then the rows summed are G * GELU'(PRE)...
+    DG,  # [R, N], contiguous: ...written here in its dtype, and summed as rounded (fc1's d pre-activation, whose
+    #      column sums are fc1's bias gradient), with PRE
     PART,  # [programs along R, N] fp32: each program's column sums over its rows
     OUT,  # [N], or [split2] with OUT2: the sums of the first columns, rounded once to its dtype
     OUT2,  # [split3 - split2] (or [N - split2]) in its own dtype: the next columns' sums (another gradient), or None
@@ -37,6 +45,7 @@ def column_sum_kernel(
     N,
     rows_per_program,
     stride_gr,
+    stride_pr,
     split2,  # the first column whose sum goes to OUT2 (with OUT2)
     split3,  # the first column whose sum goes to OUT3 (with OUT3)
     BLOCK_R: tl.constexpr,
@@ -44,6 +53,7 @@ def column_sum_kernel(
     LOAD_STAGES: tl.constexpr,
     HAS_OUT2: tl.constexpr,
     HAS_OUT3: tl.constexpr,
+    HAS_PRE: tl.constexpr,
 ):
     pid_n, pid_r = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -54,7 +64,14 @@ def column_sum_kernel(
     for r0 in tl.range(row_start, row_end, BLOCK_R, num_stages=LOAD_STAGES):
         rows = r0 + tl.arange(0, BLOCK_R)
         mask = (rows < row_end)[:, None] & mask_n[None, :]
-        acc += tl.load(G + rows[:, None].to(tl.int64) * stride_gr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rows64 = rows[:, None].to(tl.int64)
+        g = tl.load(G + rows64 * stride_gr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_PRE:  # torch's gelu_backward, rounded where it rounds; padding stays 0 (0 * GELU'(0))
+            pre = tl.load(PRE + rows64 * stride_pr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dg = (g * gelu_grad(pre)).to(DG.dtype.element_ty)
+            tl.store(DG + rows64 * N + cols[None, :], dg, mask=mask)
+            g = dg.to(tl.float32)
+        acc += g
     tl.store(PART + pid_r * N + cols, tl.sum(acc, 0), mask=mask_n)
     programs = tl.num_programs(1)
     if last_to_arrive(ARRIVED + pid_n, programs):  # the strip's partial rows, in program order whichever is last

@@ -1,6 +1,7 @@
 """The GEMM engine of the linear layers: where a GEMM with a fused epilogue, and a weight gradient, are launched.
 
   linear(a, weight, bias, epilogue=..., ...)     C = epilogue(a @ weight^T + bias)
+  linear_gelu_grad(a, weight, pre, bias_dtype)   (C = (a @ weight^T) * GELU'(pre), the column sums of C)
   linear_residual_layernorm(a, weight, ...)     X = residual + a @ weight^T + bias, Y = LayerNorm(X)
   linear_weight_grad(g, x, need_bias)            (dW, db) of y = x @ W^T + b
 
@@ -45,7 +46,7 @@ from ._common import (
     split_rows,
 )
 from .layernorm import add_layernorm_fwd, layernorm_fwd
-from .reduce import column_sum
+from .reduce import column_sum, gelu_grad_column_sum
 
 EPILOGUES = ("none", "gelu", "gelu_grad", "residual")
 
@@ -129,12 +130,46 @@ def linear(a, weight, bias=None, *, epilogue="none", pre=None, residual=None, ou
     pre = pre if epilogue in ("gelu", "gelu_grad") else None
     if M == 0:  # an empty batch: nothing to launch
         return torch.empty((*a.shape[:-1], N), device=a.device, dtype=out_dtype)
+    args = _linear_args(a, weight, bias, epilogue, pre, res, out_dtype)
+    return _run(args[-1], a.is_cuda, _LINEAR, args)
+
+
+def linear_gelu_grad(a, weight, pre, bias_dtype):
+    """(d pre, db): d pre [..., N] = (a [..., K] @ weight [N, K]^T) * GELU'(pre), linear's "gelu_grad" (fc2's input
+    gradient through GELU: fc1's output gradient), and fc1's bias gradient [N] in bias_dtype where the candidate that
+    ran sums it on the way, else None. cuBLAS's does, in the pass that applies GELU' (reduce.gelu_grad_column_sum:
+    where torch's gelu_backward and then a column sum read d pre again); ours leaves it to the weight gradient (its dW
+    kernel's bias dot on the tensor cores, or cuBLAS's column sum). Each candidate is timed as it runs: the sums
+    weigh against cuBLAS's."""
+    if a.dtype != weight.dtype:
+        raise TypeError(f"linear: a is {a.dtype} but the weight is {weight.dtype}; both must be the compute dtype")
+    if pre.shape != (*a.shape[:-1], weight.shape[0]):
+        raise ValueError(f"pre has shape {tuple(pre.shape)}; expected {(*a.shape[:-1], weight.shape[0])}")
+    if a.numel() == 0:  # an empty batch: nothing to launch
+        return torch.empty_like(pre, dtype=weight.dtype), None
+    args = _linear_args(a, weight, None, "gelu_grad", pre, None, weight.dtype)
+    key = args[-1]  # ("linear", M, N, K, ..., device): the same shape, with the bias sums' dtype
+    return _run(("linear+bias", *key[1:-1], bias_dtype, key[-1]), a.is_cuda, _GELU_GRAD_BIAS, (args, bias_dtype))
+
+
+def _linear_args(a, weight, bias, epilogue, pre, res, out_dtype):
+    """The candidates' arguments of a linear (a read as rows in place where it can be), its key last."""
+    K = a.shape[-1]
+    M, N = a.numel() // K, weight.shape[0]
     a, a_rows = as_rows(a)
     tma_ok = _tma_ok(a, a_rows, weight)
     epi_ok = _epilogue_tma_ok(tma_ok, N, out_dtype, res, pre)
     key = _linear_key(M, N, K, epilogue, a, weight, bias, pre, res, out_dtype, tma_ok, epi_ok)
-    args = (a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, epi_ok, key)
-    return _run(key, a.is_cuda, _LINEAR, args)
+    return (a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, epi_ok, key)
+
+
+def _gelu_grad_bias_triton(args, bias_dtype):
+    return _linear_triton(*args), None
+
+
+def _gelu_grad_bias_cublas(args, bias_dtype):
+    a, _, weight, _, _, pre = args[:6]
+    return gelu_grad_column_sum(F.linear(a, weight), pre, bias_dtype)  # F.linear rounds as eager's GEMM does
 
 
 def _linear_key(M, N, K, epilogue, a, weight, bias, pre, res, out_dtype, tma_ok, epi_ok):
@@ -403,3 +438,4 @@ _LAYERNORM_FULL_ROW = {
 }
 _LAYERNORM_WIDE = {"triton": _residual_then_layernorm_triton, "cublas": _residual_layernorm_cublas}
 _WEIGHT_GRAD = {"triton": _weight_grad_triton, "cublas": _weight_grad_cublas}
+_GELU_GRAD_BIAS = {"triton": _gelu_grad_bias_triton, "cublas": _gelu_grad_bias_cublas}
