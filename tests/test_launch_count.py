@@ -16,10 +16,18 @@ INFERENCE_PER_BLOCK = 5
 # its partial rows, dW fc2, dGELU, dW fc1, norm2's LayerNorm backward and its column sums, dW proj, attention dq and
 # dk/dv, dW qkv (the two column sums replaced two torch sums: as many launches in all, two more of ours)
 TRAINING_PER_BLOCK = 16
+# with cuBLAS's GEMMs (FASTVIT_GEMM=cublas): inference attention and the two add + LayerNorm row kernels after proj and
+# fc2; training adds the two LayerNorm backwards (each also summing the rows proj's and fc2's weight gradients read:
+# their bias gradients) with the column sums finishing them, qkv's bias column sums, the dgelu pass (GELU' in the
+# column sums with fc1's bias gradient, where torch's gelu_backward and a column sum ran), attention dq and dk/dv
+CUBLAS_INFERENCE_PER_BLOCK = 3
+CUBLAS_TRAINING_PER_BLOCK = 11
 
 
-def _count(monkeypatch, depth, train, device):
+def _count(monkeypatch, depth, train, device, gemm=None):
     with monkeypatch.context() as m:
+        if gemm is not None:
+            m.setenv("FASTVIT_GEMM", gemm)
         launches = record_launches(m)
         model = ViT(
             image_size=8, patch_size=4, num_classes=3, dim=32, depth=depth, heads=2, mlp_dim=64, backend="triton"
@@ -36,4 +44,10 @@ def _count(monkeypatch, depth, train, device):
 def test_launches_per_block(monkeypatch, device):
     for train, expected in ((False, INFERENCE_PER_BLOCK), (True, TRAINING_PER_BLOCK)):
         per_block = _count(monkeypatch, 2, train, device) - _count(monkeypatch, 1, train, device)
+        assert per_block == expected, ("training" if train else "inference", per_block)
+
+
+def test_launches_per_block_with_cublas(monkeypatch, device):
+    for train, expected in ((False, CUBLAS_INFERENCE_PER_BLOCK), (True, CUBLAS_TRAINING_PER_BLOCK)):
+        per_block = _count(monkeypatch, 2, train, device, "cublas") - _count(monkeypatch, 1, train, device, "cublas")
         assert per_block == expected, ("training" if train else "inference", per_block)
