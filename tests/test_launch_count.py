@@ -18,8 +18,8 @@ INFERENCE_PER_BLOCK = 5
 TRAINING_PER_BLOCK = 16
 # with cuBLAS's GEMMs (FASTVIT_GEMM=cublas): inference attention and the two add + LayerNorm row kernels after proj and
 # fc2; training adds the two LayerNorm backwards (each also summing the rows proj's and fc2's weight gradients read:
-# their bias gradients) with the column sums finishing them, qkv's bias column sums, the dgelu pass (GELU' in the
-# column sums with fc1's bias gradient, where torch's gelu_backward and a column sum ran), attention dq and dk/dv
+# their bias gradients) with the column sums finishing them, qkv's bias column sums, the dgelu pass (GELU' applied
+# in the column sums, which sum fc1's bias gradient on the way), attention dq and dk/dv
 CUBLAS_INFERENCE_PER_BLOCK = 3
 CUBLAS_TRAINING_PER_BLOCK = 11
 
