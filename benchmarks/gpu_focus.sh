@@ -7,8 +7,9 @@
 # same machine right after starts with those kernels tuned. Rows go to $OUT_DIR/rows.jsonl with their commit
 # (FASTVIT_COMMIT=<hash> where the tree came without .git). The GEMM tests (TMA and warp-specialised tiles) passed on
 # an H100 and an H200 on 2026-11-27 and are gpu-check's first stage; the GELU's, the 128 x 256 tiles' and the GEMM
-# with the next LayerNorm's (every candidate) run here too; the check runs the kernels new since the last GPU run under
-# compute-sanitizer's memcheck.
+# with the next LayerNorm's (every candidate) run here too, and session 20's bias-gradient passes (the LayerNorm
+# backward's capped tile with dx's sums, the GELU' column sums, the dgelu candidates, the launch counts); the check
+# runs the kernels new since the last GPU run under compute-sanitizer's memcheck.
 source "$(dirname "$0")/gpu_env.sh"
 T=tests/test_linear.py::test_every_linear_config
 WIDE=("$T[128x256x64-w8-s3-tma-gelu]" "$T[128x256x64-w8-s3-tma-residual]" "$T[128x256x64-w8-s3-tma-flat-gelu]"
@@ -23,6 +24,9 @@ FASTVIT_WARP_SPEC=1 FASTVIT_AUTOTUNE=0 timeout 80 $PY -m pytest -v -rf --tb=shor
   tests/test_attention.py tests/test_arena.py tests/test_plan.py tests/test_plan_training.py \
   "tests/test_linear.py::test_every_column_sum_config[0-384-torch.bfloat16]" \
   "tests/test_linear.py::test_every_column_sum_config[1-100-torch.float32]" \
+  "tests/test_linear.py::test_every_gelu_grad_column_sum_config[0-384]" \
+  tests/test_linear.py::test_gelu_grad_with_its_bias_sums \
+  "tests/test_layernorm.py::test_every_layernorm_bwd_config[1rows-w2-s3-r80-D384]" tests/test_launch_count.py \
   tests/test_linear.py::test_weight_grad_launched_again_on_the_same_buffers \
   tests/test_direct_launch.py tests/test_recording.py $XDIST -p no:cacheprovider \
   2>&1 | tee "$OUT_DIR/focus_tests.log" | grep -E "(FAILED|ERROR) tests/|=.*(passed|failed)" | cut -c1-200 | tail -20
