@@ -111,7 +111,7 @@ def _variants(cap):
         ("gelu", True, False),
         ("none", True, False),
         ("residual", True, False),
-        ("gelu_grad", False, True),
+        ("gelu_grad", False, True),  # with the tiles' column sums (fc1's bias gradient), as the model launches it
     ]
     for stream, w in streams:
         f32 = "fp32"
@@ -126,6 +126,7 @@ def _variants(cap):
                 "BIAS": w if bias else None,
                 "RES": stream if epi == "residual" else None,
                 "PRE": w if pre else None,
+                "COLSUM": f32 if epi == "gelu_grad" else None,
             }
             # TMA where the launcher allows it: Hopper; B K-major, or N-major where GELU' reads W2 untransposed (fc2's dX)
             consts = dict(
@@ -137,6 +138,7 @@ def _variants(cap):
                 TMA_OK=cap >= 90,
                 EPI_TMA_OK=cap >= 90,  # C, the residual and the pre-activation through descriptors too
                 B_KMAJOR=epi != "gelu_grad",
+                HAS_COLSUM=epi == "gelu_grad",
             )
             add(gemm.linear_fwd_kernel, tn.LINEAR_FWD_CONFIGS, ptrs, [consts], tn.prune_linear_fwd, full)
         # proj / fc2 with the next LayerNorm in the epilogue: D = 384 (three 128-column chunks) is the hot path,

@@ -89,8 +89,8 @@ def test_linear_epilogues(epilogue, shape, dtype, device, backend):
     "shape, dtype", [(SHAPES[0], torch.bfloat16), (SHAPES[1], torch.bfloat16), (SHAPES[0], torch.float32)], ids=str
 )
 def test_gelu_grad_with_its_bias_sums(shape, dtype, device, backend):
-    # fc1's output gradient (dy @ W2) * GELU'(pre) from each candidate, and its column sums, fc1's bias gradient,
-    # from cuBLAS's GELU' pass (reduce.gelu_grad_column_sum); ours leaves them to the weight gradient (None)
+    # fc1's output gradient (dy @ W2) * GELU'(pre) and its column sums, fc1's bias gradient, from each candidate: ours
+    # from its tiles' partial rows, cuBLAS's from its GELU' pass (reduce.gelu_grad_column_sum)
     M, K, N = shape
     a = torch.randn(M, K, device=device).to(dtype)
     w = (torch.randn(N, K, device=device) * K**-0.5).to(dtype)
@@ -100,11 +100,8 @@ def test_gelu_grad_with_its_bias_sums(shape, dtype, device, backend):
     ref = _reference(a.double(), w.double(), None, "gelu_grad", pre.double(), None)
     low = _reference(a, w, None, "gelu_grad", pre, None)
     assert_matches(dpre, low, ref, dtype, "d pre")
-    if backend == "triton":
-        assert db is None
-    else:
-        assert db.dtype == dtype and db.shape == (N,)
-        assert_matches(db, low.sum(0, dtype=torch.float32).to(dtype), ref.sum(0), dtype, "bias gradient")
+    assert db.dtype == dtype and db.shape == (N,)
+    assert_matches(db, low.sum(0, dtype=torch.float32).to(dtype), ref.sum(0), dtype, "bias gradient")
 
 
 def _layouts(B, T, K, device):
@@ -384,7 +381,8 @@ def _tile_id(i):
 def test_every_linear_config(cfg, epilogue, device, monkeypatch):
     # each tile the tuner may pick for the GEMM with an epilogue, on the hot paths: fc1's (bias, GELU, the
     # pre-activation kept), proj's or fc2's (bias, fp32 residual, fp32 out, as under autocast) and fc2's dX in
-    # training (GELU' of the pre-activation, W2 read untransposed: an N-major B), the warp-specialised ones included
+    # training (GELU' of the pre-activation, W2 read untransposed: an N-major B, and the tiles' column sums, fc1's
+    # bias gradient), the warp-specialised ones included
     # (FASTVIT_WARP_SPEC=1 offers them): K = 48 and N = 304 in bf16 keep rows 16-byte aligned (TMA); M = 520 and
     # N = 304 leave partial tiles, and more tiles than the interpreter's persistent programs (2 x 4 "SMs"), so that a
     # program walks several; on a GPU this is where a tile that fails shows first
@@ -418,9 +416,16 @@ def test_every_linear_config(cfg, epilogue, device, monkeypatch):
         out = lin.linear(a, w, b, epilogue="residual", residual=res, out_dtype=torch.float32)
         assert_matches(out, res + F.linear(a, w, b), res.double() + ref, torch.bfloat16)
     elif epilogue == "gelu_grad":
-        out = lin.linear(a, w, epilogue="gelu_grad", pre=pre)
         ref = _reference(a.double(), w.double(), None, "gelu_grad", pre.double(), None)
-        assert_matches(out, _reference(a, w, None, "gelu_grad", pre, None), ref, torch.bfloat16)
+        low = _reference(a, w, None, "gelu_grad", pre, None)
+        # with the tiles' partial column sums (fc1's bias gradient) where the tile is offered with them
+        if configs.prune_linear_fwd([config], {**named, "COLSUM": a.float()}) == [config]:
+            out, db = lin.linear_gelu_grad(a, w, pre, torch.bfloat16)
+            sums = low.sum(0, dtype=torch.float32).bfloat16()
+            assert_matches(db, sums, ref.sum(0), torch.bfloat16, "bias gradient")
+        else:
+            out = lin.linear(a, w, epilogue="gelu_grad", pre=pre)
+        assert_matches(out, low, ref, torch.bfloat16)
     else:
         out = lin.linear(a, w, b, epilogue="gelu", pre=pre)
         assert_matches(out, F.gelu(F.linear(a, w, b)), F.gelu(ref), torch.bfloat16)

@@ -21,7 +21,7 @@ def prune_gemm_configs(a_name, b_name, extra=None):
     """A prune function (configs, the launch's arguments by name -> the configs kept): drop the configs whose
     pipelined A and B tiles (stages x (BM x BK + BK x BN), in the operands' own dtypes), plus extra(config, arguments)
     bytes where given, would not fit the device's shared memory, as fp32 tiles of 128 x 256 do not on an A100. The
-    smallest config is always kept."""
+    smallest config is always kept (of a list that an earlier rule has not emptied)."""
 
     def prune(configs, args):
         a, b = args[a_name], args[b_name]
@@ -33,6 +33,6 @@ def prune_gemm_configs(a_name, b_name, extra=None):
             return main + (extra(c, args) if extra else 0)
 
         kept = [c for c in configs if need(c) <= limit]
-        return kept or [min(configs, key=need)]
+        return kept or [min(configs, key=need)] if configs else []
 
     return prune

@@ -81,6 +81,7 @@ def _mainloop_tma(
         "HAS_BIAS": lambda args: args["BIAS"] is not None,
         "STORE_PRE": lambda args: stores_pre(args["EPILOGUE"], args["PRE"]),
         "B_KMAJOR": lambda args: args["stride_bk"] == 1,
+        "HAS_COLSUM": lambda args: args["COLSUM"] is not None,
     }
 )
 @triton.jit
@@ -91,6 +92,8 @@ def linear_fwd_kernel(
     BIAS,  # [N] or None
     RES,  # [M, N] residual added in the epilogue (EPILOGUE == "residual"), else None
     PRE,  # [M, N] pre-activation: written by "gelu" (None in inference), read by "gelu_grad"
+    COLSUM,  # [>= cdiv(M, BLOCK_M), N] fp32: row block i's column sums of C as stored in row i (fc1's bias gradient's
+    #          partial rows, from "gelu_grad"), or None
     M,
     N,
     K,
@@ -120,6 +123,7 @@ def linear_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr,
     B_KMAJOR: tl.constexpr,  # B's K steps are contiguous (nn.Linear's weight as stored), else its N steps are
+    HAS_COLSUM: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -160,6 +164,7 @@ def linear_fwd_kernel(
                 BIAS,
                 RES,
                 PRE,
+                COLSUM,
                 M,
                 N,
                 stride_cm,
@@ -171,6 +176,7 @@ def linear_fwd_kernel(
                 EPILOGUE,
                 HAS_BIAS,
                 STORE_PRE,
+                HAS_COLSUM,
                 BLOCK_M,
                 BLOCK_N,
                 EPI_DESC,
@@ -202,6 +208,7 @@ def linear_fwd_kernel(
             BIAS,
             RES,
             PRE,
+            COLSUM,
             M,
             N,
             stride_cm,
@@ -213,6 +220,7 @@ def linear_fwd_kernel(
             EPILOGUE,
             HAS_BIAS,
             STORE_PRE,
+            HAS_COLSUM,
             BLOCK_M,
             BLOCK_N,
             False,

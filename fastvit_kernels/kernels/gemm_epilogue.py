@@ -20,6 +20,14 @@ def _load_tile(T, m0, n0, rows, cols, stride_m, stride_n, mask, DESC: tl.constex
 
 
 @triton.jit
+def _rounded(T, value, DESC: tl.constexpr):
+    """value in the dtype of T's elements, as _store_tile stores it."""
+    if DESC:
+        return value.to(T.dtype)
+    return value.to(T.dtype.element_ty)
+
+
+@triton.jit
 def _store_tile(T, value, m0, n0, rows, cols, stride_m, stride_n, mask, DESC: tl.constexpr):
     if DESC:
         T.store([m0, n0], value.to(T.dtype))
@@ -36,6 +44,7 @@ def _finish_cols(
     BIAS,
     RES,
     PRE,
+    COLSUM,
     M,
     N,
     stride_cm,
@@ -47,6 +56,7 @@ def _finish_cols(
     EPILOGUE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr,
+    HAS_COLSUM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DESC: tl.constexpr,
@@ -73,6 +83,9 @@ def _finish_cols(
     elif EPILOGUE == "residual":
         acc = acc + _load_tile(RES, m0, n0, rows, cols, stride_rm, stride_rn, mask, DESC)
     _store_tile(C, acc, m0, n0, rows, cols, stride_cm, stride_cn, mask, DESC)
+    if HAS_COLSUM:  # the stored tile's column sums, one partial row a row block (d pre: fc1's bias gradient)
+        kept = tl.where(mask, _rounded(C, acc, DESC).to(tl.float32), 0.0)
+        tl.store(COLSUM + pid_m * N + offs_n, tl.sum(kept, 0), mask=mask_n)
 
 
 def stores_pre(epilogue, pre) -> bool:
@@ -107,6 +120,7 @@ def finish_tile(
     BIAS,
     RES,
     PRE,
+    COLSUM,
     M,
     N,
     stride_cm,
@@ -118,6 +132,7 @@ def finish_tile(
     EPILOGUE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STORE_PRE: tl.constexpr,
+    HAS_COLSUM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EPI_DESC: tl.constexpr,
@@ -139,6 +154,7 @@ def finish_tile(
             BIAS,
             RES,
             PRE,
+            COLSUM,
             M,
             N,
             stride_cm,
@@ -150,6 +166,7 @@ def finish_tile(
             EPILOGUE,
             HAS_BIAS,
             STORE_PRE,
+            HAS_COLSUM,
             BLOCK_M,
             BLOCK_N // PARTS,
             EPI_DESC,

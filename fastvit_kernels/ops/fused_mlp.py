@@ -96,14 +96,13 @@ def _mlp_bwd(
     dstream, dy, dnw, dnb, db2 = stream_grads(dout, dnormed, out, mean, rstd, norm_w, w2.dtype, bias_sum=has_b2)
     dw2, db2_gemm = linear_weight_grad(dy, act, need_bias=has_b2 and db2 is None, out_dtype=w2.dtype)
     db2 = db2 if db2 is not None else db2_gemm
-    # d(pre-activation) = (dy @ W2) * GELU'(pre): GELU's derivative in the GEMM epilogue, or in cuBLAS's GELU' pass
-    # with fc1's bias gradient summed on the way (else None: the weight gradient's)
+    # d(pre-activation) = (dy @ W2) * GELU'(pre): GELU's derivative in the GEMM epilogue (ours) or in the pass after
+    # cuBLAS's GEMM, fc1's bias gradient summed where d pre is at hand (linear_gelu_grad)
     if has_b1:
-        dpre, db1 = linear_gelu_grad(dy, w2.t(), pre, w1.dtype)  # [..., hidden], [hidden] or None
+        dpre, db1 = linear_gelu_grad(dy, w2.t(), pre, w1.dtype)  # [..., hidden], [hidden]
     else:
         dpre, db1 = linear(dy, w2.t(), epilogue="gelu_grad", pre=pre), None
-    dw1, db1_dw = linear_weight_grad(dpre, h, need_bias=has_b1 and db1 is None, out_dtype=w1.dtype)
-    db1 = db1 if db1 is not None else db1_dw
+    dw1, _ = linear_weight_grad(dpre, h, need_bias=False, out_dtype=w1.dtype)
     dh = torch.matmul(dpre, w1)  # plain GEMM, nothing to fuse: the LayerNorm backward before it needs whole rows
     db1, db2 = bias_grad(db1, has_b1, w1), bias_grad(db2, has_b2, w2)
     return dh, stream_grad_out(dstream, norm_w), dw1, db1, dw2, db2, dnw, dnb

@@ -49,6 +49,7 @@ from .layernorm import add_layernorm_fwd, layernorm_fwd
 from .reduce import column_sum, gelu_grad_column_sum
 
 EPILOGUES = ("none", "gelu", "gelu_grad", "residual")
+LINEAR_FWD_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in LINEAR_FWD_CONFIGS)  # the most row blocks a config makes
 
 
 _fwd = Launcher(
@@ -136,17 +137,18 @@ def linear(a, weight, bias=None, *, epilogue="none", pre=None, residual=None, ou
 
 def linear_gelu_grad(a, weight, pre, bias_dtype):
     """(d pre, db): d pre [..., N] = (a [..., K] @ weight [N, K]^T) * GELU'(pre), linear's "gelu_grad" (fc2's input
-    gradient through GELU: fc1's output gradient), and fc1's bias gradient [N] in bias_dtype where the candidate that
-    ran sums it on the way, else None. cuBLAS's does, in the pass that applies GELU' (reduce.gelu_grad_column_sum:
-    where torch's gelu_backward and then a column sum read d pre again); ours leaves it to the weight gradient (its dW
-    kernel's bias dot on the tensor cores, or cuBLAS's column sum). Each candidate is timed as it runs: the sums
-    weigh against cuBLAS's."""
+    gradient through GELU: fc1's output gradient), and its column sums [N] in bias_dtype, fc1's bias gradient, each
+    candidate summing where it already holds d pre, so that no pass reads it again for them: ours in its tiles'
+    epilogue (a partial row a row block, then column_sum over those), cuBLAS's in the pass that applies GELU'
+    (reduce.gelu_grad_column_sum). Each candidate is timed with its sums."""
     if a.dtype != weight.dtype:
         raise TypeError(f"linear: a is {a.dtype} but the weight is {weight.dtype}; both must be the compute dtype")
     if pre.shape != (*a.shape[:-1], weight.shape[0]):
         raise ValueError(f"pre has shape {tuple(pre.shape)}; expected {(*a.shape[:-1], weight.shape[0])}")
     if a.numel() == 0:  # an empty batch: nothing to launch
-        return torch.empty_like(pre, dtype=weight.dtype), None
+        return torch.empty_like(pre, dtype=weight.dtype), torch.zeros(
+            weight.shape[0], device=a.device, dtype=bias_dtype
+        )
     args = _linear_args(a, weight, None, "gelu_grad", pre, None, weight.dtype)
     key = args[-1]  # ("linear", M, N, K, ..., device): the same shape, with the bias sums' dtype
     return _run(("linear+bias", *key[1:-1], bias_dtype, key[-1]), a.is_cuda, _GELU_GRAD_BIAS, (args, bias_dtype))
@@ -164,7 +166,7 @@ def _linear_args(a, weight, bias, epilogue, pre, res, out_dtype):
 
 
 def _gelu_grad_bias_triton(args, bias_dtype):
-    return _linear_triton(*args), None
+    return _linear_triton(*args, sums_dtype=bias_dtype)
 
 
 def _gelu_grad_bias_cublas(args, bias_dtype):
@@ -213,11 +215,18 @@ def _linear_cublas(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
     return y
 
 
-def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, epi_ok, key):
+def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, epi_ok, key, sums_dtype=None):
+    """C, or with sums_dtype (C, its column sums in that dtype): the tiles leave one partial row a row block."""
     K = a.shape[-1]
     M = a.numel() // K
     N = weight.shape[0]
     c = torch.empty((*a.shape[:-1], N), device=a.device, dtype=out_dtype)  # [..., N], contiguous
+    colsum = (
+        None  # [row blocks of the smallest BLOCK_M any config has, N]: each config fills its first cdiv(M, BLOCK_M)
+    )
+    if sums_dtype is not None:
+        colsum = torch.empty((cdiv(M, LINEAR_FWD_MIN_BLOCK_M), N), device=a.device, dtype=torch.float32)
+        key = key + ("sums",)
     programs = TMA_PROGRAMS_PER_SM * num_sms(a.device)  # the persistent TMA tiles' grid, at most
     if tma_ok:
         _tma_allocator()
@@ -238,6 +247,7 @@ def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
         bias,
         res,
         pre,
+        colsum,
         M,
         N,
         K,
@@ -258,7 +268,11 @@ def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
         TMA_OK=tma_ok,
         EPI_TMA_OK=epi_ok,
     )
-    return c
+    if colsum is None:
+        return c
+    cfg = _fwd.best_config if _fwd.last_key == key else None  # None: a launch recorder stood in (tests/launches.py)
+    blocks = cdiv(M, cfg.kwargs["BLOCK_M"]) if cfg is not None else colsum.shape[0]
+    return c, column_sum(colsum[:blocks], sums_dtype)  # [row blocks, N] -> [N]
 
 
 def _output_rows(t):
