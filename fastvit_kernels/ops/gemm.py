@@ -121,8 +121,7 @@ def linear(a, weight, bias=None, *, epilogue="none", pre=None, residual=None, ou
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"unknown epilogue {epilogue!r}: expected one of {', '.join(EPILOGUES)}")
-    if a.dtype != weight.dtype:
-        raise TypeError(f"linear: a is {a.dtype} but the weight is {weight.dtype}; both must be the compute dtype")
+    _check_compute_dtype(a, weight)
     K = a.shape[-1]
     M = a.numel() // K
     N = weight.shape[0]
@@ -141,8 +140,7 @@ def linear_gelu_grad(a, weight, pre, bias_dtype):
     candidate summing where it already holds d pre, so that no pass reads it again for them: ours in its tiles'
     epilogue (a partial row a row block, then column_sum over those), cuBLAS's in the pass that applies GELU'
     (reduce.gelu_grad_column_sum). Each candidate is timed with its sums."""
-    if a.dtype != weight.dtype:
-        raise TypeError(f"linear: a is {a.dtype} but the weight is {weight.dtype}; both must be the compute dtype")
+    _check_compute_dtype(a, weight)
     if pre.shape != (*a.shape[:-1], weight.shape[0]):
         raise ValueError(f"pre has shape {tuple(pre.shape)}; expected {(*a.shape[:-1], weight.shape[0])}")
     if a.numel() == 0:  # an empty batch: nothing to launch
@@ -152,6 +150,11 @@ def linear_gelu_grad(a, weight, pre, bias_dtype):
     args = _linear_args(a, weight, None, "gelu_grad", pre, None, weight.dtype)
     key = args[-1]  # ("linear", M, N, K, ..., device): the same shape, with the bias sums' dtype
     return _run(("linear+bias", *key[1:-1], bias_dtype, key[-1]), a.is_cuda, _GELU_GRAD_BIAS, (args, bias_dtype))
+
+
+def _check_compute_dtype(a, weight):
+    if a.dtype != weight.dtype:
+        raise TypeError(f"linear: a is {a.dtype} but the weight is {weight.dtype}; both must be the compute dtype")
 
 
 def _linear_args(a, weight, bias, epilogue, pre, res, out_dtype):

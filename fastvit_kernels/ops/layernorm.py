@@ -86,8 +86,9 @@ def layernorm_bwd(dy, x, mean, rstd, weight, dres=None, dx_low=None, dx_sum_dtyp
     sum_dx = dx_sum_dtype is not None
     parts = torch.empty((programs, (3 if sum_dx else 2) * D), device=x.device, dtype=torch.float32)
     args = (dy, x, mean, rstd, weight, dres, dx, dx_low, parts, M, D, rows_per_program, dy_rows, x_rows, dres_rows, D)
-    key = (M, D, dy.dtype, x.dtype, dres is not None and dres.dtype, dx_low is not None and dx_low.dtype, sum_dx)
-    _bwd.launch(key + (x.device,), lambda cfg: (programs,), *args, BLOCK_D=next_pow2(D), SUM_DX=sum_dx)
+    low = dx_low is not None and dx_low.dtype
+    key = (M, D, dy.dtype, x.dtype, dres is not None and dres.dtype, low, sum_dx, x.device)
+    _bwd.launch(key, lambda cfg: (programs,), *args, BLOCK_D=next_pow2(D), SUM_DX=sum_dx)
     # our column sums rather than torch's sum(0): the same bytes (4.9 MB at 1,584 programs, D = 384), and in a step
     # plan's replay a direct launch instead of a torch reduction's host path, 25 a CIFAR-10 training step
     sums = [(D, weight.dtype), (D, weight.dtype)] + ([(D, dx_sum_dtype)] if sum_dx else [])
