@@ -101,7 +101,7 @@ class Attention(nn.Module):
         if self.training:
             _refuse_fused_dropout(self.attn_drop.p)
         qkv, proj = self.qkv, self.proj
-        o = ops.attention(ops.linear(h, qkv.weight, qkv.bias), self.num_heads, self.scale)  # (B, N, inner)
+        o = ops.qkv_attention(h, qkv.weight, qkv.bias, self.num_heads, self.scale)  # (B, N, inner)
         return ops.linear_residual_layernorm(o, proj.weight, proj.bias, x, norm.weight, norm.bias, norm.eps)
 
 

@@ -9,6 +9,7 @@ from fastvit_kernels.ops import fused_attention as at
 from fastvit_kernels.ops import fused_linear as fl
 from fastvit_kernels.ops import fused_mlp as lm
 from fastvit_kernels.ops import fused_patch_embed as pe
+from fastvit_kernels.ops import fused_qkv_attention as qa
 
 
 def _p(*shape, device, base=0.0):
@@ -33,6 +34,8 @@ def _samples(device):
         (lm._mlp_fwd, (h, x, w1, None, w2, None, none, none, 1e-6, torch.float32, True)),
         (fl._layer_norm_fwd, (x, nw, nb, 1e-6, torch.float32)),
         (fl._linear_fwd, (h, w1, b1)),
+        (qa._qkv_attention_fwd, (h, w1, b1, 2, 0.25)),
+        (qa._qkv_attention_fwd, (h, w1, None, 2, 0.25)),
         (fl._linear_residual_fwd, (o, w2, b2, x, nw, nb, 1e-6, torch.float32)),
         (fl._linear_residual_fwd, (o, w2, None, x, none, none, 1e-6, torch.float32)),
         (fl._linear_residual_fwd, (*(bf16(t) for t in (o, w2, b2, x)), none, none, 1e-6, torch.bfloat16)),
@@ -50,7 +53,7 @@ def _samples(device):
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(11))
 def test_opcheck(case, device):
     op, args = _samples(device)[case]
     torch.library.opcheck(op, args)

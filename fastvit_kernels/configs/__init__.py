@@ -12,6 +12,7 @@ from .._intmath import next_pow2  # noqa: F401 - configs.next_pow2 for the compi
 from .attention import (  # noqa: F401
     ATTENTION_BWD_DKDV_CONFIGS,
     ATTENTION_BWD_DQ_CONFIGS,
+    ATTENTION_BWD_MIN_BLOCK,
     ATTENTION_FALLBACK_CONFIG,
     ATTENTION_FWD_CONFIGS,
     ATTENTION_SMEM_BUDGET,

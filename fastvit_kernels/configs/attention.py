@@ -73,6 +73,7 @@ ATTENTION_FWD_CONFIGS = [
 # 3.6 (the lent GPUs') and 3.8 (sm_90, bf16, head dim 64; 3.6: dK/dV 64 x 32 140 -> 142 registers, 64 x 64 222 -> 241
 # (two blocks either way), 128 x 64 192 -> 250 and its C7515 gone). dQ keeps it on 128 x 64 only: with 3.6 its 64 x 32
 # and 64 x 64 tiles lose a block per SM (114 -> 146, 128 -> 157 registers) for 16 columns of 96 or 128.
+DKDV_WHOLE_PAIR = _attention_cfg(128, 128, 8, 1)
 ATTENTION_BWD_DKDV_CONFIGS = [
     _attention_cfg(64, 64, 4, 2, tail=16),
     _attention_cfg(32, 32, 4, 2),
@@ -80,7 +81,7 @@ ATTENTION_BWD_DKDV_CONFIGS = [
     _attention_cfg(64, 32, 4, 2, tail=16),
     _attention_cfg(16, 32, 4, 2),
     _attention_cfg(128, 64, 8, 2, tail=16),
-    _attention_cfg(128, 128, 8, 1),
+    DKDV_WHOLE_PAIR,
 ]
 # dQ has no whole-pair tile: one (64 + 16 rows, delta and dQ from one P and one dP) read shared memory out of range in
 # a wgmma on the H100 with triton 3.6 (compute-sanitizer, 2026-11-27; benchmarks/NOTES.md, session 9).
@@ -94,6 +95,12 @@ ATTENTION_BWD_DQ_CONFIGS = [  # the dK/dV tiles, in the same order (the tests pa
     _attention_cfg(128, 128, 8, 1),
 ]
 ATTENTION_FALLBACK_CONFIG = _attention_cfg(16, 16, 4, 1)  # fits any head dim <= 256 in fp32 on sm_80 and sm_90
+# The smallest block of a pair either backward kernel may cut (dQ's query blocks, dK/dV's key blocks): each block
+# leaves a partial row of the qkv bias gradient (attention_bwd's bias rows), laid out for the most blocks there may be.
+ATTENTION_BWD_MIN_BLOCK = min(
+    [c.kwargs["BLOCK_M"] for c in (*ATTENTION_BWD_DQ_CONFIGS, ATTENTION_FALLBACK_CONFIG)]
+    + [c.kwargs["BLOCK_N"] for c in (*ATTENTION_BWD_DKDV_CONFIGS, ATTENTION_FALLBACK_CONFIG)]
+)
 ATTENTION_SMEM_BUDGET = 160 * 1024  # under sm_80's 164 KB and sm_90's 228 KB per block
 
 
@@ -120,6 +127,10 @@ def prune_attention(configs, args):
     kept = [c for c in kept if n is None or _row_tail_fits(c, n)]
     # a register cap fits 16-bit tiles of head dim <= 64 only; wider heads and fp32 tiles would spill under it
     kept = [c for c in kept if c.maxnreg is None or (elem == 2 and block_d <= 64)]
+    # the whole-pair dK/dV tile is at the register file's limit (255) without the qkv bias rows and spills with them
+    # (sm_90, bf16, head dim 64, triton 3.8: 24 B)
+    if args.get("COLSUM") is not None:
+        kept = [c for c in kept if c is not DKDV_WHOLE_PAIR]
     return kept or [ATTENTION_FALLBACK_CONFIG]
 
 

@@ -3,6 +3,10 @@ softmax statistics, writing the packed dqkv.
 
 Each program owns a block of rows (dQ) or keys (dK/dV) and sweeps the other side of the scores in blocks, a last
 partial block of at most TAIL rows or columns in a TAIL-wide block (N = 65 = 64 + 1: 16 of them there instead of 64).
+Where the packed qkv came from a linear layer with a bias, the kernels also leave that bias's gradient nearly summed:
+each program writes the column sums of the gradient rows it stores (one partial row per block of a batch element),
+and a small column sum over those rows finishes it, where a column sum of dqkv would read [B, N, 3D] again.
+
 The launchers are ops/fused_attention.py's.
 """
 
@@ -10,6 +14,23 @@ import triton
 import triton.language as tl
 
 from .common import attention_probs, block_and_head, full_blocks_end, load_kv
+
+
+@triton.jit
+def _column_partials(COLSUM, g_ptrs, mask, b, pid, N, width, cols, mask_cols, per_batch, BLOCK: tl.constexpr):
+    """The column sums of the gradient rows a program has just stored at g_ptrs [BLOCK, BLOCK_D] (masked elements
+    count as zeros) into COLSUM's row b * per_batch + pid, columns `cols`; the pair's last block also zeroes its
+    columns of the rows after it up to per_batch (the other backward kernel may cut the pair into more blocks).
+    The rows are read back (from L2) rather than reduced from the registers that stored them: sm_90, bf16, head dim
+    64, triton 3.6, the dQ 64 x 32 tile went from 114 to 133 registers that way (a block per SM lost), 112 this way."""
+    tl.debug_barrier()  # the block's stores, visible to all its threads
+    sums = tl.sum(tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32), 0)
+    base = COLSUM + b.to(tl.int64) * per_batch * width + cols
+    tl.store(base + pid * width, sums, mask=mask_cols)
+    blocks = tl.cdiv(N, BLOCK)
+    if pid == blocks - 1:
+        for r in range(blocks, per_batch):
+            tl.store(base + r * width, tl.zeros_like(sums), mask=mask_cols)
 
 
 @triton.jit
@@ -49,6 +70,7 @@ def _dkdv_step(
     return dk, dv
 
 
+@triton.heuristics({"HAS_COLSUM": lambda args: args["COLSUM"] is not None})
 @triton.jit
 def attention_bwd_dkdv_kernel(
     QKV,  # [B, N, 3 * H * d] packed q | k | v
@@ -56,6 +78,8 @@ def attention_bwd_dkdv_kernel(
     LSE,  # [B * H, 2, N] fp32 softmax statistics from the forward
     DELTA,  # [B * H, N] fp32 rowsum(dO * O): written by the dQ kernel, read by the dK/dV kernel
     DQKV,  # [B, N, 3 * H * d] packed gradient: dq from the dQ kernel, dk | dv from the dK/dV kernel
+    COLSUM,  # [B * colsum_rows, 3 * H * d] fp32 or None: per batch element and block, the column sums of the rows
+    #          stored into DQKV (the qkv layer's bias gradient, once summed over all rows)
     stride_qb,
     stride_qn,
     stride_dob,
@@ -67,12 +91,14 @@ def attention_bwd_dkdv_kernel(
     D,
     sm_scale,
     qk_scale_log2,
+    colsum_rows,  # COLSUM's rows per batch element: at least either kernel's blocks of a pair
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TAIL: tl.constexpr = 0,  # the last partial query block in a TAIL-row block where it fits (0: none)
+    HAS_COLSUM: tl.constexpr = False,
 ):
     # One program owns a block of keys/values and sweeps all query blocks: dK and dV accumulate in registers and
     # are written once, no atomics. Non-causal: every query block contributes, none is skipped.
@@ -139,8 +165,14 @@ def attention_bwd_dkdv_kernel(
     g_base = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_n[:, None] * stride_gn + offs_d[None, :]
     tl.store(g_base + D, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=mask_kv)
     tl.store(g_base + 2 * D, dv.to(DQKV.dtype.element_ty), mask=mask_kv)
+    if HAS_COLSUM:
+        cols = h * HEAD_DIM + offs_d
+        for part in tl.static_range(1, 3):  # dk, dv
+            ptrs = g_base + part * D
+            _column_partials(COLSUM, ptrs, mask_kv, b, pid_n, N, 3 * D, part * D + cols, mask_d, colsum_rows, BLOCK_N)
 
 
+@triton.heuristics({"HAS_COLSUM": lambda args: args["COLSUM"] is not None})
 @triton.jit
 def attention_bwd_dq_kernel(
     QKV,  # [B, N, 3 * H * d] packed q | k | v
@@ -148,6 +180,8 @@ def attention_bwd_dq_kernel(
     LSE,  # [B * H, 2, N] fp32 softmax statistics from the forward
     DELTA,  # [B * H, N] fp32 rowsum(dO * O): written by the dQ kernel, read by the dK/dV kernel
     DQKV,  # [B, N, 3 * H * d] packed gradient: dq from the dQ kernel, dk | dv from the dK/dV kernel
+    COLSUM,  # [B * colsum_rows, 3 * H * d] fp32 or None: per batch element and block, the column sums of the rows
+    #          stored into DQKV (the qkv layer's bias gradient, once summed over all rows)
     stride_qb,
     stride_qn,
     stride_dob,
@@ -159,12 +193,14 @@ def attention_bwd_dq_kernel(
     D,
     sm_scale,
     qk_scale_log2,
+    colsum_rows,  # COLSUM's rows per batch element: at least either kernel's blocks of a pair
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TAIL: tl.constexpr = 0,  # the last partial key block in a TAIL-column block where it fits (0: none)
+    HAS_COLSUM: tl.constexpr = False,
 ):
     # One program owns a block of queries and sweeps all keys twice: first for delta_i = rowsum(P * dP), then for
     # dQ. Flash attention takes delta = rowsum(dO * O) instead, with O rounded to bf16: when the softmax saturates
@@ -235,6 +271,9 @@ def attention_bwd_dq_kernel(
     )
     g_ptrs = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_m[:, None] * stride_gn + offs_d[None, :]
     tl.store(g_ptrs, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask_q)
+    if HAS_COLSUM:
+        cols = h * HEAD_DIM + offs_d
+        _column_partials(COLSUM, g_ptrs, mask_q, b, pid_m, N, 3 * D, cols, mask_d, colsum_rows, BLOCK_M)
 
 
 @triton.jit

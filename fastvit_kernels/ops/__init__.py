@@ -25,6 +25,7 @@ from .fused_mlp import (
     mlp_residual_ref,
 )
 from .fused_patch_embed import patch_embed, patch_embed_ref
+from .fused_qkv_attention import qkv_attention, qkv_attention_ref
 
 __all__ = [
     "attention",
@@ -45,4 +46,6 @@ __all__ = [
     "mlp_residual_ref",
     "patch_embed",
     "patch_embed_ref",
+    "qkv_attention",
+    "qkv_attention_ref",
 ]

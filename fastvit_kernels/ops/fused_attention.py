@@ -14,6 +14,7 @@ import torch
 from ..configs import (
     ATTENTION_BWD_DKDV_CONFIGS,
     ATTENTION_BWD_DQ_CONFIGS,
+    ATTENTION_BWD_MIN_BLOCK,
     ATTENTION_FWD_CONFIGS,
     prune_attention,
     row_blocks,
@@ -52,12 +53,26 @@ def _check_qkv(qkv: torch.Tensor, num_heads: int) -> int:
     check_tensor(qkv, "qkv")
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be [B, N, 3*D], got shape {tuple(qkv.shape)}")
-    if qkv.shape[-1] % (3 * num_heads):
-        raise ValueError(f"qkv's last dimension {qkv.shape[-1]} is not 3 * num_heads ({num_heads}) * head_dim")
-    head_dim = qkv.shape[-1] // (3 * num_heads)
+    return check_heads(qkv.shape[-1], num_heads, "qkv's last dimension")
+
+
+def check_heads(width: int, num_heads: int, what: str) -> int:
+    """The head dim of a packed q | k | v `width` wide (what: its name in the message)."""
+    if width % (3 * num_heads):
+        raise ValueError(f"{what} {width} is not 3 * num_heads ({num_heads}) * head_dim")
+    head_dim = width // (3 * num_heads)
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head dim {head_dim} is not supported (at most {MAX_HEAD_DIM})")
     return head_dim
+
+
+def attention_scale(head_dim: int, scale: float | None) -> float:
+    """The scores' scale: 1 / sqrt(head_dim) by default; positive and finite (the kernels subtract the raw scores'
+    max, which is the scaled max only for scale > 0)."""
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not 0.0 < scale < math.inf:
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    return scale
 
 
 def attention_fwd(qkv, num_heads, scale):
@@ -105,7 +120,9 @@ def attention_fwd(qkv, num_heads, scale):
     return o, lse, qkv
 
 
-def attention_bwd(do, qkv, lse, num_heads, scale):
+def attention_bwd(do, qkv, lse, num_heads, scale, bias_rows=False):
+    """(dqkv [B, N, 3D], rows): with bias_rows, rows [B * bias_row_count(N), 3D] fp32 whose column sums are those of
+    dqkv as stored (the bias gradient of the linear layer that wrote qkv, left to linear_weight_grad), else None."""
     B, N, three_d = qkv.shape
     D = three_d // 3
     d = D // num_heads
@@ -115,14 +132,16 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
         do = do.contiguous()
     block_d = max(16, next_pow2(d))
     dqkv = torch.empty((B, N, three_d), device=qkv.device, dtype=qkv.dtype)
+    per_batch = bias_row_count(N)
+    rows = torch.empty((B * per_batch, three_d), device=qkv.device, dtype=torch.float32) if bias_rows else None
     if B * N == 0:
-        return dqkv
+        return dqkv, rows
     delta = torch.empty((B * num_heads, N), device=qkv.device, dtype=torch.float32)  # written by dQ, read by dK/dV
     pairs = B * num_heads
     strides = (qkv.stride(0), qkv.stride(1), do.stride(0), do.stride(1), dqkv.stride(0), dqkv.stride(1))
     scales = (scale, scale * LOG2E)
     dot = dot_precision(qkv.dtype)
-    key = (N, d, qkv.dtype, dot, qkv.device)
+    key = (N, d, qkv.dtype, dot, bias_rows, qkv.device)  # the configs differ with the bias rows (prune_attention)
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot)
 
     def dq_grid(cfg):
@@ -131,10 +150,17 @@ def attention_bwd(do, qkv, lse, num_heads, scale):
     def dkdv_grid(cfg):
         return (cdiv(N, cfg["BLOCK_N"]) * pairs,)
 
-    tensors = (qkv, do, lse, delta, dqkv)
-    _bwd_dq.launch(key, dq_grid, *tensors, *strides, N, num_heads, D, *scales, **meta)  # first: writes delta
-    _bwd_dkdv.launch(key, dkdv_grid, *tensors, *strides, N, num_heads, D, *scales, **meta)
-    return dqkv
+    tensors = (qkv, do, lse, delta, dqkv, rows)
+    sizes = (N, num_heads, D, *scales, per_batch)
+    _bwd_dq.launch(key, dq_grid, *tensors, *strides, *sizes, **meta)  # first: writes delta
+    _bwd_dkdv.launch(key, dkdv_grid, *tensors, *strides, *sizes, **meta)
+    return dqkv, rows
+
+
+def bias_row_count(N: int) -> int:
+    """The partial rows per batch element of attention_bwd's bias rows: the most blocks either backward kernel may
+    cut a pair of length N into."""
+    return cdiv(N, ATTENTION_BWD_MIN_BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,7 +185,7 @@ def _(qkv, num_heads, scale):
 def _attention_bwd_op(
     do: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, num_heads: int, scale: float
 ) -> torch.Tensor:
-    return attention_bwd(do, qkv, lse, num_heads, scale)
+    return attention_bwd(do, qkv, lse, num_heads, scale)[0]
 
 
 @_attention_bwd_op.register_fake
@@ -185,10 +211,7 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
 
     Under autocast qkv is cast to the autocast dtype first, as eager autocast does for attention.
     """
-    head_dim = _check_qkv(qkv, num_heads)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    if not 0.0 < scale < math.inf:  # the kernels subtract the raw scores' max: it is the scaled max for scale > 0
-        raise ValueError(f"scale must be positive and finite, got {scale}")
+    scale = attention_scale(_check_qkv(qkv, num_heads), scale)
     cdt = compute_dtype(qkv)
     return call(_attention_fwd_op, qkv if qkv.dtype == cdt else qkv.to(cdt), num_heads, scale)[0]
 
