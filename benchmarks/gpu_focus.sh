@@ -8,8 +8,9 @@
 # (FASTVIT_COMMIT=<hash> where the tree came without .git). The GEMM tests (TMA and warp-specialised tiles) passed on
 # an H100 and an H200 on 2026-11-27 and are gpu-check's first stage; the GELU's, the 128 x 256 tiles' and the GEMM
 # with the next LayerNorm's (every candidate) run here too, and session 20's bias-gradient passes (the LayerNorm
-# backward's capped tile with dx's sums, the GELU' column sums, the dgelu candidates, the launch counts); the check
-# runs the kernels new since the last GPU run under compute-sanitizer's memcheck.
+# backward's capped tile with dx's sums, the GELU' column sums, the dgelu candidates, the launch counts) and session
+# 21's qkv_attention (the attention backward's partial rows of qkv's bias gradient, every tile forced); the check runs
+# the kernels new since the last GPU run under compute-sanitizer's memcheck.
 source "$(dirname "$0")/gpu_env.sh"
 T=tests/test_linear.py::test_every_linear_config
 WIDE=("$T[128x256x64-w8-s3-tma-gelu]" "$T[128x256x64-w8-s3-tma-residual]" "$T[128x256x64-w8-s3-tma-flat-gelu]"
@@ -21,7 +22,8 @@ for tile in 128x128x64-w8-s3-tma-epitma 128x64x64-w4-s3-tma-epitma 64x128x64-w4-
 done
 echo "=== the GELU's, the new, 128 x 256 and LayerNorm GEMM tiles', the attention tests (every tile forced), the plans'"
 FASTVIT_WARP_SPEC=1 FASTVIT_AUTOTUNE=0 timeout 80 $PY -m pytest -v -rf --tb=short tests/test_gelu.py "${WIDE[@]}" \
-  tests/test_attention.py tests/test_arena.py tests/test_plan.py tests/test_plan_training.py \
+  tests/test_attention.py tests/test_qkv_attention.py tests/test_arena.py tests/test_plan.py \
+  tests/test_plan_training.py \
   "tests/test_linear.py::test_every_column_sum_config[0-384-torch.bfloat16]" \
   "tests/test_linear.py::test_every_column_sum_config[1-100-torch.float32]" \
   "tests/test_linear.py::test_every_gelu_grad_column_sum_config[0-384]" \
