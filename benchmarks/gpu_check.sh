@@ -156,9 +156,10 @@ E2E="cifar10 and bf16 and not compile and not b8 and not unplanned"  # b8 and un
 bench 25 benchmarks/test_e2e.py -k "$E2E and (eager or timm)"
 bench 100 benchmarks/test_e2e.py -k "$E2E and not eager and not timm"
 K=benchmarks/test_kernels.py
-# what changed since the last run first, then attention at CIFAR-10's length (its SDPA rows were cut on the H100,
+# what changed since the last run first (qkv's bias gradient from the attention backward: qkv_attention's rows, the
+# op against its two ops composed), then attention at CIFAR-10's length (its SDPA rows were cut on the H100,
 # 2026-11-27; 197 and 257 tokens: gpu_second.sh), then the rest
-bench 80 $K::test_cast $K::test_attention $K::test_layernorm_mlp $K::test_patch_embed $K::test_layernorm_bwd \
+bench 80 $K::test_qkv_attention $K::test_cast $K::test_attention $K::test_layernorm_mlp $K::test_patch_embed $K::test_layernorm_bwd \
   $K::test_column_sum -k "(ours or flash or cudnn or eager or foreach) and not no-whole and not N197 and not N257"
 # the GEMMs with an epilogue (their weight gradients and the +norm candidates: gpu_second.sh)
 bench 40 benchmarks/test_gemms.py -k "cifar10 and not dW and not norm"

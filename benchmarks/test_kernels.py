@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from common import chosen_configs, measure, need_cuda
+from common import chosen_configs, gemm_backends, measure, need_cuda
 
 from fastvit_kernels import ops, vit_cifar10
 from fastvit_kernels.ops import cast
@@ -89,6 +89,47 @@ def test_attention(benchmark, bench_opts, device, shape, row, mode, monkeypatch)
         flops=flops,
         peak_dtype=DT,
         describe=chosen_configs(**launchers) if row.startswith("ours") else None,
+    )
+
+
+@pytest.mark.parametrize("row", ["ours", "ours-composed", "eager-sdpa"])
+@pytest.mark.parametrize("shape", list(ATTN_SHAPES)[:2])
+def test_qkv_attention(benchmark, bench_opts, device, shape, row):
+    """The qkv projection and the attention, forward and backward, with qkv's bias: ours as one op (qkv's bias
+    gradient from the attention backward's partial rows), ours composed of the linear and attention ops (the column
+    sum over dqkv, as before session 21), eager (F.linear, then SDPA's default backend)."""
+    need_cuda(device, "kernel benchmarks")
+    B, H, N, d = ATTN_SHAPES[shape]
+    dim = H * d
+    h = torch.randn(B, N, dim, device=device, dtype=DT, requires_grad=True)
+    w = (0.02 * torch.randn(3 * dim, dim, device=device, dtype=DT)).requires_grad_()
+    b = (0.02 * torch.randn(3 * dim, device=device, dtype=DT)).requires_grad_()
+    if row == "ours":
+        fn = lambda h, w, b: ops.qkv_attention(h, w, b, H)  # noqa: E731
+    elif row == "ours-composed":
+        fn = lambda h, w, b: ops.attention(ops.linear(h, w, b), H)  # noqa: E731
+    else:
+        fn = lambda h, w, b: ops.qkv_attention_ref(h, w, b, H, impl="sdpa")  # noqa: E731
+    flops = 4 * B * H * N * N * d * 3.5 + 2 * B * N * dim * 3 * dim * 3  # attention fwd+bwd, the GEMM's three
+    configs, backends = chosen_configs(fwd=at._fwd, dq=at._bwd_dq, dkdv=at._bwd_dkdv), gemm_backends()
+
+    def describe():  # the attention tiles, and which GEMM candidates ran (the weight gradient's: `gemm`, `gemm_ms`)
+        info, gemms = configs(), backends()
+        config = "; ".join(i["config"] for i in (info, gemms) if "config" in i)
+        return {**gemms, **info} | ({"config": config} if config else {})
+
+    measure(
+        benchmark,
+        _run(fn, [h, w, b], "fwd+bwd"),
+        device=device,
+        opts=bench_opts,
+        kernel_time=True,
+        group=f"qkv_attention/{shape}/fwd+bwd",
+        row=row,
+        items=B,
+        flops=flops,
+        peak_dtype=DT,
+        describe=describe if row.startswith("ours") else None,
     )
 
 
