@@ -46,8 +46,8 @@ from torch.nn.modules import module as _module
 from . import direct_launch, tuning
 from ._interpreter import interpreting
 from .arena import ArenaReplay, StepReplays
+from .ops import tma
 from .ops._common import autocast_dtype
-from .ops.gemm import _tma_allocator
 from .recording import Line, Recorder, recording
 
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {signature: Plan or a state}
@@ -233,7 +233,7 @@ class Plan:
         """fn(*args) on the device the recording ran on, with autocast off: the recorded operations are autocast's
         output already (replayed under it, they would be cast again)."""
         if self.tma:
-            _tma_allocator()  # a context variable: the thread that replays may not be the one that recorded
+            tma.set_allocator()  # a context variable: the thread that replays may not be the one that recorded
         if self.device.type == "cuda" and self.device.index != torch.cuda.current_device():
             with torch.cuda.device(self.device):
                 return self._without_autocast(fn, args)

@@ -12,6 +12,7 @@ from helpers import assert_matches, force_config, force_gemm_candidate
 from fastvit_kernels import configs, tuning
 from fastvit_kernels.ops import gemm as lin
 from fastvit_kernels.ops import reduce as red
+from fastvit_kernels.ops import tma
 
 F = torch.nn.functional
 
@@ -69,7 +70,7 @@ def test_linear_epilogues(epilogue, shape, dtype, device, backend):
     weight = w.t().contiguous().t() if epilogue == "gelu_grad" else w
     es = a.element_size()
     expect_tma = (K * es) % 16 == 0 and (epilogue != "gelu_grad" or (N * es) % 16 == 0)
-    assert lin._tma_ok(a, K, weight) == expect_tma
+    assert tma.operands_ok(a, K, weight) == expect_tma
     stored = torch.full((M, N), float("nan"), device=device, dtype=dtype) if epilogue == "gelu" else None
     out_dtype = torch.float32 if epilogue == "residual" else None
     ours = lin.linear(
@@ -405,8 +406,8 @@ def test_every_linear_config(cfg, epilogue, device, monkeypatch):
     else:  # the pre-activation the forward writes for the backward
         pre = torch.full((M, N), float("nan"), device=device, dtype=torch.bfloat16) if epilogue == "gelu" else None
     out_dtype = torch.float32 if epilogue == "residual" else torch.bfloat16
-    tma_ok = lin._tma_ok(a, K, w)
-    epi_ok = lin._epilogue_tma_ok(tma_ok, N, out_dtype, res, pre)
+    tma_ok = tma.operands_ok(a, K, w)
+    epi_ok = tma.epilogue_ok(tma_ok, N, out_dtype, res, pre)
     assert tma_ok and epi_ok
     c = torch.empty(M, N, device=device, dtype=out_dtype)
     named = dict(A=a, B=w, C=c, RES=res, PRE=pre, TMA_OK=tma_ok, EPI_TMA_OK=epi_ok, EPILOGUE=epilogue)
@@ -452,10 +453,10 @@ def test_descriptor_epilogues_are_offered_beside_a_second_tile_only():
     a, w = torch.empty(8, 48, dtype=torch.bfloat16), torch.empty(304, 48, dtype=torch.bfloat16)
     res, pre = torch.empty(8, 304), torch.empty(8, 304, dtype=torch.bfloat16)
     misaligned = torch.empty(8, 306)[:, 1:305]  # rows 1,224 B apart: not a multiple of 16
-    assert lin._epilogue_tma_ok(True, 304, torch.float32, res, None)
-    assert not lin._epilogue_tma_ok(True, 304, torch.float32, misaligned, None)
-    assert not lin._epilogue_tma_ok(True, 300, torch.bfloat16, None, None)  # C's rows: 600 B
-    assert not lin._epilogue_tma_ok(False, 304, torch.bfloat16, None, pre)  # the operands' descriptors come first
+    assert tma.epilogue_ok(True, 304, torch.float32, res, None)
+    assert not tma.epilogue_ok(True, 304, torch.float32, misaligned, None)
+    assert not tma.epilogue_ok(True, 300, torch.bfloat16, None, None)  # C's rows: 600 B
+    assert not tma.epilogue_ok(False, 304, torch.bfloat16, None, pre)  # the operands' descriptors come first
 
     def offered(epilogue, **named):
         named = dict(dict(A=a, B=w, C=torch.empty(8, 304), TMA_OK=True, EPI_TMA_OK=True, EPILOGUE=epilogue), **named)
@@ -494,7 +495,7 @@ def test_every_full_row_layernorm_config(cfg, device, monkeypatch):
     w = (torch.randn(N, K, device=device) * K**-0.5).to(torch.bfloat16)
     res = torch.randn(M, N, device=device)
     nw, nb = 1 + 0.2 * torch.randn(N, device=device), 0.2 * torch.randn(N, device=device)
-    assert lin._tma_ok(a, K, w)
+    assert tma.operands_ok(a, K, w)
     # the pruning keeps it at this shape (so it runs, not a fallback tile)
     assert configs.prune_linear_ln([config], {"A": a, "N_CHUNKS": 2, "BLOCK_N": 128, "TMA_OK": True}) == [config]
     x, y, _, _ = lin.linear_residual_layernorm(a, w, None, res, nw, nb, 1e-6, torch.bfloat16)
@@ -528,7 +529,7 @@ def test_an_expanded_input_is_read_through_pointers(device, backend):
     row = torch.randn(1, 1, K, device=device).to(torch.bfloat16)
     a = row.expand(3, 5, K)
     w = (torch.randn(N, K, device=device) * K**-0.5).to(torch.bfloat16)
-    assert not lin._tma_ok(a, 0, w)
+    assert not tma.operands_ok(a, 0, w)
     out = lin.linear(a, w)
     assert out.shape == (3, 5, N)
     assert_matches(out, F.linear(a, w), a.double() @ w.double().t(), torch.bfloat16)

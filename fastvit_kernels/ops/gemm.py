@@ -17,7 +17,6 @@ end). fastvit_kernels.tuning.pick_gemm_backend says which runs (measured per sha
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from ..configs import (
     GROUP_M,
@@ -32,17 +31,15 @@ from ..configs import (
 from ..kernels.gemm import linear_dw_kernel, linear_fwd_kernel
 from ..kernels.gemm_layernorm import linear_residual_layernorm_kernel
 from ..tuning import Launcher, known_gemm_backend, pick_gemm_backend
+from . import tma
 from ._common import (
     arrival_counters,
     as_rows,
     as_unit_rows,
     cdiv,
-    device_properties,
     dot_precision,
-    interpreting,
     next_pow2,
     num_sms,
-    row_stride,
     split_rows,
 )
 from .layernorm import add_layernorm_fwd, layernorm_fwd
@@ -62,54 +59,6 @@ _fwd_ln = Launcher(
     linear_residual_layernorm_kernel, LINEAR_LN_CONFIGS, ["M", "N", "K", "DOT_PRECISION", "TMA_OK"], prune_linear_ln
 )
 _dw = Launcher(linear_dw_kernel, LINEAR_DW_CONFIGS, ["R", "NF", "KF", "DOT_PRECISION"], prune_linear_dw)
-
-
-def _tma_scratch(size: int, alignment: int, stream):
-    """Global memory for the tensor descriptors that TMA kernels build on the device (128 B each)."""
-    return torch.empty(size, device="cuda", dtype=torch.int8)
-
-
-def _tma_ok(a, a_rows, weight) -> bool:
-    """Whether a [..., K] (rows a_rows apart) and weight [N, K] can be read through tensor descriptors: K contiguous in
-    a, K or N contiguous in the weight (nn.Linear's as stored, or untransposed, as fc2's dX GEMM with GELU' reads
-    W2), the other strides and base addresses 16-byte aligned (the copy engine's rule; D = 100 in bf16 breaks it), and
-    a Hopper GPU or the interpreter."""
-    if a.is_cuda and device_properties(a.device).major < 9:
-        return False
-    es = a.element_size()
-    w_row, w_col = weight.stride()
-    w_major = (w_col == 1 and (w_row * es) % 16 == 0) or (w_row == 1 and (w_col * es) % 16 == 0)
-    return _rows_ok(a, a_rows) and w_major and weight.data_ptr() % 16 == 0
-
-
-def _rows_ok(t, rows) -> bool:
-    """Whether t [..., C], its rows `rows` apart, can be read through a tensor descriptor: unit column stride, rows
-    and base address 16-byte aligned (the copy engine's rule), and rows of their own (an expanded tensor's share
-    memory: fine for pointer loads, not for a descriptor)."""
-    return t.stride(-1) == 1 and rows > 0 and (rows * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-
-
-def _epilogue_tma_ok(tma_ok, N, out_dtype, res, pre) -> bool:
-    """Whether the epilogue's tensors can go through tensor descriptors too (where the operands do): C [M, N] (made
-    contiguous), the residual and the pre-activation as the kernel reads them, with 16-byte aligned rows and base
-    addresses (where as_rows will copy one, the contiguous copy's)."""
-
-    def ok(t):
-        if t is None:
-            return True
-        rows = row_stride(t)
-        if rows is None:  # the copy's rows: contiguous, at an allocator's aligned address
-            return t.shape[-1] > 0 and (t.shape[-1] * t.element_size()) % 16 == 0
-        return _rows_ok(t, rows)
-
-    return tma_ok and (N * out_dtype.itemsize) % 16 == 0 and ok(res) and ok(pre)
-
-
-def _tma_allocator() -> None:
-    """Triton's allocator for the on-device descriptors of a TMA launch (a context variable: set where the launch
-    happens)."""
-    if not interpreting():
-        triton.set_allocator(_tma_scratch)
 
 
 def linear(a, weight, bias=None, *, epilogue="none", pre=None, residual=None, out_dtype=None):
@@ -162,8 +111,8 @@ def _linear_args(a, weight, bias, epilogue, pre, res, out_dtype):
     K = a.shape[-1]
     M, N = a.numel() // K, weight.shape[0]
     a, a_rows = as_rows(a)
-    tma_ok = _tma_ok(a, a_rows, weight)
-    epi_ok = _epilogue_tma_ok(tma_ok, N, out_dtype, res, pre)
+    tma_ok = tma.operands_ok(a, a_rows, weight)
+    epi_ok = tma.epilogue_ok(tma_ok, N, out_dtype, res, pre)
     key = _linear_key(M, N, K, epilogue, a, weight, bias, pre, res, out_dtype, tma_ok, epi_ok)
     return (a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, epi_ok, key)
 
@@ -232,7 +181,7 @@ def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
         key = key + ("sums",)
     programs = TMA_PROGRAMS_PER_SM * num_sms(a.device)  # the persistent TMA tiles' grid, at most
     if tma_ok:
-        _tma_allocator()
+        tma.set_allocator()
     res, res_rows = as_rows(res) if res is not None else (None, 0)
     pre_rows = _output_rows(pre) if pre is not None else 0
 
@@ -304,7 +253,7 @@ def linear_residual_layernorm(a, weight, bias, residual, norm_weight, norm_bias,
         shape = (*a.shape[:-1], N)
         return a.new_empty(shape, dtype=out_dtype), a.new_empty(shape, dtype=norm_dtype), stats, stats.clone()
     a, a_rows = as_rows(a)
-    tma_ok = _tma_ok(a, a_rows, weight)
+    tma_ok = tma.operands_ok(a, a_rows, weight)
     key = ("layernorm", M, N, K, a.dtype, residual.dtype, norm_dtype, bias is not None, tma_ok, dot_precision(a.dtype))
     key += (a.device,)
     args = (a, a_rows, weight, bias, residual, norm_weight, norm_bias, eps, norm_dtype, out_dtype, tma_ok, key)
@@ -317,7 +266,7 @@ def _residual_then_layernorm_triton(
     """Our residual GEMM, then the LayerNorm row kernel: beside the full-row tile, and for rows wider than it spans."""
     K = a.shape[-1]
     M, N = a.numel() // K, weight.shape[0]
-    epi_ok = _epilogue_tma_ok(tma_ok, N, out_dtype, residual, None)
+    epi_ok = tma.epilogue_ok(tma_ok, N, out_dtype, residual, None)
     gemm_key = _linear_key(M, N, K, "residual", a, weight, bias, None, residual, out_dtype, tma_ok, epi_ok)
     x = _linear_triton(a, a_rows, weight, bias, "residual", None, residual, out_dtype, tma_ok, epi_ok, gemm_key)
     return (x, *layernorm_fwd(x, norm_weight, norm_bias, eps, norm_dtype))
@@ -348,7 +297,7 @@ def _residual_layernorm_triton(
     residual, res_rows = as_unit_rows(residual)  # the kernel reads the residual's rows at unit stride
     block_n = min(LN_CHUNK, max(16, next_pow2(N)))  # tl.dot takes no dimension under 16
     if tma_ok:
-        _tma_allocator()
+        tma.set_allocator()
     w_row, w_col = weight.stride()
     _fwd_ln.launch(
         key,
