@@ -151,9 +151,9 @@ def attention_bwd(do, qkv, lse, num_heads, scale, bias_rows=False):
         return (cdiv(N, cfg["BLOCK_N"]) * pairs,)
 
     tensors = (qkv, do, lse, delta, dqkv, rows)
-    sizes = (N, num_heads, D, *scales, per_batch)
-    _bwd_dq.launch(key, dq_grid, *tensors, *strides, *sizes, **meta)  # first: writes delta
-    _bwd_dkdv.launch(key, dkdv_grid, *tensors, *strides, *sizes, **meta)
+    scalars = (N, num_heads, D, *scales, per_batch)
+    _bwd_dq.launch(key, dq_grid, *tensors, *strides, *scalars, **meta)  # first: writes delta
+    _bwd_dkdv.launch(key, dkdv_grid, *tensors, *strides, *scalars, **meta)
     return dqkv, rows
 
 
