@@ -150,6 +150,12 @@ def test_weight_grad_and_bias_grad(R, dtype, device, backend):
     assert_matches(db, g.sum(0), g.double().sum(0), dtype, "db")
     dw2, none = lin.linear_weight_grad(g, x, need_bias=False, out_dtype=dtype)
     assert none is None and torch.equal(dw2, dw)  # the same sums in the same order, with or without the bias
+    # bias_rows: db is their column sums, whichever candidate (rows here twice g's partial sums, so that a db summed
+    # from g instead would fail), and dW as without them
+    rows = 2 * g.float().view(-1, 4, 40).sum(1)  # [R / 4, 40]: each row twice the sum of four of g's
+    dw3, db3 = lin.linear_weight_grad(g, x, out_dtype=dtype, bias_rows=rows)
+    assert torch.equal(dw3, dw)
+    assert_matches(db3, 2 * g.sum(0), rows.double().sum(0), dtype, "db from the rows")
 
 
 class _Twice:
