@@ -5,8 +5,8 @@ backward's own pass:
 
 The forward is linear's GEMM, then the attention kernel: the two launches the two ops made. The backward runs the
 attention backward, whose programs also leave the column sums of the dqkv rows they store (a partial row per block
-of a batch element), then qkv's weight gradient, whose cuBLAS candidate sums those few rows for the bias gradient
-where a column sum read dqkv again ([B, N, 3D]: 77 MB a block at CIFAR-10's training shape), and dh = dqkv @ W.
+of a batch element), then qkv's weight gradient, which sums those few rows for the bias gradient where a column sum
+read dqkv again ([B, N, 3D]: 77 MB a block at CIFAR-10's training shape), and dh = dqkv @ W.
 
 Per op: custom ops (torch.library) with fake implementations and autograd formulas, the checked public function and
 the eager reference.

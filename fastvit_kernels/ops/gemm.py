@@ -173,9 +173,9 @@ def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
     M = a.numel() // K
     N = weight.shape[0]
     c = torch.empty((*a.shape[:-1], N), device=a.device, dtype=out_dtype)  # [..., N], contiguous
-    colsum = (
-        None  # [row blocks of the smallest BLOCK_M any config has, N]: each config fills its first cdiv(M, BLOCK_M)
-    )
+    # the column sums' partial rows: [row blocks of the smallest BLOCK_M any config has, N], each config fills its
+    # first cdiv(M, BLOCK_M)
+    colsum = None
     if sums_dtype is not None:
         colsum = torch.empty((cdiv(M, LINEAR_FWD_MIN_BLOCK_M), N), device=a.device, dtype=torch.float32)
         key = key + ("sums",)
@@ -338,35 +338,29 @@ def linear_weight_grad(g, x, need_bias=True, out_dtype=torch.float32, bias_rows=
     and one launch a call; a step plan's replay takes the counters zeroed: arrival_counters).
 
     bias_rows: fp32 rows [P, NF] whose column sums are g's, left by the pass that wrote g (the attention backward's,
-    for qkv): then db is their column sum, whichever candidate (cuBLAS's read g again for it, ours summed g with a
-    ones-dot in its K loop)."""
+    for qkv): then db is their column sum, and the candidates run without a bias (cuBLAS's would read g again for
+    it, ours sum g with a ones-dot in its K loop)."""
     NF, KF = g.shape[-1], x.shape[-1]
     R = g.numel() // NF
     if R == 0:  # an empty batch: the sums over no rows
         zeros = torch.zeros(NF, device=g.device, dtype=out_dtype)
         return torch.zeros((NF, KF), device=g.device, dtype=out_dtype), (zeros if need_bias else None)
-    bias_rows = bias_rows if need_bias else None
-    key = ("weight_grad", R, NF, KF, g.dtype, x.dtype, out_dtype, need_bias, bias_rows is not None)
-    key += (dot_precision(g.dtype), g.device)
-    return _run(key, g.is_cuda, _WEIGHT_GRAD, (g, x, need_bias, out_dtype, bias_rows, key))
+    if need_bias and bias_rows is not None:  # the candidates without a bias, the bias from those rows
+        dw, _ = linear_weight_grad(g, x, need_bias=False, out_dtype=out_dtype)
+        return dw, column_sum(bias_rows, out_dtype)
+    key = ("weight_grad", R, NF, KF, g.dtype, x.dtype, out_dtype, need_bias, dot_precision(g.dtype), g.device)
+    return _run(key, g.is_cuda, _WEIGHT_GRAD, (g, x, need_bias, out_dtype, key))
 
 
-def _weight_grad_cublas(g, x, need_bias, out_dtype, bias_rows, key):
+def _weight_grad_cublas(g, x, need_bias, out_dtype, key):
     """G^T @ X through cuBLAS (fp32 accumulation, rounded to G's dtype as eager's backward rounds), the bias as our
-    column sums (fp32, rounded once to out_dtype) of G or of the rows given for it."""
+    column sums (fp32, rounded once to out_dtype)."""
     g, x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # [R, NF], [R, KF]
-    db = column_sum(g if bias_rows is None else bias_rows, out_dtype) if need_bias else None
+    db = column_sum(g, out_dtype) if need_bias else None
     return (g.t() @ x).to(out_dtype), db
 
 
-def _weight_grad_triton(g, x, need_bias, out_dtype, bias_rows, key):
-    if bias_rows is not None:  # the bias from those rows, the kernel without its ones-dot
-        dw, _ = _weight_grad_kernel(g, x, False, out_dtype, key)
-        return dw, column_sum(bias_rows, out_dtype)
-    return _weight_grad_kernel(g, x, need_bias, out_dtype, key)
-
-
-def _weight_grad_kernel(g, x, need_bias, out_dtype, key):
+def _weight_grad_triton(g, x, need_bias, out_dtype, key):
     NF, KF = g.shape[-1], x.shape[-1]
     R = g.numel() // NF
     g, g_rows = as_rows(g)
