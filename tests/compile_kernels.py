@@ -98,15 +98,22 @@ def _variants(cap):
         full = dt == "bf16"  # every config in bf16; fp16/fp32 with the first and the largest
         vit_heads = lambda c: c["HEAD_DIM"] <= 64  # noqa: E731 - the head dims of the shipped ViTs
         add(atk.attention_fwd_kernel, tn.ATTENTION_FWD_CONFIGS, io, heads, tn.prune_attention, full, vit_heads)
-        # the backward with the qkv bias gradient's partial rows, as the model launches it (every config where the
-        # forward has them all), and without them (the attention op alone: the first and the largest)
-        for kernel, configs in (
-            (atb.attention_bwd_dkdv_kernel, tn.ATTENTION_BWD_DKDV_CONFIGS),
-            (atb.attention_bwd_dq_kernel, tn.ATTENTION_BWD_DQ_CONFIGS),
-        ):
-            rows_heads = [dict(h, HAS_COLSUM=True) for h in heads]
-            add(kernel, configs, dict(io, COLSUM="fp32"), rows_heads, tn.prune_attention, full, vit_heads)
-            add(kernel, configs, dict(io, COLSUM=None), [dict(heads[0], HAS_COLSUM=False)], tn.prune_attention, False)
+        # dK/dV with the qkv bias gradient's partial rows, as the model launches it (every config where the forward
+        # has them all), and without them (the attention op alone: the first and the largest); dQ has no rows
+        dkdv, dq = atb.attention_bwd_dkdv_kernel, atb.attention_bwd_dq_kernel
+        rows_heads = [dict(h, HAS_COLSUM=True) for h in heads]
+        add(
+            dkdv,
+            tn.ATTENTION_BWD_DKDV_CONFIGS,
+            dict(io, COLSUM="fp32"),
+            rows_heads,
+            tn.prune_attention,
+            full,
+            vit_heads,
+        )
+        plain = [dict(heads[0], HAS_COLSUM=False)]
+        add(dkdv, tn.ATTENTION_BWD_DKDV_CONFIGS, dict(io, COLSUM=None), plain, tn.prune_attention, False)
+        add(dq, tn.ATTENTION_BWD_DQ_CONFIGS, io, heads, tn.prune_attention, full, vit_heads)
 
     # (residual stream, compute dtype): the GEMM operands are in the compute dtype, the residual and the output of
     # the residual epilogue in the stream's. A pointer given as None is absent (its flag derived from that).

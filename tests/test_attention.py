@@ -249,3 +249,37 @@ def test_a_switch_that_changes_the_candidates_is_timed_apart(device, monkeypatch
     assert len(made) == 2  # the third launch's candidates are the first's: its tuner, timed once
     assert made[0].configs[0].kwargs["WHOLE"] and not any(c.kwargs["WHOLE"] for c in made[1].configs)
     assert fused_attention._fwd.best_config is made[0].best_config
+
+
+def test_the_tile_is_timed_per_batch_size_bucket(device, monkeypatch):
+    # The grid's size decides which tile is fastest: a batch of 8 timed the N = 65 tiles for batch 512 when the
+    # tuner's key held only the length and the head dim (H200, 2026-11-28). Each power-of-two bucket of (batch,
+    # head) pairs gets its own timing, in the process (the launchers' keys) and on disk (Triton's key: BH).
+    from fastvit_kernels import tuning
+
+    timed = []  # (kernel, its tuner key's values) per timing
+
+    class Tuner:  # times nothing: launches the first candidate, as the autotuner launches its best
+        def __init__(self, kernel, configs, key):
+            self.kernel, self.configs, self.key, self.best_config = kernel, configs, key, None
+
+        def __getitem__(self, grid):
+            def run(*args, **consts):
+                values = {**dict(zip(self.kernel.arg_names, args)), **consts}
+                timed.append((self.kernel.fn.__name__, tuple(values[k] for k in self.key)))
+                self.best_config = self.configs[0]
+                self.kernel[grid(self.best_config.kwargs)](*args, **consts, **self.best_config.kwargs)
+
+            return run
+
+    monkeypatch.setattr(tuning, "tuning_on", lambda: True)
+    monkeypatch.setattr(tuning.triton, "autotune", lambda configs, key: lambda kernel: Tuner(kernel, configs, key))
+    tuning.forget()
+    H, N, d = 2, 9, 16
+    for B in (2, 64, 60):  # 4, 128 and 120 pairs: 120 shares 128's bucket
+        qkv = torch.randn(B, N, 3 * H * d, device=device, requires_grad=True)
+        attention(qkv, H).sum().backward()
+    kernels = ("attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel")
+    for name in kernels:
+        assert [values for kernel, values in timed if kernel == name] == [(N, 4, d, "ieee"), (N, 128, d, "ieee")]
+    tuning.forget()

@@ -95,12 +95,9 @@ ATTENTION_BWD_DQ_CONFIGS = [  # the dK/dV tiles, in the same order (the tests pa
     _attention_cfg(128, 128, 8, 1),
 ]
 ATTENTION_FALLBACK_CONFIG = _attention_cfg(16, 16, 4, 1)  # fits any head dim <= 256 in fp32 on sm_80 and sm_90
-# The smallest block of a pair either backward kernel may cut (dQ's query blocks, dK/dV's key blocks): each block
-# leaves a partial row of the qkv bias gradient (attention_bwd's bias rows), laid out for the most blocks there may be.
-ATTENTION_BWD_MIN_BLOCK = min(
-    [c.kwargs["BLOCK_M"] for c in (*ATTENTION_BWD_DQ_CONFIGS, ATTENTION_FALLBACK_CONFIG)]
-    + [c.kwargs["BLOCK_N"] for c in (*ATTENTION_BWD_DKDV_CONFIGS, ATTENTION_FALLBACK_CONFIG)]
-)
+# The smallest key block of a pair the dK/dV kernel may cut: each block leaves a partial row of the qkv bias gradient
+# (attention_bwd's bias rows), laid out for the most blocks there may be.
+ATTENTION_BWD_MIN_BLOCK = min(c.kwargs["BLOCK_N"] for c in (*ATTENTION_BWD_DKDV_CONFIGS, ATTENTION_FALLBACK_CONFIG))
 ATTENTION_SMEM_BUDGET = 160 * 1024  # under sm_80's 164 KB and sm_90's 228 KB per block
 
 

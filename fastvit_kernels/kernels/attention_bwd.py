@@ -3,9 +3,11 @@ softmax statistics, writing the packed dqkv.
 
 Each program owns a block of rows (dQ) or keys (dK/dV) and sweeps the other side of the scores in blocks, a last
 partial block of at most TAIL rows or columns in a TAIL-wide block (N = 65 = 64 + 1: 16 of them there instead of 64).
-Where the packed qkv came from a linear layer with a bias, the kernels also leave that bias's gradient nearly summed:
-each program writes the column sums of the gradient rows it stores (one partial row per block of a batch element),
-and a small column sum over those rows finishes it, where a column sum of dqkv would read [B, N, 3D] again.
+Where the packed qkv came from a linear layer with a bias, the dK/dV kernel also leaves that bias's gradient nearly
+summed: each program writes, from its registers, one partial row of the column sums of dq, dk and dv per key block of
+a batch element, and a small column sum over those rows finishes it, where a column sum of dqkv would read
+[B, N, 3D] again. (Reading the stored rows back after a barrier instead cost the dQ and dK/dV kernels 0.02 and
+0.05 ms at CIFAR-10's training shape, H200, 2026-11-28, more than the column sum it saved.)
 
 The launchers are ops/fused_attention.py's.
 """
@@ -17,26 +19,28 @@ from .common import attention_probs, block_and_head, full_blocks_end, load_kv
 
 
 @triton.jit
-def _column_partials(COLSUM, g_ptrs, mask, b, pid, N, width, cols, mask_cols, per_batch, BLOCK: tl.constexpr):
-    """The column sums of the gradient rows a program has just stored at g_ptrs [BLOCK, BLOCK_D] (masked elements
-    count as zeros) into COLSUM's row b * per_batch + pid, columns `cols`; the pair's last block also zeroes its
-    columns of the rows after it up to per_batch (the other backward kernel may cut the pair into more blocks).
-    The rows are read back (from L2) rather than reduced from the registers that stored them: sm_90, bf16, head dim
-    64, triton 3.6, the dQ 64 x 32 tile went from 114 to 133 registers that way (a block per SM lost), 112 this way."""
-    tl.debug_barrier()  # the block's stores, visible to all its threads
-    sums = tl.sum(tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32), 0)
-    base = COLSUM + b.to(tl.int64) * per_batch * width + cols
-    tl.store(base + pid * width, sums, mask=mask_cols)
+def _column_partials(COLSUM, q_sums, k_sums, v_sums, b, pid, N, D, cols, mask_cols, per_batch, BLOCK: tl.constexpr):
+    """A dK/dV program's share of the column sums of dq, dk and dv (each [BLOCK_D], its head's columns `cols`) into
+    COLSUM's row b * per_batch + pid; the pair's last key block also zeroes its columns of the rows after it up to
+    per_batch (laid out for the smallest block any config has)."""
+    base = COLSUM + b.to(tl.int64) * per_batch * 3 * D + cols
+    row = base + pid * 3 * D
+    tl.store(row, q_sums, mask=mask_cols)
+    tl.store(row + D, k_sums, mask=mask_cols)
+    tl.store(row + 2 * D, v_sums, mask=mask_cols)
     blocks = tl.cdiv(N, BLOCK)
     if pid == blocks - 1:
+        zeros = tl.zeros_like(q_sums)
         for r in range(blocks, per_batch):
-            tl.store(base + r * width, tl.zeros_like(sums), mask=mask_cols)
+            for part in tl.static_range(3):
+                tl.store(base + r * 3 * D + part * D, zeros, mask=mask_cols)
 
 
 @triton.jit
 def _dkdv_step(
     dk,
     dv,
+    ds_cols,
     k,
     v,
     q_base,
@@ -52,9 +56,11 @@ def _dkdv_step(
     N,
     qk_scale_log2,
     DOT_PRECISION: tl.constexpr,
+    HAS_COLSUM: tl.constexpr,
 ):
     """dK and dV of the program's keys from the query rows `rows`; `stats` points at this pair's [2, N] row max and
-    log2 row sum, DELTA at its [N] delta."""
+    log2 row sum, DELTA at its [N] delta. HAS_COLSUM: each of ds_cols' 16 rows [BLOCK_N] += dS's sums over these
+    rows."""
     mask_m = rows < N
     mask_q = mask_m[:, None] & mask_d[None, :]
     q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=mask_q, other=0.0)
@@ -67,19 +73,25 @@ def _dkdv_step(
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-    return dk, dv
+    if HAS_COLSUM:
+        # a product with 16 rows of ones (the smallest dot) rather than tl.sum(ds, 0): that reduction across the
+        # warps at every step took the 64 x 32 tile from 142 to 178 registers (sm_90, bf16, triton 3.6: three
+        # blocks an SM to two); this one, dS as the dK product rounds it, 142
+        ones = tl.full((16, ds.shape[0]), 1.0, tl.float32).to(q.dtype)
+        ds_cols += tl.dot(ones, ds.to(q.dtype), input_precision=DOT_PRECISION)
+    return dk, dv, ds_cols
 
 
 @triton.heuristics({"HAS_COLSUM": lambda args: args["COLSUM"] is not None})
-@triton.jit
+@triton.jit(do_not_specialize=["BH"])
 def attention_bwd_dkdv_kernel(
     QKV,  # [B, N, 3 * H * d] packed q | k | v
     DO,  # [B, N, H * d] gradient of the output
     LSE,  # [B * H, 2, N] fp32 softmax statistics from the forward
     DELTA,  # [B * H, N] fp32 rowsum(dO * O): written by the dQ kernel, read by the dK/dV kernel
     DQKV,  # [B, N, 3 * H * d] packed gradient: dq from the dQ kernel, dk | dv from the dK/dV kernel
-    COLSUM,  # [B * colsum_rows, 3 * H * d] fp32 or None: per batch element and block, the column sums of the rows
-    #          stored into DQKV (the qkv layer's bias gradient, once summed over all rows)
+    COLSUM,  # [B * colsum_rows, 3 * H * d] fp32 or None: per batch element and key block, the column sums of dqkv's
+    #          rows as computed (the qkv layer's bias gradient, once summed over all rows)
     stride_qb,
     stride_qn,
     stride_dob,
@@ -91,7 +103,8 @@ def attention_bwd_dkdv_kernel(
     D,
     sm_scale,
     qk_scale_log2,
-    colsum_rows,  # COLSUM's rows per batch element: at least either kernel's blocks of a pair
+    colsum_rows,  # COLSUM's rows per batch element: at least this kernel's key blocks of a pair
+    BH,  # B * H: not read; the tuner's key (how many programs fill the GPU decides the tile)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -118,12 +131,14 @@ def attention_bwd_dkdv_kernel(
     v = tl.load(q_base + 2 * D + offs_n[:, None] * stride_qn + offs_d[None, :], mask=mask_kv, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    ds_cols = tl.zeros([16, BLOCK_N], dtype=tl.float32)  # sum over all query rows of dS, per key, 16 times (HAS_COLSUM)
     m_full = full_blocks_end(N, BLOCK_M, TAIL)
     for start_m in range(0, m_full, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        dk, dv = _dkdv_step(
+        dk, dv, ds_cols = _dkdv_step(
             dk,
             dv,
+            ds_cols,
             k,
             v,
             q_base,
@@ -139,13 +154,15 @@ def attention_bwd_dkdv_kernel(
             N,
             qk_scale_log2,
             DOT_PRECISION,
+            HAS_COLSUM,
         )
     if TAIL > 0:
         if m_full < N:
             rows = m_full + tl.arange(0, TAIL)
-            dk, dv = _dkdv_step(
+            dk, dv, ds_cols = _dkdv_step(
                 dk,
                 dv,
+                ds_cols,
                 k,
                 v,
                 q_base,
@@ -161,27 +178,30 @@ def attention_bwd_dkdv_kernel(
                 N,
                 qk_scale_log2,
                 DOT_PRECISION,
+                HAS_COLSUM,
             )
     g_base = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_n[:, None] * stride_gn + offs_d[None, :]
     tl.store(g_base + D, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=mask_kv)
     tl.store(g_base + 2 * D, dv.to(DQKV.dtype.element_ty), mask=mask_kv)
     if HAS_COLSUM:
+        # from the registers: dk and dv's sums over this block's keys, and its keys' share of dq's sum over all
+        # rows, sum_i dq_i = scale * sum_j (sum_i dS_ij) k_j, which the dQ kernel would need all keys for. The sums
+        # of dS go into that product rounded to the compute dtype (in fp32: 178 registers, as above): as exact as
+        # summing the rounded dq rows was (tests/test_qkv_attention.py)
+        q_sums = tl.sum(tl.dot(ds_cols.to(k.dtype), k, input_precision=DOT_PRECISION), 0) * (sm_scale / 16)
+        k_sums = tl.sum(dk, 0) * sm_scale
+        v_sums = tl.sum(dv, 0)
         cols = h * HEAD_DIM + offs_d
-        for part in tl.static_range(1, 3):  # dk, dv
-            ptrs = g_base + part * D
-            _column_partials(COLSUM, ptrs, mask_kv, b, pid_n, N, 3 * D, part * D + cols, mask_d, colsum_rows, BLOCK_N)
+        _column_partials(COLSUM, q_sums, k_sums, v_sums, b, pid_n, N, D, cols, mask_d, colsum_rows, BLOCK_N)
 
 
-@triton.heuristics({"HAS_COLSUM": lambda args: args["COLSUM"] is not None})
-@triton.jit
+@triton.jit(do_not_specialize=["BH"])
 def attention_bwd_dq_kernel(
     QKV,  # [B, N, 3 * H * d] packed q | k | v
     DO,  # [B, N, H * d] gradient of the output
     LSE,  # [B * H, 2, N] fp32 softmax statistics from the forward
     DELTA,  # [B * H, N] fp32 rowsum(dO * O): written by the dQ kernel, read by the dK/dV kernel
     DQKV,  # [B, N, 3 * H * d] packed gradient: dq from the dQ kernel, dk | dv from the dK/dV kernel
-    COLSUM,  # [B * colsum_rows, 3 * H * d] fp32 or None: per batch element and block, the column sums of the rows
-    #          stored into DQKV (the qkv layer's bias gradient, once summed over all rows)
     stride_qb,
     stride_qn,
     stride_dob,
@@ -193,14 +213,13 @@ def attention_bwd_dq_kernel(
     D,
     sm_scale,
     qk_scale_log2,
-    colsum_rows,  # COLSUM's rows per batch element: at least either kernel's blocks of a pair
+    BH,  # B * H: not read; the tuner's key (how many programs fill the GPU decides the tile)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TAIL: tl.constexpr = 0,  # the last partial key block in a TAIL-column block where it fits (0: none)
-    HAS_COLSUM: tl.constexpr = False,
 ):
     # One program owns a block of queries and sweeps all keys twice: first for delta_i = rowsum(P * dP), then for
     # dQ. Flash attention takes delta = rowsum(dO * O) instead, with O rounded to bf16: when the softmax saturates
@@ -271,9 +290,6 @@ def attention_bwd_dq_kernel(
     )
     g_ptrs = DQKV + b.to(tl.int64) * stride_gb + h * HEAD_DIM + offs_m[:, None] * stride_gn + offs_d[None, :]
     tl.store(g_ptrs, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask_q)
-    if HAS_COLSUM:
-        cols = h * HEAD_DIM + offs_d
-        _column_partials(COLSUM, g_ptrs, mask_q, b, pid_m, N, 3 * D, cols, mask_d, colsum_rows, BLOCK_M)
 
 
 @triton.jit

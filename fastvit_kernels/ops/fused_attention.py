@@ -43,7 +43,10 @@ MAX_HEAD_DIM = 256  # BLOCK_D = 256 already fills the register file with a 64-ro
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-_KEY = ["N", "HEAD_DIM", "DOT_PRECISION"]
+# Triton's autotuner times the candidates per these arguments (and keeps the timings on disk where asked): BH, the
+# (batch, head) pairs, is among them because the grid's size decides the tile; a batch of 8 chose the tile for
+# batch 512 without it (H200, 2026-11-28: the N = 65 forward 0.046 -> 0.061 ms)
+_KEY = ["N", "BH", "HEAD_DIM", "DOT_PRECISION"]
 _fwd = Launcher(attention_fwd_kernel, ATTENTION_FWD_CONFIGS, _KEY, prune_attention)
 _bwd_dkdv = Launcher(attention_bwd_dkdv_kernel, ATTENTION_BWD_DKDV_CONFIGS, _KEY, prune_attention)
 _bwd_dq = Launcher(attention_bwd_dq_kernel, ATTENTION_BWD_DQ_CONFIGS, _KEY, prune_attention)
@@ -96,8 +99,9 @@ def attention_fwd(qkv, num_heads, scale):
         return (row_blocks(N, cfg["BLOCK_M"], cfg.get("ROW_TAIL", 0)) * pairs,)
 
     dot = dot_precision(qkv.dtype)
-    # everything the configuration depends on (prune_attention: the length, the head dim, the element size)
-    key = (N, d, qkv.dtype, dot, qkv.device)
+    # everything the configuration depends on (prune_attention: the length, the head dim, the element size; the
+    # grid's size: pairs_bucket)
+    key = (N, pairs_bucket(pairs), d, qkv.dtype, dot, qkv.device)
     _fwd.launch(
         key,
         grid,
@@ -141,7 +145,7 @@ def attention_bwd(do, qkv, lse, num_heads, scale, bias_rows=False):
     strides = (qkv.stride(0), qkv.stride(1), do.stride(0), do.stride(1), dqkv.stride(0), dqkv.stride(1))
     scales = (scale, scale * LOG2E)
     dot = dot_precision(qkv.dtype)
-    key = (N, d, qkv.dtype, dot, bias_rows, qkv.device)  # the configs differ with the bias rows (prune_attention)
+    key = (N, pairs_bucket(pairs), d, qkv.dtype, dot, qkv.device)
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=dot)
 
     def dq_grid(cfg):
@@ -150,17 +154,25 @@ def attention_bwd(do, qkv, lse, num_heads, scale, bias_rows=False):
     def dkdv_grid(cfg):
         return (cdiv(N, cfg["BLOCK_N"]) * pairs,)
 
-    tensors = (qkv, do, lse, delta, dqkv, rows)
-    scalars = (N, num_heads, D, *scales, per_batch)
-    _bwd_dq.launch(key, dq_grid, *tensors, *strides, *scalars, **meta)  # first: writes delta
-    _bwd_dkdv.launch(key, dkdv_grid, *tensors, *strides, *scalars, **meta)
+    tensors = (qkv, do, lse, delta, dqkv)
+    scalars = (N, num_heads, D, *scales)
+    _bwd_dq.launch(key, dq_grid, *tensors, *strides, *scalars, pairs, **meta)  # first: writes delta
+    # the configs differ with the bias rows (prune_attention)
+    dkdv_key = (*key, bias_rows)
+    _bwd_dkdv.launch(dkdv_key, dkdv_grid, *tensors, rows, *strides, *scalars, per_batch, pairs, **meta)
     return dqkv, rows
 
 
 def bias_row_count(N: int) -> int:
-    """The partial rows per batch element of attention_bwd's bias rows: the most blocks either backward kernel may
-    cut a pair of length N into."""
+    """The partial rows per batch element of attention_bwd's bias rows: the most key blocks the dK/dV kernel may cut
+    a pair of length N into."""
     return cdiv(N, ATTENTION_BWD_MIN_BLOCK)
+
+
+def pairs_bucket(pairs: int) -> int:
+    """The (batch, head) pairs as the launchers' keys hold them: the next power of two, so that an epoch's last,
+    smaller batch mostly reuses the tile chosen for the full ones instead of timing the candidates again."""
+    return next_pow2(pairs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
