@@ -1,16 +1,15 @@
 """The casts of a step plan's lines in batches (recording.Recorder.function): autocast's casts of the weights, one
-launch of our cast kernel for many (ops/cast.py), and where they are the model's own tensors, into outputs the
-replay keeps from call to call (KeptCasts)."""
+torch._foreach_copy_ for many (ops/cast.py), and where they are the model's own tensors, into outputs the replay
+keeps from call to call (KeptCasts)."""
 
 from .lines import Line
-from .ops.cast import CastBatch, KeptCasts
+from .ops.cast import KeptCasts, cast_batch
 
 
 def batch_casts(lines: list, returned: set, const) -> list:
-    """lines with their casts in batches, one ops.cast.CastBatch call each (a launch for CAST_PAIRS casts on a
-    GPU, where each cast is a launch of its own: ~100 casts of weights in an autocast forward, ~100 of their gradients
-    in the backward; torch._foreach_copy_ launches one a tensor when the dtypes differ). Two kinds move, the values
-    they compute unchanged:
+    """lines with their casts in batches, one ops.cast.cast_batch call each (one foreach copy where each cast is a
+    torch operation of its own: ~100 casts of weights in an autocast forward, ~100 of their gradients in the
+    backward). Two kinds move, the values they compute unchanged:
     - casts of the model's tensors and the function's inputs (names no line makes) run together where the first of a
       batch ran; a line with effects that reads the input of a later one ends the batch before it (an input written
       in place keeps its name; a weight written in place is named by that line from then on, so its later casts read
@@ -67,7 +66,7 @@ def _add(batches: list, batch: list, i: int, lines: list):
 
 
 def _batch(lines: list, ids: list, const) -> list:
-    """The lines that do the casts of lines[ids]: their outputs' allocations, then one CastBatch per dtype pair."""
+    """The lines that do the casts of lines[ids]: their outputs' allocations, then one cast_batch per dtype pair."""
     out, groups = [], {}
     for i in ids:
         line = lines[i]
@@ -76,7 +75,7 @@ def _batch(lines: list, ids: list, const) -> list:
     for pairs in groups.values():
         dsts, srcs = [d for d, _ in pairs], [c.src for _, c in pairs]
         reads = dsts + [c.src for _, c in pairs if c.read]
-        copy = const(CastBatch())
+        copy = const(cast_batch)
         out.append(Line(f"{copy}(({', '.join(dsts)},), ({', '.join(srcs)},))", reads))
     return out
 

@@ -42,7 +42,6 @@ def _variants(cap):
     from fastvit_kernels import configs as tn
     from fastvit_kernels.kernels import attention as atk
     from fastvit_kernels.kernels import attention_bwd as atb
-    from fastvit_kernels.kernels import cast as cst
     from fastvit_kernels.kernels import gemm
     from fastvit_kernels.kernels import gemm_layernorm as gln
     from fastvit_kernels.kernels import layernorm as lnk
@@ -272,17 +271,6 @@ def _variants(cap):
             tn.prune_patch_embed_dx,
             full,
         )
-    # the step plans' batched casts: autocast's to the compute dtype, and the gradients' back; a full launch and one
-    # of a single pair (the others compiled out)
-    for src, dst in (("fp32", "bf16"), ("fp32", "fp16"), ("bf16", "fp32"), ("fp16", "fp32")):
-        for pairs in (cst.CAST_PAIRS, 1):
-            ptrs = {
-                f"{k}{i}": (dt if i < pairs else None)
-                for i in range(cst.CAST_PAIRS)
-                for k, dt in (("S", src), ("D", dst))
-            }
-            consts = {"BLOCK": tn.CAST_BLOCK, **{f"HAS{i}": i < pairs for i in range(1, cst.CAST_PAIRS)}}
-            out.append(("cast_pairs_kernel", cst.__name__, ptrs, consts, tn.CAST_WARPS, 1))
     return out
 
 

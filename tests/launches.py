@@ -12,10 +12,10 @@ import functools
 
 from triton.runtime import KernelInterface
 
-from fastvit_kernels.ops import cast, fused_attention, fused_patch_embed, gemm, layernorm, reduce
+from fastvit_kernels.ops import fused_attention, fused_patch_embed, gemm, layernorm, reduce
 from fastvit_kernels.tuning import Launcher
 
-OP_MODULES = [fused_attention, gemm, layernorm, reduce, fused_patch_embed, cast]
+OP_MODULES = [fused_attention, gemm, layernorm, reduce, fused_patch_embed]
 
 
 class _KernelRecorder:

@@ -12,7 +12,7 @@ from launches import record_launches
 from plans import SMALL, calls, lines_calling, only_plan, plan_for, small_model, unplanned
 
 from fastvit_kernels import plan, tuning
-from fastvit_kernels.ops.cast import CastBatch, KeptCasts
+from fastvit_kernels.ops.cast import KeptCasts, cast_batch
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
@@ -63,7 +63,7 @@ def test_replay_under_autocast_matches_the_forward(device, monkeypatch):
         assert torch.equal(replayed, forward)
     # autocast's casts of the model's weights run as one batch, into copies the plan keeps; at most one cast is left
     # in place, of an activation
-    assert lines_calling(p, KeptCasts) == 1 and lines_calling(p, CastBatch) == 0
+    assert lines_calling(p, KeptCasts) == 1 and lines_calling(p, cast_batch) == 0
     assert lines_calling(p, torch.ops.aten._to_copy.default._op) <= 1
 
 

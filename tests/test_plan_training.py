@@ -10,7 +10,7 @@ from launches import record_launches
 from plans import lines_calling, plan_for, small_model
 
 from fastvit_kernels import plan
-from fastvit_kernels.ops.cast import CastBatch, KeptCasts
+from fastvit_kernels.ops.cast import KeptCasts, cast_batch
 
 
 def _train_step(model, x, planned=True, monkeypatch=None, seed=0):
@@ -69,7 +69,7 @@ def test_training_replay_under_autocast_with_embedding_dropout(device, monkeypat
     assert isinstance(p, plan.TrainingPlan)
     # the weights' casts in the forward (into copies the plan keeps), their gradients' casts back to fp32 in the
     # backward: a batch each
-    assert lines_calling(p, KeptCasts) == 1 and lines_calling(p, CastBatch) == 1
+    assert lines_calling(p, KeptCasts) == 1 and lines_calling(p, cast_batch) == 1
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "autocast"])

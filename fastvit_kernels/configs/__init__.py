@@ -49,15 +49,12 @@ from .memory import (  # noqa: F401
     smem_limit,
 )
 from .rows import (  # noqa: F401
-    CAST_BLOCK,
-    CAST_WARPS,
     COLUMN_SUM_BLOCK_N,
     COLUMN_SUM_CONFIGS,
     COLUMN_SUM_PROGRAMS_PER_SM,
     LAYERNORM_BWD_CONFIGS,
     LAYERNORM_BWD_PROGRAMS_PER_SM,
     LAYERNORM_FWD_PARAMS,
-    cast_kernel_on,
     column_sum_kernel_on,
     prune_column_sum,
     prune_layernorm_bwd,

@@ -1,5 +1,5 @@
 """The row kernels' configurations: the LayerNorm forward and backward (ops/layernorm.py), the column sums beside
-cuBLAS's weight gradient, the step plans' batched casts (ops/cast.py).
+cuBLAS's weight gradient.
 """
 
 import os
@@ -38,18 +38,6 @@ def column_sum_kernel_on() -> bool:
 def prune_column_sum(configs, args):
     """The pipelined configs where row_pipeline_on."""
     return [c for c in configs if row_pipeline_on() or c.kwargs["LOAD_STAGES"] == 1]
-
-
-# The casts of a step plan's batches (kernels/cast.py): CAST_BLOCK elements a program, one config for every size (a
-# copy: its speed is its bytes').
-CAST_BLOCK = 4096
-CAST_WARPS = 4
-
-
-def cast_kernel_on() -> bool:
-    """FASTVIT_CAST_KERNEL=0 runs the step plans' batched casts through torch._foreach_copy_ instead of our kernel
-    (new since the last GPU run: the GPU check sets it if the kernel's tests or memcheck fail there)."""
-    return os.environ.get("FASTVIT_CAST_KERNEL", "1") != "0"
 
 
 def row_kernel_params(D, elems, max_rows):
