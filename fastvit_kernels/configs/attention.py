@@ -101,20 +101,24 @@ ATTENTION_BWD_MIN_BLOCK = min(c.kwargs["BLOCK_N"] for c in (*ATTENTION_BWD_DKDV_
 ATTENTION_SMEM_BUDGET = 160 * 1024  # under sm_80's 164 KB and sm_90's 228 KB per block
 
 
-def _attention_smem(cfg, block_d, elem):
-    # pipelined K/V (or Q/dO) tiles per stage plus the resident tile (WHOLE: q, k and v per stage); checked against
-    # the compiler's own numbers by tests/test_compile_targets.py
+def _attention_smem(cfg, block_d, elem, rows=False):
+    # pipelined K/V (or Q/dO) tiles per stage plus the resident tile (WHOLE: q, k and v per stage); with the qkv bias
+    # rows (dK/dV), a K-sized tile twice more for their two products' operands (sm_90, bf16, head dim 256, the 64 x 64
+    # tile: 246 KB compiled, past the 228 KB a block may have); checked against the compiler's own numbers by
+    # tests/test_compile_targets.py
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     if cfg.kwargs.get("WHOLE"):
         return cfg.num_stages * 3 * (bm + cfg.kwargs["TAIL"]) * block_d * elem
-    return (cfg.num_stages * 2 * max(bm, bn) + min(bm, bn) + cfg.kwargs.get("ROW_TAIL", 0)) * block_d * elem
+    tiles = cfg.num_stages * 2 * max(bm, bn) + min(bm, bn) + cfg.kwargs.get("ROW_TAIL", 0) + (2 * bn if rows else 0)
+    return tiles * block_d * elem
 
 
 def prune_attention(configs, args):
     # fp32 with big head dims: the tiles outgrow shared memory, so only the smaller ones stay
     block_d = args["BLOCK_D"]
     elem = args["QKV"].element_size()
-    kept = [c for c in configs if _attention_smem(c, block_d, elem) <= ATTENTION_SMEM_BUDGET]
+    rows = args.get("COLSUM") is not None
+    kept = [c for c in configs if _attention_smem(c, block_d, elem, rows) <= ATTENTION_SMEM_BUDGET]
     # a WHOLE tile must hold the sequence, and its tail must hold some of it (else a tail-less tile does the same
     # work); N is unknown when the compile check asks: keep them all
     n = args.get("N")
@@ -126,7 +130,7 @@ def prune_attention(configs, args):
     kept = [c for c in kept if c.maxnreg is None or (elem == 2 and block_d <= 64)]
     # the whole-pair dK/dV tile is at the register file's limit (255) without the qkv bias rows and spills with them
     # (sm_90, bf16, head dim 64, triton 3.8: 24 B)
-    if args.get("COLSUM") is not None:
+    if rows:
         kept = [c for c in kept if c is not DKDV_WHOLE_PAIR]
     return kept or [ATTENTION_FALLBACK_CONFIG]
 
