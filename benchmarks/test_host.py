@@ -2,7 +2,8 @@
 
 Every kernel launch is a no-op here: the kernel each tuning.Launcher would launch is swapped for a recorder
 (tests/launches.py), so the Launchers' own path (the configuration per key, the grid) is timed and Triton's is not;
-the cuBLAS calls of our backward (dx = dy @ W, torch.matmul) return an empty tensor of the right shape. The tensors
+the cuBLAS calls of our backward (dx = dy @ W, torch.matmul) return an empty tensor of the right shape, and the step
+plans' batched casts (torch._foreach_copy_, ops/cast.py) copy nothing. The tensors
 are CPU tensors, batch 1, bf16 weights: torch's ops around our kernels (allocations, casts, autograd) are dispatched
 as on a GPU and compute next to nothing. What is timed: our Python (checks, the custom-op bypass, autograd, the
 launchers' argument lists) and torch's dispatch, per step. Not timed: Triton's own launcher (JITFunction.run: argument
@@ -79,7 +80,9 @@ def _keep_freed_memory():
 
 @pytest.fixture(params=["no-op", "triton-run"])
 def stand_ins(request, monkeypatch):
-    """Our kernel launches and the backward's matmuls as no-ops; CPU tensors accepted as under the interpreter.
+    """Our kernel launches, the backward's matmuls and the plans' batched casts (torch._foreach_copy_: on a GPU a
+    launch or a few a batch, here the CPU's own ~4 ms copy of the weights) as no-ops; CPU tensors accepted as under
+    the interpreter.
     no-op: each kernel a recorder (tests/launches.py); triton-run: Triton's own JITFunction.run of each kernel, with
     a no-op launcher (tests/offline_triton.py). (the kind, the list each launch appends to)"""
     _keep_freed_memory()
@@ -90,6 +93,7 @@ def stand_ins(request, monkeypatch):
     monkeypatch.setenv("FASTVIT_AUTOTUNE", "0")  # configs chosen without timing them: the no-op kernels have no time
     monkeypatch.setattr(_common, "interpreting", lambda: True)
     monkeypatch.setattr(torch, "matmul", lambda a, b: a.new_empty((*a.shape[:-1], b.shape[-1])))
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dsts, srcs: None)
     return request.param, launches
 
 
