@@ -148,7 +148,13 @@ class Recorder(TorchDispatchMode):
     def _cast(self, func, args, kwargs, out):
         """The Cast of a dtype conversion that a batch may do instead (a contiguous tensor to a new one of the same
         shape: autocast's casts of the weights, and of their gradients back), else None."""
-        if func is not _aten._to_copy.default or len(args) != 1 or not isinstance(out, torch.Tensor):
+        if not isinstance(out, torch.Tensor):
+            return None
+        if func is _aten.to.dtype and len(args) == 2 and not kwargs and out.dtype != args[0].dtype:
+            # under inference_mode autocast's casts reach the recorder undecomposed, as to(src, dtype) (to() in the
+            # tensor's own dtype returns the tensor: no cast)
+            args, kwargs = args[:1], {"dtype": args[1]}
+        elif func is not _aten._to_copy.default or len(args) != 1:
             return None
         src = args[0]
         if src.shape != out.shape or src.device != out.device or not src.is_contiguous():
