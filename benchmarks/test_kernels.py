@@ -96,7 +96,7 @@ def test_attention(benchmark, bench_opts, device, shape, row, mode, monkeypatch)
 @pytest.mark.parametrize("shape", list(ATTN_SHAPES)[:2])
 def test_qkv_attention(benchmark, bench_opts, device, shape, row):
     """The qkv projection and the attention, forward and backward, with qkv's bias: ours as one op (qkv's bias
-    gradient from the attention backward's partial rows), ours composed of the linear and attention ops (the column
+    gradient from the dK/dV kernel's partial rows), ours composed of the linear and attention ops (the column
     sum over dqkv, as before session 21), eager (F.linear, then SDPA's default backend)."""
     need_cuda(device, "kernel benchmarks")
     B, H, N, d = ATTN_SHAPES[shape]

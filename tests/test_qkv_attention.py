@@ -1,5 +1,5 @@
 """qkv_attention: the qkv projection and the attention as one op, its backward taking qkv's bias gradient from the
-attention backward's partial rows (cuBLAS's weight-gradient candidate) or from our weight-gradient kernel."""
+partial rows the attention's dK/dV kernel leaves, whichever weight-gradient candidate runs."""
 
 import math
 
@@ -20,7 +20,7 @@ from fastvit_kernels.ops import fused_attention, qkv_attention, qkv_attention_re
 
 @pytest.fixture(params=tuning.GEMM_BACKENDS)
 def backend(request, monkeypatch):
-    """Each GEMM family in turn: cuBLAS's weight gradient sums the attention backward's rows, ours sums dqkv."""
+    """Each GEMM family in turn (both take the bias gradient from the attention backward's rows)."""
     force_gemm_candidate(monkeypatch, request.param)
     return request.param
 

@@ -4,9 +4,9 @@ backward's own pass:
   qkv_attention(h, weight, bias, num_heads, scale)   = attention(linear(h, weight, bias), num_heads, scale)
 
 The forward is linear's GEMM, then the attention kernel: the two launches the two ops made. The backward runs the
-attention backward, whose programs also leave the column sums of the dqkv rows they store (a partial row per block
-of a batch element), then qkv's weight gradient, which sums those few rows for the bias gradient where a column sum
-read dqkv again ([B, N, 3D]: 77 MB a block at CIFAR-10's training shape), and dh = dqkv @ W.
+attention backward, whose dK/dV programs also leave the column sums of dqkv from their registers (a partial row per
+key block of a batch element), then qkv's weight gradient, which sums those few rows for the bias gradient where a
+column sum read dqkv again ([B, N, 3D]: 77 MB a block at CIFAR-10's training shape), and dh = dqkv @ W.
 
 Per op: custom ops (torch.library) with fake implementations and autograd formulas, the checked public function and
 the eager reference.
