@@ -1,10 +1,14 @@
 """Where the GPU time of one CIFAR-10 step goes, per kernel: ours against eager SDPA, inference and training, bf16.
 
-    python benchmarks/profile_step.py [OUT_DIR]
+    python benchmarks/profile_step.py [OUT_DIR]          # the model's steps: OUT_DIR/profile.md
+    python benchmarks/profile_step.py --qkv [OUT_DIR]    # qkv_attention's rows: OUT_DIR/profile-qkv.md
 
-Prints (and writes to OUT_DIR/profile.md) the kernels that take the most GPU time per step, with launches per step,
-from torch.profiler over a few steps after warm-up (autotuning excluded). The benchmark rows say how fast a step is;
-this says which kernels to work on.
+Prints (and writes to OUT_DIR) the kernels that take the most GPU time per step, with launches per step, from
+torch.profiler over a few steps after warm-up (autotuning excluded). The benchmark rows say how fast a step is; this
+says which kernels to work on. `--qkv`: the qkv projection and attention at CIFAR-10's training shape, forward and
+backward, as `benchmarks/test_kernels.py::test_qkv_attention` times it: our one op (qkv's bias gradient from the dK/dV
+kernel's rows) and the linear and attention ops composed, whose difference the rows alone do not explain (H200,
+2026-11-28: 0.429 against 0.416 ms, where the tuner's kernel times added up to the one op ~0.04 ms ahead).
 """
 
 import sys
@@ -14,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastvit_kernels import vit_cifar10
+from fastvit_kernels import ops, vit_cifar10
 
 BATCH, STEPS, TOP = 512, 3, 12
 
@@ -38,13 +42,35 @@ def profile(backend, mode):
     x = torch.randn(BATCH, 3, 32, 32, device="cuda")
     y = torch.randint(0, 10, (BATCH,), device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    return _kernel_table(f"{backend} / {mode}", lambda: _step(model, mode, x, y, opt))
+
+
+def profile_qkv(row):
+    """qkv_attention forward and backward at CIFAR-10's shape (B 512, 6 heads, 65 tokens, d 64), bf16: `ours` the one
+    op, `ours-composed` linear then attention."""
+    torch.manual_seed(0)
+    B, H, N, d = 512, 6, 65, 64
+    h = torch.randn(B, N, H * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (0.02 * torch.randn(3 * H * d, H * d, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+    b = (0.02 * torch.randn(3 * H * d, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+    do = torch.randn(B, N, H * d, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        o = ops.qkv_attention(h, w, b, H) if row == "ours" else ops.attention(ops.linear(h, w, b), H)
+        torch.autograd.grad(o, (h, w, b), do)
+
+    return _kernel_table(f"qkv_attention / {row}", step)
+
+
+def _kernel_table(title, step):
+    """The kernels of step() by GPU time, per call of it, after three calls that tune."""
     for _ in range(3):
-        _step(model, mode, x, y, opt)  # autotuning and cuBLAS heuristics happen here
+        step()  # autotuning and cuBLAS heuristics happen here
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(STEPS):
-            _step(model, mode, x, y, opt)
+            step()
         torch.cuda.synchronize()
     per_kernel = defaultdict(lambda: [0.0, 0])
     for ev in prof.events():
@@ -55,7 +81,7 @@ def profile(backend, mode):
     total = sum(ms for ms, _ in per_kernel.values())
     rows = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
     lines = [
-        f"### {backend} / {mode}: {total:.2f} ms of GPU time per step, "
+        f"### {title}: {total:.2f} ms of GPU time per step, "
         f"{sum(n for _, n in per_kernel.values()) // STEPS} kernels per step",
         "",
         "| kernel | ms/step | share | launches/step |",
@@ -74,14 +100,21 @@ def main():
     if not torch.cuda.is_available():
         print("profile_step.py needs a CUDA GPU")
         return
+    args = sys.argv[1:]
+    qkv = "--qkv" in args
+    args = [a for a in args if a != "--qkv"]
     out = [f"card: {torch.cuda.get_device_name()} | torch {torch.__version__} | batch {BATCH} | bf16 autocast"]
-    for mode in ("infer", "train"):
-        for backend in ("triton", "torch"):
-            out.append(profile(backend, mode))
-            print(out[-1] + "\n", flush=True)
-    if len(sys.argv) > 1:
-        Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
-        (Path(sys.argv[1]) / "profile.md").write_text("\n\n".join(out) + "\n")
+    tables = (
+        [lambda r=r: profile_qkv(r) for r in ("ours", "ours-composed")]
+        if qkv
+        else [lambda m=m, b=b: profile(b, m) for m in ("infer", "train") for b in ("triton", "torch")]
+    )
+    for table in tables:
+        out.append(table())
+        print(out[-1] + "\n", flush=True)
+    if args:
+        Path(args[0]).mkdir(parents=True, exist_ok=True)
+        (Path(args[0]) / ("profile-qkv.md" if qkv else "profile.md")).write_text("\n\n".join(out) + "\n")
 
 
 if __name__ == "__main__":
