@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A second call on the machine `gpu_check.sh` left warm (its tuning on disk): the rows the check's stage limits leave
-# out, 10 rounds each, at most 225 s (what a lent GPU's 15 minutes leave after the check and a start). In priority
+# out, 10 rounds each, at most 225 s (a lent GPU's 15 minutes left ~145 s after the focus and the check on the H200,
+# 2026-11-28: give the call what is left; its stages stream their rows, so a cut keeps what ran). In priority
 # order: the per-kernel profile of qkv_attention's two rows (profile-qkv.md: why the one op lost to its two parts on
 # the H200, 2026-11-28, where the tuner's kernel times had it ahead), torch.compile with CUDA graphs over our model's
 # training step (the row; it compiles for a minute or more), ViT-B/16 end to end, the attention rows with
