@@ -127,7 +127,7 @@ K=benchmarks/test_kernels.py
 # op against its two ops composed), then attention at CIFAR-10's length (its SDPA rows were cut on the H100,
 # 2026-11-27; 197 and 257 tokens: gpu_second.sh), then the rest
 bench 80 $K::test_qkv_attention $K::test_attention $K::test_layernorm_mlp $K::test_patch_embed $K::test_layernorm_bwd \
-  $K::test_column_sum -k "(ours or flash or cudnn or eager or foreach) and not no-whole and not N197 and not N257"
+  $K::test_column_sum -k "(ours or flash or cudnn or eager) and not no-whole and not N197 and not N257"
 # the GEMMs with an epilogue (their weight gradients and the +norm candidates: gpu_second.sh)
 bench 40 benchmarks/test_gemms.py -k "cifar10 and not dW and not norm"
 echo "=== GPU time per kernel, one CIFAR-10 step (ours and eager SDPA)"
