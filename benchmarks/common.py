@@ -127,7 +127,11 @@ def measure(
     kernel_time=True (the per-kernel rows, on a GPU) a round is gpu_ms(): the GPU time of one call with the host kept
     ahead, and host_ms is recorded beside it.
 
-    describe() (optional) is called after the timing and its dict joins the row: what an autotuner chose, say."""
+    describe() (optional) is called after the timing and its dict joins the row: what an autotuner chose, say.
+    A per-kernel row's GEMMs are chosen by their GPU time, which it measures, even in a backward (tuning.py: a
+    training step's choices count host time too; the e2e rows run as a user's step does)."""
+    if kernel_time:
+        fn = _gpu_time_only(fn)
 
     def timed():
         fn()
@@ -211,17 +215,31 @@ def chosen_configs(**launchers):
     return describe
 
 
-def gemm_backends():
+def _gpu_time_only(fn):
+    from fastvit_kernels import tuning
+
+    def call():
+        with tuning.gpu_time_only():
+            return fn()
+
+    return call
+
+
+def gemm_backends(training=False):
     """A describe() for the rows that run the model: which GEMM candidate ran for each shape (tuning.pick_gemm_backend:
     Triton or cuBLAS, measured per shape on a GPU), as `gemm` in the row and in its table label when cuBLAS ran any,
-    and the candidates' times where they were measured (`gemm_ms`)."""
+    and the candidates' times where they were measured (`gemm_ms`). training: the row is a training step issued from
+    Python, whose GEMMs were chosen with their host time counted (tuning.py); else by GPU time alone (inference, CUDA
+    graphs, torch.compile's ops, the per-kernel rows)."""
 
     def describe():
         from fastvit_kernels.tuning import gemm_choices
 
-        choices = gemm_choices()
+        choices = gemm_choices(training=training)
         cublas = sorted(f"{k[0]} {k[2]}x{k[3]}" for k, v in choices.items() if v == "cublas")
         info = {"gemm": {" ".join(map(str, k[:-1])): v for k, v in choices.items()}, **gemm_candidate_ms()}
+        if training:
+            info["gemm_chosen_for"] = "a training step's GPU and host time"
         if cublas:
             info["config"] = f"cuBLAS ran {len(cublas)} of {len(choices)} GEMM shapes"
         return info

@@ -38,11 +38,11 @@ FP32_ROWS = {"ours", "ours+cudagraph", "eager-math", "eager-sdpa"}  # the compil
 _BASE = {}
 
 
-def _describe(row, model):
+def _describe(row, model, mode):
     """For our rows: the GEMM backends, and beside the host time what the step plans replay (plan.summary)."""
     if not row.startswith("ours"):
         return None
-    backends = gemm_backends()
+    backends = gemm_backends(training=mode == "train" and "compile" not in row and not row.endswith("+cudagraph"))
     if "compile" in row:
         return backends
     return lambda: {**backends(), "plan": plan.summary(model)}
@@ -167,6 +167,6 @@ def test_e2e(benchmark, bench_opts, device, workload, mode, precision, row, monk
         peak_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
         warmup=warmup,
         host=True,
-        describe=_describe(row, model),
+        describe=_describe(row, model, mode),
     )
     torch.set_float32_matmul_precision("highest")

@@ -22,7 +22,7 @@ cache_enabled=False)`), or the cached casts would be replayed from stale memory.
 
 import torch
 
-from . import arena
+from . import arena, tuning
 
 
 def cuda_graph_step(step, warmup: int = 3, pool=None):
@@ -39,12 +39,13 @@ def cuda_graph_step(step, warmup: int = 3, pool=None):
         raise ValueError(f"warmup must be at least 1 (autotuning cannot run inside a capture), got {warmup}")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
+    with tuning.gpu_time_only():  # a replay costs no host time per kernel: GEMMs chosen by their GPU time alone
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        arena.release()  # the warm-up's replays took their temporaries from it; the graph's replays use their own memory
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
             step()
-    torch.cuda.current_stream().wait_stream(side)
-    arena.release()  # the warm-up's replays took their temporaries from it; the graph's replays use their own memory
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        step()
     return graph.replay

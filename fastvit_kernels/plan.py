@@ -26,8 +26,9 @@ cannot repeat (an operation whose result Python reads, such as .item(); a tensor
 global the forward adds): `plans(model)` says which.
 
 Before each replay, the guards: the input's shape, strides, dtype, device and 16-byte alignment, whether gradients
-are on and the input needs one, the model's training flag, autocast and float32 matmul precision (the signature;
-the model calls run() only on its fused path); the addresses of the parameters and buffers the plan reads, and where
+are on and the input needs one, the model's training flag, autocast, float32 matmul precision and whether the step's
+GPU time alone counts (tuning.gpu_time_only: its GEMM choices) (the signature; the model calls run() only on its
+fused path); the addresses of the parameters and buffers the plan reads, and where
 one has moved, their shapes, strides, dtypes, devices and alignment, and in training which of them require a
 gradient (the plans' valid()); no parameter, buffer or submodule registered on the model, and no tuning.forget(),
 since the recording; no Triton launch hooks installed since (a profiler's), where the plan launches directly.
@@ -153,7 +154,8 @@ def run(model, forward, x, what="logits"):
     device = x.device
     amp = autocast_dtype(device)
     sig = (x.shape, x.stride(), x.dtype, device, x.data_ptr() % 16, grad, grad and x.requires_grad, model.training)
-    sig += (amp, torch.get_float32_matmul_precision(), what)
+    # the GEMMs a recording replays were chosen for a step whose host time counts or not (tuning.gpu_time_only)
+    sig += (amp, torch.get_float32_matmul_precision(), tuning.in_gpu_time_only(), what)
     table = _PLANS.get(model)
     if table is None:
         table = _PLANS[model] = {}

@@ -9,6 +9,7 @@ import torch
 import triton
 
 from ._interpreter import interpreting
+from .configs import GEMM_HOST_EXTRA_MS
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -145,18 +146,65 @@ def forget() -> None:
         launcher.chosen.clear()
         launcher.timings.clear()
     _GEMM_CHOICE.clear()
+    _GEMM_HOST_CHOICE.clear()
     _GEMM_TIMES.clear()
     _forgets += 1
 
 
 # Triton or cuBLAS, per GEMM (ops/gemm.py): each GEMM of the linear layers has a second candidate, torch's matmul
 # (cuBLAS) with the epilogue as torch ops or our row kernel, and the GEMM with the next LayerNorm a second of ours
-# ("triton+ln": ops/gemm.py). On a GPU the fastest is measured once per shape and kept; FASTVIT_GEMM=triton or
-# =cublas keeps one family (the benchmarks' rows for the Triton path force triton, since the fast-path goals are for
-# our kernels). Elsewhere (the interpreter) the first, "triton", which the tests check.
+# ("triton+ln": ops/gemm.py). On a GPU each candidate's GPU time is measured once per shape and the choice kept;
+# FASTVIT_GEMM=triton or =cublas keeps one family (the benchmarks' rows for the Triton path force triton, since the
+# fast-path goals are for our kernels). Elsewhere (the interpreter) the first, "triton", which the tests check.
+#
+# Two choices per shape from the same times. Inference, and any step replayed as a CUDA graph, costs its GPU time: the
+# fastest. A training step issued from Python costs its host time too, and at CIFAR-10's shapes on an H200 its host
+# time exceeded its GPU time (RESULTS.md, session 23): there a candidate costs its GPU time plus the host time it
+# adds (configs.GEMM_HOST_EXTRA_MS), so that our one launch wins over a cuBLAS call a few us faster on the GPU.
 GEMM_BACKENDS = ("triton", "cublas")
-_GEMM_CHOICE: dict = {}  # key -> the backend that runs it
+_GEMM_CHOICE: dict = {}  # key -> the backend that runs it where GPU time alone counts
+_GEMM_HOST_CHOICE: dict = {}  # key -> the backend that runs it in a training step (host time counted)
 _GEMM_TIMES: dict = {}  # key -> {candidate: GPU ms} where the choice was timed (the benchmark rows record them)
+# How deep the thread of control is in a training step's ops (their autograd paths: ops/_common.register_autograd)
+# and in a step whose GPU time alone counts (gpu_time_only). Process-wide counts, not thread-local: the backward runs
+# on autograd's thread for the device.
+_depth = {"training": 0, "gpu": 0}
+
+
+class _Inside:
+    """with _Inside(what): the count of `what` raised for the block."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what):
+        self.what = what
+
+    def __enter__(self):
+        _depth[self.what] += 1
+
+    def __exit__(self, *exc):
+        _depth[self.what] -= 1
+
+
+def training_step():
+    """Context of the ops' forward with a gradient to record and of their backward: a GEMM chosen inside counts the
+    host time its candidates add, unless inside gpu_time_only()."""
+    return _Inside("training")
+
+
+def gpu_time_only():
+    """Context where a step's GPU time alone counts, training or not: a CUDA graph's warm-up and capture (a replay
+    costs no host time per kernel: cuda_graphs.py), the per-kernel benchmark rows (they time the GPU)."""
+    return _Inside("gpu")
+
+
+def in_gpu_time_only() -> bool:
+    return _depth["gpu"] > 0
+
+
+def host_counts() -> bool:
+    """Whether a GEMM chosen now counts the host time of its candidates (a training step, not in gpu_time_only())."""
+    return _depth["training"] > 0 and _depth["gpu"] == 0
 
 
 def gemm_backend_mode() -> str:
@@ -167,18 +215,25 @@ def gemm_backend_mode() -> str:
 
 
 def pick_gemm_backend(key, candidates: dict, timed: bool) -> str:
-    """The backend that runs the GEMM `key`, decided at the key's first GEMM and kept (forget() starts over):
-    the fastest of the candidates (of FASTVIT_GEMM's family when it names one), timed where timing means something
-    (timed: a CUDA device) and not inside a CUDA graph capture; else the first, Triton. FASTVIT_AUTOTUNE=0 (the GPU
+    """The backend that runs the GEMM `key`, decided at the key's first GEMM in its context (host_counts) and kept
+    (forget() starts over): the cheapest of the candidates (of FASTVIT_GEMM's family when it names one) by their GPU
+    times, measured once per key where timing means something (timed: a CUDA device) and not inside a CUDA graph
+    capture, plus in a training step the host time each adds; else the first, Triton. FASTVIT_AUTOTUNE=0 (the GPU
     tests) also means the first: those runs are there to check our kernels."""
-    choice = _GEMM_CHOICE.get(key)
+    host = host_counts()
+    chosen = _GEMM_HOST_CHOICE if host else _GEMM_CHOICE
+    choice = chosen.get(key)
     if choice is None:
-        choice, times = _choose_gemm_backend(candidates, timed)
-        if choice is None:  # inside a capture: Triton, undecided
-            return "triton"
+        times = _GEMM_TIMES.get(key)
+        if times is None:
+            choice, times = _choose_gemm_backend(candidates, timed)
+            if choice is None:  # inside a capture: Triton, undecided
+                return "triton"
+            if times:
+                _GEMM_TIMES[key] = times
         if times:
-            _GEMM_TIMES[key] = times
-        _GEMM_CHOICE[key] = choice
+            choice = min(times, key=lambda name: times[name] + (GEMM_HOST_EXTRA_MS.get(name, 0.0) if host else 0.0))
+        chosen[key] = choice
         _decided()
     return choice
 
@@ -222,12 +277,15 @@ def gpu_ms(fn, calls=10, spin_cycles=200_000_000):
     return start.elapsed_time(end) / calls
 
 
-known_gemm_backend = _GEMM_CHOICE.get  # key -> the backend decided for it, or None: the engine's per-call lookup
+def known_gemm_backend(key):
+    """The backend decided for `key` in the present context, or None: the engine's per-call lookup."""
+    return (_GEMM_HOST_CHOICE if host_counts() else _GEMM_CHOICE).get(key)
 
 
-def gemm_choices() -> dict:
-    """{key: backend} of the GEMMs decided so far: what the benchmark rows record as having run."""
-    return dict(_GEMM_CHOICE)
+def gemm_choices(training: bool = False) -> dict:
+    """{key: backend} of the GEMMs decided so far where GPU time alone counts, or with training those decided in
+    training steps: what the benchmark rows record as having run."""
+    return dict(_GEMM_HOST_CHOICE if training else _GEMM_CHOICE)
 
 
 def gemm_times() -> dict:

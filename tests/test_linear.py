@@ -2,6 +2,7 @@
 allow them and through pointer loads where they do not, and through the cuBLAS candidate (torch's matmul and
 epilogue), against float64."""
 
+import contextlib
 import types
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import triton
 from helpers import assert_matches, force_config, force_gemm_candidate
 
-from fastvit_kernels import configs, tuning
+from fastvit_kernels import configs, ops, tuning
 from fastvit_kernels.ops import gemm as lin
 from fastvit_kernels.ops import reduce as red
 from fastvit_kernels.ops import tma
@@ -539,3 +540,60 @@ def test_an_expanded_input_is_read_through_pointers(device, backend):
     out = lin.linear(a, w)
     assert out.shape == (3, 5, N)
     assert_matches(out, F.linear(a, w), a.double() @ w.double().t(), torch.bfloat16)
+
+
+def test_a_training_step_counts_the_host_time_a_candidate_adds(monkeypatch):
+    # the same GPU times, measured once per key, decide twice: by GPU time alone (inference, CUDA graphs, the
+    # per-kernel rows) and in a training step with each candidate's host time added (configs.GEMM_HOST_EXTRA_MS):
+    # there our one launch wins over a cuBLAS call less than that much faster, and over our own two-launch candidate
+    monkeypatch.delenv("FASTVIT_GEMM", raising=False)
+    monkeypatch.delenv("FASTVIT_AUTOTUNE", raising=False)
+    tuning.forget()
+    extra = configs.GEMM_HOST_EXTRA_MS
+    cost = {"triton": 1.0, "triton+ln": 1.0 - extra["triton+ln"] / 2, "cublas": 1.0 - extra["cublas"] / 2}
+    timed = []
+    monkeypatch.setattr(tuning, "_warm_gpu_ms", lambda fn: timed.append(fn()) or cost[fn()])
+    candidates = {name: (lambda name=name: name) for name in cost}
+    assert not tuning.host_counts()
+    assert tuning.pick_gemm_backend("k", candidates, timed=True) == "cublas"
+    with tuning.training_step():
+        assert tuning.host_counts() and tuning.known_gemm_backend("k") is None  # not decided in this context yet
+        assert tuning.pick_gemm_backend("k", candidates, timed=True) == "triton"
+        assert tuning.known_gemm_backend("k") == "triton"
+        with tuning.gpu_time_only():  # a CUDA graph's warm-up inside a training loop: GPU time alone
+            assert not tuning.host_counts() and tuning.known_gemm_backend("k") == "cublas"
+    assert len(timed) == 3  # each candidate timed once for both choices
+    assert tuning.gemm_choices() == {"k": "cublas"} and tuning.gemm_choices(training=True) == {"k": "triton"}
+    cost["cublas"] = 1.0 - 2 * extra["cublas"]  # faster by more than its host time: cuBLAS in training too
+    tuning.forget()
+    with tuning.training_step():
+        assert tuning.pick_gemm_backend("k", candidates, timed=True) == "cublas"
+    with tuning.training_step():  # untimed (the interpreter): the first, whatever the context
+        assert tuning.pick_gemm_backend("k2", candidates, timed=False) == "triton"
+    tuning.forget()
+    assert tuning.gemm_choices(training=True) == {} and tuning.gemm_times() == {}
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_ops_choose_gemms_in_a_training_step_only_with_a_gradient(grad, device, monkeypatch):
+    # the forward of a linear with a gradient to record and its backward choose with host time counted; a forward
+    # without one, or inside gpu_time_only (cuda_graph_step's warm-up and capture), by GPU time alone
+    seen = []
+
+    def pick(key, candidates, timed):
+        seen.append((key[0], tuning.host_counts()))
+        return "triton"
+
+    monkeypatch.setattr(lin, "pick_gemm_backend", pick)
+    monkeypatch.setattr(lin, "known_gemm_backend", lambda key: None)  # every call asks
+    x = torch.randn(5, 32, device=device, requires_grad=grad)
+    layer = torch.nn.Linear(32, 16, device=device)
+    for gpu_only in (False, True):
+        seen.clear()
+        with tuning.gpu_time_only() if gpu_only else contextlib.nullcontext(), torch.set_grad_enabled(grad):
+            y = ops.linear(x, layer.weight, layer.bias)
+            if grad:
+                y.sum().backward()
+        assert seen and {key for key, _ in seen} >= ({"linear", "weight_grad"} if grad else {"linear"})
+        assert all(host == (grad and not gpu_only) for _, host in seen), seen
+    assert not tuning.host_counts()

@@ -2,6 +2,7 @@
 fresh inputs; every guard sends a changed model or input back to the forward; what cannot be replayed is not. The
 recorder's code: tests/test_recording.py."""
 
+import contextlib
 import copy
 import re
 
@@ -125,6 +126,18 @@ def test_different_batch_sizes_get_their_own_plans(device, monkeypatch):
         assert out.shape == (batch, SMALL["num_classes"])
     assert [type(p) for p in plan.plans(model).values()] == [plan.Plan, plan.Plan]
     assert torch.equal(out, unplanned(model, x, monkeypatch))
+
+
+def test_a_step_whose_gpu_time_alone_counts_gets_plans_of_its_own(device):
+    # its GEMMs are chosen by GPU time (tuning.gpu_time_only: cuda_graph_step's warm-up), a training step's outside it
+    # with host time counted: a plan recorded in one context would replay the other's choices
+    model = small_model(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    for gpu_only in (False, True, False, True, False, True):
+        with torch.no_grad(), tuning.gpu_time_only() if gpu_only else contextlib.nullcontext():
+            model(x)
+    assert [type(p) for p in plan.plans(model).values()] == [plan.Plan, plan.Plan]
+    assert sorted(sig[-2] for sig in plan.plans(model)) == [False, True]
 
 
 def test_another_shape_choosing_its_configurations_leaves_the_plan_alone(device):

@@ -23,6 +23,7 @@ from .attention import (  # noqa: F401
     whole_programs_per_sm,
 )
 from .gemm import (  # noqa: F401
+    GEMM_HOST_EXTRA_MS,
     GROUP_M,
     LINEAR_DW_CONFIGS,
     LINEAR_FWD_CONFIGS,

@@ -92,6 +92,14 @@ TMA_PROGRAMS_PER_SM = 2
 # compiled offline); the tuner kept 64 x 128 for every weight gradient on the H100 (2026-11-26).
 LINEAR_DW_CONFIGS = [gemm_cfg(*c, tma=None) for c in ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4))]
 
+# The host time a GEMM candidate costs a step beyond one direct launch of our kernel, in ms: what the GEMM chooser
+# adds to a candidate's GPU time where a training step's host time counts (tuning.pick_gemm_backend). Measured on the
+# H200's host (2026-11-28, torch 2.11, triton 3.6; RESULTS.md session 23): the training step with our GEMM for every
+# shape issued 85 cuBLAS calls fewer and 72 launches of ours more than with cuBLAS where it was faster, in 3.67 ms
+# less host time: ~0.06 ms a cuBLAS call through torch (its transpose view, output allocation, cuBLAS's own memset and
+# launch) against ~0.02 a direct launch of ours. "triton+ln" launches our row kernel after our GEMM.
+GEMM_HOST_EXTRA_MS = {"cublas": 0.04, "triton+ln": 0.02}
+
 
 def _serialised(cfg, epilogue, res) -> bool:
     """The tile whose wgmma ptxas 12.8 (triton 3.6, the lent GPUs') serialises, C7515 compiled offline: 128 x 128

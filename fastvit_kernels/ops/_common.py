@@ -208,15 +208,21 @@ def register_autograd(op, backward, setup_context) -> None:
 
     impl = op.eager_impl
 
+    # Both inside tuning.training_step(): a GEMM first chosen here counts its candidates' host time (tuning.py).
     def forward(ctx, *inputs):
         # forward(ctx, ...) rather than a separate setup_context: with one, Function.apply binds the arguments through
         # inspect.signature on every call (~70 us of host time per op under cProfile, torch 2.14)
-        output = impl(*inputs)
+        with tuning.training_step():
+            output = impl(*inputs)
         ctx.set_materialize_grads(False)  # the statistics outputs get no gradient: None, not a tensor of zeros
         setup_context(ctx, inputs, output)
         return output
 
-    methods = dict(forward=staticmethod(forward), backward=staticmethod(backward))
+    def backward_in_step(ctx, *grads):
+        with tuning.training_step():
+            return backward(ctx, *grads)
+
+    methods = dict(forward=staticmethod(forward), backward=staticmethod(backward_in_step))
     op.eager_autograd = type(op._name.replace("::", "_"), (torch.autograd.Function,), methods)
 
 
