@@ -189,10 +189,12 @@ def _config_name(cfg):
     flags = " tma" if k.get("USE_TMA") else ""
     flags += " warpspec" if k.get("WARP_SPEC") else ""
     flags += " flat" if k.get("FLATTEN") else ""
+    flags += " epitma" if k.get("EPI_TMA") else ""  # the epilogue through tensor descriptors: the same tile otherwise
     flags += " whole" if k.get("WHOLE") else ""  # attention: a (batch, head) pair per tile
     flags += f" tail{k['TAIL']}" if k.get("TAIL") else ""
     flags += f" rows{k['ROW_TAIL']}" if k.get("ROW_TAIL") else ""  # attention: a pair's last rows in its last block
     flags += f" loads{k['LOAD_STAGES']}" if "LOAD_STAGES" in k else ""  # the LayerNorm backward's pipelined loads
+    flags += f" maxnreg{cfg.maxnreg}" if getattr(cfg, "maxnreg", None) else ""  # registers capped: the same tile else
     tile = "x".join(str(k[n]) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if n in k)
     return f"{tile} w{cfg.num_warps} s{cfg.num_stages}{flags}"
 
