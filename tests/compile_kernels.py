@@ -29,7 +29,10 @@ UNIT_STRIDES = {
 }
 # Feature sizes that are multiples of 16 in every model we ship (D, hidden, 3D, C * ph * pw); the JIT marks such
 # arguments divisible by 16, which is what lets it prove a masked K tile contiguous (and, in the LayerNorm backward,
-# fold D's row offsets: 128 registers against 191 at D = 384, triton 3.6). Token counts (65, 197) are not.
+# fold D's row offsets: 128 registers against 191 at D = 384, triton 3.6). Token counts (65, 197) are not: the
+# attention kernels' N. Their D (heads x head dim, q to k in a row of qkv) is: compiled without that, the forward's
+# K/V loads were two- or four-byte copies and its registers not the ones a GPU runs (64 x 64 query-block tile:
+# 116 against 124, triton 3.6).
 ALIGNED_SIZES = {"N", "K", "NF", "KF", "D"}
 # the GEMMs whose ptxas notes tests/test_compile_targets.py reads (C7515: serialised wgmma)
 PTXAS_CHECKED = {"linear_fwd_kernel", "linear_dw_kernel", "linear_residual_layernorm_kernel"}
@@ -328,7 +331,7 @@ def _compile(job):
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[a] = "i32"
-            if a.startswith("stride_") or (a in ALIGNED_SIZES and "HEAD_DIM" not in consts):
+            if a.startswith("stride_") or (a in ALIGNED_SIZES and not (a == "N" and "HEAD_DIM" in consts)):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     start = time.perf_counter()
     try:

@@ -5,7 +5,7 @@ import os
 import triton
 
 
-def _attention_cfg(bm, bn, warps, stages, maxnreg=None, whole=None, tail=0, row_tail=0):
+def _attention_cfg(bm, bn, warps, stages, whole=None, tail=0, row_tail=0):
     """whole: the forward's WHOLE flag (True or False); None for the backward kernels, which have none. tail: TAIL,
     the width of a last partial block of at most that many keys (queries, in the dK/dV kernel's loop), or a WHOLE
     tile's rows past BLOCK_M. row_tail: the forward's ROW_TAIL, a pair's last rows (at most that many past a full
@@ -14,24 +14,21 @@ def _attention_cfg(bm, bn, warps, stages, maxnreg=None, whole=None, tail=0, row_
     if whole is not None:  # the forward's
         kwargs["WHOLE"] = whole
         kwargs["ROW_TAIL"] = row_tail
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
-def whole_programs_per_sm(block: int, tail: int = 0) -> int:
-    """Persistent forward programs per SM for a WHOLE tile: as many as fit at once (sm_90, bf16, head dim 64,
-    compiled offline: the 128-row tile with 8 warps takes 189-254 registers, one block per SM; the 64-row tile with 4
-    warps 167, three blocks; with a 16-row tail 190 (two stages) or 255 (three), two blocks), so that no program
-    waits for another to finish before it starts."""
-    if block >= 128:
-        return 1
-    return 2 if tail else 3
+def whole_programs_per_sm(block: int) -> int:
+    """Persistent forward programs per SM for a WHOLE tile: as many as fit at once, so that no program waits for
+    another to finish before it starts. sm_90, bf16, head dim 64, triton 3.6, compiled offline as a GPU runs it (the
+    row width D divisible by 16): the 128-row tile with 8 warps takes 175-205 registers, one block an SM; the 64-row
+    tile with 4 warps and a 16-row tail 205-211, two blocks; without the tail 126 registers but 80 KB of shared
+    memory (three stages of q, k and v), two blocks."""
+    return 1 if block >= 128 else 2
 
 
 # Short sequences are the normal case (65 tokens for CIFAR-10, 197 for ImageNet): small tiles keep N = 65 from
 # paying for a 128 x 128 tile of padding, and the tuner's key holds N so each length picks its own.
-# At N = 65 the forward is memory-latency bound (5x above its byte floor on an H200): the 64 x 64 tile capped at 128
-# registers (ptxas: 128, no stack, bf16, head dim 64; 134 uncapped) fits 4 blocks per SM instead of 3, more loads in
-# flight. Offered to the tuner; at N = 65 (B = 512, H = 6) the H200 took the WHOLE 64 + 16 tile over it (2026-11-27).
+# At N = 65 the forward is memory-latency bound (5x above its byte floor on an H200).
 # WHOLE: where the sequence fits one tile (N <= 128: CIFAR-10's 65), one tile per (batch, head) pair and persistent
 # programs whose loop keeps the next pairs' loads in flight (issue: attention at ViT lengths is memory-latency bound).
 # With a tail (64 < N <= 80: CIFAR-10's 65 = 64 + 1), the rows past 64 in a 16-row tile: 80 x 80 scores a pair
@@ -39,9 +36,9 @@ def whole_programs_per_sm(block: int, tail: int = 0) -> int:
 # The tuner's choice at N = 65 on an H100 and an H200 (0.048 / 0.046 ms, 1.16-1.22x cuDNN, 2026-11-27); first in
 # the list so that the tests and FASTVIT_AUTOTUNE=0 run them wherever they apply.
 # tail=16 on a query-block tile: a last key block of at most 16 keys (197 = 3 x 64 + 5) runs 16 wide. Given only to
-# the tiles where it costs no block per SM and no spill (sm_90, bf16, head dim 64, triton 3.6 / 3.8: 64 x 64
-# 131 / 134 -> 131 / 132 registers, 128 x 64 141 / 131 -> 147 / 127; the 64 x 32 tile would go from 5 blocks per SM to
-# 4 with 3.8 for 16 columns of 32 saved).
+# the tiles where it costs no block per SM and no spill (sm_90, bf16, head dim 64, compiled as a GPU runs them, the
+# row width D divisible by 16: 64 x 64 with it 124 / 121 registers in triton 3.6 / 3.8, four blocks an SM; 128 x 64
+# 118 / 119, two; the 64 x 32 tile would lose a block per SM for 16 columns of 32 saved).
 # row_tail=16: where a pair's last query block would hold at most 16 rows (197 = 3 x 64 + 5), the last full block's
 # program also takes them, against the K/V it loads anyway: at N = 197 three programs a pair instead of four. The
 # fourth computed a 64-row tile for 5 rows and read all of the pair's K and V from L2 again; the query-block tiles
@@ -62,7 +59,6 @@ ATTENTION_FWD_CONFIGS = [
     _attention_cfg(128, 64, 8, 3, whole=False, tail=16),
     _attention_cfg(128, 32, 8, 3, whole=False),
     _attention_cfg(16, 32, 4, 2, whole=False),
-    _attention_cfg(64, 64, 4, 3, maxnreg=128, whole=False, tail=16),
 ]
 # The last: N <= 128 (CIFAR-10's 65) in one 128 x 128 tile per (batch, head) pair for dK/dV, where 64-row tiles take
 # two (the second one row deep at N = 65). Single-stage: one Q/dO block per pair leaves nothing to pipeline. sm_90,
@@ -70,9 +66,11 @@ ATTENTION_FWD_CONFIGS = [
 # the H200 took 64 x 32 with a 16-wide tail over it (2026-11-27).
 # tail=16: a last block of at most 16 queries (dK/dV) or keys (dQ) runs 16 wide: at N = 65 with the 64 x 32 tiles the
 # H100 kept, dK/dV sweeps 80 query rows instead of 128. Given where it costs no block per SM and no spill in triton
-# 3.6 (the lent GPUs') and 3.8 (sm_90, bf16, head dim 64; 3.6: dK/dV 64 x 32 140 -> 142 registers, 64 x 64 222 -> 241
-# (two blocks either way), 128 x 64 192 -> 250 and its C7515 gone). dQ keeps it on 128 x 64 only: with 3.6 its 64 x 32
-# and 64 x 64 tiles lose a block per SM (114 -> 146, 128 -> 157 registers) for 16 columns of 96 or 128.
+# 3.6 (the lent GPUs'), compiled as a GPU runs them (sm_90, bf16, head dim 64, the row width D divisible by 16):
+# dK/dV 64 x 32 142 -> 166 registers (three blocks either way; with 3.8 128 -> 166, four blocks to three), 64 x 64
+# 240 -> 242 (two), 128 x 64 186 -> 216 (one); dQ 64 x 32 95 -> 96 (five), 64 x 64 142 -> 142 (three), 128 x 64
+# 128 -> 132 (one). At N = 65 the dQ tiles then sweep 80 keys instead of 96 (64 x 32) or 128 (64 x 64). (Compiled
+# with D's alignment unknown, as the compile check did before 2026-11-28, dQ's 64-row tiles seemed to lose a block.)
 DKDV_WHOLE_PAIR = _attention_cfg(128, 128, 8, 1)
 ATTENTION_BWD_DKDV_CONFIGS = [
     _attention_cfg(64, 64, 4, 2, tail=16),
@@ -86,10 +84,10 @@ ATTENTION_BWD_DKDV_CONFIGS = [
 # dQ has no whole-pair tile: one (64 + 16 rows, delta and dQ from one P and one dP) read shared memory out of range in
 # a wgmma on the H100 with triton 3.6 (compute-sanitizer, 2026-11-27; benchmarks/NOTES.md, session 9).
 ATTENTION_BWD_DQ_CONFIGS = [  # the dK/dV tiles, in the same order (the tests pair them)
-    _attention_cfg(64, 64, 4, 2),
+    _attention_cfg(64, 64, 4, 2, tail=16),
     _attention_cfg(32, 32, 4, 2),
     _attention_cfg(32, 64, 4, 2),
-    _attention_cfg(64, 32, 4, 2),
+    _attention_cfg(64, 32, 4, 2, tail=16),
     _attention_cfg(16, 32, 4, 2),
     _attention_cfg(128, 64, 8, 2, tail=16),
     _attention_cfg(128, 128, 8, 1),
@@ -126,8 +124,6 @@ def prune_attention(configs, args):
     kept = [c for c in kept if not c.kwargs["TAIL"] or tail_attention_on()]
     # a row tail must have rows to take (else the tile without it does the same work)
     kept = [c for c in kept if n is None or _row_tail_fits(c, n)]
-    # a register cap fits 16-bit tiles of head dim <= 64 only; wider heads and fp32 tiles would spill under it
-    kept = [c for c in kept if c.maxnreg is None or (elem == 2 and block_d <= 64)]
     # the whole-pair dK/dV tile is at the register file's limit (255) without the qkv bias rows and spills with them
     # (sm_90, bf16, head dim 64, triton 3.8: 24 B)
     if rows:

@@ -95,7 +95,7 @@ def attention_fwd(qkv, num_heads, scale):
 
     def grid(cfg):
         if cfg.get("WHOLE"):  # persistent: each program walks (batch, head) pairs
-            return (min(pairs, whole_programs_per_sm(cfg["BLOCK_M"], cfg["TAIL"]) * sms),)
+            return (min(pairs, whole_programs_per_sm(cfg["BLOCK_M"]) * sms),)
         return (row_blocks(N, cfg["BLOCK_M"], cfg.get("ROW_TAIL", 0)) * pairs,)
 
     dot = dot_precision(qkv.dtype)
