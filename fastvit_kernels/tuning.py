@@ -4,6 +4,7 @@ and the choice between Triton and cuBLAS per GEMM. The candidates and their prun
 """
 
 import os
+import threading
 
 import torch
 import triton
@@ -165,46 +166,57 @@ GEMM_BACKENDS = ("triton", "cublas")
 _GEMM_CHOICE: dict = {}  # key -> the backend that runs it where GPU time alone counts
 _GEMM_HOST_CHOICE: dict = {}  # key -> the backend that runs it in a training step (host time counted)
 _GEMM_TIMES: dict = {}  # key -> {candidate: GPU ms} where the choice was timed (the benchmark rows record them)
-# How deep the thread of control is in a training step's ops (their autograd paths: ops/_common.register_autograd)
-# and in a step whose GPU time alone counts (gpu_time_only). Process-wide counts, not thread-local: the backward runs
-# on autograd's thread for the device.
-_depth = {"training": 0, "gpu": 0}
+# How deep this thread is in a training step's ops (their autograd forward and backward, each on the thread that
+# runs it: ops/_common.register_autograd), and the process in a step whose GPU time alone counts (gpu_time_only:
+# process-wide, since a graph's warm-up runs its backward on autograd's thread for the device).
+_thread = threading.local()
+_gpu_only = 0
 
 
-class _Inside:
-    """with _Inside(what): the count of `what` raised for the block."""
-
-    __slots__ = ("what",)
-
-    def __init__(self, what):
-        self.what = what
+class _TrainingStep:
+    __slots__ = ()
 
     def __enter__(self):
-        _depth[self.what] += 1
+        _thread.training = getattr(_thread, "training", 0) + 1
 
     def __exit__(self, *exc):
-        _depth[self.what] -= 1
+        _thread.training -= 1
+
+
+class _GpuTimeOnly:
+    __slots__ = ()
+
+    def __enter__(self):
+        global _gpu_only
+        _gpu_only += 1
+
+    def __exit__(self, *exc):
+        global _gpu_only
+        _gpu_only -= 1
+
+
+_TRAINING_STEP, _GPU_TIME_ONLY = _TrainingStep(), _GpuTimeOnly()  # counts: the contexts nest
 
 
 def training_step():
     """Context of the ops' forward with a gradient to record and of their backward: a GEMM chosen inside counts the
     host time its candidates add, unless inside gpu_time_only()."""
-    return _Inside("training")
+    return _TRAINING_STEP
 
 
 def gpu_time_only():
     """Context where a step's GPU time alone counts, training or not: a CUDA graph's warm-up and capture (a replay
     costs no host time per kernel: cuda_graphs.py), the per-kernel benchmark rows (they time the GPU)."""
-    return _Inside("gpu")
+    return _GPU_TIME_ONLY
 
 
 def in_gpu_time_only() -> bool:
-    return _depth["gpu"] > 0
+    return _gpu_only > 0
 
 
 def host_counts() -> bool:
     """Whether a GEMM chosen now counts the host time of its candidates (a training step, not in gpu_time_only())."""
-    return _depth["training"] > 0 and _depth["gpu"] == 0
+    return _gpu_only == 0 and getattr(_thread, "training", 0) > 0
 
 
 def gemm_backend_mode() -> str:

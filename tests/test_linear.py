@@ -3,6 +3,7 @@ allow them and through pointer loads where they do not, and through the cuBLAS c
 epilogue), against float64."""
 
 import contextlib
+import threading
 import types
 
 import pytest
@@ -597,3 +598,25 @@ def test_the_ops_choose_gemms_in_a_training_step_only_with_a_gradient(grad, devi
         assert seen and {key for key, _ in seen} >= ({"linear", "weight_grad"} if grad else {"linear"})
         assert all(host == (grad and not gpu_only) for _, host in seen), seen
     assert not tuning.host_counts()
+
+
+def test_a_training_step_is_its_threads_and_gpu_time_only_the_process(monkeypatch):
+    # a training step's ops run on the thread that calls them (DataParallel's replicas, one each) and its backward on
+    # autograd's thread for the device, which sets its own context; a CUDA graph's warm-up (gpu_time_only) must reach
+    # that backward thread too
+    seen = {}
+
+    def other(name):
+        seen[name] = tuning.host_counts(), tuning.in_gpu_time_only()
+
+    with tuning.training_step():
+        worker = threading.Thread(target=other, args=("in a step",))
+        worker.start()
+        worker.join()
+        assert tuning.host_counts()
+    with tuning.gpu_time_only():
+        worker = threading.Thread(target=other, args=("gpu only",))
+        worker.start()
+        worker.join()
+    assert seen == {"in a step": (False, False), "gpu only": (False, True)}
+    assert not tuning.host_counts() and not tuning.in_gpu_time_only()
