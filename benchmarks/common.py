@@ -217,6 +217,20 @@ def chosen_configs(**launchers):
     return describe
 
 
+def settle_training_step(step, model, device, limit=40):
+    """step() and a synchronisation, as a measured round runs them, until the model's training steps have their
+    GEMM variant chosen (fastvit_kernels/step_choice.py times the first ~25 replays both ways; at most `limit`
+    steps): the rows and profiles measure the step a user runs after that."""
+    from fastvit_kernels import step_choice
+
+    for _ in range(limit):
+        step()
+        sync(device)
+        if step_choice.settled(model):
+            return
+    raise RuntimeError(f"the training step's GEMM variant not chosen in {limit} steps: {step_choice.choices(model)}")
+
+
 def _gpu_time_only(fn):
     from fastvit_kernels import tuning
 
@@ -227,21 +241,26 @@ def _gpu_time_only(fn):
     return call
 
 
-def gemm_backends(training=False):
+def gemm_backends(training=None):
     """A describe() for the rows that run the model: which GEMM candidate ran for each shape (tuning.pick_gemm_backend:
     Triton or cuBLAS, measured per shape on a GPU), as `gemm` in the row and in its table label when cuBLAS ran any,
-    and the candidates' times where they were measured (`gemm_ms`). training: the row is a training step issued from
-    Python, whose GEMMs were chosen with their host time counted (tuning.py); else by GPU time alone (inference, CUDA
-    graphs, torch.compile's ops, the per-kernel rows)."""
+    and the candidates' times where they were measured (`gemm_ms`). training: the model of a training step issued
+    from Python, whose GEMMs ran as chosen with their host time counted (tuning.py) unless the step ran faster with
+    them chosen by GPU time alone (step_choice.py); else None: by GPU time alone (inference, CUDA graphs,
+    torch.compile's ops, the per-kernel rows)."""
 
     def describe():
+        from fastvit_kernels import step_choice
         from fastvit_kernels.tuning import gemm_choices
 
-        choices = gemm_choices(training=training)
+        host = training is not None and not any(c.gpu_only for c in step_choice.choices(training).values())
+        choices = gemm_choices(training=host)
         cublas = sorted(f"{k[0]} {k[2]}x{k[3]}" for k, v in choices.items() if v == "cublas")
         info = {"gemm": {" ".join(map(str, k[:-1])): v for k, v in choices.items()}, **gemm_candidate_ms()}
-        if training:
+        if host:
             info["gemm_chosen_for"] = "a training step's GPU and host time"
+        elif training is not None:
+            info["gemm_chosen_for"] = "GPU time: the training step ran faster so (step_choice.py)"
         if cublas:
             info["config"] = f"cuBLAS ran {len(cublas)} of {len(choices)} GEMM shapes"
         return info

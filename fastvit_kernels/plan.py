@@ -27,8 +27,8 @@ global the forward adds): `plans(model)` says which.
 
 Before each replay, the guards: the input's shape, strides, dtype, device and 16-byte alignment, whether gradients are
 on and the input needs one, the model's training flag, autocast, float32 matmul precision and whether the step's GPU
-time alone counts (tuning.gpu_time_only: its GEMM choices) (the signature; the model calls run() only on its fused
-path); the addresses of the parameters and buffers the plan reads, and where one has moved, their shapes, strides,
+time alone counts (tuning.gpu_time_only, or in training as step_choice.py timed it: its GEMM choices) (the signature;
+the model calls run() only on its fused path); the addresses of the parameters and buffers the plan reads, and where one has moved, their shapes, strides,
 dtypes, devices and alignment, and in training which of them require a gradient (the plans' valid()); no parameter,
 buffer or submodule registered on the model, and no tuning.forget(), since the recording; no Triton launch hooks
 installed since (a profiler's), where the plan launches directly. Not seen: a plain attribute of a module changed
@@ -39,12 +39,13 @@ second backward raise; FASTVIT_PLAN=0 allows them).
 
 import os
 import weakref
+from contextlib import nullcontext
 from operator import attrgetter
 
 import torch
 from torch.nn.modules import module as _module
 
-from . import direct_launch, tuning
+from . import direct_launch, step_choice, tuning
 from ._interpreter import interpreting
 from .arena import ArenaReplay, StepReplays
 from .ops import tma
@@ -96,8 +97,9 @@ def plans_on() -> bool:
 
 
 def forget(model) -> None:
-    """Drop the model's plans: the next calls run its forward and record again."""
+    """Drop the model's plans: the next calls run its forward and record again (and time their steps again)."""
     _PLANS.pop(model, None)
+    step_choice.forget(model)
 
 
 def plans(model) -> dict:
@@ -121,6 +123,7 @@ def summary(model) -> str:
             parts.append(f"{kind}: {c['direct'] + c['triton']} launches ({c['direct']} direct), {ops}")
         else:
             parts.append(f"not replayed: {p!r}")
+    parts += [f"a training step's GEMMs: {c!r}" for c in step_choice.choices(model).values()]
     return "; ".join(parts) or "none recorded"
 
 
@@ -154,13 +157,31 @@ def run(model, forward, x, what="logits"):
     device = x.device
     amp = autocast_dtype(device)
     sig = (x.shape, x.stride(), x.dtype, device, x.data_ptr() % 16, grad, grad and x.requires_grad, model.training)
-    # the GEMMs a recording replays were chosen for a step whose host time counts or not (tuning.gpu_time_only)
-    sig += (amp, torch.get_float32_matmul_precision(), tuning.in_gpu_time_only(), what)
+    sig += (amp, torch.get_float32_matmul_precision())
+    # the GEMMs a recording replays were chosen for a step whose host time counts or not (tuning.gpu_time_only); in
+    # training that is timed both ways (step_choice.py)
+    choice = step_choice.lookup(model, sig + (what,), x) if grad else None
+    gpu_only = tuning.in_gpu_time_only() or (choice is not None and choice.gpu_only)
+    sig += (gpu_only, what)
     table = _PLANS.get(model)
     if table is None:
         table = _PLANS[model] = {}
         _watched.update(model.modules())
     plan = table.get(sig)
+    if isinstance(plan, Plan) and plan.valid():
+        if choice is not None and (dropped := choice.replayed()) is not None:
+            table.pop(sig[:-2] + (dropped, what), None)  # timed both ways: the slower variant's plan
+        return plan(x)
+    if choice is not None and choice.not_replayed():  # the GPU-time variant was never replayed: the host-counting one
+        table.pop(sig, None)
+        return run(model, forward, x, what)
+    with tuning.gpu_time_only() if choice is not None and gpu_only else nullcontext():
+        return _unreplayed(model, forward, x, amp, table, sig, plan, grad)
+
+
+def _unreplayed(model, forward, x, amp, table, sig, plan, grad):
+    """A call that replays nothing: its signature's first (it makes the choices), its recording, or the forward
+    where the plan is no longer valid or cannot be made."""
     if plan is None:  # the first call with this signature: it makes the choices
         if len(table) < MAX_PLANS:
             table[sig] = _SEEN
@@ -172,8 +193,6 @@ def run(model, forward, x, what="logits"):
         table[sig] = plan
         return out
     if isinstance(plan, Plan):
-        if plan.valid():
-            return plan(x)
         table[sig] = _SEEN  # something it depends on changed: this call runs as usual, the next records again
     return forward(x)
 
@@ -382,7 +401,8 @@ class _Recording:
         inputs = ([x_in] if x_in.requires_grad else []) + self.params
         recorder = self.recorded.recorder
         recorder.bind(g, "g")
-        with recording(recorder):
+        # the backward's GEMMs chosen as the forward's were (the signature's variant: step_choice.py)
+        with recording(recorder), tuning.gpu_time_only() if self.sig[-2] else nullcontext():
             grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
         grads = ([] if x_in.requires_grad else [None]) + list(grads)
         self.table[self.sig] = self._plan(grads, x_in.device)

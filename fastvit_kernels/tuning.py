@@ -244,10 +244,21 @@ def pick_gemm_backend(key, candidates: dict, timed: bool) -> str:
             if times:
                 _GEMM_TIMES[key] = times
         if times:
-            choice = min(times, key=lambda name: times[name] + (GEMM_HOST_EXTRA_MS.get(name, 0.0) if host else 0.0))
+            choice = _cheapest(times, host)
         chosen[key] = choice
         _decided()
     return choice
+
+
+def _cheapest(times: dict, host: bool) -> str:
+    """The candidate of least GPU time, with host: plus the host time it adds."""
+    return min(times, key=lambda name: times[name] + (GEMM_HOST_EXTRA_MS.get(name, 0.0) if host else 0.0))
+
+
+def host_time_changes_a_choice() -> bool:
+    """Whether counting host time chooses another candidate than GPU time alone for some GEMM shape timed so far
+    (step_choice.py: else a training step has one variant, and nothing to time)."""
+    return any(_cheapest(times, True) != _cheapest(times, False) for times in _GEMM_TIMES.values())
 
 
 def _choose_gemm_backend(candidates, timed):
