@@ -83,16 +83,6 @@ def test_a_gpu_time_variant_that_never_replays_is_given_up(clock, monkeypatch):
     assert choice.settled and not choice.gpu_only
 
 
-def test_host_time_changes_a_choice_reads_the_timed_candidates(monkeypatch):
-    extra = tuning.GEMM_HOST_EXTRA_MS["cublas"]
-    monkeypatch.setattr(tuning, "_GEMM_TIMES", {"k": {"triton": 0.10, "cublas": 0.10 + 2 * extra}})
-    assert not tuning.host_time_changes_a_choice()  # ours is faster either way
-    monkeypatch.setattr(tuning, "_GEMM_TIMES", {"k": {"triton": 0.10, "cublas": 0.10 - extra / 2}})
-    assert tuning.host_time_changes_a_choice()  # cuBLAS by GPU time, ours with cuBLAS's host time counted
-    monkeypatch.setattr(tuning, "_GEMM_TIMES", {})
-    assert not tuning.host_time_changes_a_choice()
-
-
 def test_no_choice_on_the_cpu_or_inside_gpu_time_only(monkeypatch):
     model, x = torch.nn.Linear(1, 1), torch.zeros(1)
     assert step_choice.lookup(model, ("sig",), x) is None  # not a GPU
