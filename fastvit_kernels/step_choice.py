@@ -16,7 +16,7 @@ variant with the lower median step is kept, and the other's plan dropped. Nothin
 choose alike for every GEMM shape timed so far (no GPU; FASTVIT_GEMM naming one family; FASTVIT_AUTOTUNE=0), or
 inside tuning.gpu_time_only() (a CUDA graph's capture, the per-kernel benchmark rows), which runs the GPU-time choices
 anyway. Where the GPU-time variant is not replayed within NOT_REPLAYED_LIMIT calls (it could not be recorded), the
-host-counting one is kept.
+host-counting one is kept. tuning.forget() (a switch changed) starts every choice over.
 """
 
 import statistics
@@ -41,6 +41,7 @@ class StepChoice:
     median step once timed."""
 
     def __init__(self):
+        self.epoch = tuning.forgets()  # tuning.forget() (a switch changed) starts the choice over
         self.phase = _HOST
         self.steps, self.last, self.unreplayed = [], None, 0
         self.medians = {}  # variant (True: GPU-time choices) -> median step in seconds
@@ -111,7 +112,7 @@ def lookup(model, signature, x):
     if table is None:
         table = _CHOICES[model] = {}
     choice = table.get(signature)
-    if choice is None:
+    if choice is None or choice.epoch != tuning.forgets():
         choice = table[signature] = StepChoice()
     latest = _LATEST.get(model)
     if latest is not choice:  # a step of another signature in between (an epoch's smaller last batch): not timed

@@ -89,7 +89,10 @@ def test_no_choice_on_the_cpu_or_inside_gpu_time_only(monkeypatch):
     monkeypatch.setattr(step_choice, "_timed_here", lambda x: True)
     with tuning.gpu_time_only():  # a CUDA graph's capture: GPU time alone, untimed
         assert step_choice.lookup(model, ("sig",), x) is None
-    assert step_choice.lookup(model, ("sig",), x) is step_choice.lookup(model, ("sig",), x)
+    choice = step_choice.lookup(model, ("sig",), x)
+    assert step_choice.lookup(model, ("sig",), x) is choice
+    tuning.forget()  # a switch changed: the choice starts over
+    assert step_choice.lookup(model, ("sig",), x) is not choice
 
 
 def test_steps_of_another_signature_in_between_are_not_timed(clock, monkeypatch):
