@@ -28,13 +28,13 @@ global the forward adds): `plans(model)` says which.
 Before each replay, the guards: the input's shape, strides, dtype, device and 16-byte alignment, whether gradients are
 on and the input needs one, the model's training flag, autocast, float32 matmul precision and whether the step's GPU
 time alone counts (tuning.gpu_time_only, or in training as step_choice.py timed it: its GEMM choices) (the signature;
-the model calls run() only on its fused path); the addresses of the parameters and buffers the plan reads, and where one has moved, their shapes, strides,
-dtypes, devices and alignment, and in training which of them require a gradient (the plans' valid()); no parameter,
-buffer or submodule registered on the model, and no tuning.forget(), since the recording; no Triton launch hooks
-installed since (a profiler's), where the plan launches directly. Not seen: a plain attribute of a module changed
-after the recording (a LayerNorm's eps, an Attention's scale), or a parameter's .data replaced by another view of its
-own memory: forget(model) after such a change. A replayed training step's backward runs once (retain_graph=True and a
-second backward raise; FASTVIT_PLAN=0 allows them).
+the model calls run() only on its fused path); the addresses of the parameters and buffers the plan reads, and where one
+has moved, their shapes, strides, dtypes, devices and alignment, and in training which of them require a gradient (the
+plans' valid()); no parameter, buffer or submodule registered on the model, and no tuning.forget(), since the recording;
+no Triton launch hooks installed since (a profiler's), where the plan launches directly. Not seen: a plain attribute of
+a module changed after the recording (a LayerNorm's eps, an Attention's scale), or a parameter's .data replaced by
+another view of its own memory: forget(model) after such a change. A replayed training step's backward runs once
+(retain_graph=True and a second backward raise; FASTVIT_PLAN=0 allows them).
 """
 
 import os
