@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from common import gemm_backends, measure, need_cuda, settle_training_step
 
-from fastvit_kernels import cuda_graph_step, plan, vit_base_patch16_224, vit_cifar10
+from fastvit_kernels import cuda_graph_step, plan, step_choice, vit_base_patch16_224, vit_cifar10
 
 # workload -> (preset, batch for train, batch for inference); reduced sizes run the eager rows on a CPU
 WORKLOADS = {
@@ -46,7 +46,14 @@ def _describe(row, model, mode):
     backends = gemm_backends(training=model if training else None)
     if "compile" in row:
         return backends
-    return lambda: {**backends(), "plan": plan.summary(model)}
+    return lambda: {**backends(), "plan": plan.summary(model), **_step_choice(model)}
+
+
+def _step_choice(model):
+    """{"step_choice": the training step's GEMM variant kept and both variants' median steps} (step_choice.py: the
+    two timed side by side in this process before the row's rounds), where it was timed."""
+    timed = [c.report() for c in step_choice.choices(model).values() if c.medians]
+    return {"step_choice": timed[0] if len(timed) == 1 else timed} if timed else {}
 
 
 def _base_model(name, device):

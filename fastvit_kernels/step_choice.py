@@ -91,6 +91,11 @@ class StepChoice:
         self.phase, self.steps = _KEEP_HOST, []
         return True
 
+    def report(self) -> dict:
+        """What the benchmark rows record: the variant kept (or the phase) and each timed variant's median step."""
+        steps = {("gpu_time_ms" if v else "host_counted_ms"): round(t * 1e3, 3) for v, t in self.medians.items()}
+        return {"kept": self.phase, **steps}
+
     def __repr__(self):
         if not self.medians:
             return self.phase

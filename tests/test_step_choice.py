@@ -52,6 +52,11 @@ def test_the_variant_with_the_faster_median_step_is_kept(gpu_seconds, keep_gpu, 
     assert choice.settled and choice.gpu_only == keep_gpu
     assert dropped is (not keep_gpu)  # the slower variant's plan, by its gpu_only flag
     assert choice.medians == pytest.approx({False: 1.0, True: gpu_seconds})
+    assert choice.report() == {
+        "kept": "GPU" if keep_gpu else "host",
+        "host_counted_ms": 1e3,
+        "gpu_time_ms": gpu_seconds * 1e3,
+    }
     clock.step = 1e-3
     assert choice.replayed() is None and choice.gpu_only == keep_gpu  # settled: no more timing
 
