@@ -220,7 +220,8 @@ def chosen_configs(**launchers):
 def settle_training_step(step, model, device, limit=40):
     """step() and a synchronisation, as a measured round runs them, until the model's training steps have their
     GEMM variant chosen (fastvit_kernels/step_choice.py times the first ~25 replays both ways; at most `limit`
-    steps): the rows and profiles measure the step a user runs after that."""
+    steps): the rows and profiles measure the step a user runs after that. Where it is not chosen by then (the plan
+    never replays), the row measures what runs, and its `plan` says why."""
     from fastvit_kernels import step_choice
 
     for _ in range(limit):
@@ -228,7 +229,6 @@ def settle_training_step(step, model, device, limit=40):
         sync(device)
         if step_choice.settled(model):
             return
-    raise RuntimeError(f"the training step's GEMM variant not chosen in {limit} steps: {step_choice.choices(model)}")
 
 
 def _gpu_time_only(fn):
