@@ -38,12 +38,24 @@ def speedup_table(rows):
             tflops = f"{r['tflops']:.1f}" if "tflops" in r else "-"
             mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else "-"
             host = f"{r['host_ms']:.2f}" if "host_ms" in r else "-"
-            name = f"{r['row']} [{r['config']}]" if "config" in r else r["row"]
+            notes = [r["config"]] if "config" in r else []
+            notes += _step_choice(r.get("step_choice"))
+            name = f"{r['row']} [{'; '.join(notes)}]" if notes else r["row"]
             lines.append(
                 f"| {group} | {name} | {ms:.3f} | {host} | {r.get('items_per_s', 0):,.0f} | {tflops} | {mfu} "
                 f"| {r.get('peak_mem_gib', 0):.2f} | {_ratio(base, 'eager-sdpa', ms)} | {_ratio(base, plain_eager, ms)} |"
             )
     return "\n".join(lines)
+
+
+def _step_choice(sc) -> list:
+    """A training row's GEMM variant kept and both variants' median steps (its `step_choice`), as a label note."""
+    if not isinstance(sc, dict) or "host_counted_ms" not in sc:
+        return []
+    times = [f"host counted {sc['host_counted_ms']:.2f}"] + (
+        [f"GPU time {sc['gpu_time_ms']:.2f}"] if "gpu_time_ms" in sc else []
+    )
+    return [f"kept {sc['kept']}: {', '.join(times)} ms a step"]
 
 
 def candidate_table(rows):
