@@ -271,7 +271,7 @@ def _choose_gemm_backend(candidates, timed):
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return None, {}
     times = {name: _warm_gpu_ms(fn) for name, fn in candidates.items()}
-    return min(times, key=times.get), times
+    return _cheapest(times, host=False), times
 
 
 def backend_family(name: str) -> str:
