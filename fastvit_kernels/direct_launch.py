@@ -3,7 +3,8 @@ JITFunction.run calls it, without the work run does before that on every call (b
 arguments, the cache key and lookup, the launch hooks' metadata).
 
 A plan's recorded launch goes through Triton once (`launch`); what JITFunction.run then handed the compiled kernel's
-launcher (its bound arguments, in order) is what the replay hands it on every later call. That is the same launch as
+launcher (its bound arguments, in order) is what the replay hands it on every later call, each tensor as its address
+(recording.Recorder._address). That is the same launch as
 long as the compiled kernel is the one Triton would pick: its cache key depends on the arguments' specialisation (the
 integers, written into the plan; the tensors' 16-byte alignment, guarded by the plan or fixed by the allocator) and on
 Triton's options, which a plan records with its configuration. Not direct: the interpreter (no compiled kernel), the

@@ -201,7 +201,14 @@ class Recorder(TorchDispatchMode):
         grid3 = (*grid, 1, 1)[:3]
         head = f"{self._const(direct.run)}({self._call_args(grid3, {})}, {self._const(direct.stream)}({direct.device})"
         head += f", {self.source(direct.function)}, {self._const(direct.packed_metadata)}, None, None, None"
-        return f"{head}, {self._call_args(direct.args, {})})"
+        return f"{head}, {', '.join(map(self._address, direct.args))})"
+
+    def _address(self, v) -> str:
+        """A direct launch's argument as the code writes it, a tensor as its address: Triton's launcher takes an
+        integer as the pointer itself, where for a tensor it calls data_ptr() and asks the driver to translate the
+        address (cuPointerGetAttribute: a driver call for every tensor argument of every launch). A device tensor's
+        address is the device pointer already, and the plan only replays launches on the device it recorded."""
+        return f"{self.source(v)}.data_ptr()" if isinstance(v, torch.Tensor) else self.source(v)
 
     def zeroed(self, t):
         """t, the zeros the last line made, are arrival counters that the launches reading them leave at zero

@@ -30,7 +30,7 @@ def test_the_installed_triton_launches_as_direct_launches_assume():
 
 def test_direct_launches_pass_what_tritons_own_run_passes(offline):
     """A recorded launch replays as the call of the launcher that JITFunction.run itself makes for the same
-    arguments (Triton's binder, the heuristics wrapper, None for DRES, the constexprs)."""
+    arguments (Triton's binder, the heuristics wrapper, None for DRES, the constexprs), each tensor as its address."""
     compiled, kernel = offline
     rec, fn, source = record_launch(kernel, ln_bwd_args())
     assert rec.direct and "[(3,)]" not in source
@@ -41,8 +41,11 @@ def test_direct_launches_pass_what_tritons_own_run_passes(offline):
     replayed, by_triton = compiled.calls[1:]
     assert replayed[:6] == by_triton[:6] == (3, 1, 1, 4242, 99, (8, 1, 0))
     assert replayed[6:9] == (None, None, None)  # no metadata, no hooks: Triton's hook chains are empty
-    assert len(replayed) == len(by_triton) and all(a is b or a == b for a, b in zip(replayed[9:], by_triton[9:]))
-    assert replayed[9] is fresh[0] and replayed[9 + 5] is None  # the replay's tensors; DRES stays None
+    # the replay's tensors as their addresses (the launcher takes an integer as the pointer, with no driver call)
+    addresses = [b.data_ptr() if isinstance(b, torch.Tensor) else b for b in by_triton[9:]]
+    assert len(replayed) == len(by_triton) and all(a is b or a == b for a, b in zip(replayed[9:], addresses))
+    assert not any(isinstance(a, torch.Tensor) for a in replayed)
+    assert replayed[9] == fresh[0].data_ptr() and replayed[9 + 5] is None  # DRES stays None
     # the compiled kernel (whose __del__ unloads the function the line launches) lives as long as the replay
     assert any(v is compiled for v in fn.__globals__.values())
 
@@ -88,3 +91,26 @@ def test_fastvit_plan_picks_the_recording_mode(device, monkeypatch):
     monkeypatch.setenv("FASTVIT_PLAN", "yes")
     with pytest.raises(ValueError, match="FASTVIT_PLAN='yes': expected one of 1, 0, triton"):
         small_model(device)(x)
+
+
+def test_tma_descriptor_memory_is_kept_per_device_and_stream(monkeypatch):
+    """Triton asks for the on-device descriptors' memory at every TMA launch: the allocator hands each device and
+    stream its own buffer, grown where a launch needs more, and fresh memory to a launch captured into a CUDA graph."""
+    from fastvit_kernels.ops import tma
+
+    device, capturing = [0], [False]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    scratch = tma.Scratch("cpu")
+    first = scratch(256, 128, 7)
+    assert first.numel() >= 256 and scratch(128, 128, 7) is first  # the same stream: the same memory
+    other_stream = scratch(256, 128, 8)
+    device[0] = 1
+    other_device = scratch(256, 128, 7)
+    assert len({id(first), id(other_stream), id(other_device)}) == 3
+    device[0] = 0
+    grown = scratch(1024, 128, 7)
+    assert grown.numel() >= 1024 and grown is not first and scratch(512, 128, 7) is grown
+    capturing[0] = True
+    captured = [scratch(256, 128, 7) for _ in range(2)]
+    assert captured[0] is not captured[1] and all(c is not grown for c in captured)

@@ -7,9 +7,28 @@ import triton
 from ._common import device_properties, interpreting, row_stride
 
 
-def _scratch(size: int, alignment: int, stream):
-    """Global memory for the tensor descriptors that TMA kernels build on the device (128 B each)."""
-    return torch.empty(size, device="cuda", dtype=torch.int8)
+class Scratch:
+    """Triton's allocator for the tensor descriptors that TMA kernels build on the device (128 B each, in memory
+    Triton asks for at every launch): one buffer per device and stream, kept and grown as launches need, instead of
+    a torch.empty a launch (a caching-allocator call of host time for each GEMM launch). Launches on one stream run
+    one after another, so each finds the buffer free; during a CUDA graph capture each launch gets memory of its own
+    (the graph keeps what it captured, and may be replayed on another stream)."""
+
+    def __init__(self, device_type: str = "cuda"):
+        self.device_type = device_type
+        self.buffers = {}  # (device index, stream handle) -> int8 buffer
+
+    def __call__(self, size: int, alignment: int, stream):
+        if torch.cuda.is_current_stream_capturing():
+            return torch.empty(size, device=self.device_type, dtype=torch.int8)
+        key = (torch.cuda.current_device(), stream)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < size:  # the allocator's blocks are 512-byte aligned: >= `alignment`
+            buffer = self.buffers[key] = torch.empty(size, device=self.device_type, dtype=torch.int8)
+        return buffer
+
+
+_scratch = Scratch()
 
 
 def operands_ok(a, a_rows, weight) -> bool:
