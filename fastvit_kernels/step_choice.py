@@ -10,7 +10,10 @@ a step whose host issues it slower than the GPU runs it (CIFAR-10 at batch 512 o
 GEMM nor the plan sees the user's loop (its optimizer, data, waits), so the step is timed as the user runs it.
 
 How: a training plan (plan.py) first runs the host-counting choices. Its replays note the time from one replay's
-start to the next one's: the user's whole step, optimizer and synchronisation included. After WARMUP + SAMPLES of
+start to the next one's: the user's whole step, optimizer and synchronisation included. On a GPU that time is read
+on the GPU's timeline (an event recorded where each replay starts), which spaces the starts by the host's time where
+the GPU waits for it and by the GPU's where the host runs ahead: the step as it runs whether or not the user's loop
+waits for each step (the host's clock alone would see only the host's time until the launch queue fills). After WARMUP + SAMPLES of
 them the signature switches to the GPU-time choices (recorded again: plan.run) and is timed the same way; the
 variant with the lower median step is kept, and the other's plan dropped. Nothing is timed where the two variants
 choose alike for every GEMM shape timed so far (no GPU; FASTVIT_GEMM naming one family; FASTVIT_AUTOTUNE=0), or
@@ -22,6 +25,8 @@ host-counting one is kept. tuning.forget() (a switch changed) starts every choic
 import statistics
 import time
 import weakref
+
+import torch
 
 from . import tuning
 from ._interpreter import interpreting
@@ -36,14 +41,34 @@ _LATEST: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> t
 _clock = time.perf_counter
 
 
+def _mark(device):
+    """Where a replay starts: an event on the device's current stream on a GPU, else the host's clock."""
+    if device is not None and device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+    return _clock()
+
+
+def _seconds(start, end) -> float:
+    """The time between two marks: on a GPU once the later event has been reached (a wait of at most a step, made
+    twice a signature, when a variant's steps are all marked)."""
+    if isinstance(end, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 class StepChoice:
-    """The choice for one training signature of one model: its phase, the steps timed so far, each variant's
+    """The choice for one training signature of one model: its phase, the steps marked so far, each variant's
     median step once timed."""
 
-    def __init__(self):
+    def __init__(self, device=None):
+        """device: where the signature's steps run (a GPU's steps are timed on its timeline; None: the host's clock)."""
+        self.device = device
         self.epoch = tuning.forgets()  # tuning.forget() (a switch changed) starts the choice over
         self.phase = _HOST
-        self.steps, self.last, self.unreplayed = [], None, 0
+        self.steps, self.last, self.unreplayed = [], None, 0  # steps: (start mark, next start mark) pairs
         self.medians = {}  # variant (True: GPU-time choices) -> median step in seconds
 
     @property
@@ -63,14 +88,14 @@ class StepChoice:
         if self.phase == _HOST and self.last is None and not self.steps and not tuning.host_time_changes_a_choice():
             self.phase = _KEEP_HOST  # both variants would replay the same GEMMs: nothing to time
             return None
-        now = _clock()
+        now = _mark(self.device)
         if self.last is not None:
-            self.steps.append(now - self.last)
+            self.steps.append((self.last, now))
         self.last = now
         if len(self.steps) < WARMUP + SAMPLES:
             return None
         gpu = self.gpu_only
-        self.medians[gpu] = statistics.median(self.steps[WARMUP:])
+        self.medians[gpu] = statistics.median(_seconds(*step) for step in self.steps[WARMUP:])
         self.steps, self.last = [], None
         if not gpu:
             self.phase = _GPU
@@ -118,7 +143,7 @@ def lookup(model, signature, x):
         table = _CHOICES[model] = {}
     choice = table.get(signature)
     if choice is None or choice.epoch != tuning.forgets():
-        choice = table[signature] = StepChoice()
+        choice = table[signature] = StepChoice(x.device)
     latest = _LATEST.get(model)
     if latest is not choice:  # a step of another signature in between (an epoch's smaller last batch): not timed
         if latest is not None:

@@ -61,6 +61,39 @@ def test_the_variant_with_the_faster_median_step_is_kept(gpu_seconds, keep_gpu, 
     assert choice.replayed() is None and choice.gpu_only == keep_gpu  # settled: no more timing
 
 
+class _Event:
+    """torch.cuda.Event as step_choice uses it, on a GPU timeline where each step takes `gpu.step` seconds however
+    fast the host issues it (the launch queue full: a step the GPU bounds, in a loop that never waits)."""
+
+    def __init__(self, gpu, enable_timing):
+        assert enable_timing
+        self.gpu, self.at, self.synchronized = gpu, None, False
+
+    def record(self, stream):
+        assert stream == "stream of cuda:0"
+        self.gpu.now += self.gpu.step
+        self.at = self.gpu.now
+
+    def synchronize(self):
+        self.synchronized = True
+
+    def elapsed_time(self, end):
+        assert end.synchronized and self.at is not None
+        return (end.at - self.at) * 1e3  # ms, as torch's
+
+
+def test_a_gpu_step_is_timed_on_the_gpus_timeline(clock, monkeypatch):
+    # the host issues each step in 1 s (its clock) and the GPU runs it in 3 s: the median step is the GPU's
+    gpu = _Clock()
+    monkeypatch.setattr(torch.cuda, "Event", lambda enable_timing: _Event(gpu, enable_timing))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
+    monkeypatch.setattr(tuning, "host_time_changes_a_choice", lambda: True)
+    choice = step_choice.StepChoice(torch.device("cuda", 0))
+    gpu.step = 3.0
+    _time_variant(choice, clock, 1.0)
+    assert choice.medians == {False: pytest.approx(3.0)}
+
+
 def test_nothing_is_timed_where_both_variants_choose_alike(clock, monkeypatch):
     monkeypatch.setattr(tuning, "host_time_changes_a_choice", lambda: False)
     choice = step_choice.StepChoice()
