@@ -9,17 +9,17 @@ a step whose host issues it slower than the GPU runs it (CIFAR-10 at batch 512 o
 (ViT-B/16 at batch 64 there: 13.8 against 21.9) only pays the GPU time that counting the host gives away. Neither a
 GEMM nor the plan sees the user's loop (its optimizer, data, waits), so the step is timed as the user runs it.
 
-How: a training plan (plan.py) first runs the host-counting choices. Its replays note the time from one replay's
-start to the next one's: the user's whole step, optimizer and synchronisation included. On a GPU that time is read
-on the GPU's timeline (an event recorded where each replay starts), which spaces the starts by the host's time where
-the GPU waits for it and by the GPU's where the host runs ahead: the step as it runs whether or not the user's loop
-waits for each step (the host's clock alone would see only the host's time until the launch queue fills). After
-WARMUP + SAMPLES of them the signature switches to the GPU-time choices (recorded again: plan.run) and is timed the
-same way; the variant with the lower median step is kept, and the other's plan dropped. Nothing is timed where the two variants
-choose alike for every GEMM shape timed so far (no GPU; FASTVIT_GEMM naming one family; FASTVIT_AUTOTUNE=0), or
-inside tuning.gpu_time_only() (a CUDA graph's capture, the per-kernel benchmark rows), which runs the GPU-time choices
-anyway. Where the GPU-time variant is not replayed within NOT_REPLAYED_LIMIT calls (it could not be recorded), the
-host-counting one is kept. tuning.forget() (a switch changed) starts every choice over.
+How: a training plan (plan.py) first runs the host-counting choices. Its replays note the time from one replay's start
+to the next one's: the user's whole step, optimizer and synchronisation included. On a GPU that time is read on the
+GPU's timeline (an event recorded where each replay starts), which spaces the starts by the host's time where the GPU
+waits for it and by the GPU's where the host runs ahead: the step as it runs whether or not the user's loop waits for
+each step (the host's clock alone would see only the host's time until the launch queue fills). After WARMUP + SAMPLES
+of them the signature switches to the GPU-time choices (recorded again: plan.run) and is timed the same way; the variant
+with the lower median step is kept, and the other's plan dropped. Nothing is timed where the two variants choose alike
+for every GEMM shape timed so far (no GPU; FASTVIT_GEMM naming one family; FASTVIT_AUTOTUNE=0), or inside
+tuning.gpu_time_only() (a CUDA graph's capture, the per-kernel benchmark rows), which runs the GPU-time choices anyway.
+Where the GPU-time variant is not replayed within NOT_REPLAYED_LIMIT calls (it could not be recorded), the host-counting
+one is kept. tuning.forget() (a switch changed) starts every choice over.
 """
 
 import statistics
