@@ -308,7 +308,13 @@ def _tile_id(i):
     k = c.kwargs
     flags = "".join(
         f"-{name}"
-        for name, on in (("tma", "USE_TMA"), ("warpspec", "WARP_SPEC"), ("flat", "FLATTEN"), ("epitma", "EPI_TMA"))
+        for name, on in (
+            ("tma", "USE_TMA"),
+            ("warpspec", "WARP_SPEC"),
+            ("flat", "FLATTEN"),
+            ("epitma", "EPI_TMA"),
+            ("behind", "GELU_BEHIND"),
+        )
         if k[on]
     )
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-w{c.num_warps}-s{c.num_stages}{flags}"
@@ -337,6 +343,8 @@ def test_every_linear_config(cfg, epilogue, device, monkeypatch):
         pytest.skip("not offered with an fp32 residual: ptxas serialises its wgmma")
     if not configs._held_in_two_blocks(config, epilogue):
         pytest.skip(f"not offered with {epilogue}: one block an SM where others keep two")
+    if config.kwargs["GELU_BEHIND"] and epilogue != "gelu":
+        pytest.skip(f"GELU one tile behind: not offered with {epilogue}")
     if epilogue == "gelu_grad":
         w = w.t().contiguous().t()  # [N, K] with N contiguous, as W2.t() is
         pre = torch.randn(M, N, device=device).to(torch.bfloat16)
@@ -369,6 +377,38 @@ def test_every_linear_config(cfg, epilogue, device, monkeypatch):
         assert_matches(out, F.gelu(F.linear(a, w, b)), F.gelu(ref), torch.bfloat16)
         assert_matches(pre, F.linear(a, w, b), ref, torch.bfloat16, "pre-activation")
     assert lin._fwd.best_config is config
+
+
+@pytest.mark.parametrize("with_pre", [False, True], ids=["inference", "training"])
+def test_gelu_one_tile_behind(with_pre, device, monkeypatch):
+    # the tile that computes a tile's GELU during its program's next tile: more K steps (10) than a tile has chunks
+    # (8), partial tiles at both edges, more tiles than programs (each program's GELU follows it from tile to tile,
+    # the last after its loop); in inference the pre-activation waits in C itself, in training in the buffer the
+    # backward reads. GELU of the rounded pre-activation, as eager computes it
+    behind = [c for c in configs.LINEAR_FWD_CONFIGS if c.kwargs["GELU_BEHIND"]]
+    assert behind and all(c.kwargs["USE_TMA"] and not (c.kwargs["EPI_TMA"] or c.kwargs["FLATTEN"]) for c in behind)
+    monkeypatch.setenv("FASTVIT_GEMM", "triton")
+    force_config(monkeypatch, lin._fwd, behind[0])
+    M, K, N = 1100, 640, 200  # 9 x 2 tiles for the interpreter's 8 programs
+    a = torch.randn(M, K, device=device).to(torch.bfloat16)
+    w = (torch.randn(N, K, device=device) * K**-0.5).to(torch.bfloat16)
+    b = (0.1 * torch.randn(N, device=device)).to(torch.bfloat16)
+    pre = torch.full((M, N), float("nan"), device=device, dtype=torch.bfloat16) if with_pre else None
+    out = lin.linear(a, w, b, epilogue="gelu", pre=pre)
+    assert lin._fwd.best_config is behind[0]
+    ref = a.double() @ w.double().t() + b.double()
+    low = F.linear(a, w, b)
+    assert_matches(out, F.gelu(low), F.gelu(ref), torch.bfloat16)
+    if with_pre:
+        assert_matches(pre, low, ref, torch.bfloat16, "pre-activation")
+        # GELU of the pre-activation as stored, rounded as eager's linear output is
+        assert_matches(out, F.gelu(pre), F.gelu(pre.double()), torch.bfloat16, "GELU of the stored pre-activation")
+    monkeypatch.setenv("FASTVIT_GELU_BEHIND", "0")  # the switch: the tile is not offered
+    named = dict(A=a, B=w, C=out, PRE=pre, TMA_OK=True, EPI_TMA_OK=True, EPILOGUE="gelu")
+    assert not any(c.kwargs["GELU_BEHIND"] for c in configs.prune_linear_fwd(configs.LINEAR_FWD_CONFIGS, named))
+    monkeypatch.delenv("FASTVIT_GELU_BEHIND")
+    assert configs.prune_linear_fwd(behind, named) == behind
+    assert configs.prune_linear_fwd(behind, dict(named, EPILOGUE="none")) == []
 
 
 def test_warp_specialised_tiles_are_offered_only_when_asked(monkeypatch):

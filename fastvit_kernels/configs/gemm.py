@@ -12,15 +12,16 @@ from .memory import prune_gemm_configs, smem_limit
 GROUP_M = 8  # row blocks that share B's column blocks in L2 (grouped program order), for every GEMM here
 
 
-def gemm_cfg(bm, bn, bk, warps, stages, tma=False, ws=False, flat=False, epi=False):
-    """tma=None: a kernel without the TMA, warp-specialisation, flattening and epilogue-descriptor flags (the weight
-    gradient)."""
+def gemm_cfg(bm, bn, bk, warps, stages, tma=False, ws=False, flat=False, epi=False, behind=False):
+    """tma=None: a kernel without the TMA, warp-specialisation, flattening, epilogue-descriptor and GELU-behind flags
+    (the weight gradient)."""
     kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
     if tma is not None:
         kwargs["USE_TMA"] = tma
         kwargs["WARP_SPEC"] = ws
         kwargs["FLATTEN"] = flat
         kwargs["EPI_TMA"] = epi
+        kwargs["GELU_BEHIND"] = behind
     return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
@@ -80,6 +81,14 @@ LINEAR_FWD_CONFIGS = [
     gemm_cfg(128, 128, 64, 8, 2, tma=True, epi=True),
     gemm_cfg(128, 64, 64, 4, 3, tma=True, epi=True),
     gemm_cfg(64, 128, 64, 4, 4, tma=True, epi=True),
+    # GELU one tile behind (kernels/gemm.py's _tiles_gelu_behind), offered for the "gelu" epilogue only: a tile's
+    # pre-activation is stored, and its GELU computed during the program's next tile's main loop, a 16-row chunk a
+    # K step, loaded a step ahead. fc1's 128 x 128 tile (the H200's pick, 2026-11-28: 0.112 ms against cuBLAS's bare
+    # 0.069) spends ~1,500 SASS instructions a warp on its epilogue after a main loop of 6 x 75, and its K steps wait
+    # on L2 (~32 KB a step a block, two blocks an SM). Compiled offline (sm_90, bf16, triton 3.6): 128 registers
+    # (99 without), two blocks an SM, no stack; a K step 273 instructions with the chunk's GELU, ptxas placing it
+    # while the previous step's wgmma group runs (wait depth 1), 497 after the loop, plus two chunks at K = 384.
+    gemm_cfg(128, 128, 64, 8, 3, tma=True, behind=True),
 ]
 # The persistent TMA tiles launch up to this many programs per SM. Two fit wherever the 4-warp tiles and 128 x 128
 # with 8 warps stay under 128 registers (bf16, sm_90, compiled offline: fc1's GELU 99-109 and qkv's 95-106 in
@@ -162,12 +171,21 @@ def epi_tma_on() -> bool:
     return os.environ.get("FASTVIT_EPI_TMA", "1") != "0"
 
 
+def gelu_behind_on() -> bool:
+    """FASTVIT_GELU_BEHIND=0 leaves out the tiles that compute GELU one tile behind (GELU_BEHIND); the GPU check sets
+    it if their tests fail there."""
+    return os.environ.get("FASTVIT_GELU_BEHIND", "1") != "0"
+
+
 def prune_linear_fwd(configs, args):
     """Shared memory as for every GEMM (with a descriptor epilogue's staging); the TMA tiles where _tma_where_ok keeps
     them; the warp-specialised ones where warp_spec_on, the flattened ones where flatten_on, the descriptor
-    epilogues where epi_tma_on (neither with the tiles' column sums); no tile that ptxas serialises, nor one that a
-    second tile in the epilogue leaves at one block an SM where others keep two (_held_in_two_blocks)."""
+    epilogues where epi_tma_on (neither with the tiles' column sums), GELU one tile behind for GELU's epilogue where
+    gelu_behind_on; no tile that ptxas serialises, nor one that a second tile in the epilogue leaves at one block an
+    SM where others keep two (_held_in_two_blocks)."""
     configs = _tma_where_ok(configs, args)
+    if args.get("EPILOGUE") != "gelu" or not gelu_behind_on():
+        configs = [c for c in configs if not c.kwargs.get("GELU_BEHIND")]
     if not warp_spec_on():
         configs = [c for c in configs if not c.kwargs.get("WARP_SPEC")]
     if not flatten_on():

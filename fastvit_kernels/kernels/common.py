@@ -37,6 +37,19 @@ def grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def tma_k_step(acc, a_desc, b_desc, m0, n0, k0, DOT_PRECISION: tl.constexpr, B_KMAJOR: tl.constexpr):
+    """acc += A[m0:, k0:] @ B[k0:, n0:] for one K step of a GEMM tile, both operands through tensor descriptors. B's
+    tile is read as B is stored: K-major as nn.Linear stores its weight (transposed in shared memory for the dot), or
+    N-major where the GEMM reads a weight untransposed (fc2's dX with GELU')."""
+    a = a_desc.load([m0, k0])
+    if B_KMAJOR:
+        acc = tl.dot(a, b_desc.load([n0, k0]).T, acc, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.dot(a, b_desc.load([k0, n0]), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def block_and_head(N, BLOCK: tl.constexpr):
     # One flat grid, sequence blocks fastest: the blocks of one head run side by side and share its K/V in L2. (A
     # second grid axis for batch x heads would cap it at 65535, which a CIFAR-10 evaluation batch of 11k images

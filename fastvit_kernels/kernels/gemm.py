@@ -8,8 +8,9 @@ block on sm_90). Absent tensors are None, and the flags that depend on them are 
 import triton
 import triton.language as tl
 
-from .common import grouped_pid, last_to_arrive, sum_partials
+from .common import grouped_pid, last_to_arrive, sum_partials, tma_k_step
 from .gemm_epilogue import epilogue_parts, finish_tile, stores_pre
+from .gemm_gelu_behind import tiles_gelu_behind
 
 
 @triton.jit
@@ -63,16 +64,10 @@ def _mainloop_tma(
     B_KMAJOR: tl.constexpr,
 ):
     # Tensor-descriptor loads (TMA on sm_90): the copy engine computes addresses and zero-fills the edges, so a K step
-    # issues no address or mask arithmetic. B's tile is read as B is stored: K-major as nn.Linear stores its weight
-    # (transposed in shared memory for the dot), or N-major where the GEMM reads a weight untransposed (fc2's dX with
-    # GELU').
+    # issues no address or mask arithmetic.
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        a = a_desc.load([pid_m * BLOCK_M, k0])
-        if B_KMAJOR:
-            acc = tl.dot(a, b_desc.load([pid_n * BLOCK_N, k0]).T, acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(a, b_desc.load([k0, pid_n * BLOCK_N]), acc, input_precision=DOT_PRECISION)
+        acc = tma_k_step(acc, a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, k0, DOT_PRECISION, B_KMAJOR)
     return acc
 
 
@@ -124,10 +119,38 @@ def linear_fwd_kernel(
     STORE_PRE: tl.constexpr,
     B_KMAJOR: tl.constexpr,  # B's K steps are contiguous (nn.Linear's weight as stored), else its N steps are
     HAS_COLSUM: tl.constexpr,
+    GELU_BEHIND: tl.constexpr = False,  # TMA tiles, "gelu" through pointers: each tile's GELU under the next's MMAs
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    if USE_TMA and TMA_OK:
+    if USE_TMA and TMA_OK and GELU_BEHIND:
+        tl.static_assert(EPILOGUE == "gelu" and not (WARP_SPEC or FLATTEN or EPI_TMA or HAS_COLSUM))
+        a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+        if B_KMAJOR:
+            b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(B, shape=[K, N], strides=[stride_bk, 1], block_shape=[BLOCK_K, BLOCK_N])
+        tiles_gelu_behind(
+            a_desc,
+            b_desc,
+            C,
+            BIAS,
+            PRE if STORE_PRE else C,  # where the pre-activation waits: the backward's buffer, else C itself
+            M,
+            N,
+            K,
+            num_programs,
+            stride_cm,
+            stride_pm if STORE_PRE else stride_cm,
+            DOT_PRECISION,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            GROUP_M,
+            HAS_BIAS,
+            B_KMAJOR,
+        )
+    elif USE_TMA and TMA_OK:
         a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
         if B_KMAJOR:
             b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
