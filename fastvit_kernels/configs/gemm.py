@@ -85,9 +85,11 @@ LINEAR_FWD_CONFIGS = [
     # pre-activation is stored, and its GELU computed during the program's next tile's main loop, a 16-row chunk a
     # K step, loaded a step ahead. fc1's 128 x 128 tile (the H200's pick, 2026-11-28: 0.112 ms against cuBLAS's bare
     # 0.069) spends ~1,500 SASS instructions a warp on its epilogue after a main loop of 6 x 75, and its K steps wait
-    # on L2 (~32 KB a step a block, two blocks an SM). Compiled offline (sm_90, bf16, triton 3.6): 128 registers
-    # (99 without), two blocks an SM, no stack; a K step 273 instructions with the chunk's GELU, ptxas placing it
-    # while the previous step's wgmma group runs (wait depth 1), 497 after the loop, plus two chunks at K = 384.
+    # on L2 (~32 KB a step a block, two blocks an SM). Compiled offline (sm_90, bf16, triton 3.6 / 3.8): 125 / 124
+    # registers (99 / 98 without; 128 is the most that keeps two blocks an SM), no stack; a K step 273 instructions
+    # with the chunk's GELU, which ptxas issues after the step's wgmma group (wait depth 1: it runs meanwhile), 498
+    # after the loop, plus two chunks at K = 384 (six K steps). BLOCK_K = 32 (twelve steps, every chunk in the loop)
+    # took 269 a step and, with the four stages that keep its loads as deep, one block an SM: not offered.
     gemm_cfg(128, 128, 64, 8, 3, tma=True, behind=True),
 ]
 # The persistent TMA tiles launch up to this many programs per SM. Two fit wherever the 4-warp tiles and 128 x 128

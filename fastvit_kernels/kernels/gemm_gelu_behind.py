@@ -68,11 +68,11 @@ def _mainloop_tma_gelu_behind(
     pre_next = _pre_chunk(SRC, prev_m0, prev_n0, 0, prev_end, N, stride_sm, CHUNK_M, BLOCK_N)
     for k0 in range(0, K, BLOCK_K):
         acc = tma_k_step(acc, a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, k0, DOT_PRECISION, B_KMAJOR)
-        pre = pre_next
-        end_next = tl.where(chunk + 1 < CHUNKS, prev_end, 0)  # past the tile's last chunk: nothing
-        pre_next = _pre_chunk(SRC, prev_m0, prev_n0, chunk + 1, end_next, N, stride_sm, CHUNK_M, BLOCK_N)
-        end = tl.where(chunk < CHUNKS, prev_end, 0)
-        _store_gelu(C, pre, prev_m0, prev_n0, chunk, end, N, stride_cm, CHUNK_M, BLOCK_N)
+        if chunk < CHUNKS:  # past the tile's last chunk (K steps > CHUNKS): nothing
+            pre = pre_next
+            end_next = tl.where(chunk + 1 < CHUNKS, prev_end, 0)
+            pre_next = _pre_chunk(SRC, prev_m0, prev_n0, chunk + 1, end_next, N, stride_sm, CHUNK_M, BLOCK_N)
+            _store_gelu(C, pre, prev_m0, prev_n0, chunk, prev_end, N, stride_cm, CHUNK_M, BLOCK_N)
         chunk += 1
     return acc, chunk
 
