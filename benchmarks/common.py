@@ -190,7 +190,7 @@ def _config_name(cfg):
     flags += " warpspec" if k.get("WARP_SPEC") else ""
     flags += " flat" if k.get("FLATTEN") else ""
     flags += " epitma" if k.get("EPI_TMA") else ""  # the epilogue through tensor descriptors: the same tile otherwise
-    flags += " behind" if k.get("GELU_BEHIND") else ""  # GELU one tile behind, under the next tile's main loop
+    flags += f" behind{k['GELU_BEHIND']}" if k.get("GELU_BEHIND") else ""  # GELU one tile behind: chunks a K step
     flags += " whole" if k.get("WHOLE") else ""  # attention: a (batch, head) pair per tile
     flags += f" tail{k['TAIL']}" if k.get("TAIL") else ""
     flags += f" rows{k['ROW_TAIL']}" if k.get("ROW_TAIL") else ""  # attention: a pair's last rows in its last block

@@ -308,15 +308,11 @@ def _tile_id(i):
     k = c.kwargs
     flags = "".join(
         f"-{name}"
-        for name, on in (
-            ("tma", "USE_TMA"),
-            ("warpspec", "WARP_SPEC"),
-            ("flat", "FLATTEN"),
-            ("epitma", "EPI_TMA"),
-            ("behind", "GELU_BEHIND"),
-        )
+        for name, on in (("tma", "USE_TMA"), ("warpspec", "WARP_SPEC"), ("flat", "FLATTEN"), ("epitma", "EPI_TMA"))
         if k[on]
     )
+    flags += f"-behind{k['GELU_BEHIND']}" if k["GELU_BEHIND"] else ""
+    flags += f"-maxnreg{c.maxnreg}" if c.maxnreg else ""
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-w{c.num_warps}-s{c.num_stages}{flags}"
 
 
@@ -379,23 +375,31 @@ def test_every_linear_config(cfg, epilogue, device, monkeypatch):
     assert lin._fwd.best_config is config
 
 
+_BEHIND = [i for i, c in enumerate(configs.LINEAR_FWD_CONFIGS) if c.kwargs["GELU_BEHIND"]]
+
+
+# 10 K steps, more than 8 chunks; 6 (CIFAR-10's fc1: 2 x 6 covers 8); 3, under half of them
+@pytest.mark.parametrize("K", [640, 384, 192], ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("cfg", _BEHIND, ids=_tile_id)
 @pytest.mark.parametrize("with_pre", [False, True], ids=["inference", "training"])
-def test_gelu_one_tile_behind(with_pre, device, monkeypatch):
-    # the tile that computes a tile's GELU during its program's next tile: more K steps (10) than a tile has chunks
-    # (8), partial tiles at both edges, more tiles than programs (each program's GELU follows it from tile to tile,
-    # the last after its loop); in inference the pre-activation waits in C itself, in training in the buffer the
-    # backward reads. GELU of the rounded pre-activation, as eager computes it
-    behind = [c for c in configs.LINEAR_FWD_CONFIGS if c.kwargs["GELU_BEHIND"]]
+def test_gelu_one_tile_behind(with_pre, cfg, K, device, monkeypatch):
+    # the tiles that compute a tile's GELU during its program's next tile: more K steps (10) than a tile has chunks
+    # (8), fewer (6), and fewer than half as many (3: chunks left after the loop either way), partial tiles at both edges, more
+    # tiles than programs (each program's GELU follows it from tile to tile, the last after its loop); in inference
+    # the pre-activation waits in C itself, in training in the buffer the backward reads. GELU of the rounded
+    # pre-activation, as eager computes it
+    behind = [configs.LINEAR_FWD_CONFIGS[i] for i in _BEHIND]
     assert behind and all(c.kwargs["USE_TMA"] and not (c.kwargs["EPI_TMA"] or c.kwargs["FLATTEN"]) for c in behind)
+    config = configs.LINEAR_FWD_CONFIGS[cfg]
     monkeypatch.setenv("FASTVIT_GEMM", "triton")
-    force_config(monkeypatch, lin._fwd, behind[0])
-    M, K, N = 1100, 640, 200  # 9 x 2 tiles for the interpreter's 8 programs
+    force_config(monkeypatch, lin._fwd, config)
+    M, N = 1100, 200  # 9 x 2 tiles for the interpreter's 8 programs
     a = torch.randn(M, K, device=device).to(torch.bfloat16)
     w = (torch.randn(N, K, device=device) * K**-0.5).to(torch.bfloat16)
     b = (0.1 * torch.randn(N, device=device)).to(torch.bfloat16)
     pre = torch.full((M, N), float("nan"), device=device, dtype=torch.bfloat16) if with_pre else None
     out = lin.linear(a, w, b, epilogue="gelu", pre=pre)
-    assert lin._fwd.best_config is behind[0]
+    assert lin._fwd.best_config is config
     ref = a.double() @ w.double().t() + b.double()
     low = F.linear(a, w, b)
     assert_matches(out, F.gelu(low), F.gelu(ref), torch.bfloat16)

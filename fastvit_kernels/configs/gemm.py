@@ -12,9 +12,9 @@ from .memory import prune_gemm_configs, smem_limit
 GROUP_M = 8  # row blocks that share B's column blocks in L2 (grouped program order), for every GEMM here
 
 
-def gemm_cfg(bm, bn, bk, warps, stages, tma=False, ws=False, flat=False, epi=False, behind=False):
+def gemm_cfg(bm, bn, bk, warps, stages, tma=False, ws=False, flat=False, epi=False, behind=0, maxnreg=None):
     """tma=None: a kernel without the TMA, warp-specialisation, flattening, epilogue-descriptor and GELU-behind flags
-    (the weight gradient)."""
+    (the weight gradient). behind: GELU_BEHIND's chunks a K step (0: off); maxnreg: ptxas's register cap."""
     kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
     if tma is not None:
         kwargs["USE_TMA"] = tma
@@ -22,7 +22,7 @@ def gemm_cfg(bm, bn, bk, warps, stages, tma=False, ws=False, flat=False, epi=Fal
         kwargs["FLATTEN"] = flat
         kwargs["EPI_TMA"] = epi
         kwargs["GELU_BEHIND"] = behind
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
 # No tile here spills registers in bf16 on sm_90 (tests/test_compile_targets.py checks it): 128 x 128 x 32 with 4 warps
@@ -85,12 +85,16 @@ LINEAR_FWD_CONFIGS = [
     # pre-activation is stored, and its GELU computed during the program's next tile's main loop, a 16-row chunk a
     # K step, loaded a step ahead. fc1's 128 x 128 tile (the H200's pick, 2026-11-28: 0.112 ms against cuBLAS's bare
     # 0.069) spends ~1,500 SASS instructions a warp on its epilogue after a main loop of 6 x 75, and its K steps wait
-    # on L2 (~32 KB a step a block, two blocks an SM). Compiled offline (sm_90, bf16, triton 3.6 / 3.8): 125 / 124
-    # registers (99 / 98 without; 128 is the most that keeps two blocks an SM), no stack; a K step 273 instructions
-    # with the chunk's GELU, which ptxas issues after the step's wgmma group (wait depth 1: it runs meanwhile), 498
-    # after the loop, plus two chunks at K = 384 (six K steps). BLOCK_K = 32 (twelve steps, every chunk in the loop)
-    # took 269 a step and, with the four stages that keep its loads as deep, one block an SM: not offered.
-    gemm_cfg(128, 128, 64, 8, 3, tma=True, behind=True),
+    # on L2 (~32 KB a step a block, two blocks an SM). Compiled offline (sm_90, bf16, triton 3.6 / 3.8), capped at
+    # 128 registers (the most that keeps two blocks an SM; uncapped ptxas took 125-132 / 124-128): 110-112 /
+    # 108-110, no stack; a K step 270 instructions with the chunk's GELU, which ptxas issues after the step's wgmma
+    # group (wait depth 1: it runs meanwhile), ~520 after the loop, plus two chunks at K = 384 (six K steps).
+    # BLOCK_K = 32 (twelve steps, every chunk in the loop) took 269 a step and, with the four stages that keep its
+    # loads as deep, one block an SM: not offered. The second takes those two chunks in the first two K steps,
+    # loaded on the spot (their issue under the L2-bound steps too, nothing but the stores after the loop): 448-458
+    # instructions in those steps, the same registers. 16-bit operands only (fp32's FMA dots spill at the cap).
+    gemm_cfg(128, 128, 64, 8, 3, tma=True, behind=1, maxnreg=128),
+    gemm_cfg(128, 128, 64, 8, 3, tma=True, behind=2, maxnreg=128),
 ]
 # The persistent TMA tiles launch up to this many programs per SM. Two fit wherever the 4-warp tiles and 128 x 128
 # with 8 warps stay under 128 registers (bf16, sm_90, compiled offline: fc1's GELU 99-109 and qkv's 95-106 in
@@ -186,7 +190,7 @@ def prune_linear_fwd(configs, args):
     gelu_behind_on; no tile that ptxas serialises, nor one that a second tile in the epilogue leaves at one block an
     SM where others keep two (_held_in_two_blocks)."""
     configs = _tma_where_ok(configs, args)
-    if args.get("EPILOGUE") != "gelu" or not gelu_behind_on():
+    if args.get("EPILOGUE") != "gelu" or not gelu_behind_on() or args["A"].element_size() != 2:
         configs = [c for c in configs if not c.kwargs.get("GELU_BEHIND")]
     if not warp_spec_on():
         configs = [c for c in configs if not c.kwargs.get("WARP_SPEC")]

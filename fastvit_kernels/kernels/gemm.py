@@ -119,7 +119,8 @@ def linear_fwd_kernel(
     STORE_PRE: tl.constexpr,
     B_KMAJOR: tl.constexpr,  # B's K steps are contiguous (nn.Linear's weight as stored), else its N steps are
     HAS_COLSUM: tl.constexpr,
-    GELU_BEHIND: tl.constexpr = False,  # TMA tiles, "gelu" through pointers: each tile's GELU under the next's MMAs
+    GELU_BEHIND: tl.constexpr = 0,  # TMA tiles, "gelu": each tile's GELU under the next's MMAs, <= this many chunks
+    #                                  a K step (0: off)
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -149,6 +150,7 @@ def linear_fwd_kernel(
             GROUP_M,
             HAS_BIAS,
             B_KMAJOR,
+            GELU_BEHIND,
         )
     elif USE_TMA and TMA_OK:
         a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])

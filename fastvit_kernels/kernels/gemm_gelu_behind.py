@@ -57,24 +57,34 @@ def _mainloop_tma_gelu_behind(
     BLOCK_K: tl.constexpr,
     B_KMAJOR: tl.constexpr,
     CHUNKS: tl.constexpr,
+    PER_STEP: tl.constexpr,
 ):
-    """_mainloop_tma's product, and under its asynchronous MMAs the GELU of the program's previous tile, one chunk of
-    BLOCK_M // CHUNKS rows a K step (the pre-activation it stored at SRC, rows below prev_end), each chunk loaded a
-    step ahead of its GELU; returns the product and the chunks done. The tensor cores run the product while the
-    warps issue the exponentials of the tile before: the epilogue's issue slots under the main loop, not after it."""
+    """_mainloop_tma's product, and under its asynchronous MMAs the GELU of the program's previous tile in chunks of
+    BLOCK_M // CHUNKS rows (the pre-activation it stored at SRC, rows below prev_end): K step j takes chunk j, loaded
+    a step ahead, and with PER_STEP = 2, where the tile has fewer K steps than chunks, also chunk steps + j
+    (CIFAR-10's fc1: six steps, eight chunks), loaded on the spot. Returns the product and how many of the first
+    chunks are done. The tensor
+    cores run the product while the warps issue the exponentials of the tile before: the epilogue's issue slots
+    under the main loop, not after it."""
     CHUNK_M: tl.constexpr = BLOCK_M // CHUNKS
+    steps = tl.cdiv(K, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    chunk = 0
+    j = 0
     pre_next = _pre_chunk(SRC, prev_m0, prev_n0, 0, prev_end, N, stride_sm, CHUNK_M, BLOCK_N)
     for k0 in range(0, K, BLOCK_K):
         acc = tma_k_step(acc, a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, k0, DOT_PRECISION, B_KMAJOR)
-        if chunk < CHUNKS:  # past the tile's last chunk (K steps > CHUNKS): nothing
+        if j < CHUNKS:  # past the tile's last chunk (K steps > CHUNKS): nothing
             pre = pre_next
-            end_next = tl.where(chunk + 1 < CHUNKS, prev_end, 0)
-            pre_next = _pre_chunk(SRC, prev_m0, prev_n0, chunk + 1, end_next, N, stride_sm, CHUNK_M, BLOCK_N)
-            _store_gelu(C, pre, prev_m0, prev_n0, chunk, prev_end, N, stride_cm, CHUNK_M, BLOCK_N)
-        chunk += 1
-    return acc, chunk
+            end_next = tl.where((j + 1 < steps) & (j + 1 < CHUNKS), prev_end, 0)  # the next step's chunk, if any
+            pre_next = _pre_chunk(SRC, prev_m0, prev_n0, j + 1, end_next, N, stride_sm, CHUNK_M, BLOCK_N)
+            _store_gelu(C, pre, prev_m0, prev_n0, j, prev_end, N, stride_cm, CHUNK_M, BLOCK_N)
+            if PER_STEP == 2:
+                if steps + j < CHUNKS:
+                    _gelu_chunk(
+                        SRC, C, prev_m0, prev_n0, steps + j, prev_end, N, stride_sm, stride_cm, CHUNK_M, BLOCK_N
+                    )
+        j += 1
+    return acc, tl.minimum(PER_STEP * steps, CHUNKS)
 
 
 @triton.jit
@@ -97,6 +107,7 @@ def tiles_gelu_behind(
     GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     B_KMAJOR: tl.constexpr,
+    PER_STEP: tl.constexpr,  # chunks of the tile before a K step takes at most: 1, or 2 where K steps are few
 ):
     """linear_fwd_kernel's persistent TMA tiles with GELU's epilogue one tile behind: a tile's bias is added and its
     pre-activation stored at SRC (rounded to SRC's dtype, as eager rounds the linear layer's output before GELU), and
@@ -114,7 +125,7 @@ def tiles_gelu_behind(
     prev_end = prev_m0
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs):
         pid_m, pid_n = grouped_pid(tile, num_pid_m, num_pid_n, GROUP_M)
-        acc, chunk = _mainloop_tma_gelu_behind(
+        acc, done = _mainloop_tma_gelu_behind(
             a_desc,
             b_desc,
             pid_m,
@@ -134,8 +145,9 @@ def tiles_gelu_behind(
             BLOCK_K,
             B_KMAJOR,
             CHUNKS,
+            PER_STEP,
         )
-        for c in range(chunk, CHUNKS):  # fewer K steps than chunks: the rest of the previous tile
+        for c in range(done, CHUNKS):  # fewer K steps than chunks (PER_STEP of them a step): the rest
             _gelu_chunk(SRC, C, prev_m0, prev_n0, c, prev_end, N, stride_sm, stride_cm, BLOCK_M // CHUNKS, BLOCK_N)
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
