@@ -62,8 +62,12 @@ echo "=== the kernels new since the last GPU run, under compute-sanitizer's memc
 # here, and the training rows say how it went)
 QKV_TEST=tests/test_qkv_attention.py::test_every_backward_config_leaves_the_column_sums_of_dqkv
 NEW_KERNEL_TESTS=("$QKV_TEST[3-65]" "$QKV_TEST[0-65]" "$QKV_TEST[3-17]")
-# new in session 26: the GEMM tile that reads its own stores back a tile later (GELU one tile behind)
-NEW_KERNEL_TESTS+=("tests/test_linear.py::test_gelu_one_tile_behind")
+# new in session 26: the GEMM tiles that read their own stores back a tile later (GELU one tile behind), at
+# CIFAR-10's K = 384, inference and training
+BEHIND_TEST=tests/test_linear.py::test_gelu_one_tile_behind
+for b in 1 2; do for mode in inference training; do
+  NEW_KERNEL_TESTS+=("$BEHIND_TEST[$mode-128x128x64-w8-s3-tma-behind$b-maxnreg128-K384]")
+done; done
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$SANITIZER" ]; then
   SAN_LOG="$OUT_DIR/sanitizer.log"
