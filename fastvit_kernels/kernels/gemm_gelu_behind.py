@@ -1,7 +1,8 @@
 """The linear GEMM's persistent TMA tiles with GELU's epilogue one tile behind (kernels/gemm.py's linear_fwd_kernel,
 GELU_BEHIND): a tile's pre-activation is stored, and its GELU computed while the program's next tile runs its main
 loop, so that the epilogue's issue slots (~18 SASS instructions an element, two of them MUFU) fill the time the K
-steps wait on the tensor cores and on L2 instead of following them.
+steps wait on the tensor cores and on L2 instead of following them. GELU_BEHIND says how many chunks of the tile
+before a K step may take: 1, or 2 where a tile has fewer K steps than chunks (configs/gemm.py offers both).
 """
 
 import triton
@@ -32,6 +33,7 @@ def _store_gelu(C, pre, m0, n0, chunk, rows_end, N, stride_cm, CHUNK_M: tl.const
 
 @triton.jit
 def _gelu_chunk(SRC, C, m0, n0, chunk, rows_end, N, stride_sm, stride_cm, CHUNK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A chunk loaded and its GELU stored at once (the chunks no K step takes ahead)."""
     pre = _pre_chunk(SRC, m0, n0, chunk, rows_end, N, stride_sm, CHUNK_M, BLOCK_N)
     _store_gelu(C, pre, m0, n0, chunk, rows_end, N, stride_cm, CHUNK_M, BLOCK_N)
 
@@ -63,9 +65,8 @@ def _mainloop_tma_gelu_behind(
     BLOCK_M // CHUNKS rows (the pre-activation it stored at SRC, rows below prev_end): K step j takes chunk j, loaded
     a step ahead, and with PER_STEP = 2, where the tile has fewer K steps than chunks, also chunk steps + j
     (CIFAR-10's fc1: six steps, eight chunks), loaded on the spot. Returns the product and how many of the first
-    chunks are done. The tensor
-    cores run the product while the warps issue the exponentials of the tile before: the epilogue's issue slots
-    under the main loop, not after it."""
+    chunks are done. The tensor cores run the product while the warps issue the exponentials of the tile before:
+    the epilogue's issue slots under the main loop, not after it."""
     CHUNK_M: tl.constexpr = BLOCK_M // CHUNKS
     steps = tl.cdiv(K, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
