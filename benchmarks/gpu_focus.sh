@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # On a CUDA machine, before `make gpu-check`: the few minutes (at most 240 s) that show whether what changed since the
 # last GPU run works there, so that the check is not spent on a failure, and that tune the CIFAR-10 step's kernels at
-# batch 512 for it. What it runs (each with its own limit): the attention tests (every tile forced, bf16 and fp32:
-# the tensor-core code only bf16 runs; the dK/dV kernel's partial rows of qkv's bias gradient, new in session 22),
-# the step plans' tests (CUDA tensors, autograd's device thread) and the launch counts, then the CIFAR-10 end-to-end
-# `ours` and eager rows at batch 512, inference and training, a few rounds each. Its tuning is kept on disk
-# (gpu_env.sh), so `make gpu-check` on the same machine right after starts with those kernels tuned: on a fresh H200
-# (2026-11-28) the check's 100 s of `ours` rows covered inference and not training's tuning. Rows go to
-# $OUT_DIR/rows.jsonl with their commit (FASTVIT_COMMIT=<hash> where the tree came without .git). Batch 8's rows
-# (the host's time) are `make bench`'s: they tune the attention tiles of their own batch size.
+# batch 512 for it. What it runs (each with its own limit): the GELU-behind GEMM tiles' tests, the attention tests
+# (every tile forced, bf16 and fp32: the tensor-core code only bf16 runs; the dK/dV kernel's partial rows of qkv's bias
+# gradient, new in session 22), the step plans' tests (CUDA tensors, autograd's device thread) and the launch counts,
+# then the CIFAR-10 end-to-end `ours` and eager rows at batch 512, inference and training, a few rounds each. Its tuning
+# is kept on disk (gpu_env.sh), so `make gpu-check` on the same machine right after starts with those kernels tuned: on
+# a fresh H200 (2026-11-28) the check's 100 s of `ours` rows covered inference and not training's tuning. Rows go to
+# $OUT_DIR/rows.jsonl with their commit (FASTVIT_COMMIT=<hash> where the tree came without .git). Batch 8's rows (the
+# host's time) are `make bench`'s: they tune the attention tiles of their own batch size.
 source "$(dirname "$0")/gpu_env.sh"
 echo "=== the GEMM tile with GELU one tile behind (new in session 26): if it fails, the rows run without it"
 FASTVIT_AUTOTUNE=0 timeout 40 $PY -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_linear.py \

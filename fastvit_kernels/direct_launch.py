@@ -4,13 +4,12 @@ arguments, the cache key and lookup, the launch hooks' metadata).
 
 A plan's recorded launch goes through Triton once (`launch`); what JITFunction.run then handed the compiled kernel's
 launcher (its bound arguments, in order) is what the replay hands it on every later call, each tensor as its address
-(recording.Recorder._address). That is the same launch as
-long as the compiled kernel is the one Triton would pick: its cache key depends on the arguments' specialisation (the
-integers, written into the plan; the tensors' 16-byte alignment, guarded by the plan or fixed by the allocator) and on
-Triton's options, which a plan records with its configuration. Not direct: the interpreter (no compiled kernel), the
-test suite's launch recorders (not Triton's kernels), a kernel with pre-run hooks, launch hooks installed (a profiler
-reads the metadata the direct launch does not build; `hooks_set`), a Triton whose JITFunction.run launches otherwise
-(`supported`).
+(recording.Recorder._address). That is the same launch as long as the compiled kernel is the one Triton would pick: its
+cache key depends on the arguments' specialisation (the integers, written into the plan; the tensors' 16-byte alignment,
+guarded by the plan or fixed by the allocator) and on Triton's options, which a plan records with its configuration. Not
+direct: the interpreter (no compiled kernel), the test suite's launch recorders (not Triton's kernels), a kernel with
+pre-run hooks, launch hooks installed (a profiler reads the metadata the direct launch does not build; `hooks_set`), a
+Triton whose JITFunction.run launches otherwise (`supported`).
 """
 
 import functools

@@ -81,7 +81,7 @@ LINEAR_FWD_CONFIGS = [
     gemm_cfg(128, 128, 64, 8, 2, tma=True, epi=True),
     gemm_cfg(128, 64, 64, 4, 3, tma=True, epi=True),
     gemm_cfg(64, 128, 64, 4, 4, tma=True, epi=True),
-    # GELU one tile behind (kernels/gemm.py's _tiles_gelu_behind), offered for the "gelu" epilogue only: a tile's
+    # GELU one tile behind (kernels/gemm_gelu_behind.py), offered for the "gelu" epilogue only: a tile's
     # pre-activation is stored, and its GELU computed during the program's next tile's main loop, a 16-row chunk a
     # K step, loaded a step ahead. fc1's 128 x 128 tile (the H200's pick, 2026-11-28: 0.112 ms against cuBLAS's bare
     # 0.069) spends ~1,500 SASS instructions a warp on its epilogue after a main loop of 6 x 75, and its K steps wait

@@ -71,6 +71,31 @@ def _mainloop_tma(
     return acc
 
 
+@triton.jit
+def _operand_descriptors(
+    A,
+    B,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_bk,
+    stride_bn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    B_KMAJOR: tl.constexpr,
+):
+    """The TMA tiles' descriptors of A [M, K] and of the weight B, read as it is stored (B_KMAJOR: [N, K] blocks,
+    else [K, N])."""
+    a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if B_KMAJOR:
+        b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        b_desc = tl.make_tensor_descriptor(B, shape=[K, N], strides=[stride_bk, 1], block_shape=[BLOCK_K, BLOCK_N])
+    return a_desc, b_desc
+
+
 @triton.heuristics(
     {
         "HAS_BIAS": lambda args: args["BIAS"] is not None,
@@ -126,11 +151,9 @@ def linear_fwd_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if USE_TMA and TMA_OK and GELU_BEHIND:
         tl.static_assert(EPILOGUE == "gelu" and not (WARP_SPEC or FLATTEN or EPI_TMA or HAS_COLSUM))
-        a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-        if B_KMAJOR:
-            b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
-        else:
-            b_desc = tl.make_tensor_descriptor(B, shape=[K, N], strides=[stride_bk, 1], block_shape=[BLOCK_K, BLOCK_N])
+        a_desc, b_desc = _operand_descriptors(
+            A, B, M, N, K, stride_am, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR
+        )
         tiles_gelu_behind(
             a_desc,
             b_desc,
@@ -153,11 +176,9 @@ def linear_fwd_kernel(
             GELU_BEHIND,
         )
     elif USE_TMA and TMA_OK:
-        a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-        if B_KMAJOR:
-            b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
-        else:
-            b_desc = tl.make_tensor_descriptor(B, shape=[K, N], strides=[stride_bk, 1], block_shape=[BLOCK_K, BLOCK_N])
+        a_desc, b_desc = _operand_descriptors(
+            A, B, M, N, K, stride_am, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR
+        )
         EPI_DESC: tl.constexpr = EPI_TMA and EPI_TMA_OK
         if EPI_DESC:  # C, RES and PRE become descriptors of one epilogue part's block (the pointers' slots reused)
             PART_N: tl.constexpr = BLOCK_N // epilogue_parts(BLOCK_N, EPILOGUE, STORE_PRE, EPI_DESC)
