@@ -32,9 +32,9 @@ echo "=== the TMA GEMM path first: if it fails here, the benchmarks run without 
 # the warp-specialised, the flattened and the descriptor-epilogue tiles are offered to the tuner only if they pass
 # here; no -x, so that a failure in one of them does not leave the others untested
 export FASTVIT_WARP_SPEC=1
+# (the column sums' tests, which do not decide the GEMM tiles, are in tests/test_column_sums.py: the last test stage)
 run_tests 60 tests/test_gelu.py tests/test_linear.py; status=$?  # 38 s of 50 on an H100 before 17 more tile tests
-# the column sums (no TMA in them; their own memcheck below) do not decide the GEMM tiles
-failed=$(failed_tests | grep -v column_sum)
+failed=$(failed_tests)
 if [ -z "$failed" ] && [ "$status" -eq 124 ]; then
   echo "... no failure before the limit: the TMA tiles stay in, the warp-specialised, flattened, epitma, behind go"
   export FASTVIT_WARP_SPEC=0 FASTVIT_FLATTEN=0 FASTVIT_EPI_TMA=0 FASTVIT_GELU_BEHIND=0
@@ -62,12 +62,12 @@ echo "=== the kernels new since the last GPU run, under compute-sanitizer's memc
 # here, and the training rows say how it went)
 QKV_TEST=tests/test_qkv_attention.py::test_every_backward_config_leaves_the_column_sums_of_dqkv
 NEW_KERNEL_TESTS=("$QKV_TEST[3-65]" "$QKV_TEST[0-65]" "$QKV_TEST[3-17]")
-# new in session 26: the GEMM tiles that read their own stores back a tile later (GELU one tile behind), at
-# CIFAR-10's K = 384, inference and training
-BEHIND_TEST=tests/test_linear.py::test_gelu_one_tile_behind
-for b in 1 2; do for mode in inference training; do
-  NEW_KERNEL_TESTS+=("$BEHIND_TEST[$mode-128x128x64-w8-s3-tma-behind$b-maxnreg128-K384]")
-done; done
+# new in sessions 26-27: the GEMM tiles that read their own stores back a tile later (the epilogue one tile behind),
+# at CIFAR-10's K = 384: GELU in inference and training, GELU' with its column sums (fc2's dX)
+BEHIND_TEST=tests/test_linear.py::test_epilogue_one_tile_behind
+for run in behind2-inference behind2-training behind2-gelu_grad+sums behind1-training behind1-gelu_grad+sums; do
+  NEW_KERNEL_TESTS+=("$BEHIND_TEST[${run#*-}-128x128x64-w8-s3-tma-${run%%-*}-maxnreg128-K384]")
+done
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$SANITIZER" ]; then
   SAN_LOG="$OUT_DIR/sanitizer.log"
@@ -80,7 +80,7 @@ else
   SAN_LOG=$STAGE_LOG
 fi
 if grep -qE "(FAILED|ERROR) tests/test_linear|test_linear[^ ]* (FAILED|ERROR)|linear_fwd_kernel" "$SAN_LOG"; then
-  echo "!!! the GELU-behind tile failed under memcheck: FASTVIT_GELU_BEHIND=0"
+  echo "!!! the epilogue-behind tiles failed under memcheck: FASTVIT_GELU_BEHIND=0"
   export FASTVIT_GELU_BEHIND=0
 fi
 if grep -qE "(FAILED|ERROR) tests/test_qkv|test_qkv_attention[^ ]* (FAILED|ERROR)|attention_bwd_dkdv" "$SAN_LOG"; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine, before `make gpu-check`: the few minutes (at most 240 s) that show whether what changed since the
 # last GPU run works there, so that the check is not spent on a failure, and that tune the CIFAR-10 step's kernels at
-# batch 512 for it. What it runs (each with its own limit): the GELU-behind GEMM tiles' tests, the attention tests
+# batch 512 for it. What it runs (each with its own limit): the epilogue-behind GEMM tiles' tests at K = 384 (GELU,
+# GELU'), the attention tests
 # (every tile forced, bf16 and fp32: the tensor-core code only bf16 runs; the dK/dV kernel's partial rows of qkv's bias
 # gradient, new in session 22), the step plans' tests (CUDA tensors, autograd's device thread) and the launch counts,
 # then the CIFAR-10 end-to-end `ours` and eager rows at batch 512, inference and training, a few rounds each. Its tuning
@@ -10,11 +11,12 @@
 # $OUT_DIR/rows.jsonl with their commit (FASTVIT_COMMIT=<hash> where the tree came without .git). Batch 8's rows (the
 # host's time) are `make bench`'s: they tune the attention tiles of their own batch size.
 source "$(dirname "$0")/gpu_env.sh"
-echo "=== the GEMM tile with GELU one tile behind (new in session 26): if it fails, the rows run without it"
-FASTVIT_AUTOTUNE=0 timeout 40 $PY -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_linear.py \
-  -k "behind" 2>&1 | tee "$OUT_DIR/focus_behind.log" | grep -E "(FAILED|ERROR) tests/|passed|failed" | tail -5
+echo "=== the GEMM tiles with GELU or GELU' one tile behind (sessions 26-27): if they fail, the rows run without"
+FASTVIT_AUTOTUNE=0 timeout 50 $PY -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_linear.py \
+  -k "one_tile_behind and K384" 2>&1 | tee "$OUT_DIR/focus_behind.log" \
+  | grep -E "(FAILED|ERROR) tests/|passed|failed" | tail -5
 grep -qE "[0-9]+ passed" "$OUT_DIR/focus_behind.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT_DIR/focus_behind.log" \
-  || { export FASTVIT_GELU_BEHIND=0; echo "!!! GELU-behind tile failed or did not finish: FASTVIT_GELU_BEHIND=0"; }
+  || { export FASTVIT_GELU_BEHIND=0; echo "!!! epilogue-behind tiles failed or did not finish: FASTVIT_GELU_BEHIND=0"; }
 echo "=== the attention tests (every tile forced), the plans', the launch counts"
 FASTVIT_AUTOTUNE=0 timeout 60 $PY -m pytest -v -rf --tb=short tests/test_attention.py tests/test_qkv_attention.py \
   tests/test_plan.py tests/test_plan_training.py tests/test_launch_count.py $XDIST -p no:cacheprovider \

@@ -95,3 +95,24 @@ def force_gemm_candidate(monkeypatch, name):
     monkeypatch.setenv("FASTVIT_GEMM", family)
     if name != family:
         monkeypatch.setattr(tuning, "_choose_gemm_backend", lambda c, timed: (name if name in c else next(iter(c)), {}))
+
+
+class TwiceLaunched:
+    """A kernel launched twice on the same arguments, as Triton's autotuner launches it while it times the configs and
+    then once more; keeps the arguments of the last launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.arg_names, self.args = kernel, kernel.arg_names, None
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.args = args
+            self.kernel[grid](*args, **kwargs)
+            self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def gelu_grad_ref(pre):
+    """GELU'(pre), exact GELU's derivative (erf form), in pre's dtype: float64 for the references."""
+    return 0.5 * torch.erfc(-pre / 2**0.5) + pre * torch.exp(-0.5 * pre * pre) / (2 * torch.pi) ** 0.5

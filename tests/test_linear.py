@@ -4,18 +4,13 @@ epilogue), against float64."""
 
 import pytest
 import torch
-from helpers import assert_matches, force_config, force_gemm_candidate
+from helpers import TwiceLaunched, assert_matches, force_config, force_gemm_candidate, gelu_grad_ref
 
 from fastvit_kernels import configs, tuning
 from fastvit_kernels.ops import gemm as lin
-from fastvit_kernels.ops import reduce as red
 from fastvit_kernels.ops import tma
 
 F = torch.nn.functional
-
-
-def _gelu_grad_ref(pre):
-    return 0.5 * torch.erfc(-pre / 2**0.5) + pre * torch.exp(-0.5 * pre * pre) / (2 * torch.pi) ** 0.5
 
 
 def _reference(a, w, b, epilogue, pre, res):
@@ -26,7 +21,7 @@ def _reference(a, w, b, epilogue, pre, res):
     if epilogue == "gelu":
         return F.gelu(y)
     if epilogue == "gelu_grad":
-        return y * _gelu_grad_ref(pre)
+        return y * gelu_grad_ref(pre)
     if epilogue == "residual":
         return res + y
     return y
@@ -155,26 +150,10 @@ def test_weight_grad_and_bias_grad(R, dtype, device, backend):
     assert_matches(db3, 2 * g.sum(0), rows.double().sum(0), dtype, "db from the rows")
 
 
-class _Twice:
-    """A kernel launched twice on the same arguments, as Triton's autotuner launches it while it times the configs and
-    then once more; keeps the arguments of the last launch."""
-
-    def __init__(self, kernel):
-        self.kernel, self.arg_names, self.args = kernel, kernel.arg_names, None
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.args = args
-            self.kernel[grid](*args, **kwargs)
-            self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
 def test_weight_grad_launched_again_on_the_same_buffers(device, monkeypatch):
     # the splits' last program adds the partials when the arrival counter says it is last; it leaves the counter at
     # zero, so a second launch on the same buffers (the autotuner's) sums again instead of never
-    twice = _Twice(lin._dw.kernel)
+    twice = TwiceLaunched(lin._dw.kernel)
     monkeypatch.setattr(lin._dw, "kernel", twice)
     monkeypatch.setenv("FASTVIT_GEMM", "triton")
     g = torch.randn(2600, 40, device=device).to(torch.bfloat16)
@@ -225,83 +204,6 @@ def test_linear_residual_layernorm(N, dtypes, device, ln_backend):
     torch.testing.assert_close(rstd.double(), (xd.var(1, unbiased=False) + 1e-6).rsqrt(), rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("N", [100, 384])
-@pytest.mark.parametrize("cfg", range(len(configs.COLUMN_SUM_CONFIGS)))
-def test_every_column_sum_config(cfg, N, out_dtype, device, monkeypatch):
-    # the bias gradient beside cuBLAS's weight gradient (bf16 rows, bf16 sums) and the LayerNorm backward's gradients
-    # (fp32 partial rows: its weight's and bias's sums in fp32, then the next GEMM's bias gradient in bf16, three
-    # tensors, here where column strips straddle the parts' edges): each config forced, on rows with a padded stride
-    # (the leading dims read in place) and a row count no row block divides; N = 100 leaves a partial column strip.
-    # The kernel launched twice on the same buffers, as the autotuner launches it: each strip's last program adds the
-    # partial rows up, rounds them to each part's dtype, and leaves its arrival counter at zero for the next launch
-    force_config(monkeypatch, red._colsum, configs.COLUMN_SUM_CONFIGS[cfg])
-    twice = _Twice(red._colsum.kernel)
-    monkeypatch.setattr(red._colsum, "kernel", twice)
-    g = torch.randn(3, 177, N + 8, device=device).to(out_dtype)[..., :N]  # [3, 177, N], rows N + 8 apart
-    if out_dtype == torch.float32:
-        parts = [(N // 3 + 1, torch.float32), (N // 3 + 2, torch.float32), (N - 2 * (N // 3) - 3, torch.bfloat16)]
-    else:
-        parts = [(N, out_dtype)]
-    outs = red.column_sums(g, parts)
-    assert red._colsum.best_config is configs.COLUMN_SUM_CONFIGS[cfg]
-    partials, arrived = (twice.args[twice.arg_names.index(name)] for name in ("PART", "ARRIVED"))
-    assert partials.shape[0] > 1 and arrived.numel() == -(-N // configs.COLUMN_SUM_BLOCK_N) and not arrived.any()
-    rows = g.reshape(-1, N)
-    ref, exact = rows.sum(0, dtype=torch.float32), rows.double().sum(0)
-    assert len({out.untyped_storage().data_ptr() for out in outs}) == len(parts)  # tensors of their own
-    start = 0
-    for out, (width, dtype) in zip(outs, parts):
-        assert out.shape == (width,) and out.dtype == dtype
-        cols = slice(start, start + width)
-        assert_matches(out, ref[cols].to(dtype), exact[cols], dtype, f"column sums {start}..{start + width}")
-        start += width
-
-
-@pytest.mark.parametrize("N", [100, 384])
-@pytest.mark.parametrize("cfg", range(len(configs.COLUMN_SUM_CONFIGS)))
-def test_every_gelu_grad_column_sum_config(cfg, N, device, monkeypatch):
-    # fc1's bias gradient on cuBLAS's path: GELU's backward in the column sums' pass, d pre written (rounded to bf16,
-    # as torch's gelu_backward rounds it) and its rounded rows summed; each config forced, G's rows padded, twice on
-    # the same buffers (the autotuner's launches)
-    force_config(monkeypatch, red._colsum, configs.COLUMN_SUM_CONFIGS[cfg])
-    twice = _Twice(red._colsum.kernel)
-    monkeypatch.setattr(red._colsum, "kernel", twice)
-    g = torch.randn(3, 177, N + 8, device=device).to(torch.bfloat16)[..., :N]  # [3, 177, N], rows N + 8 apart
-    pre = (2 * torch.randn(3, 177, N, device=device)).to(torch.bfloat16)
-    dg, db = red.gelu_grad_column_sum(g, pre, torch.bfloat16)
-    assert red._colsum.best_config is configs.COLUMN_SUM_CONFIGS[cfg] and dg.shape == g.shape and dg.is_contiguous()
-    low = torch.ops.aten.gelu_backward(g, pre)
-    exact = g.double() * _gelu_grad_ref(pre.double())
-    assert_matches(dg, low, exact, torch.bfloat16, "d pre")
-    rows = dg.reshape(-1, N)  # its sums are of the rounded rows, as a column sum of d pre would add them
-    ref = rows.sum(0, dtype=torch.float32).bfloat16()
-    assert_matches(db, ref, rows.double().sum(0), torch.bfloat16, "bias gradient")
-
-
-def test_column_sums_switched_off_are_torchs(device, monkeypatch):
-    # FASTVIT_COLUMN_SUM=0 (the GPU check's way out if the kernel fails there): torch's sum and casts, bit for bit,
-    # and no launch of ours
-    monkeypatch.setenv("FASTVIT_COLUMN_SUM", "0")
-    monkeypatch.setattr(red._colsum, "launch", lambda *a, **k: pytest.fail("the column-sum kernel launched"))
-    g = torch.randn(5, 33, 100, device=device).to(torch.bfloat16)
-    ref = g.view(-1, 100).sum(0, dtype=torch.float32)
-    assert torch.equal(red.column_sum(g, torch.bfloat16), ref.bfloat16())
-    first, rest = red.column_sums(g, [(40, torch.float32), (60, torch.bfloat16)])
-    assert torch.equal(first, ref[:40]) and torch.equal(rest, ref[40:].bfloat16())
-    assert first._base is None is rest._base
-    pre = torch.randn(5, 33, 100, device=device).to(torch.bfloat16)
-    dg, db = red.gelu_grad_column_sum(g, pre, torch.bfloat16)
-    torch_dg = torch.ops.aten.gelu_backward(g, pre)
-    assert torch.equal(dg, torch_dg) and torch.equal(db, torch_dg.view(-1, 100).sum(0, dtype=torch.float32).bfloat16())
-
-
-@pytest.mark.parametrize("widths", [[], [50, 51], [0, 100], [10, 20, 30, 40]], ids=str)
-def test_column_sums_parts_must_split_the_row(widths):
-    with pytest.raises(ValueError, match="do not split 100 columns"):
-        red.column_sums(torch.ones(4, 100), [(w, torch.float32) for w in widths])
-
-
 def _tile_id(i):
     """A config's test id: its tile, and `warpspec` for the warp-specialised ones (gpu_check.sh selects on it)."""
     c = configs.LINEAR_FWD_CONFIGS[i]
@@ -339,8 +241,8 @@ def test_every_linear_config(cfg, epilogue, device, monkeypatch):
         pytest.skip("not offered with an fp32 residual: ptxas serialises its wgmma")
     if not configs._held_in_two_blocks(config, epilogue):
         pytest.skip(f"not offered with {epilogue}: one block an SM where others keep two")
-    if config.kwargs["GELU_BEHIND"] and epilogue != "gelu":
-        pytest.skip(f"GELU one tile behind: not offered with {epilogue}")
+    if config.kwargs["GELU_BEHIND"] and epilogue == "residual":
+        pytest.skip("the epilogue one tile behind: not offered with the residual")
     if epilogue == "gelu_grad":
         w = w.t().contiguous().t()  # [N, K] with N contiguous, as W2.t() is
         pre = torch.randn(M, N, device=device).to(torch.bfloat16)
@@ -381,13 +283,14 @@ _BEHIND = [i for i, c in enumerate(configs.LINEAR_FWD_CONFIGS) if c.kwargs["GELU
 # 10 K steps, more than 8 chunks; 6 (CIFAR-10's fc1: 2 x 6 covers 8); 3, under half of them
 @pytest.mark.parametrize("K", [640, 384, 192], ids=lambda k: f"K{k}")
 @pytest.mark.parametrize("cfg", _BEHIND, ids=_tile_id)
-@pytest.mark.parametrize("with_pre", [False, True], ids=["inference", "training"])
-def test_gelu_one_tile_behind(with_pre, cfg, K, device, monkeypatch):
-    # the tiles that compute a tile's GELU during its program's next tile: more K steps (10) than a tile has chunks
-    # (8), fewer (6), and fewer than half as many (3: chunks left after the loop either way), partial tiles at both edges, more
-    # tiles than programs (each program's GELU follows it from tile to tile, the last after its loop); in inference
-    # the pre-activation waits in C itself, in training in the buffer the backward reads. GELU of the rounded
-    # pre-activation, as eager computes it
+@pytest.mark.parametrize("mode", ["inference", "training", "gelu_grad", "gelu_grad+sums"])
+def test_epilogue_one_tile_behind(mode, cfg, K, device, monkeypatch):
+    # the tiles that compute a tile's epilogue during its program's next tile: more K steps (10) than a tile has
+    # chunks (8), fewer (6), and fewer than half as many (3: chunks left after the loop either way), partial tiles at
+    # both edges, more tiles than programs (each program's epilogue follows it from tile to tile, the last after its
+    # loop). GELU: in inference the pre-activation waits in C itself, in training in the buffer the backward reads;
+    # GELU' (fc2's dX, W2 read untransposed) with and without the column sums (fc1's bias gradient). Of the product
+    # rounded, as eager computes them
     behind = [configs.LINEAR_FWD_CONFIGS[i] for i in _BEHIND]
     assert behind and all(c.kwargs["USE_TMA"] and not (c.kwargs["EPI_TMA"] or c.kwargs["FLATTEN"]) for c in behind)
     config = configs.LINEAR_FWD_CONFIGS[cfg]
@@ -396,23 +299,43 @@ def test_gelu_one_tile_behind(with_pre, cfg, K, device, monkeypatch):
     M, N = 1100, 200  # 9 x 2 tiles for the interpreter's 8 programs
     a = torch.randn(M, K, device=device).to(torch.bfloat16)
     w = (torch.randn(N, K, device=device) * K**-0.5).to(torch.bfloat16)
-    b = (0.1 * torch.randn(N, device=device)).to(torch.bfloat16)
-    pre = torch.full((M, N), float("nan"), device=device, dtype=torch.bfloat16) if with_pre else None
-    out = lin.linear(a, w, b, epilogue="gelu", pre=pre)
-    assert lin._fwd.best_config is config
-    ref = a.double() @ w.double().t() + b.double()
-    low = F.linear(a, w, b)
-    assert_matches(out, F.gelu(low), F.gelu(ref), torch.bfloat16)
-    if with_pre:
-        assert_matches(pre, low, ref, torch.bfloat16, "pre-activation")
-        # GELU of the pre-activation as stored, rounded as eager's linear output is
-        assert_matches(out, F.gelu(pre), F.gelu(pre.double()), torch.bfloat16, "GELU of the stored pre-activation")
+    ref = a.double() @ w.double().t()
+    if mode.startswith("gelu_grad"):
+        epilogue, b = "gelu_grad", None
+        w = w.t().contiguous().t()  # [N, K] with N contiguous, as W2.t() is
+        pre = torch.randn(M, N, device=device).to(torch.bfloat16)
+        low = F.linear(a, w)
+        if mode.endswith("sums"):
+            out, db = lin.linear_gelu_grad(a, w, pre, torch.bfloat16)
+            sums = torch.ops.aten.gelu_backward(low, pre).sum(0, dtype=torch.float32).bfloat16()
+            assert_matches(db, sums, (ref * gelu_grad_ref(pre.double())).sum(0), torch.bfloat16, "bias gradient")
+        else:
+            out = lin.linear(a, w, epilogue="gelu_grad", pre=pre)
+        assert lin._fwd.best_config is config
+        dpre = torch.ops.aten.gelu_backward(low, pre)
+        assert_matches(out, dpre, ref * gelu_grad_ref(pre.double()), torch.bfloat16)
+        # of the product as rounded: eager's gelu_backward of its linear output
+        low_ref = low.double() * gelu_grad_ref(pre.double())
+        assert_matches(out, dpre, low_ref, torch.bfloat16, "GELU' of the rounded product")
+    else:
+        epilogue = "gelu"
+        b = (0.1 * torch.randn(N, device=device)).to(torch.bfloat16)
+        ref = ref + b.double()
+        pre = torch.full((M, N), float("nan"), device=device, dtype=torch.bfloat16) if mode == "training" else None
+        out = lin.linear(a, w, b, epilogue="gelu", pre=pre)
+        assert lin._fwd.best_config is config
+        low = F.linear(a, w, b)
+        assert_matches(out, F.gelu(low), F.gelu(ref), torch.bfloat16)
+        if pre is not None:
+            assert_matches(pre, low, ref, torch.bfloat16, "pre-activation")
+            # GELU of the pre-activation as stored, rounded as eager's linear output is
+            assert_matches(out, F.gelu(pre), F.gelu(pre.double()), torch.bfloat16, "GELU of the stored pre-activation")
     monkeypatch.setenv("FASTVIT_GELU_BEHIND", "0")  # the switch: the tile is not offered
-    named = dict(A=a, B=w, C=out, PRE=pre, TMA_OK=True, EPI_TMA_OK=True, EPILOGUE="gelu")
+    named = dict(A=a, B=w, C=out, PRE=pre, TMA_OK=True, EPI_TMA_OK=True, EPILOGUE=epilogue)
     assert not any(c.kwargs["GELU_BEHIND"] for c in configs.prune_linear_fwd(configs.LINEAR_FWD_CONFIGS, named))
     monkeypatch.delenv("FASTVIT_GELU_BEHIND")
     assert configs.prune_linear_fwd(behind, named) == behind
-    assert configs.prune_linear_fwd(behind, dict(named, EPILOGUE="none")) == []
+    assert all(configs.prune_linear_fwd(behind, dict(named, EPILOGUE=other)) == [] for other in ("none", "residual"))
 
 
 def test_warp_specialised_tiles_are_offered_only_when_asked(monkeypatch):

@@ -81,7 +81,7 @@ LINEAR_FWD_CONFIGS = [
     gemm_cfg(128, 128, 64, 8, 2, tma=True, epi=True),
     gemm_cfg(128, 64, 64, 4, 3, tma=True, epi=True),
     gemm_cfg(64, 128, 64, 4, 4, tma=True, epi=True),
-    # GELU one tile behind (kernels/gemm_gelu_behind.py), offered for the "gelu" epilogue only: a tile's
+    # GELU one tile behind (kernels/gemm_gelu_behind.py), offered for the "gelu" and "gelu_grad" epilogues: a tile's
     # pre-activation is stored, and its GELU computed during the program's next tile's main loop, a 16-row chunk a
     # K step, loaded a step ahead. fc1's 128 x 128 tile (the H200's pick, 2026-11-28: 0.112 ms against cuBLAS's bare
     # 0.069) spends ~1,500 SASS instructions a warp on its epilogue after a main loop of 6 x 75, and its K steps wait
@@ -93,6 +93,12 @@ LINEAR_FWD_CONFIGS = [
     # loads as deep, one block an SM: not offered. The second takes those two chunks in the first two K steps,
     # loaded on the spot (their issue under the L2-bound steps too, nothing but the stores after the loop): 448-458
     # instructions in those steps, the same registers. 16-bit operands only (fp32's FMA dots spill at the cap).
+    # Offered for GELU' too (fc2's dX, with its column sums: fc1's bias gradient), whose plain 128 x 128 tile takes
+    # 156 registers (one block an SM) and 1,972 instructions a warp after a main loop of 6 x 74, its epilogue loading
+    # the pre-activation from DRAM (H200, 2026-11-28: 0.200 ms, cuBLAS + our GELU' pass 0.36). Behind, the chunk's
+    # product and pre-activation loaded a step ahead, its column sums kept as a chunk-shaped fp32 sum: 128 registers
+    # (at the cap), no stack, two blocks an SM; a K step 328-331, behind2's first two 583-587, ~550 after the loop
+    # (sm_90, bf16, triton 3.6 / 3.8).
     gemm_cfg(128, 128, 64, 8, 3, tma=True, behind=1, maxnreg=128),
     gemm_cfg(128, 128, 64, 8, 3, tma=True, behind=2, maxnreg=128),
 ]
@@ -178,19 +184,19 @@ def epi_tma_on() -> bool:
 
 
 def gelu_behind_on() -> bool:
-    """FASTVIT_GELU_BEHIND=0 leaves out the tiles that compute GELU one tile behind (GELU_BEHIND); the GPU check sets
-    it if their tests fail there."""
+    """FASTVIT_GELU_BEHIND=0 leaves out the tiles that compute GELU or GELU' one tile behind (GELU_BEHIND); the GPU
+    check sets it if their tests fail there."""
     return os.environ.get("FASTVIT_GELU_BEHIND", "1") != "0"
 
 
 def prune_linear_fwd(configs, args):
     """Shared memory as for every GEMM (with a descriptor epilogue's staging); the TMA tiles where _tma_where_ok keeps
     them; the warp-specialised ones where warp_spec_on, the flattened ones where flatten_on, the descriptor
-    epilogues where epi_tma_on (neither with the tiles' column sums), GELU one tile behind for GELU's epilogue where
-    gelu_behind_on; no tile that ptxas serialises, nor one that a second tile in the epilogue leaves at one block an
-    SM where others keep two (_held_in_two_blocks)."""
+    epilogues where epi_tma_on (neither with the tiles' column sums), the epilogue one tile behind for GELU and GELU'
+    where gelu_behind_on; no tile that ptxas serialises, nor one that a second tile in the epilogue leaves at one
+    block an SM where others keep two (_held_in_two_blocks)."""
     configs = _tma_where_ok(configs, args)
-    if args.get("EPILOGUE") != "gelu" or not gelu_behind_on() or args["A"].element_size() != 2:
+    if args.get("EPILOGUE") not in ("gelu", "gelu_grad") or not gelu_behind_on() or args["A"].element_size() != 2:
         configs = [c for c in configs if not c.kwargs.get("GELU_BEHIND")]
     if not warp_spec_on():
         configs = [c for c in configs if not c.kwargs.get("WARP_SPEC")]

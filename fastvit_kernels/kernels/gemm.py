@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .common import grouped_pid, last_to_arrive, sum_partials, tma_k_step
 from .gemm_epilogue import epilogue_parts, finish_tile, stores_pre
-from .gemm_gelu_behind import tiles_gelu_behind
+from .gemm_gelu_behind import tiles_epilogue_behind
 
 
 @triton.jit
@@ -144,28 +144,33 @@ def linear_fwd_kernel(
     STORE_PRE: tl.constexpr,
     B_KMAJOR: tl.constexpr,  # B's K steps are contiguous (nn.Linear's weight as stored), else its N steps are
     HAS_COLSUM: tl.constexpr,
-    GELU_BEHIND: tl.constexpr = 0,  # TMA tiles, "gelu": each tile's GELU under the next's MMAs, <= this many chunks
-    #                                  a K step (0: off)
+    GELU_BEHIND: tl.constexpr = 0,  # TMA tiles, "gelu" and "gelu_grad": each tile's epilogue under the next's MMAs,
+    #                                  <= this many chunks a K step (0: off)
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if USE_TMA and TMA_OK and GELU_BEHIND:
-        tl.static_assert(EPILOGUE == "gelu" and not (WARP_SPEC or FLATTEN or EPI_TMA or HAS_COLSUM))
+        tl.static_assert((EPILOGUE == "gelu" or EPILOGUE == "gelu_grad") and not (WARP_SPEC or FLATTEN or EPI_TMA))
         a_desc, b_desc = _operand_descriptors(
             A, B, M, N, K, stride_am, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR
         )
-        tiles_gelu_behind(
+        # where a tile's product waits for its epilogue: for GELU in training the backward's buffer, else C itself
+        SRC = PRE if STORE_PRE else C
+        tiles_epilogue_behind(
             a_desc,
             b_desc,
             C,
             BIAS,
-            PRE if STORE_PRE else C,  # where the pre-activation waits: the backward's buffer, else C itself
+            SRC,
+            PRE,
+            COLSUM,
             M,
             N,
             K,
             num_programs,
             stride_cm,
             stride_pm if STORE_PRE else stride_cm,
+            stride_pm,
             DOT_PRECISION,
             BLOCK_M,
             BLOCK_N,
@@ -174,6 +179,8 @@ def linear_fwd_kernel(
             HAS_BIAS,
             B_KMAJOR,
             GELU_BEHIND,
+            EPILOGUE == "gelu_grad",
+            HAS_COLSUM,
         )
     elif USE_TMA and TMA_OK:
         a_desc, b_desc = _operand_descriptors(
