@@ -22,7 +22,9 @@ def test_the_faster_candidate_is_measured_once_per_shape_and_kept(monkeypatch):
     monkeypatch.setattr(tuning, "_GEMM_CHOICE", {})
     cost = {"triton": 2.0, "cublas": 1.0}
     timed = []
-    monkeypatch.setattr(tuning, "_warm_gpu_ms", lambda fn: timed.append(fn()) or cost[fn()])
+    monkeypatch.setattr(
+        tuning, "_gpu_times", lambda cands: {n: timed.append(fn()) or cost[fn()] for n, fn in cands.items()}
+    )
     candidates = {name: (lambda name=name: name) for name in cost}
     assert tuning.pick_gemm_backend("k1", candidates, timed=True) == "cublas"
     assert tuning.pick_gemm_backend("k1", candidates, timed=True) == "cublas" and len(timed) == 2  # kept
@@ -48,7 +50,9 @@ def test_a_backend_family_is_timed_among_its_own_candidates(monkeypatch):
     monkeypatch.delenv("FASTVIT_AUTOTUNE", raising=False)
     cost = {"triton": 3.0, "triton+ln": 2.0, "cublas": 1.0}
     timed = []
-    monkeypatch.setattr(tuning, "_warm_gpu_ms", lambda fn: timed.append(fn()) or cost[fn()])
+    monkeypatch.setattr(
+        tuning, "_gpu_times", lambda cands: {n: timed.append(fn()) or cost[fn()] for n, fn in cands.items()}
+    )
     candidates = {name: (lambda name=name: name) for name in cost}
     cases = (
         ("auto", "cublas", ["triton", "triton+ln", "cublas"]),
@@ -64,6 +68,24 @@ def test_a_backend_family_is_timed_among_its_own_candidates(monkeypatch):
         assert tuning.gemm_times() == ({"k": {name: cost[name] for name in timings}} if timings else {})
         tuning.forget()
         assert tuning.pick_gemm_backend("k", candidates, timed=False) == ("cublas" if mode == "cublas" else "triton")
+
+
+def test_the_candidates_are_timed_in_turn_and_their_least_round_counts(monkeypatch):
+    # each candidate called once untimed (the autotuning call), then rounds of all of them in turn; a candidate's time
+    # is its least round, so that one slow round (a slow spell of the GPU or the host) does not decide the backend
+    calls, queued = [], []
+    rounds = {"triton": iter([0.30, 0.20, 0.25]), "cublas": iter([0.15, 0.40, 0.16])}
+
+    def gpu_ms(fn, calls=10, spin_cycles=0):
+        name = fn()
+        queued.append(name)
+        return next(rounds[name])
+
+    monkeypatch.setattr(tuning, "gpu_ms", gpu_ms)
+    candidates = {name: (lambda name=name: calls.append(name) or name) for name in rounds}
+    assert tuning._gpu_times(candidates) == {"triton": 0.20, "cublas": 0.15}
+    assert queued == ["triton", "cublas"] * tuning.CHOICE_ROUNDS
+    assert calls[:2] == ["triton", "cublas"]  # the untimed first calls, before any round
 
 
 def test_the_autotuners_times_are_kept_only_for_the_key_it_chose_for():
@@ -90,7 +112,9 @@ def test_a_training_step_counts_the_host_time_a_candidate_adds(monkeypatch):
     extra = configs.GEMM_HOST_EXTRA_MS
     cost = {"triton": 1.0, "triton+ln": 1.0 - extra["triton+ln"] / 2, "cublas": 1.0 - extra["cublas"] / 2}
     timed = []
-    monkeypatch.setattr(tuning, "_warm_gpu_ms", lambda fn: timed.append(fn()) or cost[fn()])
+    monkeypatch.setattr(
+        tuning, "_gpu_times", lambda cands: {n: timed.append(fn()) or cost[fn()] for n, fn in cands.items()}
+    )
     candidates = {name: (lambda name=name: name) for name in cost}
     assert not tuning.host_counts()
     assert tuning.pick_gemm_backend("k", candidates, timed=True) == "cublas"
