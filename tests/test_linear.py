@@ -291,6 +291,8 @@ def test_epilogue_one_tile_behind(mode, cfg, K, device, monkeypatch):
     # loop). GELU: in inference the pre-activation waits in C itself, in training in the buffer the backward reads;
     # GELU' (fc2's dX, W2 read untransposed) with and without the column sums (fc1's bias gradient). Of the product
     # rounded, as eager computes them
+    if K != 384 and mode in ("inference", "gelu_grad"):  # the K loop's cases: with the stored pre-activation, the sums
+        pytest.skip("the chunks' schedule by K is covered by the training and gelu_grad+sums cases")
     behind = [configs.LINEAR_FWD_CONFIGS[i] for i in _BEHIND]
     assert behind and all(c.kwargs["USE_TMA"] and not (c.kwargs["EPI_TMA"] or c.kwargs["FLATTEN"]) for c in behind)
     config = configs.LINEAR_FWD_CONFIGS[cfg]
