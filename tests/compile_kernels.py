@@ -141,6 +141,8 @@ def _variants(cap):
                 "RES": stream if epi == "residual" else None,
                 "PRE": w if pre else None,
                 "COLSUM": f32 if epi == "gelu_grad" else None,
+                "DB": w if epi == "gelu_grad" else None,  # fc1's bias gradient, in the weights' dtype
+                "ARRIVED": "i32" if epi == "gelu_grad" else None,
             }
             # TMA where the launcher allows it: Hopper; B K-major, or N-major where GELU' reads W2 untransposed (fc2's dX)
             consts = dict(
@@ -353,6 +355,8 @@ def _compile(job):
             res["launched_warps"] = launched
         elif cap == 90 and name in PTXAS_CHECKED:  # the test's C7515 check needs ptxas's notes, not the SASS
             res["ptxas_warnings"] = sass_report.ptxas_warnings(ptx, cap)
+        if cap == 90 and res["stack"]:  # the test's spill check: where the spills are reloaded
+            res["local_in_k_loop"] = sass_report.local_memory_in_k_loop(c.asm["cubin"])
     except Exception as e:  # noqa: BLE001 - reported per configuration
         res = dict(ok=False, error=f"{type(e).__name__}: {str(e)[-400:]}")
     res["seconds"] = round(time.perf_counter() - start, 2)

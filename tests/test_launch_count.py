@@ -13,12 +13,12 @@ from fastvit_kernels import ViT
 # inference: qkv, attention, proj+residual+norm2, fc1+GELU, fc2+residual+the next norm1 (the issue's goal: five)
 INFERENCE_PER_BLOCK = 5
 # training adds the backward: the next norm1's LayerNorm backward (with the residual gradient) and the column sums of
-# its partial rows, dW fc2, dGELU and the column sums of its tiles' partial rows (fc1's bias gradient), dW fc1,
-# norm2's LayerNorm backward and its column sums, dW proj, attention dq and dk/dv (dk/dv leaving partial rows of
-# qkv's bias gradient), dW qkv and the column sums of those rows. The partial rows' sums cost a small launch each
-# where the dW kernel's bias dot did the work in its K loop; they spare the cuBLAS dW a column sum over all of d pre
-# and of dqkv, and either dW kernel its bias
-TRAINING_PER_BLOCK = 18
+# its partial rows, dW fc2, dGELU (its tiles add their partial rows up: fc1's bias gradient), dW fc1, norm2's
+# LayerNorm backward and its column sums, dW proj, attention dq and dk/dv (dk/dv leaving partial rows of qkv's bias
+# gradient), dW qkv and the column sums of those rows. The partial rows' sums cost a small launch each where the dW
+# kernel's bias dot did the work in its K loop (none for fc1's, added up by the dGELU GEMM's last tiles); they spare
+# the cuBLAS dW a column sum over all of d pre and of dqkv, and either dW kernel its bias
+TRAINING_PER_BLOCK = 17
 # with cuBLAS's GEMMs (FASTVIT_GEMM=cublas): inference attention and the two add + LayerNorm row kernels after proj and
 # fc2; training adds the two LayerNorm backwards (each also summing the rows proj's and fc2's weight gradients read:
 # their bias gradients) with the column sums finishing them, the dgelu pass (GELU' applied in the column sums, which

@@ -165,6 +165,41 @@ def test_weight_grad_launched_again_on_the_same_buffers(device, monkeypatch):
     assert_matches(db, g.sum(0).float(), g.double().sum(0), torch.bfloat16, "db")
 
 
+def _first_config(pred):
+    return next(i for i, c in enumerate(configs.LINEAR_FWD_CONFIGS) if pred(c.kwargs))
+
+
+_SUMS_TILES = [  # a tile of each kind that sums fc1's bias gradient
+    _first_config(lambda k: k["USE_TMA"] and not (k["GELU_BEHIND"] or k["EPI_TMA"] or k["WARP_SPEC"])),  # persistent
+    _first_config(lambda k: not k["USE_TMA"]),  # pointer loads, a program a tile
+    _first_config(lambda k: k["GELU_BEHIND"]),  # the epilogue one tile behind
+]
+
+
+@pytest.mark.parametrize("cfg", _SUMS_TILES, ids=lambda i: _tile_id(i))
+def test_gelu_grad_sums_launched_again_on_the_same_buffers(cfg, device, monkeypatch):
+    # each column block's last tile to arrive adds its partial rows up into the bias gradient and leaves the block's
+    # counter at zero, so a second launch on the same buffers (the autotuner's) sums again instead of never; M = 1100
+    # and N = 200: 9 row blocks, a partial column block, more tiles than the interpreter's persistent programs
+    config = configs.LINEAR_FWD_CONFIGS[cfg]
+    monkeypatch.setenv("FASTVIT_GEMM", "triton")
+    force_config(monkeypatch, lin._fwd, config)
+    twice = TwiceLaunched(lin._fwd.kernel)
+    monkeypatch.setattr(lin._fwd, "kernel", twice)
+    M, K, N = 1100, 64, 200
+    a = torch.randn(M, K, device=device).to(torch.bfloat16)
+    w = (torch.randn(K, N, device=device) * K**-0.5).to(torch.bfloat16).t()  # [N, K], N contiguous: W2.t()
+    pre = torch.randn(M, N, device=device).to(torch.bfloat16)
+    dpre, db = lin.linear_gelu_grad(a, w, pre, torch.bfloat16)
+    assert lin._fwd.best_config is config
+    arrived = twice.args[twice.arg_names.index("ARRIVED")]
+    assert arrived is not None and arrived.numel() >= -(-N // config.kwargs["BLOCK_N"]) and not arrived.any()
+    low = _reference(a, w, None, "gelu_grad", pre, None)
+    ref = _reference(a.double(), w.double(), None, "gelu_grad", pre.double(), None)
+    assert_matches(dpre, low, ref, torch.bfloat16, "d pre")
+    assert_matches(db, low.sum(0, dtype=torch.float32).bfloat16(), ref.sum(0), torch.bfloat16, "bias gradient")
+
+
 def test_bad_epilogue_and_dtype_mismatch_are_refused(device):
     a = torch.randn(4, 16, device=device)
     with pytest.raises(ValueError, match="unknown epilogue"):

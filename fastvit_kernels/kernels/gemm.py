@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .common import grouped_pid, last_to_arrive, sum_partials, tma_k_step
-from .gemm_epilogue import epilogue_parts, finish_tile, stores_pre
+from .gemm_epilogue import epilogue_parts, finish_column_sums, finish_tile, stores_pre
 from .gemm_gelu_behind import tiles_epilogue_behind
 
 
@@ -114,6 +114,8 @@ def linear_fwd_kernel(
     PRE,  # [M, N] pre-activation: written by "gelu" (None in inference), read by "gelu_grad"
     COLSUM,  # [>= cdiv(M, BLOCK_M), N] fp32: row block i's column sums of C as stored in row i (fc1's bias gradient's
     #          partial rows, from "gelu_grad"), or None
+    DB,  # [N] out with COLSUM: the column sums of C, added up from COLSUM's rows, in the bias's dtype
+    ARRIVED,  # [>= cdiv(N, BLOCK_N)] int32, zeroed, with COLSUM: the tiles of each column block done; left zero again
     M,
     N,
     K,
@@ -164,6 +166,8 @@ def linear_fwd_kernel(
             SRC,
             PRE,
             COLSUM,
+            DB,
+            ARRIVED,
             M,
             N,
             K,
@@ -234,6 +238,8 @@ def linear_fwd_kernel(
                 BLOCK_N,
                 EPI_DESC,
             )
+            if HAS_COLSUM:
+                finish_column_sums(COLSUM, DB, ARRIVED, pid_n, M, N, BLOCK_M, BLOCK_N)
     else:
         pid_m, pid_n = grouped_pid(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
         acc = _mainloop_pointers(
@@ -278,6 +284,8 @@ def linear_fwd_kernel(
             BLOCK_N,
             False,
         )
+        if HAS_COLSUM:
+            finish_column_sums(COLSUM, DB, ARRIVED, pid_n, M, N, BLOCK_M, BLOCK_N)
 
 
 @triton.heuristics(

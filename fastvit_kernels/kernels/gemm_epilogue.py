@@ -5,7 +5,7 @@ of C, through pointers or tensor descriptors, picked by constexprs.
 import triton
 import triton.language as tl
 
-from .common import gelu, gelu_grad
+from .common import gelu, gelu_grad, last_to_arrive
 
 
 # A second tile beside C (the residual, GELU's pre-activation) through pointers, or through a descriptor (DESC: T is
@@ -79,6 +79,25 @@ def _finish_cols(
         tl.static_assert(not DESC, "the column sums are not offered with a descriptor epilogue (configs/gemm.py)")
         kept = tl.where(mask, acc.to(C.dtype.element_ty).to(tl.float32), 0.0)
         tl.store(COLSUM + pid_m * N + offs_n, tl.sum(kept, 0), mask=mask_n)
+
+
+@triton.jit
+def finish_column_sums(COLSUM, DB, ARRIVED, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """After a tile stored its partial row of C's column sums (COLSUM row pid_m, columns of block pid_n): its arrival
+    counted at ARRIVED[pid_n]; the column block's last tile to arrive adds the block's cdiv(M, BLOCK_M) partial rows up,
+    in row-block order, and writes their columns of DB in its dtype (fc1's bias gradient: no column-sum launch after
+    the GEMM). 16 rows a load, .cg: written by other SMs, past this SM's L1."""
+    rows_done = tl.cdiv(M, BLOCK_M)
+    if last_to_arrive(ARRIVED + pid_n, rows_done):
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = cols < N
+        total = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+        for r0 in range(0, rows_done, 16):
+            rows = r0 + tl.arange(0, 16)
+            mask = (rows < rows_done)[:, None] & mask_n[None, :]
+            ptrs = COLSUM + rows[:, None] * N + cols[None, :]
+            total += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(DB + cols, tl.sum(total, 0).to(DB.dtype.element_ty), mask=mask_n)
 
 
 def stores_pre(epilogue, pre) -> bool:

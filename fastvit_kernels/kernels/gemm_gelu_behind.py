@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .common import gelu, gelu_grad, grouped_pid, tma_k_step
+from .gemm_epilogue import finish_column_sums
 
 
 @triton.jit
@@ -193,6 +194,8 @@ def tiles_epilogue_behind(
     SRC,  # [M, N] where a tile's product waits for its epilogue: the backward's PRE for GELU in training, else C itself
     PRE,  # [M, N] with GRAD: GELU's pre-activation, read (else unread)
     COLSUM,  # [>= cdiv(M, BLOCK_M), N] fp32: row block i's column sums of C as stored in row i (with GRAD), or None
+    DB,  # [N] out with COLSUM: the column sums of C, from COLSUM's rows (gemm_epilogue.finish_column_sums)
+    ARRIVED,  # [>= cdiv(N, BLOCK_N)] int32, zeroed, with COLSUM: the tiles of each column block done; left zero again
     M,
     N,
     K,
@@ -286,6 +289,9 @@ def tiles_epilogue_behind(
         src_ptrs = SRC + offs_m[:, None].to(tl.int64) * stride_sm + offs_n[None, :]
         tl.store(src_ptrs, acc.to(SRC.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
         tl.debug_barrier()
+        if HAS_COLSUM:  # the previous tile's partial row is stored: its arrival (this tile's product no longer live)
+            if prev_end > 0:
+                finish_column_sums(COLSUM, DB, ARRIVED, prev_n0 // BLOCK_N, M, N, BLOCK_M, BLOCK_N)
         prev_m0, prev_n0, prev_end = m0, n0, M
     _finish_previous(  # the last tile's
         SRC,
@@ -307,3 +313,6 @@ def tiles_epilogue_behind(
         GRAD,
         HAS_COLSUM,
     )
+    if HAS_COLSUM:
+        if prev_end > 0:
+            finish_column_sums(COLSUM, DB, ARRIVED, prev_n0 // BLOCK_N, M, N, BLOCK_M, BLOCK_N)

@@ -47,6 +47,7 @@ from .reduce import column_sum, gelu_grad_column_sum
 
 EPILOGUES = ("none", "gelu", "gelu_grad", "residual")
 LINEAR_FWD_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in LINEAR_FWD_CONFIGS)  # the most row blocks a config makes
+LINEAR_FWD_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in LINEAR_FWD_CONFIGS)  # and column blocks
 
 
 _fwd = Launcher(
@@ -87,8 +88,8 @@ def linear_gelu_grad(a, weight, pre, bias_dtype):
     """(d pre, db): d pre [..., N] = (a [..., K] @ weight [N, K]^T) * GELU'(pre), linear's "gelu_grad" (fc2's input
     gradient through GELU: fc1's output gradient), and its column sums [N] in bias_dtype, fc1's bias gradient, each
     candidate summing where it already holds d pre, so that no pass reads it again for them: ours in its tiles'
-    epilogue (a partial row a row block, then column_sum over those), cuBLAS's in the pass that applies GELU'
-    (reduce.gelu_grad_column_sum). Each candidate is timed with its sums."""
+    epilogue (a partial row a row block, which the last tile of each column block adds up: one launch), cuBLAS's in
+    the pass that applies GELU' (reduce.gelu_grad_column_sum). Each candidate is timed with its sums."""
     _check_compute_dtype(a, weight)
     if pre.shape != (*a.shape[:-1], weight.shape[0]):
         raise ValueError(f"pre has shape {tuple(pre.shape)}; expected {(*a.shape[:-1], weight.shape[0])}")
@@ -168,16 +169,19 @@ def _linear_cublas(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
 
 
 def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_ok, epi_ok, key, sums_dtype=None):
-    """C, or with sums_dtype (C, its column sums in that dtype): the tiles leave one partial row a row block."""
+    """C, or with sums_dtype (C, its column sums in that dtype): the tiles leave one partial row a row block, and each
+    column block's last tile adds them up (kernels/gemm_epilogue.py finish_column_sums)."""
     K = a.shape[-1]
     M = a.numel() // K
     N = weight.shape[0]
     c = torch.empty((*a.shape[:-1], N), device=a.device, dtype=out_dtype)  # [..., N], contiguous
     # the column sums' partial rows: [row blocks of the smallest BLOCK_M any config has, N], each config fills its
-    # first cdiv(M, BLOCK_M)
-    colsum = None
+    # first cdiv(M, BLOCK_M), and the kernel adds them up into db (its arrival counters: one a column block)
+    colsum = db = arrived = None
     if sums_dtype is not None:
         colsum = torch.empty((cdiv(M, LINEAR_FWD_MIN_BLOCK_M), N), device=a.device, dtype=torch.float32)
+        db = torch.empty(N, device=a.device, dtype=sums_dtype)
+        arrived = arrival_counters(cdiv(N, LINEAR_FWD_MIN_BLOCK_N), a.device)
         key = key + ("sums",)
     programs = TMA_PROGRAMS_PER_SM * num_sms(a.device)  # the persistent TMA tiles' grid, at most
     if tma_ok:
@@ -200,6 +204,8 @@ def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
         res,
         pre,
         colsum,
+        db,
+        arrived,
         M,
         N,
         K,
@@ -220,11 +226,7 @@ def _linear_triton(a, a_rows, weight, bias, epilogue, pre, res, out_dtype, tma_o
         TMA_OK=tma_ok,
         EPI_TMA_OK=epi_ok,
     )
-    if colsum is None:
-        return c
-    cfg = _fwd.best_config if _fwd.last_key == key else None  # None: a launch recorder stood in (tests/launches.py)
-    blocks = cdiv(M, cfg.kwargs["BLOCK_M"]) if cfg is not None else colsum.shape[0]
-    return c, column_sum(colsum[:blocks], sums_dtype)  # [row blocks, N] -> [N]
+    return c if db is None else (c, db)
 
 
 def _output_rows(t):
