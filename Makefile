@@ -44,7 +44,8 @@ gpu-focus:
 VENV36 := .venv36
 TORCH36 ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl) torch==2.13.0)
 KERNEL_TESTS := tests/test_attention.py tests/test_qkv_attention.py tests/test_layernorm_mlp.py \
-	tests/test_fused_linear.py tests/test_layernorm.py tests/test_linear.py tests/test_column_sums.py tests/test_gelu.py \
+	tests/test_fused_linear.py tests/test_layernorm.py tests/test_linear.py tests/test_gemm_tiles.py \
+	tests/test_column_sums.py tests/test_gelu.py \
 	tests/test_patch_embed.py tests/test_interpreter.py tests/test_launch_count.py tests/test_launch_limits.py \
 	tests/test_torch_compile.py tests/test_compile_targets.py tests/test_plan.py tests/test_plan_training.py \
 	tests/test_direct_launch.py tests/test_recording.py tests/test_arena.py tests/test_gemm_choice.py \

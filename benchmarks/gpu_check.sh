@@ -33,7 +33,8 @@ echo "=== the TMA GEMM path first: if it fails here, the benchmarks run without 
 # here; no -x, so that a failure in one of them does not leave the others untested
 export FASTVIT_WARP_SPEC=1
 # (the column sums' tests, which do not decide the GEMM tiles, are in tests/test_column_sums.py: the last test stage)
-run_tests 60 tests/test_gelu.py tests/test_linear.py; status=$?  # 38 s of 50 on an H100 before 17 more tile tests
+# 38 s of 50 on an H100 before 17 more tile tests
+run_tests 60 tests/test_gelu.py tests/test_linear.py tests/test_gemm_tiles.py; status=$?
 failed=$(failed_tests)
 if [ -z "$failed" ] && [ "$status" -eq 124 ]; then
   echo "... no failure before the limit: the TMA tiles stay in, the warp-specialised, flattened, epitma, behind go"
@@ -64,7 +65,7 @@ QKV_TEST=tests/test_qkv_attention.py::test_every_backward_config_leaves_the_colu
 NEW_KERNEL_TESTS=("$QKV_TEST[3-65]" "$QKV_TEST[0-65]" "$QKV_TEST[3-17]")
 # new in sessions 26-27: the GEMM tiles that read their own stores back a tile later (the epilogue one tile behind),
 # at CIFAR-10's K = 384: GELU in inference and training, GELU' with its column sums (fc2's dX)
-BEHIND_TEST=tests/test_linear.py::test_epilogue_one_tile_behind
+BEHIND_TEST=tests/test_gemm_tiles.py::test_epilogue_one_tile_behind
 for run in behind2-inference behind2-training behind2-gelu_grad+sums behind1-training behind1-gelu_grad+sums; do
   NEW_KERNEL_TESTS+=("$BEHIND_TEST[${run#*-}-128x128x64-w8-s3-tma-${run%%-*}-maxnreg128-K384]")
 done
@@ -79,7 +80,8 @@ else
   run_tests 35 "${NEW_KERNEL_TESTS[@]}"
   SAN_LOG=$STAGE_LOG
 fi
-if grep -qE "(FAILED|ERROR) tests/test_linear|test_linear[^ ]* (FAILED|ERROR)|linear_fwd_kernel" "$SAN_LOG"; then
+if grep -qE "(FAILED|ERROR) tests/test_gemm_tiles|test_gemm_tiles[^ ]* (FAILED|ERROR)|linear_fwd_kernel" \
+  "$SAN_LOG"; then
   echo "!!! the epilogue-behind tiles failed under memcheck: FASTVIT_GELU_BEHIND=0"
   export FASTVIT_GELU_BEHIND=0
 fi
@@ -119,7 +121,8 @@ if [ -n "$tiles_failed" ] || [ -n "$crashed" ]; then
 fi
 
 echo "=== GPU tests (first config of each kernel, no autotuning; the files above already ran)"
-run_tests "${TEST_LIMIT:-30}" tests --ignore tests/test_linear.py --ignore tests/test_gelu.py \
+run_tests "${TEST_LIMIT:-30}" tests --ignore tests/test_linear.py --ignore tests/test_gemm_tiles.py \
+  --ignore tests/test_gelu.py \
   --ignore tests/test_attention.py $(printf -- "--ignore %s " $PLAN_TESTS) --maxfail=30 ${SKIP_WS:+-k "$SKIP_WS"}
 
 bench() {  # bench LIMIT PYTEST-ARGS...   (LIMIT 0 skips the stage)

@@ -13,4 +13,4 @@ export FASTVIT_BENCH_ROWS="$OUT_DIR/rows.jsonl" FASTVIT_BENCH_OUT="$OUT_DIR"
 # fresh H100 (2026-11-27) the first CIFAR-10 training row was still tuning after 75 s
 export TRITON_CACHE_AUTOTUNING=1
 XDIST=""
-$PY -c "import xdist" 2>/dev/null && XDIST="-n 8"  # each worker compiles its own kernels: ~35 in test_linear alone
+$PY -c "import xdist" 2>/dev/null && XDIST="-n 8"  # each worker compiles its own kernels: ~35 in test_linear and test_gemm_tiles alone

@@ -116,3 +116,17 @@ class TwiceLaunched:
 def gelu_grad_ref(pre):
     """GELU'(pre), exact GELU's derivative (erf form), in pre's dtype: float64 for the references."""
     return 0.5 * torch.erfc(-pre / 2**0.5) + pre * torch.exp(-0.5 * pre * pre) / (2 * torch.pi) ** 0.5
+
+
+def linear_ref(a, w, b, epilogue, pre, res):
+    """ops/gemm.py's linear with its epilogue, the same function in any dtype; w is nn.Linear's [N, K]."""
+    y = a @ w.t()
+    if b is not None:
+        y = y + b
+    if epilogue == "gelu":
+        return torch.nn.functional.gelu(y)
+    if epilogue == "gelu_grad":
+        return y * gelu_grad_ref(pre)
+    if epilogue == "residual":
+        return res + y
+    return y
