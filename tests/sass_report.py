@@ -162,8 +162,8 @@ def report(results: list) -> str:
         # a flattened tile loop has no K loop of its own: its "K step" is the whole loop, the epilogue included
         loads = r["loads"] + (", tile and K loops as one" if c.get("FLATTEN") else "")
         loads += ", epilogue through TMA" if c.get("EPI_TMA") else ""  # C, the residual, the pre-activation
-        # GELU under the next tile's K steps, at most this many chunks of the tile before a step
-        loads += f", GELU one tile behind ({c['GELU_BEHIND']} a K step)" if c.get("GELU_BEHIND") else ""
+        # GELU or GELU' under the next tile's K steps, at most this many chunks of the tile before a step
+        loads += f", epilogue one tile behind ({c['GELU_BEHIND']} a K step)" if c.get("GELU_BEHIND") else ""
         launched = r.get("launched_warps", r["warps"])  # a warp-specialised tile: the config's warps (all warps)
         warps = r["warps"] if launched == r["warps"] else f"{r['warps']} ({launched})"
         lines.append(
