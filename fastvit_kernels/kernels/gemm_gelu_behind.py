@@ -1,11 +1,11 @@
-"""The linear GEMM's persistent TMA tiles with GELU's or GELU''s epilogue one tile behind (kernels/gemm.py's
-linear_fwd_kernel, GELU_BEHIND): a tile's product is stored, and its epilogue computed while the program's next tile
-runs its main loop, so that the epilogue's issue slots (~18 SASS instructions an element for GELU, two of them MUFU;
-GELU' about as many) fill the time the K steps wait on the tensor cores and on L2 instead of following them.
-EPILOGUE "gelu": fc1's forward (the pre-activation stored); "gelu_grad": fc2's dX, d pre = dX * GELU'(pre) (the
-product stored, rounded as eager's GEMM output is), with its column sums, fc1's bias gradient. GELU_BEHIND says how
-many chunks of the tile before a K step may take: 1, or 2 where a tile has fewer K steps than chunks (configs/gemm.py
-offers both).
+"""The linear GEMM's persistent TMA tiles with the epilogue of GELU or of its derivative one tile behind
+(kernels/gemm.py's linear_fwd_kernel, GELU_BEHIND): a tile's product is stored, and its epilogue computed while the
+program's next tile runs its main loop, so that the epilogue's issue slots (~18 SASS instructions an element for
+GELU, two of them MUFU; GELU' about as many) fill the time the K steps wait on the tensor cores and on L2 instead of
+following them. EPILOGUE "gelu": fc1's forward (the pre-activation stored); "gelu_grad": fc2's dX, d pre = dX *
+GELU'(pre) (the product stored, rounded as eager's GEMM output is), with its column sums, fc1's bias gradient.
+GELU_BEHIND says how many chunks of the tile before a K step may take: 1, or 2 where a tile has fewer K steps than
+chunks (configs/gemm.py offers both).
 """
 
 import triton
@@ -222,7 +222,9 @@ def tiles_epilogue_behind(
     block). Where SRC is C, each element's result is stored by the thread that loaded its input (one layout for the
     chunk's load, epilogue and store), after that load. The rounded product is what eager and the cuBLAS candidate
     take GELU or GELU' of; the other tiles take it of the fp32 sum (rounding it first cost their GELU epilogue ~9%
-    more instructions)."""
+    more instructions). With HAS_COLSUM a tile's partial row of the column sums is stored with its last chunk, and
+    its arrival counted after the next tile's product is stored, where the accumulator is no longer live and the
+    column block's final sum (gemm_epilogue.finish_column_sums) has registers to spare under the 128-register cap."""
     CHUNKS: tl.constexpr = 8
     CHUNK_M: tl.constexpr = BLOCK_M // CHUNKS
     num_pid_m = tl.cdiv(M, BLOCK_M)
