@@ -12,7 +12,8 @@
 # host's time) are `make bench`'s: they tune the attention tiles of their own batch size.
 source "$(dirname "$0")/gpu_env.sh"
 echo "=== the GEMM tiles with GELU or GELU' one tile behind (sessions 26-27): if they fail, the rows run without"
-FASTVIT_AUTOTUNE=0 timeout 50 $PY -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_gemm_tiles.py \
+# (in parallel where pytest-xdist is there: ten tile variants to compile)
+FASTVIT_AUTOTUNE=0 timeout 50 $PY -m pytest -q -rf --tb=short -p no:cacheprovider $XDIST tests/test_gemm_tiles.py \
   -k "one_tile_behind and K384" 2>&1 | tee "$OUT_DIR/focus_behind.log" \
   | grep -E "(FAILED|ERROR) tests/|passed|failed" | tail -5
 grep -qE "[0-9]+ passed" "$OUT_DIR/focus_behind.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT_DIR/focus_behind.log" \

@@ -31,6 +31,7 @@ from .gemm import (  # noqa: F401
     PATCH_EMBED_BWD_CONFIGS,
     PATCH_EMBED_FWD_CONFIGS,
     TMA_PROGRAMS_PER_SM,
+    _behind_fits,
     _held_in_two_blocks,
     _serialised,
     epi_tma_on,

@@ -101,6 +101,12 @@ LINEAR_FWD_CONFIGS = [
     # (sm_90, bf16, triton 3.6 / 3.8).
     gemm_cfg(128, 128, 64, 8, 3, tma=True, behind=1, maxnreg=128),
     gemm_cfg(128, 128, 64, 8, 3, tma=True, behind=2, maxnreg=128),
+    # 128 x 256 with GELU behind, one block an SM: a K step reads 48 KB from L2 for twice the outputs 128 x 128 reads
+    # 32 KB for (cuBLAS's fc1 runs 128 x 256 tiles, 0.069 ms against our 0.112, H200 2026-11-28), and the GELU of
+    # the tile before fills the issue slots that a second block's main loop fills for 128 x 128. Compiled (sm_90,
+    # bf16, triton 3.6 / 3.8): 205-212 registers, no stack, 144 KB; a K step 455-464 instructions, behind2's first
+    # two 807-831. Not offered with GELU' (_behind_fits: 254-255 registers).
+    gemm_cfg(128, 256, 64, 8, 3, tma=True, behind=2),
 ]
 # The persistent TMA tiles launch up to this many programs per SM. Two fit wherever the 4-warp tiles and 128 x 128
 # with 8 warps stay under 128 registers (bf16, sm_90, compiled offline: fc1's GELU 99-109 and qkv's 95-106 in
@@ -135,6 +141,12 @@ def _held_in_two_blocks(cfg, epilogue) -> bool:
     timing at a shape's first call. With GELU and its stored pre-activation it keeps two (108 registers)."""
     tile = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], bool(cfg.kwargs.get("FLATTEN")))
     return not (tile == (128, 128, True) and epilogue in ("residual", "gelu_grad"))
+
+
+def _behind_fits(cfg, epilogue) -> bool:
+    """False for the 128 x 256 tile one tile behind with GELU' in its epilogue: 254-255 registers (sm_90, bf16,
+    triton 3.6 / 3.8, the product's and the pre-activation's chunks and the column sums beside the accumulator)."""
+    return not (cfg.kwargs.get("GELU_BEHIND") and cfg.kwargs["BLOCK_N"] >= 256 and epilogue == "gelu_grad")
 
 
 def _tma_where_ok(configs, args):
@@ -194,7 +206,8 @@ def prune_linear_fwd(configs, args):
     them; the warp-specialised ones where warp_spec_on, the flattened ones where flatten_on, the descriptor
     epilogues where epi_tma_on (neither with the tiles' column sums), the epilogue one tile behind for GELU and GELU'
     where gelu_behind_on; no tile that ptxas serialises, nor one that a second tile in the epilogue leaves at one
-    block an SM where others keep two (_held_in_two_blocks)."""
+    block an SM where others keep two (_held_in_two_blocks), nor one behind at the register file's limit
+    (_behind_fits)."""
     configs = _tma_where_ok(configs, args)
     if args.get("EPILOGUE") not in ("gelu", "gelu_grad") or not gelu_behind_on() or args["A"].element_size() != 2:
         configs = [c for c in configs if not c.kwargs.get("GELU_BEHIND")]
@@ -215,7 +228,13 @@ def prune_linear_fwd(configs, args):
             if not c.kwargs.get("EPI_TMA") and not c.kwargs.get("WARP_SPEC") and c.kwargs["BLOCK_N"] < 256
         ]
     epilogue = args.get("EPILOGUE")
-    configs = [c for c in configs if not _serialised(c, epilogue, args.get("RES")) and _held_in_two_blocks(c, epilogue)]
+    configs = [
+        c
+        for c in configs
+        if not _serialised(c, epilogue, args.get("RES"))
+        and _held_in_two_blocks(c, epilogue)
+        and _behind_fits(c, epilogue)
+    ]
     return _linear_smem(configs, args)
 
 
