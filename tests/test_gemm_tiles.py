@@ -13,6 +13,13 @@ from fastvit_kernels.ops import tma
 F = torch.nn.functional
 
 
+def _two_sms(device):
+    """ops/gemm.py's num_sms for these tests: the persistent tiles' grid is 2 x 2 programs, so that with ~10 tiles
+    a program walks two or three of them (the behind tiles' epilogue follows a program from tile to tile), on a GPU
+    as under the interpreter."""
+    return 2
+
+
 def _first_config(pred):
     return next(i for i, c in enumerate(configs.LINEAR_FWD_CONFIGS) if pred(c.kwargs))
 
@@ -27,14 +34,15 @@ _SUMS_TILES = [  # a tile of each kind that sums fc1's bias gradient
 @pytest.mark.parametrize("cfg", _SUMS_TILES, ids=lambda i: _tile_id(i))
 def test_gelu_grad_sums_launched_again_on_the_same_buffers(cfg, device, monkeypatch):
     # each column block's last tile to arrive adds its partial rows up into the bias gradient and leaves the block's
-    # counter at zero, so a second launch on the same buffers (the autotuner's) sums again instead of never; M = 1100
-    # and N = 200: 9 row blocks, a partial column block, more tiles than the interpreter's persistent programs
+    # counter at zero, so a second launch on the same buffers (the autotuner's) sums again instead of never; M = 600
+    # and N = 200: 5 row blocks of 128 (10 of 64), partial at the edges, 2-3 tiles a persistent program
     config = configs.LINEAR_FWD_CONFIGS[cfg]
     monkeypatch.setenv("FASTVIT_GEMM", "triton")
     force_config(monkeypatch, lin._fwd, config)
+    monkeypatch.setattr(lin, "num_sms", _two_sms)  # 4 persistent programs, on a GPU too: each walks several tiles
     twice = TwiceLaunched(lin._fwd.kernel)
     monkeypatch.setattr(lin._fwd, "kernel", twice)
-    M, K, N = 1100, 64, 200
+    M, K, N = 600, 64, 200
     a = torch.randn(M, K, device=device).to(torch.bfloat16)
     w = (torch.randn(K, N, device=device) * K**-0.5).to(torch.bfloat16).t()  # [N, K], N contiguous: W2.t()
     pre = torch.randn(M, N, device=device).to(torch.bfloat16)
@@ -70,12 +78,13 @@ def test_every_linear_config(cfg, epilogue, device, monkeypatch):
     # training (GELU' of the pre-activation, W2 read untransposed: an N-major B, and the tiles' column sums, fc1's
     # bias gradient), the warp-specialised ones included
     # (FASTVIT_WARP_SPEC=1 offers them): K = 48 and N = 304 in bf16 keep rows 16-byte aligned (TMA); M = 520 and
-    # N = 304 leave partial tiles, and more tiles than the interpreter's persistent programs (2 x 4 "SMs"), so that a
+    # N = 304 leave partial tiles, and more tiles than the 4 persistent programs (_two_sms, on a GPU too), so that a
     # program walks several; on a GPU this is where a tile that fails shows first
     config = configs.LINEAR_FWD_CONFIGS[cfg]
     monkeypatch.setenv("FASTVIT_WARP_SPEC", "1")
     monkeypatch.setenv("FASTVIT_GEMM", "triton")
     force_config(monkeypatch, lin._fwd, config)
+    monkeypatch.setattr(lin, "num_sms", _two_sms)  # 4 persistent programs, on a GPU too: each walks several tiles
     M, K, N = 520, 48, 304
     a = torch.randn(M, K, device=device).to(torch.bfloat16)
     w = (torch.randn(N, K, device=device) * K**-0.5).to(torch.bfloat16)
@@ -146,7 +155,9 @@ def test_epilogue_one_tile_behind(mode, cfg, K, device, monkeypatch):
         pytest.skip("not offered with GELU': at the register file's limit")
     monkeypatch.setenv("FASTVIT_GEMM", "triton")
     force_config(monkeypatch, lin._fwd, config)
-    M, N = 1100, 200  # 9 x 2 tiles for the interpreter's 8 programs
+    monkeypatch.setattr(lin, "num_sms", _two_sms)  # 4 persistent programs, on a GPU too: each walks several tiles
+    # 5 x 2 tiles for 4 programs (_two_sms), partial at the far edges
+    M, N = 600, config.kwargs["BLOCK_N"] + 72
     a = torch.randn(M, K, device=device).to(torch.bfloat16)
     w = (torch.randn(N, K, device=device) * K**-0.5).to(torch.bfloat16)
     ref = a.double() @ w.double().t()
